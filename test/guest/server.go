@@ -1,0 +1,116 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"log"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// maxRate bounds the writer rate a client can ask for.
+const maxRate = 10_000_000
+
+// Server answers the line protocol: one command per line, one reply line
+// per command.
+type Server struct {
+	region *Region
+	writer *Writer
+	start  time.Time
+
+	mu      sync.Mutex
+	counter uint64
+	checks  uint64
+}
+
+func NewServer(r *Region, w *Writer) *Server {
+	return &Server{region: r, writer: w, start: time.Now()}
+}
+
+// Handle executes one command line and returns the reply (without newline).
+func (s *Server) Handle(line string) string {
+	f := strings.Fields(line)
+	if len(f) == 0 {
+		return "err empty command"
+	}
+	switch cmd := strings.ToLower(f[0]); cmd {
+	case "inc":
+		s.mu.Lock()
+		s.counter++
+		v := s.counter
+		s.mu.Unlock()
+		return strconv.FormatUint(v, 10)
+	case "get":
+		s.mu.Lock()
+		v := s.counter
+		s.mu.Unlock()
+		return strconv.FormatUint(v, 10)
+	case "check":
+		round, boundary, err := s.region.Check()
+		s.mu.Lock()
+		s.checks++
+		s.mu.Unlock()
+		if err != nil {
+			return "fail " + err.Error()
+		}
+		return fmt.Sprintf("ok round=%d boundary=%d", round, boundary)
+	case "writer":
+		if len(f) != 2 {
+			return "err usage: writer PAGES_PER_SEC"
+		}
+		rate, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil || rate < 0 || rate > maxRate {
+			return fmt.Sprintf("err bad rate %q (0..%d)", f[1], maxRate)
+		}
+		s.writer.SetRate(rate)
+		return "ok"
+	case "stats":
+		s.mu.Lock()
+		counter, checks := s.counter, s.checks
+		s.mu.Unlock()
+		round, boundary, written := s.region.State()
+		return fmt.Sprintf("counter=%d round=%d boundary=%d written=%d rate=%d region_pages=%d page_size=%d checks=%d uptime=%.3f",
+			counter, round, boundary, written, s.writer.Rate(), s.region.Pages(), PageSize, checks,
+			time.Since(s.start).Seconds())
+	default:
+		return fmt.Sprintf("err unknown command %q (inc, get, check, writer N, stats)", cmd)
+	}
+}
+
+// Serve accepts connections until l is closed.
+func (s *Server) Serve(l net.Listener) error {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				continue
+			}
+			return err
+		}
+		go s.serveConn(c)
+	}
+}
+
+func (s *Server) serveConn(c net.Conn) {
+	defer c.Close()
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetNoDelay(true)
+	}
+	sc := bufio.NewScanner(c)
+	sc.Buffer(make([]byte, 4096), 4096)
+	w := bufio.NewWriter(c)
+	for sc.Scan() {
+		reply := s.Handle(sc.Text())
+		w.WriteString(reply)
+		w.WriteByte('\n')
+		if err := w.Flush(); err != nil {
+			return
+		}
+	}
+	if err := sc.Err(); err != nil {
+		log.Printf("connection %s: %v", c.RemoteAddr(), err)
+	}
+}
