@@ -1,0 +1,516 @@
+package checkpoint
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+)
+
+// VM is what the capture loop needs from the hypervisor for one guest.
+type VM interface {
+	Stop(ctx context.Context) error
+	Cont(ctx context.Context) error
+	// SaveDeviceState writes the stopped guest's device state to w.
+	SaveDeviceState(ctx context.Context, w io.Writer) (int64, error)
+}
+
+// PrimaryConfig configures the capture side of one protected guest.
+type PrimaryConfig struct {
+	Agent       string        // this agent's id
+	Domain      string        // the guest's name
+	DomainXML   string        // migratable XML the standby derives its shell from
+	Interval    time.Duration // time between checkpoints
+	MaxInFlight int           // captured epochs not yet acked before capture waits
+	Fence       uint64        // fencing epoch every frame carries
+	Dial        func(ctx context.Context) (net.Conn, error)
+	Log         *slog.Logger
+	// Hook, when set, is called at named points of the epoch cycle
+	// ("captured", "transfer", "acked"); tests use it to crash there.
+	Hook func(point string, epoch uint64)
+}
+
+// Replication states of a protected guest, primary side.
+const (
+	StateConnecting = "connecting" // no session with the standby yet
+	StateSyncing    = "syncing"    // initial full copy in flight
+	StateProtected  = "protected"  // standby holds a recent epoch
+	StateDegraded   = "degraded"   // was protected, lost the standby; retrying
+	StateStopped    = "stopped"
+)
+
+// PrimaryStatus is a snapshot of the capture side's figures.
+type PrimaryStatus struct {
+	State          string        `json:"state"`
+	Generation     string        `json:"generation"`
+	Tracker        string        `json:"tracker"`
+	Epoch          uint64        `json:"epoch"`       // last captured
+	AckedEpoch     uint64        `json:"acked_epoch"` // last acknowledged by the standby
+	EpochsPerSec   float64       `json:"epochs_per_sec"`
+	PauseP50       time.Duration `json:"pause_p50_ns"`
+	PauseP99       time.Duration `json:"pause_p99_ns"`
+	DirtyPages     uint64        `json:"dirty_pages"`     // in the last epoch
+	DevStateBytes  int64         `json:"devstate_bytes"`  // in the last epoch
+	BytesSent      uint64        `json:"bytes_sent"`      // on the wire, all sessions
+	RawBytes       uint64        `json:"raw_bytes"`       // page and device data before encoding
+	Lag            time.Duration `json:"lag_ns"`          // age of the oldest unacked epoch
+	SyncDone       uint64        `json:"sync_done_bytes"` // progress of a full sync
+	SyncTotal      uint64        `json:"sync_total_bytes"`
+	LastError      string        `json:"last_error,omitempty"`
+	NextRetry      time.Time     `json:"next_retry,omitempty"`
+	ConnectedSince time.Time     `json:"connected_since,omitempty"`
+}
+
+type capturedEpoch struct {
+	epoch    uint64
+	full     bool
+	dirty    *Bitmap
+	data     []byte // dirty pages in bitmap order
+	devstate []byte
+	at       time.Time
+}
+
+// Primary checkpoints one guest and streams its epochs to the standby.
+type Primary struct {
+	cfg     PrimaryConfig
+	vm      VM
+	mem     []byte
+	pages   uint64
+	tracker Tracker
+	gen     string
+	log     *slog.Logger
+
+	// capture state, touched only by the capture goroutine
+	captured  uint64
+	everSent  bool // a session ever reached the standby with this generation
+	dirtyWork *Bitmap
+	carry     *Bitmap // pages tracked by a capture that failed: sent next time
+
+	mu          sync.Mutex
+	st          PrimaryStatus
+	pauses      *window
+	epochRate   rate
+	retained    []*capturedEpoch // captured, not yet acked: their bitmaps allow resume
+	ackedEpoch  uint64
+	ackCh       chan struct{}
+	wasProtectd bool
+}
+
+// NewPrimary prepares capture of a guest whose RAM is mem.
+func NewPrimary(cfg PrimaryConfig, vm VM, mem []byte, tracker Tracker) *Primary {
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = 3
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	var g [8]byte
+	_, _ = rand.Read(g[:])
+	p := &Primary{
+		cfg: cfg, vm: vm, mem: mem, pages: uint64(len(mem) / PageSize), tracker: tracker,
+		gen: hex.EncodeToString(g[:]), log: cfg.Log.With("domain", cfg.Domain),
+		pauses: newWindow(1024), epochRate: rate{span: 10 * time.Second},
+		ackCh: make(chan struct{}, 1),
+	}
+	p.dirtyWork = NewBitmap(p.pages)
+	p.carry = NewBitmap(p.pages)
+	p.st = PrimaryStatus{State: StateConnecting, Generation: p.gen, Tracker: tracker.Name()}
+	return p
+}
+
+// Status returns current figures.
+func (p *Primary) Status() PrimaryStatus {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s := p.st
+	s.AckedEpoch = p.ackedEpoch
+	now := time.Now()
+	s.EpochsPerSec = p.epochRate.perSecond(now)
+	ps := p.pauses.samples()
+	s.PauseP50, s.PauseP99 = Percentile(ps, 50), Percentile(ps, 99)
+	if len(p.retained) > 0 {
+		s.Lag = now.Sub(p.retained[0].at)
+	}
+	return s
+}
+
+func (p *Primary) setState(f func(*PrimaryStatus)) {
+	p.mu.Lock()
+	f(&p.st)
+	p.mu.Unlock()
+}
+
+// Run replicates until ctx ends, reconnecting with backoff when the
+// standby is unreachable. The guest is always left running.
+func (p *Primary) Run(ctx context.Context) error {
+	defer p.setState(func(s *PrimaryStatus) { s.State = StateStopped })
+	backoff := 200 * time.Millisecond
+	for ctx.Err() == nil {
+		start := time.Now()
+		err := p.session(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		var pe *PeerError
+		if errors.As(err, &pe) && pe.Fatal {
+			p.setState(func(s *PrimaryStatus) { s.LastError = err.Error() })
+			p.log.Error("standby refused replication", "err", err)
+			return err
+		}
+		if time.Since(start) > 10*time.Second {
+			backoff = 200 * time.Millisecond
+		}
+		p.mu.Lock()
+		if p.wasProtectd {
+			p.st.State = StateDegraded
+		} else {
+			p.st.State = StateConnecting
+		}
+		p.st.LastError = err.Error()
+		p.st.NextRetry = time.Now().Add(backoff)
+		p.st.ConnectedSince = time.Time{}
+		p.mu.Unlock()
+		p.log.Warn("replication session ended; retrying", "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 10*time.Second)
+	}
+	return nil
+}
+
+func (p *Primary) session(ctx context.Context) error {
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	conn, err := p.cfg.Dial(dctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("connect to standby: %w", err)
+	}
+	defer conn.Close()
+	ctx, cancelSession := context.WithCancel(ctx)
+	defer cancelSession()
+	go func() { <-ctx.Done(); conn.Close() }()
+
+	hello := Hello{Agent: p.cfg.Agent, Domain: p.cfg.Domain, Generation: p.gen,
+		RAMBytes: int64(len(p.mem)), PageSize: PageSize, DomainXML: p.cfg.DomainXML}
+	if err := WriteJSON(conn, FrameHello, p.cfg.Fence, 0, hello); err != nil {
+		return fmt.Errorf("send hello: %w", err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(2 * time.Minute)) // the standby may be creating its shell
+	var w Welcome
+	if _, err := ReadJSON(conn, FrameWelcome, &w); err != nil {
+		return fmt.Errorf("handshake: %w", err)
+	}
+	_ = conn.SetReadDeadline(time.Time{})
+
+	resend, full := p.resumePlan(w)
+	p.log.Info("replication session open", "standby", w.Agent, "full_sync", full, "standby_committed", w.Committed)
+	p.setState(func(s *PrimaryStatus) {
+		s.ConnectedSince, s.LastError, s.NextRetry = time.Now(), "", time.Time{}
+		if full {
+			s.State = StateSyncing
+		}
+	})
+
+	queue := make(chan *capturedEpoch, p.cfg.MaxInFlight)
+	errc := make(chan error, 3)
+	go func() { errc <- p.sendLoop(ctx, conn, queue) }()
+	go func() { errc <- p.ackLoop(ctx, conn) }()
+	go func() { errc <- p.captureLoop(ctx, queue, resend, full) }()
+	err = <-errc
+	cancelSession()
+	return err
+}
+
+// resumePlan decides what the first epoch of a session must carry.
+func (p *Primary) resumePlan(w Welcome) (*Bitmap, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if w.Generation != p.gen || !p.everSent || w.Committed < p.ackedEpoch {
+		p.retained = nil
+		// Epoch numbers only grow on the standby, across our restarts too.
+		p.captured = max(p.captured, w.Committed)
+		return nil, true
+	}
+	resend := NewBitmap(p.pages)
+	var kept []*capturedEpoch
+	for _, e := range p.retained {
+		if e.epoch > w.Committed {
+			resend.Or(e.dirty)
+			e.data, e.devstate = nil, nil
+			kept = append(kept, e)
+		}
+	}
+	p.retained = kept
+	if w.Committed > p.ackedEpoch {
+		p.ackedEpoch = w.Committed
+	}
+	return resend, false
+}
+
+func (p *Primary) captureLoop(ctx context.Context, queue chan<- *capturedEpoch, resend *Bitmap, full bool) error {
+	t := time.NewTicker(p.cfg.Interval)
+	defer t.Stop()
+	for first := true; ; first = false {
+		if !first {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-t.C:
+			}
+		}
+		// Backpressure: capture waits while too many epochs are unacked.
+		for p.inFlight() >= p.cfg.MaxInFlight {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-p.ackCh:
+			}
+		}
+		ep, err := p.capture(ctx, full && first, resend)
+		if err != nil {
+			return err
+		}
+		resend = nil
+		select {
+		case queue <- ep:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func (p *Primary) inFlight() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.retained)
+}
+
+// capture takes one checkpoint: the guest is paused only while its dirty
+// pages are copied and its device state is saved.
+func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*capturedEpoch, error) {
+	p.captured++
+	ep := &capturedEpoch{epoch: p.captured, full: full}
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+
+	start := time.Now()
+	if err := p.vm.Stop(cctx); err != nil {
+		return nil, fmt.Errorf("pause guest: %w", err)
+	}
+	resumed := false
+	defer func() {
+		if !resumed { // never leave the guest paused behind an error
+			_ = p.vm.Cont(context.Background())
+		}
+	}()
+	if p.cfg.Hook != nil {
+		p.cfg.Hook("captured", ep.epoch)
+	}
+	var devBuf sliceWriter
+	devErr := make(chan error, 1)
+	go func() {
+		_, err := p.vm.SaveDeviceState(cctx, &devBuf)
+		devErr <- err
+	}()
+
+	dirty := p.dirtyWork
+	dirty.Clear()
+	trackErr := p.tracker.Dirty(p.mem, dirty)
+	if full {
+		dirty.SetAll()
+	}
+	if extra != nil {
+		dirty.Or(extra)
+	}
+	dirty.Or(p.carry)
+	captureOK := false
+	defer func() {
+		if !captureOK {
+			p.carry.Or(dirty)
+		}
+	}()
+	n := dirty.Count()
+	if trackErr == nil {
+		ep.data = make([]byte, 0, n*PageSize)
+		dirty.Each(func(i uint64) {
+			ep.data = append(ep.data, p.mem[i*PageSize:(i+1)*PageSize]...)
+		})
+	}
+	if err := <-devErr; err != nil {
+		return nil, fmt.Errorf("save device state: %w", err)
+	}
+	if trackErr != nil {
+		return nil, fmt.Errorf("dirty tracking (%s): %w", p.tracker.Name(), trackErr)
+	}
+	if err := p.vm.Cont(cctx); err != nil {
+		return nil, fmt.Errorf("resume guest: %w", err)
+	}
+	resumed = true
+	captureOK = true
+	p.carry.Clear()
+	pause := time.Since(start)
+
+	ep.dirty = dirty.Clone()
+	ep.devstate = devBuf.b
+	ep.at = start
+	p.mu.Lock()
+	p.retained = append(p.retained, ep)
+	p.pauses.add(pause)
+	p.epochRate.add(start)
+	p.st.Epoch = ep.epoch
+	p.st.DirtyPages = n
+	p.st.DevStateBytes = int64(len(ep.devstate))
+	if full {
+		p.st.SyncDone, p.st.SyncTotal = 0, uint64(len(ep.data)+len(ep.devstate))
+	}
+	p.mu.Unlock()
+	return ep, nil
+}
+
+type sliceWriter struct{ b []byte }
+
+func (w *sliceWriter) Write(b []byte) (int, error) { w.b = append(w.b, b...); return len(b), nil }
+
+// countingWriter counts wire bytes.
+type countingWriter struct {
+	w io.Writer
+	n uint64
+}
+
+func (c *countingWriter) Write(b []byte) (int, error) {
+	n, err := c.w.Write(b)
+	c.n += uint64(n)
+	return n, err
+}
+
+func (p *Primary) sendLoop(ctx context.Context, conn net.Conn, queue <-chan *capturedEpoch) error {
+	cw := &countingWriter{w: conn}
+	bw := bufio.NewWriterSize(cw, 1<<20)
+	var enc BatchEncoder
+	var buf []byte
+	for {
+		var ep *capturedEpoch
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case ep = <-queue:
+		}
+		before := cw.n
+		if err := p.sendEpoch(bw, &enc, &buf, ep); err != nil {
+			return fmt.Errorf("send epoch %d: %w", ep.epoch, err)
+		}
+		if err := bw.Flush(); err != nil {
+			return fmt.Errorf("send epoch %d: %w", ep.epoch, err)
+		}
+		p.mu.Lock()
+		p.everSent = true
+		p.st.BytesSent += cw.n - before
+		p.st.RawBytes += uint64(len(ep.data) + len(ep.devstate))
+		p.mu.Unlock()
+	}
+}
+
+func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, ep *capturedEpoch) error {
+	fence := p.cfg.Fence
+	npages := uint64(len(ep.data) / PageSize)
+	if err := WriteJSON(w, FrameEpochBegin, fence, ep.epoch, EpochBegin{Full: ep.full, Pages: npages, DevStateLen: uint64(len(ep.devstate))}); err != nil {
+		return err
+	}
+	crc := uint32(0)
+	var end EpochEnd
+	indices := make([]uint64, 0, npages)
+	ep.dirty.Each(func(i uint64) { indices = append(indices, i) })
+	batch := make([]Page, 0, MaxBatchPages)
+	half := len(indices) / 2
+	for off := 0; off < len(indices); off += MaxBatchPages {
+		batch = batch[:0]
+		for j := off; j < min(off+MaxBatchPages, len(indices)); j++ {
+			batch = append(batch, Page{Index: indices[j], Data: ep.data[j*PageSize : (j+1)*PageSize]})
+		}
+		var err error
+		if *buf, err = enc.EncodeBatch((*buf)[:0], batch); err != nil {
+			return err
+		}
+		crc = crc32.Update(crc, castagnoli, *buf)
+		if err := WriteFrame(w, Frame{Type: FramePages, Fence: fence, Epoch: ep.epoch, Payload: *buf}); err != nil {
+			return err
+		}
+		end.Batches++
+		if ep.full {
+			p.setState(func(s *PrimaryStatus) { s.SyncDone = uint64(min(off+MaxBatchPages, len(indices))) * PageSize })
+		}
+		if p.cfg.Hook != nil && off <= half && half < off+MaxBatchPages {
+			_ = w.Flush()
+			p.cfg.Hook("transfer", ep.epoch)
+		}
+	}
+	for off := 0; off < len(ep.devstate); off += 1 << 20 {
+		chunk := ep.devstate[off:min(off+1<<20, len(ep.devstate))]
+		crc = crc32.Update(crc, castagnoli, chunk)
+		if err := WriteFrame(w, Frame{Type: FrameDevState, Fence: fence, Epoch: ep.epoch, Payload: chunk}); err != nil {
+			return err
+		}
+	}
+	end.Pages, end.DevStateLen, end.CRC = npages, uint64(len(ep.devstate)), crc
+	if err := WriteFrame(w, Frame{Type: FrameEpochEnd, Fence: fence, Epoch: ep.epoch, Payload: end.Marshal()}); err != nil {
+		return err
+	}
+	// Page copies are no longer needed; the bitmap stays until the ack.
+	ep.data, ep.devstate = nil, nil
+	return nil
+}
+
+func (p *Primary) ackLoop(ctx context.Context, conn net.Conn) error {
+	r := bufio.NewReader(conn)
+	for {
+		f, err := ReadFrame(r)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return fmt.Errorf("read from standby: %w", err)
+		}
+		switch f.Type {
+		case FrameAck:
+			p.acked(f.Epoch)
+		case FrameError:
+			return peerError(f)
+		case FramePing:
+		default:
+			return fmt.Errorf("protocol error: unexpected %s frame from standby", f.Type)
+		}
+	}
+}
+
+func (p *Primary) acked(epoch uint64) {
+	p.mu.Lock()
+	if epoch > p.ackedEpoch {
+		p.ackedEpoch = epoch
+	}
+	i := 0
+	for i < len(p.retained) && p.retained[i].epoch <= epoch {
+		i++
+	}
+	p.retained = p.retained[i:]
+	p.st.State = StateProtected
+	p.wasProtectd = true
+	p.mu.Unlock()
+	select {
+	case p.ackCh <- struct{}{}:
+	default:
+	}
+	if p.cfg.Hook != nil {
+		p.cfg.Hook("acked", epoch)
+	}
+}

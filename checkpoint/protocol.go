@@ -1,0 +1,111 @@
+package checkpoint
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
+)
+
+// Hello opens a replication session for one guest.
+type Hello struct {
+	Agent      string `json:"agent"`      // the primary agent's id
+	Domain     string `json:"domain"`     // the guest's name on the primary
+	Generation string `json:"generation"` // changes whenever the primary's tracking restarts
+	RAMBytes   int64  `json:"ram_bytes"`
+	PageSize   int    `json:"page_size"`
+	DomainXML  string `json:"domain_xml"` // migratable XML the shell is derived from
+}
+
+// Welcome answers Hello with what the standby already holds, so a
+// reconnect can resume instead of copying all RAM again.
+type Welcome struct {
+	Agent      string `json:"agent"`
+	Generation string `json:"generation"`
+	Committed  uint64 `json:"committed"`
+}
+
+// ErrorMsg is sent before closing a session the peer must not retry as is.
+type ErrorMsg struct {
+	Error string `json:"error"`
+	Fatal bool   `json:"fatal"` // retrying will not help until an admin acts
+}
+
+// EpochBegin announces an epoch's contents.
+type EpochBegin struct {
+	Full        bool   `json:"full"` // every page of guest RAM follows
+	Pages       uint64 `json:"pages"`
+	DevStateLen uint64 `json:"devstate_len"`
+}
+
+// EpochEnd closes an epoch: the receiver commits only if everything it got
+// matches these counts and this checksum.
+type EpochEnd struct {
+	Pages       uint64
+	Batches     uint32
+	DevStateLen uint64
+	CRC         uint32 // CRC32C over every pages and devstate payload, in order
+}
+
+const epochEndLen = 24
+
+func (e EpochEnd) Marshal() []byte {
+	b := make([]byte, 0, epochEndLen)
+	b = binary.BigEndian.AppendUint64(b, e.Pages)
+	b = binary.BigEndian.AppendUint32(b, e.Batches)
+	b = binary.BigEndian.AppendUint64(b, e.DevStateLen)
+	return binary.BigEndian.AppendUint32(b, e.CRC)
+}
+
+func UnmarshalEpochEnd(b []byte) (EpochEnd, error) {
+	if len(b) != epochEndLen {
+		return EpochEnd{}, fmt.Errorf("epoch-end trailer is %d bytes, want %d", len(b), epochEndLen)
+	}
+	return EpochEnd{
+		Pages:       binary.BigEndian.Uint64(b[0:]),
+		Batches:     binary.BigEndian.Uint32(b[8:]),
+		DevStateLen: binary.BigEndian.Uint64(b[12:]),
+		CRC:         binary.BigEndian.Uint32(b[20:]),
+	}, nil
+}
+
+// WriteJSON sends v as the payload of a frame.
+func WriteJSON(w io.Writer, t FrameType, fence, epoch uint64, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return WriteFrame(w, Frame{Type: t, Fence: fence, Epoch: epoch, Payload: b})
+}
+
+// ReadJSON reads one frame of type want into v. A FrameError from the peer
+// becomes a *PeerError.
+func ReadJSON(r io.Reader, want FrameType, v any) (Frame, error) {
+	f, err := ReadFrame(r)
+	if err != nil {
+		return f, err
+	}
+	if f.Type == FrameError {
+		return f, peerError(f)
+	}
+	if f.Type != want {
+		return f, fmt.Errorf("protocol error: got %s frame, want %s", f.Type, want)
+	}
+	if err := json.Unmarshal(f.Payload, v); err != nil {
+		return f, fmt.Errorf("protocol error: bad %s payload: %w", want, err)
+	}
+	return f, nil
+}
+
+// PeerError is an error the peer reported before closing the session.
+type PeerError struct{ ErrorMsg }
+
+func (e *PeerError) Error() string { return "peer: " + e.ErrorMsg.Error }
+
+func peerError(f Frame) error {
+	var m ErrorMsg
+	if err := json.Unmarshal(f.Payload, &m); err != nil {
+		m.Error = fmt.Sprintf("unreadable error frame (%v)", err)
+	}
+	return &PeerError{m}
+}
