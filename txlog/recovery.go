@@ -1,0 +1,304 @@
+package txlog
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+)
+
+// Recovery is what Open found on disk.
+type Recovery struct {
+	FirstLSN LSN    // oldest LSN still on disk
+	LastLSN  LSN    // last intact record, FirstLSN-1 if there are none
+	MaxEpoch uint64 // highest fencing epoch seen
+
+	// Checkpoint is the latest checkpoint, nil if there is none in the
+	// segments recovery read.
+	Checkpoint *Checkpoint
+	// Records are the records after Checkpoint (all records if there is
+	// none), in LSN order.
+	Records []Record
+	// Txns classifies every transaction that was live at the checkpoint or
+	// has records after it.
+	Txns map[uint64]*TxnInfo
+
+	// Torn describes a torn tail that was cut (or, read-only, would be).
+	Torn *TornTail
+
+	Segments       int // segment files in the log
+	ScannedRecords int // records read and checksummed
+}
+
+// TornTail describes bytes after the last intact record of the last segment
+// that are not a valid record: a write that was never acknowledged.
+type TornTail struct {
+	Segment  string // path of the segment
+	Offset   int64  // where the cut is
+	Bytes    int64  // length of the cut region, trailing zeros excluded
+	AfterLSN LSN    // last intact record before the cut
+	Reason   string // why the first cut byte is not a record
+	SavedAs  string // file holding the cut bytes; empty when read-only
+
+	data []byte
+}
+
+type recovered struct {
+	rec     Recovery
+	segs    []segment
+	tailEnd int64 // offset just past the last record of the last segment
+	ckpt    *ckptMark
+}
+
+// recoverLog reads the log in dir. It scans segments from the newest
+// backwards until it has the latest checkpoint and every segment a live
+// transaction still needs, so a checkpointed log is not read in full
+// (unless opts.VerifyAll). Nothing is modified until every check passed.
+func recoverLog(dir string, opts Options) (*recovered, error) {
+	segs, tmps, err := listSegments(dir)
+	if err != nil {
+		return nil, err
+	}
+	if len(segs) == 0 {
+		return &recovered{}, nil
+	}
+	last := len(segs) - 1
+	scans := make([]*segScan, len(segs))
+	var buf []byte
+	scan := func(i int, keep bool) error {
+		buf, err = readWhole(segs[i].path, buf)
+		if err != nil {
+			return err
+		}
+		s, err := scanSegment(segs[i].path, buf, segs[i].hdr, i == last, keep)
+		if err != nil {
+			return err
+		}
+		if i < last && s.next != segs[i+1].hdr.firstLSN {
+			return &CorruptionError{Segment: segs[i].path, Offset: s.end, LSN: s.next,
+				Reason: fmt.Sprintf("segment ends before LSN %d but the next segment %s starts at LSN %d",
+					s.next, segs[i+1].path, segs[i+1].hdr.firstLSN)}
+		}
+		scans[i] = s
+		return nil
+	}
+
+	if err := scan(last, true); err != nil {
+		return nil, err
+	}
+	low := last
+	var ck *Checkpoint
+	var needed map[uint64]bool
+	var lowWater LSN
+	for {
+		if ck == nil {
+			ck, err = latestCheckpoint(scans[low].records, segs[low].path)
+			if err != nil {
+				return nil, err
+			}
+			if ck != nil {
+				needed, lowWater = neededByCheckpoint(ck, scans[low:])
+			}
+		}
+		if (ck != nil && segs[low].hdr.firstLSN <= lowWater) || low == 0 {
+			break
+		}
+		low--
+		if err := scan(low, true); err != nil {
+			return nil, err
+		}
+	}
+	if ck != nil && segs[low].hdr.firstLSN > lowWater {
+		return nil, &CorruptionError{Segment: segs[low].path, Offset: 0,
+			Reason: fmt.Sprintf("checkpoint at LSN %d needs records from LSN %d for a live transaction, but the oldest segment starts at LSN %d; were segments removed by hand?",
+				ck.LSN, lowWater, segs[low].hdr.firstLSN)}
+	}
+	scanned := 0
+	if opts.VerifyAll {
+		for i := low - 1; i >= 0; i-- {
+			if err := scan(i, false); err != nil {
+				return nil, err
+			}
+			scanned += scans[i].count
+		}
+	}
+
+	r := &recovered{segs: segs, tailEnd: scans[last].end}
+	rec := &r.rec
+	rec.FirstLSN = segs[0].hdr.firstLSN
+	rec.LastLSN = scans[last].next - 1
+	rec.Segments = len(segs)
+	rec.Torn = scans[last].torn
+	rec.Checkpoint = ck
+	for _, sg := range segs {
+		rec.MaxEpoch = max(rec.MaxEpoch, sg.hdr.epoch)
+	}
+	var all []Record
+	for _, s := range scans[low:] {
+		all = append(all, s.records...)
+		scanned += s.count
+		rec.MaxEpoch = max(rec.MaxEpoch, s.maxEp)
+	}
+	rec.ScannedRecords = scanned
+	rec.Records, rec.Txns = classify(all, ck, needed)
+	if ck != nil {
+		r.ckpt = &ckptMark{lsn: ck.LSN, live: ck.Live}
+	}
+
+	if opts.ReadOnly {
+		return r, nil
+	}
+	if rec.Torn != nil {
+		if err := cutTail(rec.Torn, max(segs[last].size, opts.SegmentSize)); err != nil {
+			return nil, err
+		}
+	}
+	for _, t := range tmps {
+		// Half-created segments never got their final name; nothing in
+		// them was acknowledged.
+		if err := os.Remove(t); err != nil {
+			return nil, fmt.Errorf("txlog: remove leftover %s: %w", t, err)
+		}
+	}
+	return r, nil
+}
+
+func latestCheckpoint(recs []Record, path string) (*Checkpoint, error) {
+	for i := len(recs) - 1; i >= 0; i-- {
+		if recs[i].Type != TypeCheckpoint {
+			continue
+		}
+		c, err := DecodeCheckpoint(recs[i])
+		if err != nil {
+			return nil, &CorruptionError{Segment: path, LSN: recs[i].LSN, Offset: -1, Reason: err.Error()}
+		}
+		return c, nil
+	}
+	return nil, nil
+}
+
+// neededByCheckpoint returns the checkpoint's live transactions that are
+// not aborted or ended after it, and the lowest LSN recovery must read.
+func neededByCheckpoint(ck *Checkpoint, scans []*segScan) (map[uint64]bool, LSN) {
+	needed := make(map[uint64]bool, len(ck.Live))
+	for _, t := range ck.Live {
+		needed[t.ID] = true
+	}
+	for _, s := range scans {
+		for _, r := range s.records {
+			if r.LSN > ck.LSN && (r.Type == TypeAbort || r.Type == TypeEnd) {
+				delete(needed, r.TxID)
+			}
+		}
+	}
+	low := ck.LSN
+	for _, t := range ck.Live {
+		if needed[t.ID] {
+			low = min(low, t.FirstLSN)
+		}
+	}
+	return needed, low
+}
+
+// classify replays records (oldest first) into transaction states and
+// returns the records after the checkpoint.
+func classify(all []Record, ck *Checkpoint, needed map[uint64]bool) ([]Record, map[uint64]*TxnInfo) {
+	tt := txnTable{}
+	after := all
+	if ck != nil {
+		for _, t := range ck.Live {
+			tt[t.ID] = &TxnInfo{ID: t.ID, State: t.State, FirstLSN: t.FirstLSN, LastLSN: t.FirstLSN}
+		}
+		i := 0
+		for ; i < len(all) && all[i].LSN <= ck.LSN; i++ {
+			r := all[i]
+			t := tt[r.TxID]
+			if r.Type == TypeCheckpoint || t == nil || r.LSN < t.FirstLSN {
+				continue
+			}
+			t.LastLSN, t.Epoch = r.LSN, r.Epoch
+			if r.Type == TypeData && needed[r.TxID] {
+				t.Data = append(t.Data, r)
+			}
+		}
+		after = all[i:]
+	}
+	for i := range after {
+		tt.apply(&after[i])
+	}
+	tt.finish()
+	return after, tt
+}
+
+// cutTail saves the torn bytes next to the segment, then zeroes them in
+// the segment. Saving first means a crash in between only repeats the cut.
+func cutTail(t *TornTail, capacity int64) error {
+	name := fmt.Sprintf("%s%s%0*x", t.Segment, tornInfix, segNameDigits, uint64(t.AfterLSN+1))
+	var f *os.File
+	var err error
+	for n := 0; ; n++ {
+		t.SavedAs = name
+		if n > 0 {
+			t.SavedAs = fmt.Sprintf("%s.%d", name, n)
+		}
+		f, err = os.OpenFile(t.SavedAs, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+		if !os.IsExist(err) {
+			break
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("txlog: save torn tail: %w", err)
+	}
+	_, err = f.Write(t.data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("txlog: save torn tail to %s: %w", t.SavedAs, err)
+	}
+	if err := syncDir(filepath.Dir(t.Segment)); err != nil {
+		return err
+	}
+	seg, err := os.OpenFile(t.Segment, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("txlog: cut torn tail: %w", err)
+	}
+	defer seg.Close()
+	// Truncate then re-preallocate: the cut region reads back as zeros,
+	// which is the normal end of a segment.
+	if err := seg.Truncate(t.Offset); err != nil {
+		return fmt.Errorf("txlog: cut torn tail of %s at offset %d: %w", t.Segment, t.Offset, err)
+	}
+	if err := preallocate(seg, capacity); err != nil {
+		return fmt.Errorf("txlog: re-preallocate %s: %w", t.Segment, err)
+	}
+	if err := seg.Sync(); err != nil {
+		return fmt.Errorf("txlog: sync %s after cutting torn tail: %w", t.Segment, err)
+	}
+	return nil
+}
+
+// readWhole reads a file into buf, growing it as needed.
+func readWhole(path string, buf []byte) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return buf, fmt.Errorf("txlog: open segment: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return buf, fmt.Errorf("txlog: stat segment: %w", err)
+	}
+	n := int(fi.Size())
+	if cap(buf) < n {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if _, err := io.ReadFull(f, buf); err != nil {
+		return buf, fmt.Errorf("txlog: read segment %s: %w", path, err)
+	}
+	return buf, nil
+}

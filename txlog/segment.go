@@ -1,0 +1,271 @@
+package txlog
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// Segment header, little endian:
+//
+//	off size field
+//	  0    8 magic    "RMRTXLOG"
+//	  8    4 version  1
+//	 12    4 reserved must be zero
+//	 16    8 firstLSN LSN of the first record in this segment
+//	 24    8 epoch    highest fencing epoch when the segment was created
+//	 32    4 crc32c   Castagnoli over bytes [0, 32)
+//	 36    4 reserved must be zero
+const (
+	segHeaderSize  = 40
+	segVersion     = 1
+	segSuffix      = ".seg"
+	tmpSuffix      = ".tmp"
+	tornInfix      = ".torn-"
+	lockFileName   = "LOCK"
+	segNameDigits  = 16
+	minSegmentSize = 1 << 10
+)
+
+var segMagic = [8]byte{'R', 'M', 'R', 'T', 'X', 'L', 'O', 'G'}
+
+type segHeader struct {
+	firstLSN LSN
+	epoch    uint64
+}
+
+func (h segHeader) encode() []byte {
+	b := make([]byte, segHeaderSize)
+	copy(b, segMagic[:])
+	binary.LittleEndian.PutUint32(b[8:], segVersion)
+	binary.LittleEndian.PutUint64(b[16:], uint64(h.firstLSN))
+	binary.LittleEndian.PutUint64(b[24:], h.epoch)
+	binary.LittleEndian.PutUint32(b[32:], crc32.Checksum(b[:32], castagnoli))
+	return b
+}
+
+func decodeSegHeader(b []byte) (segHeader, error) {
+	if len(b) < segHeaderSize {
+		return segHeader{}, fmt.Errorf("segment header is %d bytes, want %d", len(b), segHeaderSize)
+	}
+	if [8]byte(b[:8]) != segMagic {
+		return segHeader{}, fmt.Errorf("bad magic %q", b[:8])
+	}
+	if c := crc32.Checksum(b[:32], castagnoli); c != binary.LittleEndian.Uint32(b[32:]) {
+		return segHeader{}, errors.New("segment header checksum mismatch")
+	}
+	if v := binary.LittleEndian.Uint32(b[8:]); v != segVersion {
+		return segHeader{}, fmt.Errorf("unsupported segment version %d (this build reads version %d)", v, segVersion)
+	}
+	if binary.LittleEndian.Uint32(b[12:])|binary.LittleEndian.Uint32(b[36:]) != 0 {
+		return segHeader{}, errors.New("reserved header bytes are not zero")
+	}
+	h := segHeader{
+		firstLSN: LSN(binary.LittleEndian.Uint64(b[16:])),
+		epoch:    binary.LittleEndian.Uint64(b[24:]),
+	}
+	if h.firstLSN == 0 {
+		return segHeader{}, errors.New("first LSN is 0")
+	}
+	return h, nil
+}
+
+func segName(first LSN) string { return fmt.Sprintf("%0*x%s", segNameDigits, uint64(first), segSuffix) }
+
+func parseSegName(name string) (LSN, bool) {
+	s, ok := strings.CutSuffix(name, segSuffix)
+	if !ok || len(s) != segNameDigits {
+		return 0, false
+	}
+	v, err := strconv.ParseUint(s, 16, 64)
+	return LSN(v), err == nil && v != 0
+}
+
+// segment is a segment file known to the log.
+type segment struct {
+	path string
+	hdr  segHeader
+	size int64 // file size when listed
+}
+
+// listSegments returns the segments of dir in LSN order with their headers
+// checked. A bad header is corruption no matter where the segment is: a
+// segment only gets its final name after its header is durable.
+func listSegments(dir string) (segs []segment, tmps []string, err error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, nil, fmt.Errorf("txlog: read log directory: %w", err)
+	}
+	for _, e := range ents {
+		name := e.Name()
+		if strings.HasSuffix(name, segSuffix+tmpSuffix) {
+			tmps = append(tmps, filepath.Join(dir, name))
+			continue
+		}
+		first, ok := parseSegName(name)
+		if !ok || !e.Type().IsRegular() {
+			continue
+		}
+		path := filepath.Join(dir, name)
+		h, size, err := readSegHeader(path)
+		if err != nil {
+			return nil, nil, err
+		}
+		if h.firstLSN != first {
+			return nil, nil, &CorruptionError{Segment: path, Offset: 16,
+				Reason: fmt.Sprintf("header says first LSN %d but the file name says %d", h.firstLSN, first)}
+		}
+		segs = append(segs, segment{path: path, hdr: h, size: size})
+	}
+	sort.Slice(segs, func(i, j int) bool { return segs[i].hdr.firstLSN < segs[j].hdr.firstLSN })
+	return segs, tmps, nil
+}
+
+func readSegHeader(path string) (segHeader, int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return segHeader{}, 0, fmt.Errorf("txlog: open segment: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return segHeader{}, 0, fmt.Errorf("txlog: stat segment: %w", err)
+	}
+	b := make([]byte, segHeaderSize)
+	n, err := io.ReadFull(f, b)
+	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+		return segHeader{}, 0, fmt.Errorf("txlog: read segment header of %s: %w", path, err)
+	}
+	h, err := decodeSegHeader(b[:n])
+	if err != nil {
+		return segHeader{}, 0, &CorruptionError{Segment: path, Offset: 0, Reason: "bad segment header: " + err.Error()}
+	}
+	return h, fi.Size(), nil
+}
+
+// createSegment makes a new preallocated segment durably: it is written
+// under a temporary name, synced, renamed and the directory synced, so a
+// crash leaves either no segment or a complete header.
+func createSegment(dir string, h segHeader, size int64) (*os.File, string, error) {
+	path := filepath.Join(dir, segName(h.firstLSN))
+	tmp := path + tmpSuffix
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return nil, "", fmt.Errorf("txlog: create segment: %w", err)
+	}
+	fail := func(err error) (*os.File, string, error) {
+		f.Close()
+		os.Remove(tmp)
+		return nil, "", fmt.Errorf("txlog: create segment %s: %w", path, err)
+	}
+	if _, err := f.WriteAt(h.encode(), 0); err != nil {
+		return fail(err)
+	}
+	if err := preallocate(f, size); err != nil {
+		return fail(err)
+	}
+	if err := f.Sync(); err != nil {
+		return fail(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fail(err)
+	}
+	if err := syncDir(dir); err != nil {
+		f.Close()
+		return nil, "", err
+	}
+	return f, path, nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("txlog: open directory for sync: %w", err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("txlog: sync directory %s: %w", dir, err)
+	}
+	return nil
+}
+
+// segScan is what one pass over a segment's bytes found.
+type segScan struct {
+	records []Record // payloads are copies; nil unless kept
+	count   int      // valid records seen
+	end     int64    // offset just past the last valid record
+	next    LSN      // LSN the next record would have
+	maxEp   uint64
+	torn    *TornTail // set only for the last segment
+}
+
+// scanSegment validates every record of a segment held in data. Bytes after
+// the last valid record must be zero (preallocated space), except in the
+// last segment where a torn tail is reported for the caller to cut. Damage
+// that something durable was written after is a CorruptionError.
+func scanSegment(path string, data []byte, h segHeader, last, keep bool) (*segScan, error) {
+	s := &segScan{next: h.firstLSN, maxEp: h.epoch, end: segHeaderSize}
+	off := segHeaderSize
+	var why error
+	for {
+		r, n, _, err := decodeRecord(data[off:])
+		if err == nil && r.LSN != s.next {
+			err = fmt.Errorf("record has LSN %d, want %d", r.LSN, s.next)
+		}
+		if err != nil {
+			why = err
+			break
+		}
+		if keep {
+			r.Payload = append([]byte(nil), r.Payload...)
+			s.records = append(s.records, r)
+		}
+		s.count++
+		s.maxEp = max(s.maxEp, r.Epoch)
+		s.next++
+		off += n
+	}
+	s.end = int64(off)
+	rest := data[off:]
+	nz := lastNonZero(rest)
+	if nz < 0 {
+		return s, nil // preallocated zeros or EOF: the normal end
+	}
+	if !last {
+		return nil, &CorruptionError{Segment: path, Offset: int64(off), LSN: s.next,
+			Reason: fmt.Sprintf("%v, and this is not the last segment (segments are synced before the next one is created)", why)}
+	}
+	if p, r, ok := durableEvidence(rest[:nz+1], rest, s.next); ok {
+		return nil, &CorruptionError{Segment: path, Offset: int64(off), LSN: s.next,
+			Reason: fmt.Sprintf("%v; the valid record LSN %d at offset %d was written after LSN %d was durable, so this is damage, not a torn write",
+				why, r, int64(off+p), s.next)}
+	}
+	s.torn = &TornTail{Segment: path, Offset: int64(off), Bytes: int64(nz + 1), AfterLSN: s.next - 1,
+		Reason: why.Error(), data: append([]byte(nil), rest[:nz+1]...)}
+	return s, nil
+}
+
+// durableEvidence looks in the bad region for a valid record with LSN >=
+// want whose synced watermark is >= want. Such a record proves LSN want had
+// already been fsynced, so the damage before it is not a torn write. region
+// is where a record may start; full extends to the end of the segment.
+func durableEvidence(region, full []byte, want LSN) (int, LSN, bool) {
+	for p := range region {
+		b := full[p:]
+		if len(b) < recHeaderSize || b[8] == 0 || !RecordType(b[8]).valid() {
+			continue // cheap filter before the CRC
+		}
+		r, _, synced, err := decodeRecord(b)
+		if err == nil && r.LSN >= want && synced >= want {
+			return p, r.LSN, true
+		}
+	}
+	return 0, 0, false
+}
