@@ -1,0 +1,213 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/viper"
+
+	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/agent"
+)
+
+func newVMCmd(v *viper.Viper) *cobra.Command {
+	vm := &cobra.Command{Use: "vm", Short: "Enroll, inspect and fail over protected guests"}
+	client := func(cmd *cobra.Command) (*agent.Client, error) {
+		cfg, err := loadAgentConfig(cmd, v)
+		if err != nil {
+			return nil, err
+		}
+		return agent.NewClient(cfg.APISocket), nil
+	}
+
+	enroll := &cobra.Command{
+		Use:   "enroll DOMAIN --standby HOST:PORT",
+		Short: "Protect a running guest of this host on a standby host",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := client(cmd)
+			if err != nil {
+				return err
+			}
+			standby, _ := cmd.Flags().GetString("standby")
+			if standby == "" {
+				return fmt.Errorf("--standby is required: the standby agent's replication address, e.g. 10.0.0.2:7400")
+			}
+			if err := c.Enroll(cmd.Context(), args[0], standby); err != nil {
+				return err
+			}
+			fmt.Printf("%s enrolled; standby %s\n", args[0], standby)
+			if wait, _ := cmd.Flags().GetBool("wait"); !wait {
+				return nil
+			}
+			timeout, _ := cmd.Flags().GetDuration("timeout")
+			return waitProtected(cmd.Context(), c, args[0], timeout)
+		},
+	}
+	enroll.Flags().String("standby", "", "standby agent's replication address (host:port)")
+	enroll.Flags().Bool("wait", true, "wait for the initial sync, showing progress")
+	enroll.Flags().Duration("timeout", 10*time.Minute, "how long to wait for the initial sync")
+
+	status := &cobra.Command{
+		Use:   "status",
+		Short: "Show every guest this agent protects or replicates",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := client(cmd)
+			if err != nil {
+				return err
+			}
+			st, err := c.Status(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if j, _ := cmd.Flags().GetBool("json"); j {
+				enc := json.NewEncoder(os.Stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(st)
+			}
+			printStatus(st)
+			return nil
+		},
+	}
+	status.Flags().Bool("json", false, "print JSON")
+
+	failover := &cobra.Command{
+		Use:   "failover DOMAIN",
+		Short: "On the standby host: resume the guest from its last acknowledged epoch",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := client(cmd)
+			if err != nil {
+				return err
+			}
+			force, _ := cmd.Flags().GetBool("force")
+			res, err := c.Failover(cmd.Context(), args[0], force)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("%s failed over: running here from epoch %d (fencing epoch %d) in %s\n", res.Domain, res.Epoch, res.Fence, res.Duration.Round(time.Millisecond))
+			return nil
+		},
+	}
+	failover.Flags().Bool("force", false, "fail over even though the primary still replicates (it must be dead or fenced)")
+
+	unenroll := &cobra.Command{
+		Use:   "unenroll DOMAIN",
+		Short: "Stop protecting a guest (it keeps running); the standby drops its replica",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := client(cmd)
+			if err != nil {
+				return err
+			}
+			if err := c.Unenroll(cmd.Context(), args[0]); err != nil {
+				return err
+			}
+			fmt.Printf("%s unenrolled\n", args[0])
+			return nil
+		},
+	}
+	vm.AddCommand(enroll, status, failover, unenroll)
+	return vm
+}
+
+func waitProtected(ctx context.Context, c *agent.Client, name string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	tty := isTerminal(os.Stdout)
+	last := ""
+	for {
+		st, err := c.Status(ctx)
+		if err != nil {
+			return err
+		}
+		for _, s := range st {
+			if s.Name != name || s.Role != agent.RolePrimary {
+				continue
+			}
+			line := ""
+			switch {
+			case s.State == checkpoint.StateProtected:
+				fmt.Printf("\r%s protected: epoch %d acknowledged by %s\n", name, s.AckedEpoch, s.Peer)
+				return nil
+			case s.State == checkpoint.StateSyncing && s.SyncTotal > 0:
+				line = fmt.Sprintf("initial sync: %s / %s (%.0f%%)", human(s.SyncDone), human(s.SyncTotal), 100*float64(s.SyncDone)/float64(s.SyncTotal))
+			case s.LastError != "":
+				line = fmt.Sprintf("%s: %s (retrying)", s.State, s.LastError)
+			default:
+				line = s.State
+			}
+			if line != last {
+				if tty {
+					fmt.Printf("\r%-100s", line)
+				} else {
+					fmt.Println(line)
+				}
+				last = line
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s not protected after %s (last: %s); see `remora vm status`", name, timeout, last)
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+func printStatus(st []agent.VMStatus) {
+	if len(st) == 0 {
+		fmt.Println("no guests enrolled on this agent")
+		return
+	}
+	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "DOMAIN\tROLE\tSTATE\tEPOCH\tACKED\tEPOCHS/S\tPAUSE P50/P99\tDIRTY\tBYTES\tLAG\tPEER")
+	var notes []string
+	for _, s := range st {
+		pause := "-"
+		if s.Role == agent.RolePrimary {
+			pause = fmt.Sprintf("%s/%s", ms(s.PauseP50), ms(s.PauseP99))
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%.1f\t%s\t%d\t%s\t%s\t%s\n", s.Name, s.Role, s.State, s.Epoch, s.AckedEpoch,
+			s.EpochsPerSec, pause, s.DirtyPages, human(s.Bytes), ms(s.Lag), s.Peer)
+		if s.LastError != "" {
+			retry := ""
+			if !s.NextRetry.IsZero() {
+				retry = fmt.Sprintf(" (next retry in %s)", time.Until(s.NextRetry).Round(100*time.Millisecond))
+			}
+			notes = append(notes, fmt.Sprintf("%s: %s%s", s.Name, s.LastError, retry))
+		}
+	}
+	w.Flush()
+	if len(notes) > 0 {
+		fmt.Println(strings.Join(notes, "\n"))
+	}
+}
+
+func ms(d time.Duration) string {
+	return fmt.Sprintf("%.1fms", float64(d)/float64(time.Millisecond))
+}
+
+func human(b uint64) string {
+	const unit = 1024
+	if b < unit {
+		return fmt.Sprintf("%dB", b)
+	}
+	div, exp := uint64(unit), 0
+	for n := b / unit; n >= unit; n /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f%ciB", float64(b)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,226 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"sort"
+	"time"
+
+	"github.com/remora-ha/remora/checkpoint"
+)
+
+// VMStatus is one guest as `remora vm status` shows it.
+type VMStatus struct {
+	Name         string        `json:"name"`
+	Role         string        `json:"role"`
+	State        string        `json:"state"`
+	Peer         string        `json:"peer"`
+	Fence        uint64        `json:"fence"`
+	Epoch        uint64        `json:"epoch"`
+	AckedEpoch   uint64        `json:"acked_epoch"`
+	EpochsPerSec float64       `json:"epochs_per_sec"`
+	PauseP50     time.Duration `json:"pause_p50_ns"`
+	PauseP99     time.Duration `json:"pause_p99_ns"`
+	DirtyPages   uint64        `json:"dirty_pages"`
+	Bytes        uint64        `json:"bytes"` // sent (primary) or received (standby)
+	RawBytes     uint64        `json:"raw_bytes,omitempty"`
+	Lag          time.Duration `json:"lag_ns"`
+	Tracker      string        `json:"tracker,omitempty"`
+	SyncDone     uint64        `json:"sync_done_bytes,omitempty"`
+	SyncTotal    uint64        `json:"sync_total_bytes,omitempty"`
+	Shell        string        `json:"shell,omitempty"`
+	Applied      uint64        `json:"applied_epoch,omitempty"`
+	LastError    string        `json:"last_error,omitempty"`
+	NextRetry    time.Time     `json:"next_retry,omitzero"`
+}
+
+// Status lists every guest this agent knows.
+func (a *Agent) Status() []VMStatus {
+	a.mu.Lock()
+	prim := make([]*primaryGuest, 0, len(a.primary))
+	for _, p := range a.primary {
+		prim = append(prim, p)
+	}
+	stby := make([]*standbyGuest, 0, len(a.standby))
+	for _, s := range a.standby {
+		stby = append(stby, s)
+	}
+	a.mu.Unlock()
+	var out []VMStatus
+	for _, p := range prim {
+		s := p.engine.Status()
+		out = append(out, VMStatus{Name: p.rec.Name, Role: RolePrimary, State: s.State, Peer: p.rec.Peer, Fence: p.rec.Fence,
+			Epoch: s.Epoch, AckedEpoch: s.AckedEpoch, EpochsPerSec: s.EpochsPerSec, PauseP50: s.PauseP50, PauseP99: s.PauseP99,
+			DirtyPages: s.DirtyPages, Bytes: s.BytesSent, RawBytes: s.RawBytes, Lag: s.Lag, Tracker: s.Tracker,
+			SyncDone: s.SyncDone, SyncTotal: s.SyncTotal, LastError: s.LastError, NextRetry: s.NextRetry})
+	}
+	for _, sg := range stby {
+		out = append(out, sg.status())
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func (sg *standbyGuest) status() VMStatus {
+	sg.mu.Lock()
+	defer sg.mu.Unlock()
+	rec := sg.rec
+	v := VMStatus{Name: rec.Name, Role: RoleStandby, Peer: rec.Primary, Fence: rec.Fence, Shell: rec.Shell,
+		Epoch: rec.Replica.Committed, AckedEpoch: rec.Replica.Committed, Applied: rec.Replica.Applied, Bytes: sg.bytesIn, LastError: sg.lastError}
+	switch {
+	case rec.State != "":
+		v.State = rec.State
+	case !rec.Replica.Synced:
+		v.State = checkpoint.StateSyncing
+	case sg.session != nil && time.Since(sg.lastFrame) < 5*time.Second:
+		v.State = checkpoint.StateProtected
+	default:
+		v.State = checkpoint.StateDegraded
+	}
+	if !sg.lastCommit.IsZero() && rec.State == "" {
+		v.Lag = time.Since(sg.lastCommit)
+	}
+	now := time.Now()
+	n := 0
+	for _, t := range sg.commits {
+		if now.Sub(t) < 10*time.Second {
+			n++
+		}
+	}
+	if n > 1 {
+		var first time.Time
+		for _, t := range sg.commits {
+			if now.Sub(t) < 10*time.Second {
+				first = t
+				break
+			}
+		}
+		v.EpochsPerSec = float64(n) / now.Sub(first).Seconds()
+	}
+	return v
+}
+
+func listenAPI(path string) (net.Listener, error) {
+	if c, err := net.DialTimeout("unix", path, 200*time.Millisecond); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("another agent is serving %s: stop it first, or set api_socket", path)
+	}
+	_ = os.Remove(path)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	_ = os.Chmod(path, 0o600) // root only: the API can fail guests over
+	return ln, nil
+}
+
+// EnrollRequest is the body of POST /v1/enroll.
+type EnrollRequest struct {
+	Domain  string `json:"domain"`
+	Standby string `json:"standby"`
+}
+
+// DomainRequest names one guest.
+type DomainRequest struct {
+	Domain string `json:"domain"`
+	Force  bool   `json:"force,omitempty"`
+}
+
+// APIError is the body of every failed API call.
+type APIError struct {
+	Error string `json:"error"`
+}
+
+func (a *Agent) serveAPI(ctx context.Context, ln net.Listener) error {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, a.Status())
+	})
+	mux.HandleFunc("POST /v1/enroll", func(w http.ResponseWriter, r *http.Request) {
+		var req EnrollRequest
+		if !readJSON(w, r, &req) {
+			return
+		}
+		if err := a.Enroll(r.Context(), req.Domain, req.Standby); err != nil {
+			writeJSON(w, http.StatusBadRequest, APIError{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, a.Status())
+	})
+	mux.HandleFunc("POST /v1/failover", func(w http.ResponseWriter, r *http.Request) {
+		var req DomainRequest
+		if !readJSON(w, r, &req) {
+			return
+		}
+		res, err := a.Failover(r.Context(), req.Domain, req.Force)
+		if err != nil {
+			writeJSON(w, http.StatusConflict, APIError{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, res)
+	})
+	mux.HandleFunc("POST /v1/unenroll", func(w http.ResponseWriter, r *http.Request) {
+		var req DomainRequest
+		if !readJSON(w, r, &req) {
+			return
+		}
+		if err := a.Unenroll(r.Context(), req.Domain); err != nil {
+			writeJSON(w, http.StatusConflict, APIError{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, struct{}{})
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() { <-ctx.Done(); srv.Close() }()
+	err := srv.Serve(ln)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Unenroll stops protecting a guest: on the primary the guest keeps running
+// and the standby drops its replica; on the standby the replica is dropped.
+func (a *Agent) Unenroll(ctx context.Context, name string) error {
+	a.mu.Lock()
+	pg, isP := a.primary[name]
+	sg, isS := a.standby[name]
+	a.mu.Unlock()
+	switch {
+	case isP:
+		return a.unenrollPrimary(ctx, pg)
+	case isS:
+		sg.mu.Lock()
+		failed := sg.rec.State == StateFailedOver
+		sg.mu.Unlock()
+		if failed { // the guest runs here now; just forget the replica record
+			a.mu.Lock()
+			delete(a.standby, name)
+			a.mu.Unlock()
+			return a.store.remove(name)
+		}
+		return a.dropReplica(ctx, name, ^uint64(0))
+	}
+	return fmt.Errorf("domain %q: %w", name, errNotEnrolled)
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeJSON(w, http.StatusBadRequest, APIError{"bad request: " + err.Error()})
+		return false
+	}
+	return true
+}

@@ -1,0 +1,81 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"syscall"
+)
+
+// Client talks to a local agent's API socket.
+type Client struct {
+	socket string
+	http   *http.Client
+}
+
+// NewClient returns a client for the agent serving socket.
+func NewClient(socket string) *Client {
+	return &Client{socket: socket, http: &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", socket)
+		},
+	}}}
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body bytes.Buffer
+	if in != nil {
+		if err := json.NewEncoder(&body).Encode(in); err != nil {
+			return err
+		}
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://agent"+path, &body)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
+			return fmt.Errorf("no agent at %s: start one with `remora agent --config agent.yaml`, or point --socket at its api_socket", c.socket)
+		}
+		return fmt.Errorf("agent at %s: %w", c.socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e APIError
+		if json.NewDecoder(resp.Body).Decode(&e) == nil && e.Error != "" {
+			return errors.New(e.Error)
+		}
+		return fmt.Errorf("agent answered %s", resp.Status)
+	}
+	if out == nil {
+		return nil
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+func (c *Client) Status(ctx context.Context) ([]VMStatus, error) {
+	var out []VMStatus
+	err := c.do(ctx, http.MethodGet, "/v1/vms", nil, &out)
+	return out, err
+}
+
+func (c *Client) Enroll(ctx context.Context, domain, standby string) error {
+	return c.do(ctx, http.MethodPost, "/v1/enroll", EnrollRequest{Domain: domain, Standby: standby}, nil)
+}
+
+func (c *Client) Failover(ctx context.Context, domain string, force bool) (FailoverResult, error) {
+	var out FailoverResult
+	err := c.do(ctx, http.MethodPost, "/v1/failover", DomainRequest{Domain: domain, Force: force}, &out)
+	return out, err
+}
+
+func (c *Client) Unenroll(ctx context.Context, domain string) error {
+	return c.do(ctx, http.MethodPost, "/v1/unenroll", DomainRequest{Domain: domain}, nil)
+}

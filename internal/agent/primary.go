@@ -1,0 +1,169 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"path/filepath"
+	"time"
+
+	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/migrate"
+)
+
+type primaryGuest struct {
+	rec    *Record
+	g      *migrate.Guest
+	mem    []byte
+	sink   *migrate.DeviceStateSink
+	engine *checkpoint.Primary
+	cancel context.CancelFunc
+	done   chan struct{}
+	err    error
+}
+
+func (p *primaryGuest) stop() {
+	p.cancel()
+	<-p.done
+}
+
+// Enroll starts protecting a running domain of this host on the standby
+// agent at peer.
+func (a *Agent) Enroll(ctx context.Context, domain, peer string) error {
+	if _, _, err := net.SplitHostPort(peer); err != nil {
+		return fmt.Errorf("standby %q: %v (want the standby agent's host:port, e.g. 10.0.0.2:7400)", peer, err)
+	}
+	a.mu.Lock()
+	_, isP := a.primary[domain]
+	_, isS := a.standby[domain]
+	a.mu.Unlock()
+	if isP {
+		return fmt.Errorf("domain %q is already enrolled on this agent: see `remora vm status`", domain)
+	}
+	if isS {
+		return fmt.Errorf("domain %q is a replica on this agent (this host is its standby): enroll it on its primary host", domain)
+	}
+	rec := &Record{Name: domain, Role: RolePrimary, Peer: peer, Enrolled: time.Now().UTC()}
+	if err := a.startPrimary(ctx, rec); err != nil {
+		return err
+	}
+	return a.store.save(rec)
+}
+
+func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
+	g, err := migrate.OpenGuest(ctx, a.virt, rec.Name)
+	if err != nil {
+		return err
+	}
+	marker := filepath.Join(a.cfg.RuntimeDir, rec.Name+".capturing")
+	if resumed, err := migrate.ResumeAfterCrash(g, marker); err != nil {
+		return fmt.Errorf("resume guest left paused by a previous agent: %w", err)
+	} else if resumed {
+		a.log.Warn("resumed guest that a previous agent left paused mid-checkpoint", "domain", rec.Name)
+	}
+	if err := migrate.SetIgnoreShared(g.Mon, true); err != nil {
+		return fmt.Errorf("domain %q: %w (QEMU too old for x-ignore-shared?)", rec.Name, err)
+	}
+	if err := migrate.SetUnlimitedBandwidth(g.Mon); err != nil {
+		return err
+	}
+	xml, err := a.virt.DomainXML(ctx, rec.Name)
+	if err != nil {
+		return err
+	}
+	tracker, err := a.newTracker(g)
+	if err != nil {
+		return err
+	}
+	mem, err := migrate.MapRAM(g.RAM.Path, g.RAM.Size, false)
+	if err != nil {
+		tracker.Close()
+		return err
+	}
+	sink, err := migrate.ListenDeviceState(filepath.Join(a.cfg.RuntimeDir, rec.Name+".devstate.sock"))
+	if err != nil {
+		tracker.Close()
+		migrate.UnmapRAM(mem)
+		return err
+	}
+	vm := &migrate.CaptureVM{G: g, Sink: sink, Marker: marker}
+	peer := rec.Peer
+	engine := checkpoint.NewPrimary(checkpoint.PrimaryConfig{
+		Agent: a.cfg.AgentID, Domain: rec.Name, DomainXML: xml,
+		Interval: a.cfg.EpochInterval, MaxInFlight: a.cfg.MaxInFlight, Fence: rec.Fence,
+		Dial: func(ctx context.Context) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", peer)
+		},
+		Log:  a.log,
+		Hook: a.faultHook,
+	}, vm, mem, tracker)
+
+	runCtx, cancel := context.WithCancel(context.Background())
+	pg := &primaryGuest{rec: rec, g: g, mem: mem, sink: sink, engine: engine, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(pg.done)
+		pg.err = engine.Run(runCtx)
+		sink.Close()
+		tracker.Close()
+		migrate.UnmapRAM(mem)
+	}()
+	a.mu.Lock()
+	a.primary[rec.Name] = pg
+	a.mu.Unlock()
+	a.log.Info("protecting guest", "domain", rec.Name, "standby", peer, "tracker", tracker.Name(),
+		"ram_mib", g.RAM.Size>>20, "interval", a.cfg.EpochInterval)
+	return nil
+}
+
+func (a *Agent) newTracker(g *migrate.Guest) (checkpoint.Tracker, error) {
+	kind := a.cfg.Tracker
+	if kind == checkpoint.TrackerAuto {
+		kind = checkpoint.TrackerScan
+		if checkpoint.SoftDirtySupported() {
+			kind = checkpoint.TrackerSoftDirty
+		}
+	}
+	if kind == checkpoint.TrackerScan {
+		return checkpoint.NewScanTracker(int(g.RAM.Size)), nil
+	}
+	if !checkpoint.SoftDirtySupported() {
+		return nil, errors.New("tracker softdirty: this kernel does not track soft-dirty bits (CONFIG_MEM_SOFT_DIRTY): use tracker: scan or auto")
+	}
+	pid, err := g.PID()
+	if err != nil {
+		return nil, err
+	}
+	return checkpoint.NewSoftDirtyTracker(pid, g.RAM.Path, int(g.RAM.Size))
+}
+
+// unenrollPrimary stops protecting a guest (which keeps running) and tells
+// the standby to drop its replica.
+func (a *Agent) unenrollPrimary(ctx context.Context, pg *primaryGuest) error {
+	pg.stop()
+	var warn error
+	var d net.Dialer
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	conn, err := d.DialContext(dctx, "tcp", pg.rec.Peer)
+	if err == nil {
+		_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
+		err = checkpoint.WriteJSON(conn, checkpoint.FrameUnenroll, pg.rec.Fence, 0, checkpoint.Hello{Agent: a.cfg.AgentID, Domain: pg.rec.Name})
+		if err == nil {
+			var ack checkpoint.Welcome
+			_, err = checkpoint.ReadJSON(conn, checkpoint.FrameWelcome, &ack)
+		}
+		conn.Close()
+	}
+	if err != nil {
+		warn = fmt.Errorf("standby %s not told to drop its replica (%v): run `remora vm unenroll %s` on the standby host", pg.rec.Peer, err, pg.rec.Name)
+	}
+	a.mu.Lock()
+	delete(a.primary, pg.rec.Name)
+	a.mu.Unlock()
+	if err := a.store.remove(pg.rec.Name); err != nil {
+		return err
+	}
+	return warn
+}

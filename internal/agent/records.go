@@ -1,0 +1,122 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/remora-ha/remora/checkpoint"
+)
+
+// Roles of a guest on this agent.
+const (
+	RolePrimary = "primary"
+	RoleStandby = "standby"
+)
+
+// States persisted for a guest beyond the live replication states.
+const (
+	StateFailingOver = "failing-over"
+	StateFailedOver  = "failed-over"
+)
+
+// Record is the durable knowledge about one guest on this agent.
+type Record struct {
+	Name       string                  `json:"name"`
+	Role       string                  `json:"role"`
+	Peer       string                  `json:"peer,omitempty"`    // primary: the standby's replication address
+	Primary    string                  `json:"primary,omitempty"` // standby: the primary agent's id
+	Shell      string                  `json:"shell,omitempty"`   // standby: the shell domain's name
+	Fence      uint64                  `json:"fence"`
+	State      string                  `json:"state,omitempty"` // failing-over, failed-over; empty while replicating
+	Enrolled   time.Time               `json:"enrolled"`
+	FailedOver time.Time               `json:"failed_over,omitzero"`
+	Replica    checkpoint.ReplicaState `json:"replica"`
+}
+
+type recordStore struct{ dir string }
+
+func (s recordStore) path(name string) string {
+	return filepath.Join(s.dir, "guests", name+".json")
+}
+
+func (s recordStore) save(r *Record) error {
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(s.path(r.Name), b)
+}
+
+func (s recordStore) remove(name string) error {
+	err := os.Remove(s.path(name))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+func (s recordStore) loadAll() ([]*Record, error) {
+	entries, err := os.ReadDir(filepath.Join(s.dir, "guests"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []*Record
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".json") {
+			continue
+		}
+		p := filepath.Join(s.dir, "guests", e.Name())
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil, err
+		}
+		var r Record
+		if err := json.Unmarshal(b, &r); err != nil {
+			return nil, fmt.Errorf("guest record %s is corrupt: %w (move it aside and re-enroll the guest)", p, err)
+		}
+		out = append(out, &r)
+	}
+	return out, nil
+}
+
+// writeFileAtomic replaces path with b so that a crash leaves either the old
+// or the new content, never a mix.
+func writeFileAtomic(path string, b []byte) error {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(dir, ".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(f.Name(), path); err != nil {
+		return err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

@@ -1,0 +1,390 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/migrate"
+)
+
+type standbyGuest struct {
+	mu      sync.Mutex
+	rec     *Record
+	shell   *migrate.Guest
+	mem     []byte
+	replica *checkpoint.Replica
+
+	session     net.Conn
+	sessionFrom string
+	lastFrame   time.Time
+	lastCommit  time.Time
+	commits     []time.Time
+	bytesIn     uint64
+	lastError   string
+	busy        bool // a failover or unenroll owns the guest
+}
+
+func (s *standbyGuest) closeSession() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.session != nil {
+		s.session.Close()
+		s.session = nil
+	}
+}
+
+func (a *Agent) replicaDir(name string) string {
+	return filepath.Join(a.cfg.RuntimeDir, "replicas", name)
+}
+
+// loadStandby restores a replica known before a restart. A shell that
+// survived is attached lazily when the primary reconnects.
+func (a *Agent) loadStandby(ctx context.Context, rec *Record) {
+	sg := &standbyGuest{rec: rec}
+	a.mu.Lock()
+	a.standby[rec.Name] = sg
+	a.mu.Unlock()
+	switch rec.State {
+	case StateFailingOver:
+		a.log.Warn("a failover was interrupted by an agent restart; finishing it", "domain", rec.Name)
+		go func() {
+			if _, err := a.Failover(ctx, rec.Name, true); err != nil {
+				a.log.Error("resuming interrupted failover failed", "domain", rec.Name, "err", err)
+			}
+		}()
+	case StateFailedOver:
+	default:
+		sg.mu.Lock()
+		err := a.attachShell(ctx, sg, "", 0)
+		sg.mu.Unlock()
+		if err != nil {
+			a.log.Warn("replica not attached yet; it will be rebuilt when the primary reconnects", "domain", rec.Name, "err", err)
+		}
+	}
+}
+
+// attachShell finds or creates the shell domain and opens the replica over
+// its RAM. With xml empty it only attaches to an existing shell.
+func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, ramBytes int64) error {
+	if sg.replica != nil {
+		if ramBytes == 0 || int64(len(sg.mem)) == ramBytes {
+			return nil
+		}
+		a.log.Warn("guest RAM size changed; rebuilding the shell", "domain", sg.rec.Name)
+		a.detachShell(sg)
+		if err := a.virt.Destroy(ctx, sg.rec.Shell); err != nil {
+			return err
+		}
+	}
+	if sg.rec.Shell == "" {
+		sg.rec.Shell = sg.rec.Name + a.cfg.ShellSuffix
+	}
+	fresh := false
+	exists, err := a.virt.DomainExists(ctx, sg.rec.Shell)
+	if err != nil {
+		return err
+	}
+	if exists {
+		st, err := migrate.Status(migrate.NewMonitor(a.virt, sg.rec.Shell))
+		if err != nil {
+			return err
+		}
+		if st != "inmigrate" {
+			return fmt.Errorf("domain %q exists and is %s, not a standby shell waiting for a checkpoint; remora will not touch it: remove it, or set shell_suffix so the shell gets another name", sg.rec.Shell, st)
+		}
+	} else {
+		if xml == "" {
+			return fmt.Errorf("standby shell %q is gone", sg.rec.Shell)
+		}
+		shellXML, err := migrate.ShellXML(xml, sg.rec.Shell)
+		if err != nil {
+			return err
+		}
+		if err := a.virt.CreatePaused(ctx, shellXML); err != nil {
+			return err
+		}
+		fresh = true
+		a.log.Info("standby shell created", "domain", sg.rec.Name, "shell", sg.rec.Shell)
+	}
+	shell := &migrate.Guest{Name: sg.rec.Shell, Conn: a.virt, Mon: migrate.NewMonitor(a.virt, sg.rec.Shell)}
+	if shell.RAM, err = migrate.MainRAM(shell.Mon); err != nil {
+		return fmt.Errorf("standby shell %q: %w", sg.rec.Shell, err)
+	}
+	if ramBytes != 0 && shell.RAM.Size != ramBytes {
+		if !fresh {
+			if err := a.virt.Destroy(ctx, sg.rec.Shell); err != nil {
+				return err
+			}
+			return a.attachShell(ctx, sg, xml, ramBytes)
+		}
+		return fmt.Errorf("standby shell has %d bytes of RAM, primary %d", shell.RAM.Size, ramBytes)
+	}
+	mem, err := migrate.MapRAM(shell.RAM.Path, shell.RAM.Size, true)
+	if err != nil {
+		return err
+	}
+	if fresh {
+		sg.rec.Replica = checkpoint.ReplicaState{} // a new shell's RAM is empty
+	}
+	rep, err := checkpoint.OpenReplica(a.replicaDir(sg.rec.Name), mem, sg.rec.Replica, func(st checkpoint.ReplicaState) error {
+		sg.rec.Replica = st
+		return a.store.save(sg.rec)
+	})
+	if err != nil {
+		migrate.UnmapRAM(mem)
+		return err
+	}
+	if err := a.store.save(sg.rec); err != nil {
+		migrate.UnmapRAM(mem)
+		return err
+	}
+	sg.shell, sg.mem, sg.replica = shell, mem, rep
+	return nil
+}
+
+func (a *Agent) detachShell(sg *standbyGuest) {
+	if sg.replica != nil {
+		sg.replica.Abort()
+	}
+	migrate.UnmapRAM(sg.mem)
+	sg.shell, sg.mem, sg.replica = nil, nil, nil
+}
+
+func (a *Agent) serveReplication(ctx context.Context, ln net.Listener) error {
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("replication listener: %w", err)
+		}
+		go a.handleSession(ctx, conn)
+	}
+}
+
+func sendError(conn net.Conn, fence uint64, err error, fatal bool) {
+	_ = conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	_ = checkpoint.WriteJSON(conn, checkpoint.FrameError, fence, 0, checkpoint.ErrorMsg{Error: err.Error(), Fatal: fatal})
+}
+
+func (a *Agent) handleSession(ctx context.Context, conn net.Conn) {
+	defer conn.Close()
+	peer := conn.RemoteAddr().String()
+	_ = conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	br := bufio.NewReaderSize(conn, 1<<20)
+	f, err := checkpoint.ReadFrame(br)
+	if err != nil {
+		var ve *checkpoint.VersionError
+		if errors.As(err, &ve) {
+			sendError(conn, 0, fmt.Errorf("this standby agent speaks replication protocol v%d, the primary v%d: run the same remora release on both hosts", checkpoint.ProtocolVersion, ve.Got), true)
+		}
+		a.log.Warn("replication handshake failed", "peer", peer, "err", err)
+		return
+	}
+	var hello checkpoint.Hello
+	if err := json.Unmarshal(f.Payload, &hello); err != nil || hello.Domain == "" {
+		sendError(conn, 0, fmt.Errorf("bad %s frame: %v", f.Type, err), true)
+		return
+	}
+	switch f.Type {
+	case checkpoint.FrameUnenroll:
+		err := a.dropReplica(ctx, hello.Domain, f.Fence)
+		if err != nil {
+			sendError(conn, 0, err, true)
+			return
+		}
+		_ = checkpoint.WriteJSON(conn, checkpoint.FrameWelcome, f.Fence, 0, checkpoint.Welcome{Agent: a.cfg.AgentID})
+		return
+	case checkpoint.FrameHello:
+	default:
+		sendError(conn, 0, fmt.Errorf("protocol error: session opened with %s", f.Type), true)
+		return
+	}
+	sg, err := a.acceptPrimary(ctx, conn, hello, f.Fence)
+	if err != nil {
+		var fatal *fatalError
+		sendError(conn, f.Fence, err, errors.As(err, &fatal))
+		a.log.Warn("replication refused", "domain", hello.Domain, "primary", hello.Agent, "err", err)
+		return
+	}
+	_ = conn.SetReadDeadline(time.Time{})
+	err = a.receive(ctx, sg, conn, br, hello)
+	sg.mu.Lock()
+	if sg.replica != nil {
+		sg.replica.Abort()
+	}
+	if sg.session == conn {
+		sg.session = nil
+	}
+	if err != nil {
+		sg.lastError = err.Error()
+	}
+	sg.mu.Unlock()
+	if err != nil && ctx.Err() == nil {
+		a.log.Warn("replication session ended", "domain", hello.Domain, "primary", hello.Agent, "err", err)
+	}
+}
+
+type fatalError struct{ error }
+
+func (e *fatalError) Unwrap() error { return e.error }
+
+// acceptPrimary validates a Hello and readies the replica and its shell.
+func (a *Agent) acceptPrimary(ctx context.Context, conn net.Conn, h checkpoint.Hello, fence uint64) (*standbyGuest, error) {
+	if h.PageSize != checkpoint.PageSize {
+		return nil, &fatalError{fmt.Errorf("primary uses %d-byte pages, this agent %d", h.PageSize, checkpoint.PageSize)}
+	}
+	a.mu.Lock()
+	if _, ok := a.primary[h.Domain]; ok {
+		a.mu.Unlock()
+		return nil, &fatalError{fmt.Errorf("domain %q is protected by this agent as its primary; a host cannot be its own standby", h.Domain)}
+	}
+	sg, ok := a.standby[h.Domain]
+	if !ok {
+		sg = &standbyGuest{rec: &Record{Name: h.Domain, Role: RoleStandby, Primary: h.Agent, Fence: fence, Enrolled: time.Now().UTC()}}
+		a.standby[h.Domain] = sg
+	}
+	a.mu.Unlock()
+
+	sg.mu.Lock()
+	defer sg.mu.Unlock()
+	switch {
+	case sg.busy:
+		return nil, fmt.Errorf("domain %q is being failed over or unenrolled on this standby", h.Domain)
+	case sg.rec.State == StateFailedOver || sg.rec.State == StateFailingOver:
+		return nil, &fatalError{fmt.Errorf("domain %q was failed over to agent %s (fencing epoch %d); the copy on %s is stale: destroy it there (virsh destroy %s) and unenroll it", h.Domain, a.cfg.AgentID, sg.rec.Fence, h.Agent, h.Domain)}
+	case fence < sg.rec.Fence:
+		return nil, &fatalError{fmt.Errorf("stale fencing epoch %d from %s: this replica is at epoch %d", fence, h.Agent, sg.rec.Fence)}
+	}
+	if sg.rec.Primary != h.Agent {
+		a.log.Warn("replica taken over by another primary agent", "domain", h.Domain, "was", sg.rec.Primary, "now", h.Agent)
+		sg.rec.Primary = h.Agent
+	}
+	sg.rec.Fence = fence
+	if err := a.attachShell(ctx, sg, h.DomainXML, h.RAMBytes); err != nil {
+		return nil, err
+	}
+	if sg.session != nil {
+		sg.session.Close() // the primary reconnected; the old session is dead
+	}
+	sg.session, sg.sessionFrom, sg.lastFrame, sg.lastError = conn, h.Agent, time.Now(), ""
+	st := sg.replica.State()
+	w := checkpoint.Welcome{Agent: a.cfg.AgentID, Generation: st.Generation, Committed: st.Committed}
+	if err := checkpoint.WriteJSON(conn, checkpoint.FrameWelcome, fence, 0, w); err != nil {
+		sg.session = nil
+		return nil, err
+	}
+	a.log.Info("replication session accepted", "domain", h.Domain, "primary", h.Agent, "committed", st.Committed, "synced", st.Synced)
+	return sg, nil
+}
+
+func (a *Agent) receive(ctx context.Context, sg *standbyGuest, conn net.Conn, br *bufio.Reader, h checkpoint.Hello) error {
+	for {
+		f, err := checkpoint.ReadFrame(br)
+		if err != nil {
+			return err
+		}
+		sg.mu.Lock()
+		if sg.session != conn {
+			sg.mu.Unlock()
+			return errors.New("session replaced or closed")
+		}
+		sg.lastFrame = time.Now()
+		sg.bytesIn += uint64(len(f.Payload))
+		if f.Fence < sg.rec.Fence {
+			sg.mu.Unlock()
+			err := &fatalError{fmt.Errorf("stale fencing epoch %d in %s frame: this replica is at epoch %d", f.Fence, f.Type, sg.rec.Fence)}
+			sendError(conn, sg.rec.Fence, err, true)
+			return err
+		}
+		rep := sg.replica
+		var ferr error
+		ack := false
+		switch f.Type {
+		case checkpoint.FrameEpochBegin:
+			var b checkpoint.EpochBegin
+			if ferr = json.Unmarshal(f.Payload, &b); ferr == nil {
+				ferr = rep.Begin(h.Generation, f.Epoch, b)
+			}
+		case checkpoint.FramePages:
+			ferr = rep.AddPages(f.Epoch, f.Payload)
+		case checkpoint.FrameDevState:
+			ferr = rep.AddDevState(f.Epoch, f.Payload)
+		case checkpoint.FrameEpochEnd:
+			var end checkpoint.EpochEnd
+			if end, ferr = checkpoint.UnmarshalEpochEnd(f.Payload); ferr == nil {
+				ferr = rep.End(f.Epoch, end)
+			}
+			if ferr == nil {
+				ack = true
+				now := time.Now()
+				sg.lastCommit = now
+				sg.commits = append(sg.commits, now)
+				if len(sg.commits) > 256 {
+					sg.commits = sg.commits[len(sg.commits)-256:]
+				}
+			}
+		case checkpoint.FramePing:
+		default:
+			ferr = fmt.Errorf("protocol error: unexpected %s frame", f.Type)
+		}
+		sg.mu.Unlock()
+		if ferr != nil {
+			sendError(conn, f.Fence, ferr, false)
+			return ferr
+		}
+		if ack {
+			if err := checkpoint.WriteFrame(conn, checkpoint.Frame{Type: checkpoint.FrameAck, Fence: f.Fence, Epoch: f.Epoch}); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// dropReplica destroys a replica and its shell when the primary unenrolls
+// the guest (or an admin does on the standby).
+func (a *Agent) dropReplica(ctx context.Context, name string, fence uint64) error {
+	a.mu.Lock()
+	sg, ok := a.standby[name]
+	a.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	sg.mu.Lock()
+	defer sg.mu.Unlock()
+	if fence < sg.rec.Fence {
+		return fmt.Errorf("stale fencing epoch %d: this replica is at epoch %d", fence, sg.rec.Fence)
+	}
+	if sg.rec.State == StateFailedOver || sg.rec.State == StateFailingOver {
+		return fmt.Errorf("domain %q was failed over to this host; it is no longer a replica", name)
+	}
+	if sg.session != nil {
+		sg.session.Close()
+		sg.session = nil
+	}
+	a.detachShell(sg)
+	if sg.rec.Shell != "" {
+		if err := a.virt.Destroy(ctx, sg.rec.Shell); err != nil {
+			return err
+		}
+	}
+	_ = removeAll(a.replicaDir(name))
+	a.mu.Lock()
+	delete(a.standby, name)
+	a.mu.Unlock()
+	a.log.Info("replica dropped", "domain", name)
+	return a.store.remove(name)
+}

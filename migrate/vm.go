@@ -1,0 +1,53 @@
+package migrate
+
+import (
+	"context"
+	"io"
+	"os"
+)
+
+// CaptureVM adapts a guest to the checkpoint engine. A marker file exists
+// while the guest is paused for a checkpoint, so an agent that dies there
+// resumes the guest on restart instead of leaving it paused.
+type CaptureVM struct {
+	G      *Guest
+	Sink   *DeviceStateSink
+	Marker string
+}
+
+func (v *CaptureVM) Stop(ctx context.Context) error {
+	if err := os.WriteFile(v.Marker, nil, 0o600); err != nil {
+		return err
+	}
+	return Exec(v.G.Mon, "stop", nil, nil)
+}
+
+func (v *CaptureVM) Cont(ctx context.Context) error {
+	if err := Exec(v.G.Mon, "cont", nil, nil); err != nil {
+		return err
+	}
+	return os.Remove(v.Marker)
+}
+
+func (v *CaptureVM) SaveDeviceState(ctx context.Context, w io.Writer) (int64, error) {
+	return v.Sink.Save(ctx, v.G, w)
+}
+
+// ResumeAfterCrash resumes a guest a dead agent left paused mid-checkpoint.
+// It reports whether it had to.
+func ResumeAfterCrash(g *Guest, marker string) (bool, error) {
+	if _, err := os.Stat(marker); err != nil {
+		return false, nil
+	}
+	_ = Exec(g.Mon, "migrate_cancel", nil, nil)
+	st, err := Status(g.Mon)
+	if err != nil {
+		return false, err
+	}
+	if st != "running" {
+		if err := Exec(g.Mon, "cont", nil, nil); err != nil {
+			return false, err
+		}
+	}
+	return true, os.Remove(marker)
+}
