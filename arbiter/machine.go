@@ -1,0 +1,420 @@
+package arbiter
+
+import (
+	"fmt"
+	"sort"
+	"time"
+)
+
+// machine is the lease/epoch state machine. It is not safe for concurrent
+// use; Server serialises calls. Every method that changes durable state
+// writes the new record before it replaces the in-memory one and before it
+// returns, so nothing is ever granted that a restart could forget.
+type machine struct {
+	st       *store
+	leaseDur time.Duration
+	guests   map[string]*guestRecord
+}
+
+// observation is what the arbiter's probes and heartbeats say right now.
+type observation struct {
+	serviceAnswering bool
+	serviceDetail    string
+	standbyLost      bool
+	standbyDetail    string
+}
+
+func newMachine(st *store, recs map[string]*guestRecord, leaseDur time.Duration, now time.Time) *machine {
+	m := &machine{st: st, leaseDur: leaseDur, guests: recs}
+	for _, r := range recs {
+		if r.LeaseHolder == "" {
+			continue
+		}
+		// A lease granted just before the restart may still be held, and
+		// renewals were not persisted: assume the longest lease ever
+		// granted runs in full from now.
+		d := max(r.LeaseDuration, leaseDur)
+		r.leaseExpiry = now.Add(d)
+	}
+	return m
+}
+
+// commit persists next and then makes it current.
+func (m *machine) commit(next *guestRecord) error {
+	if next.LeaseHolder != "" {
+		next.LeaseExpires = next.leaseExpiry.Round(0).UTC()
+	}
+	if err := m.st.save(next); err != nil {
+		return errorf(CodeInternal, "persist guest %s: %v (nothing was granted)", next.Guest, err)
+	}
+	m.guests[next.Guest] = next
+	return nil
+}
+
+func roleOf(r *guestRecord, agent string) Role {
+	switch {
+	case agent == r.Primary:
+		return RolePrimary
+	case agent == r.Standby && r.StandbyEpoch == r.Epoch:
+		return RoleStandby
+	}
+	return RoleNone
+}
+
+// checkEpoch rejects a request whose epoch is not the guest's current one.
+func checkEpoch(r *guestRecord, agent string, epoch uint64) error {
+	switch {
+	case epoch < r.Epoch:
+		return &Error{
+			Code:         CodeStaleEpoch,
+			Message:      fmt.Sprintf("guest %s: stale fencing epoch %d, current is %d (primary %s, your role %s)", r.Guest, epoch, r.Epoch, r.Primary, roleOf(r, agent)),
+			CurrentEpoch: r.Epoch,
+			Primary:      r.Primary,
+			Role:         roleOf(r, agent),
+		}
+	case epoch > r.Epoch:
+		return &Error{
+			Code:         CodeEpochAhead,
+			Message:      fmt.Sprintf("guest %s: epoch %d was never issued, current is %d", r.Guest, epoch, r.Epoch),
+			CurrentEpoch: r.Epoch,
+			Primary:      r.Primary,
+			Role:         roleOf(r, agent),
+		}
+	}
+	return nil
+}
+
+func (m *machine) get(guest string) (*guestRecord, error) {
+	r, ok := m.guests[guest]
+	if !ok {
+		return nil, errorf(CodeUnknownGuest, "unknown guest %q", guest)
+	}
+	return r, nil
+}
+
+func (m *machine) leaseValid(r *guestRecord, now time.Time) bool {
+	return r.LeaseHolder != "" && now.Before(r.leaseExpiry)
+}
+
+func (m *machine) lease(r *guestRecord) Lease {
+	return Lease{
+		Guest:    r.Guest,
+		Epoch:    r.Epoch,
+		Holder:   r.LeaseHolder,
+		Duration: m.leaseDur,
+		Expires:  r.leaseExpiry.Round(0).UTC(),
+	}
+}
+
+// grantLease gives the lease to the primary from now on. It reports
+// whether the change must be persisted (holder or duration changed).
+func (m *machine) grantLease(r *guestRecord, now time.Time) bool {
+	persist := r.LeaseHolder != r.Primary || r.LeaseDuration < m.leaseDur
+	if r.LeaseHolder != r.Primary {
+		r.LeaseGranted = now.Round(0).UTC()
+		r.LeaseDuration = m.leaseDur
+	}
+	r.LeaseHolder = r.Primary
+	if r.LeaseDuration < m.leaseDur {
+		r.LeaseDuration = m.leaseDur
+	}
+	r.leaseExpiry = now.Add(m.leaseDur)
+	return persist
+}
+
+func (m *machine) registration(r *guestRecord, agent string) Registration {
+	reg := Registration{
+		Guest:   r.Guest,
+		Epoch:   r.Epoch,
+		Role:    roleOf(r, agent),
+		Primary: r.Primary,
+		InSync:  r.InSync,
+	}
+	if r.StandbyEpoch == r.Epoch {
+		reg.Standby = r.Standby
+	}
+	if reg.Role == RolePrimary {
+		l := m.lease(r)
+		reg.Lease = &l
+	}
+	return reg
+}
+
+func (m *machine) register(now time.Time, spec GuestSpec, service ProbeSpec) (Registration, error) {
+	r, known := m.guests[spec.Guest]
+	switch spec.Role {
+	case RolePrimary:
+		if !known {
+			// Start above any epoch the caller already saw, so an
+			// arbiter that lost its state never reissues one.
+			next := &guestRecord{
+				Guest:            spec.Guest,
+				Epoch:            spec.Epoch + 1,
+				Primary:          spec.AgentID,
+				PrimaryAddr:      spec.AgentAddr,
+				UnprotectedSince: now.Round(0).UTC(),
+				Service:          service,
+				Last:             &Transition{Kind: TransitionCreated, From: spec.Epoch, To: spec.Epoch + 1, Agent: spec.AgentID, At: now.Round(0).UTC()},
+			}
+			m.grantLease(next, now)
+			if err := m.commit(next); err != nil {
+				return Registration{}, err
+			}
+			return m.registration(next, spec.AgentID), nil
+		}
+		if err := checkEpoch(r, spec.AgentID, spec.Epoch); err != nil {
+			return Registration{}, err
+		}
+		if spec.AgentID != r.Primary {
+			return Registration{}, errorf(CodeConflict, "guest %s already has primary %s at epoch %d", r.Guest, r.Primary, r.Epoch)
+		}
+		next := *r
+		persist := m.grantLease(&next, now)
+		if next.PrimaryAddr != spec.AgentAddr || next.Service != service {
+			next.PrimaryAddr, next.Service = spec.AgentAddr, service
+			persist = true
+		}
+		if persist {
+			if err := m.commit(&next); err != nil {
+				return Registration{}, err
+			}
+		} else {
+			m.guests[r.Guest] = &next
+		}
+		return m.registration(&next, spec.AgentID), nil
+
+	case RoleStandby:
+		if !known {
+			return Registration{}, errorf(CodeUnknownGuest, "unknown guest %q: the primary must register first", spec.Guest)
+		}
+		if spec.Epoch != 0 {
+			if err := checkEpoch(r, spec.AgentID, spec.Epoch); err != nil {
+				return Registration{}, err
+			}
+		}
+		if spec.AgentID == r.Primary {
+			return Registration{}, errorf(CodeConflict, "guest %s: %s is the primary at epoch %d and cannot also be its standby", r.Guest, r.Primary, r.Epoch)
+		}
+		if r.Standby != spec.AgentID && r.Standby != "" && r.StandbyEpoch == r.Epoch && r.InSync {
+			return Registration{}, errorf(CodeConflict, "guest %s already has standby %s in sync", r.Guest, r.Standby)
+		}
+		next := *r
+		next.Standby, next.StandbyAddr, next.StandbyEpoch = spec.AgentID, spec.AgentAddr, r.Epoch
+		// A (re-)registering standby may have lost its copy: it is not
+		// protecting the guest until the primary reports it synced.
+		if next.InSync {
+			next.InSync = false
+			next.UnprotectedSince = now.Round(0).UTC()
+		}
+		if err := m.commit(&next); err != nil {
+			return Registration{}, err
+		}
+		return m.registration(&next, spec.AgentID), nil
+	}
+	return Registration{}, errorf(CodeBadRequest, "role must be %q or %q, not %q", RolePrimary, RoleStandby, spec.Role)
+}
+
+func (m *machine) renew(now time.Time, guest, agent string, epoch uint64) (Lease, error) {
+	r, err := m.get(guest)
+	if err != nil {
+		return Lease{}, err
+	}
+	if err := checkEpoch(r, agent, epoch); err != nil {
+		return Lease{}, err
+	}
+	if agent != r.Primary {
+		return Lease{}, errorf(CodeNotPrimary, "guest %s: %s is not the primary (primary is %s)", guest, agent, r.Primary)
+	}
+	// An expired lease may be re-acquired: nobody else was granted the
+	// guest, or the epoch would have changed.
+	next := *r
+	if m.grantLease(&next, now) {
+		if err := m.commit(&next); err != nil {
+			return Lease{}, err
+		}
+	} else {
+		m.guests[guest] = &next
+	}
+	return m.lease(&next), nil
+}
+
+func (m *machine) release(now time.Time, guest, agent string, epoch uint64) error {
+	r, err := m.get(guest)
+	if err != nil {
+		return err
+	}
+	if err := checkEpoch(r, agent, epoch); err != nil {
+		return err
+	}
+	if agent != r.Primary {
+		return errorf(CodeNotPrimary, "guest %s: %s is not the primary", guest, agent)
+	}
+	if r.LeaseHolder == "" {
+		return nil
+	}
+	next := *r
+	next.LeaseHolder = ""
+	next.leaseExpiry = now
+	next.LeaseExpires = now.Round(0).UTC()
+	return m.commit(&next)
+}
+
+// promote decides a promotion request. With dryRun it runs every check that
+// does not need a fresh service probe (the lease check included) and
+// changes nothing; the server then probes the service and calls again.
+func (m *machine) promote(now time.Time, guest, agent string, epoch uint64, obs observation, dryRun bool) (Grant, error) {
+	r, err := m.get(guest)
+	if err != nil {
+		return Grant{}, err
+	}
+	// The grant was persisted but the reply may have been lost: answer
+	// the retry with the same grant instead of "stale epoch".
+	if l := r.Last; l != nil && l.Kind == TransitionPromotion && l.Agent == agent && l.From == epoch && r.Epoch == epoch+1 && r.Primary == agent {
+		if dryRun {
+			return Grant{}, nil
+		}
+		lease, err := m.renew(now, guest, agent, r.Epoch)
+		if err != nil {
+			return Grant{}, err
+		}
+		return Grant{Guest: guest, Epoch: r.Epoch, PreviousEpoch: l.From, PreviousPrimary: l.Previous, Lease: lease}, nil
+	}
+	if err := checkEpoch(r, agent, epoch); err != nil {
+		return Grant{}, err
+	}
+	if roleOf(r, agent) != RoleStandby {
+		return Grant{}, errorf(CodeNotStandby, "guest %s: %s is not the standby at epoch %d", guest, agent, r.Epoch)
+	}
+	if !r.InSync {
+		return Grant{}, errorf(CodeNotInSync, "guest %s: standby %s is not in sync (unprotected since %s)", guest, agent, r.UnprotectedSince.Format(time.RFC3339))
+	}
+	if m.leaseValid(r, now) {
+		left := r.leaseExpiry.Sub(now)
+		msg := fmt.Sprintf("guest %s: primary %s holds a valid lease for another %v", guest, r.LeaseHolder, left.Round(time.Millisecond))
+		if obs.serviceAnswering {
+			msg += " and the guest service still answers from the arbiter (" + obs.serviceDetail + "); no failover"
+		}
+		return Grant{}, &Error{Code: CodeLeaseValid, Message: msg, RetryAfter: left}
+	}
+	if dryRun {
+		return Grant{}, nil
+	}
+	if obs.serviceAnswering {
+		// The lease ran out yet someone still serves the guest: starting
+		// a second copy now is exactly what the arbiter exists to prevent.
+		return Grant{}, errorf(CodeServiceAlive, "guest %s: primary lease expired but the guest service still answers from the arbiter (%s); refusing a second copy", guest, obs.serviceDetail)
+	}
+	next := *r
+	next.Epoch = r.Epoch + 1
+	next.Primary, next.PrimaryAddr = agent, r.StandbyAddr
+	next.Standby, next.StandbyAddr, next.StandbyEpoch = "", "", 0
+	next.InSync = false
+	next.UnprotectedSince = now.Round(0).UTC()
+	next.Last = &Transition{Kind: TransitionPromotion, From: r.Epoch, To: next.Epoch, Agent: agent, Previous: r.Primary, At: now.Round(0).UTC()}
+	next.LeaseHolder = "" // force a fresh grant to the new primary
+	m.grantLease(&next, now)
+	if err := m.commit(&next); err != nil {
+		return Grant{}, err
+	}
+	return Grant{Guest: guest, Epoch: next.Epoch, PreviousEpoch: r.Epoch, PreviousPrimary: r.Primary, Lease: m.lease(&next)}, nil
+}
+
+// standbyLost decides whether the primary may continue without its
+// standby. Granting starts a new epoch, which fences the standby's copy:
+// its promotion requests now carry a stale epoch. So for any epoch at most
+// one of "standby promotes" and "primary continues alone" is granted.
+// dryRun works as for promote.
+func (m *machine) standbyLost(now time.Time, guest, agent string, epoch uint64, obs observation, dryRun bool) (Lease, error) {
+	r, err := m.get(guest)
+	if err != nil {
+		return Lease{}, err
+	}
+	if l := r.Last; l != nil && l.Kind == TransitionStandbyLost && l.Agent == agent && l.From == epoch && r.Epoch == epoch+1 && r.Primary == agent {
+		if dryRun {
+			return Lease{}, nil
+		}
+		return m.renew(now, guest, agent, r.Epoch)
+	}
+	if err := checkEpoch(r, agent, epoch); err != nil {
+		return Lease{}, err
+	}
+	if agent != r.Primary {
+		return Lease{}, errorf(CodeNotPrimary, "guest %s: %s is not the primary", guest, agent)
+	}
+	if !r.InSync || r.StandbyEpoch != r.Epoch || r.Standby == "" {
+		// Already unprotected: no standby can be promoted at this epoch,
+		// so the primary needs no new grant to run alone.
+		if dryRun {
+			return Lease{}, nil
+		}
+		return m.renew(now, guest, agent, epoch)
+	}
+	if !obs.standbyLost {
+		return Lease{}, errorf(CodeStandbyReachable, "guest %s: standby %s is still reachable from the arbiter (%s); keep trying to replicate", guest, r.Standby, obs.standbyDetail)
+	}
+	if dryRun {
+		return Lease{}, nil
+	}
+	next := *r
+	next.Epoch = r.Epoch + 1
+	next.InSync = false
+	next.UnprotectedSince = now.Round(0).UTC()
+	next.Last = &Transition{Kind: TransitionStandbyLost, From: r.Epoch, To: next.Epoch, Agent: agent, Previous: r.Standby, At: now.Round(0).UTC()}
+	m.grantLease(&next, now)
+	if err := m.commit(&next); err != nil {
+		return Lease{}, err
+	}
+	return m.lease(&next), nil
+}
+
+func (m *machine) synced(now time.Time, guest, agent string, epoch uint64, standby string) error {
+	r, err := m.get(guest)
+	if err != nil {
+		return err
+	}
+	if err := checkEpoch(r, agent, epoch); err != nil {
+		return err
+	}
+	if agent != r.Primary {
+		return errorf(CodeNotPrimary, "guest %s: %s is not the primary", guest, agent)
+	}
+	if roleOf(r, standby) != RoleStandby {
+		return errorf(CodeNotStandby, "guest %s: %s is not registered as standby at epoch %d", guest, standby, r.Epoch)
+	}
+	if r.InSync {
+		return nil
+	}
+	next := *r
+	next.InSync = true
+	next.UnprotectedSince = time.Time{}
+	return m.commit(&next)
+}
+
+// assignments lists the guests agent is involved in, plus any it asked
+// about, sorted by guest.
+func (m *machine) assignments(agent string, epochs map[string]uint64) []Assignment {
+	var out []Assignment
+	for name, r := range m.guests {
+		e, asked := epochs[name]
+		if !asked && r.Primary != agent && r.Standby != agent {
+			continue
+		}
+		a := Assignment{Guest: name, Epoch: r.Epoch, Role: roleOf(r, agent), Primary: r.Primary, InSync: r.InSync}
+		if r.StandbyEpoch == r.Epoch {
+			a.Standby = r.Standby
+		}
+		a.Stale = asked && e < r.Epoch
+		out = append(out, a)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Guest < out[j].Guest })
+	return out
+}
+
+func (m *machine) names() []string {
+	out := make([]string, 0, len(m.guests))
+	for n := range m.guests {
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out
+}

@@ -1,0 +1,526 @@
+package arbiter
+
+import (
+	"errors"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newFakeClock() *fakeClock { return &fakeClock{t: time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)} }
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+const testLease = 3 * time.Second
+
+func openMachine(t *testing.T, dir string, lease time.Duration, now time.Time) *machine {
+	t.Helper()
+	st, recs, err := openStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.close() })
+	return newMachine(st, recs, lease, now)
+}
+
+func closeMachine(m *machine) { m.st.close() }
+
+func mustCode(t *testing.T, err error, want *Error) *Error {
+	t.Helper()
+	if !errors.Is(err, want) {
+		t.Fatalf("got error %v, want code %s", err, want.Code)
+	}
+	var e *Error
+	errors.As(err, &e)
+	return e
+}
+
+func ok(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// protectedGuest registers primary a and standby b for "g" and marks b in
+// sync, all at epoch 1.
+func protectedGuest(t *testing.T, m *machine, now time.Time) {
+	t.Helper()
+	reg, err := m.register(now, GuestSpec{Guest: "g", AgentID: "a", Role: RolePrimary}, ProbeSpec{})
+	ok(t, err)
+	if reg.Epoch != 1 || reg.Role != RolePrimary || reg.Lease == nil || reg.Lease.Holder != "a" {
+		t.Fatalf("primary registration: %+v", reg)
+	}
+	reg, err = m.register(now, GuestSpec{Guest: "g", AgentID: "b", Role: RoleStandby}, ProbeSpec{})
+	ok(t, err)
+	if reg.Epoch != 1 || reg.Role != RoleStandby || reg.Lease != nil {
+		t.Fatalf("standby registration: %+v", reg)
+	}
+	ok(t, m.synced(now, "g", "a", 1, "b"))
+}
+
+var (
+	noObs        = observation{}
+	serviceUp    = observation{serviceAnswering: true, serviceDetail: "tcp x ok"}
+	standbyGone  = observation{standbyLost: true, standbyDetail: "gone"}
+	standbyThere = observation{standbyDetail: "reachable"}
+)
+
+// TestPromotionOnlyAfterExpiry walks the clock across the lease boundary.
+func TestPromotionOnlyAfterExpiry(t *testing.T) {
+	clk := newFakeClock()
+	m := openMachine(t, t.TempDir(), testLease, clk.Now())
+	protectedGuest(t, m, clk.Now())
+
+	steps := []struct {
+		name    string
+		advance time.Duration
+		renew   bool
+		obs     observation
+		want    *Error // nil: granted
+		retry   time.Duration
+	}{
+		{name: "just granted", advance: 0, want: ErrLeaseValid, retry: 3 * time.Second},
+		{name: "mid lease", advance: 2 * time.Second, want: ErrLeaseValid, retry: time.Second},
+		{name: "renewed", advance: 500 * time.Millisecond, renew: true, want: ErrLeaseValid, retry: 3 * time.Second},
+		{name: "one tick before expiry", advance: 3*time.Second - time.Nanosecond, want: ErrLeaseValid, retry: time.Nanosecond},
+		{name: "expired but service answers", advance: time.Nanosecond, obs: serviceUp, want: ErrServiceAlive},
+		{name: "expired and service silent", advance: 0, want: nil},
+	}
+	for _, s := range steps {
+		clk.Advance(s.advance)
+		if s.renew {
+			l, err := m.renew(clk.Now(), "g", "a", 1)
+			ok(t, err)
+			if l.Epoch != 1 || l.Holder != "a" || !l.Expires.Equal(clk.Now().Add(testLease)) {
+				t.Fatalf("%s: lease %+v", s.name, l)
+			}
+		}
+		// The dry run must agree with the real decision on the lease.
+		_, dryErr := m.promote(clk.Now(), "g", "b", 1, s.obs, true)
+		g, err := m.promote(clk.Now(), "g", "b", 1, s.obs, false)
+		if s.want != nil {
+			e := mustCode(t, err, s.want)
+			if s.retry != 0 && e.RetryAfter != s.retry {
+				t.Fatalf("%s: RetryAfter %v, want %v", s.name, e.RetryAfter, s.retry)
+			}
+			if errors.Is(err, ErrLeaseValid) != errors.Is(dryErr, ErrLeaseValid) {
+				t.Fatalf("%s: dry run %v vs real %v", s.name, dryErr, err)
+			}
+			if m.guests["g"].Epoch != 1 {
+				t.Fatalf("%s: epoch moved on refusal", s.name)
+			}
+			continue
+		}
+		ok(t, err)
+		if g.Epoch != 2 || g.PreviousEpoch != 1 || g.PreviousPrimary != "a" || g.Lease.Holder != "b" || g.Lease.Epoch != 2 {
+			t.Fatalf("%s: grant %+v", s.name, g)
+		}
+	}
+
+	// The old primary is fenced off.
+	_, err := m.renew(clk.Now(), "g", "a", 1)
+	e := mustCode(t, err, ErrStaleEpoch)
+	if e.CurrentEpoch != 2 || e.Primary != "b" || e.Role != RoleNone {
+		t.Fatalf("stale error details: %+v", e)
+	}
+	// The new primary renews at its new epoch, and nobody is standby.
+	_, err = m.renew(clk.Now(), "g", "b", 2)
+	ok(t, err)
+	r := m.guests["g"]
+	if r.Primary != "b" || r.Standby != "" || r.InSync || r.LeaseHolder != "b" {
+		t.Fatalf("after promotion: %+v", r)
+	}
+	// The old primary may come back as standby once it knows the epoch.
+	_, err = m.register(clk.Now(), GuestSpec{Guest: "g", AgentID: "a", Role: RoleStandby, Epoch: 1}, ProbeSpec{})
+	mustCode(t, err, ErrStaleEpoch)
+	reg, err := m.register(clk.Now(), GuestSpec{Guest: "g", AgentID: "a", Role: RoleStandby, Epoch: 2}, ProbeSpec{})
+	ok(t, err)
+	if reg.Role != RoleStandby || reg.Primary != "b" || reg.InSync {
+		t.Fatalf("re-registration: %+v", reg)
+	}
+}
+
+func TestLeaseValidMessageMentionsService(t *testing.T) {
+	clk := newFakeClock()
+	m := openMachine(t, t.TempDir(), testLease, clk.Now())
+	protectedGuest(t, m, clk.Now())
+	_, err := m.promote(clk.Now(), "g", "b", 1, serviceUp, false)
+	e := mustCode(t, err, ErrLeaseValid)
+	if !strings.Contains(e.Message, "still answers") || !strings.Contains(e.Message, "no failover") {
+		t.Fatalf("message lacks the reason: %q", e.Message)
+	}
+}
+
+func TestPromotionPreconditions(t *testing.T) {
+	clk := newFakeClock()
+	m := openMachine(t, t.TempDir(), testLease, clk.Now())
+	_, err := m.promote(clk.Now(), "g", "b", 1, noObs, false)
+	mustCode(t, err, ErrUnknownGuest)
+
+	_, err = m.register(clk.Now(), GuestSpec{Guest: "g", AgentID: "a", Role: RolePrimary}, ProbeSpec{})
+	ok(t, err)
+	_, err = m.register(clk.Now(), GuestSpec{Guest: "g", AgentID: "b", Role: RoleStandby}, ProbeSpec{})
+	ok(t, err)
+	clk.Advance(10 * time.Second) // lease long gone
+
+	cases := []struct {
+		agent string
+		epoch uint64
+		want  *Error
+	}{
+		{"b", 1, ErrNotInSync}, // registered but never synced
+		{"c", 1, ErrNotStandby},
+		{"a", 1, ErrNotStandby}, // the primary cannot promote itself
+		{"b", 0, ErrStaleEpoch},
+		{"b", 2, ErrEpochAhead},
+	}
+	for _, c := range cases {
+		_, err := m.promote(clk.Now(), "g", c.agent, c.epoch, noObs, false)
+		mustCode(t, err, c.want)
+	}
+	// A release lets the standby in without waiting for expiry.
+	clk2 := newFakeClock()
+	m2 := openMachine(t, t.TempDir(), testLease, clk2.Now())
+	protectedGuest(t, m2, clk2.Now())
+	ok(t, m2.release(clk2.Now(), "g", "a", 1))
+	g, err := m2.promote(clk2.Now(), "g", "b", 1, noObs, false)
+	ok(t, err)
+	if g.Epoch != 2 {
+		t.Fatalf("grant after release: %+v", g)
+	}
+}
+
+func TestStandbyLost(t *testing.T) {
+	clk := newFakeClock()
+	m := openMachine(t, t.TempDir(), testLease, clk.Now())
+	protectedGuest(t, m, clk.Now())
+
+	_, err := m.standbyLost(clk.Now(), "g", "b", 1, standbyGone, false)
+	mustCode(t, err, ErrNotPrimary)
+	_, err = m.standbyLost(clk.Now(), "g", "a", 1, standbyThere, false)
+	e := mustCode(t, err, ErrStandbyReachable)
+	if !strings.Contains(e.Message, "reachable") {
+		t.Fatalf("message: %q", e.Message)
+	}
+	l, err := m.standbyLost(clk.Now(), "g", "a", 1, standbyGone, false)
+	ok(t, err)
+	if l.Epoch != 2 || l.Holder != "a" {
+		t.Fatalf("lease after standby lost: %+v", l)
+	}
+	// A lost reply is retried with the old epoch: same answer.
+	l2, err := m.standbyLost(clk.Now(), "g", "a", 1, standbyGone, false)
+	ok(t, err)
+	if l2.Epoch != 2 {
+		t.Fatalf("replayed standby-lost: %+v", l2)
+	}
+	// The standby is fenced: neither its epoch nor its registration count.
+	clk.Advance(time.Minute)
+	_, err = m.promote(clk.Now(), "g", "b", 1, noObs, false)
+	e = mustCode(t, err, ErrStaleEpoch)
+	if e.Role != RoleNone || e.CurrentEpoch != 2 {
+		t.Fatalf("stale details: %+v", e)
+	}
+	_, err = m.promote(clk.Now(), "g", "b", 2, noObs, false)
+	mustCode(t, err, ErrNotStandby)
+	if err := m.synced(clk.Now(), "g", "a", 2, "b"); !errors.Is(err, ErrNotStandby) {
+		t.Fatalf("synced for a fenced standby: %v", err)
+	}
+	// Already unprotected: a further report is granted without a new epoch.
+	l, err = m.standbyLost(clk.Now(), "g", "a", 2, standbyThere, false)
+	ok(t, err)
+	if l.Epoch != 2 {
+		t.Fatalf("unprotected standby-lost moved epoch: %+v", l)
+	}
+	// Re-sync: re-register at the new epoch, then the primary reports it.
+	_, err = m.register(clk.Now(), GuestSpec{Guest: "g", AgentID: "b", Role: RoleStandby, Epoch: 2}, ProbeSpec{})
+	ok(t, err)
+	_, err = m.promote(clk.Now(), "g", "b", 2, noObs, false)
+	mustCode(t, err, ErrNotInSync)
+	ok(t, m.synced(clk.Now(), "g", "a", 2, "b"))
+	if r := m.guests["g"]; !r.InSync || !r.UnprotectedSince.IsZero() {
+		t.Fatalf("after re-sync: %+v", r)
+	}
+}
+
+// TestNeverBoth races the two epoch-changing grants in both orders.
+func TestNeverBoth(t *testing.T) {
+	for _, promoteFirst := range []bool{true, false} {
+		clk := newFakeClock()
+		m := openMachine(t, t.TempDir(), testLease, clk.Now())
+		protectedGuest(t, m, clk.Now())
+		clk.Advance(testLease)
+		var errP, errL error
+		if promoteFirst {
+			_, errP = m.promote(clk.Now(), "g", "b", 1, noObs, false)
+			_, errL = m.standbyLost(clk.Now(), "g", "a", 1, standbyGone, false)
+		} else {
+			_, errL = m.standbyLost(clk.Now(), "g", "a", 1, standbyGone, false)
+			_, errP = m.promote(clk.Now(), "g", "b", 1, noObs, false)
+		}
+		if (errP == nil) == (errL == nil) {
+			t.Fatalf("promoteFirst=%v: promote err %v, standby-lost err %v", promoteFirst, errP, errL)
+		}
+		if errP != nil {
+			mustCode(t, errP, ErrStaleEpoch)
+		} else {
+			mustCode(t, errL, ErrStaleEpoch)
+		}
+	}
+}
+
+// TestRandomInterleavings drives random operations and checks the safety
+// invariants: epochs only grow, every epoch-changing grant leaves a
+// distinct epoch, and at most one agent is ever told it is primary at an
+// epoch.
+func TestRandomInterleavings(t *testing.T) {
+	rng := rand.New(rand.NewSource(1))
+	agents := []string{"a", "b", "c"}
+	obsChoices := []observation{noObs, serviceUp, standbyGone, standbyThere}
+	grants := 0
+	for run := 0; run < 8; run++ {
+		clk := newFakeClock()
+		dir := t.TempDir()
+		m := openMachine(t, dir, testLease, clk.Now())
+		known := map[string]uint64{} // epoch each agent believes
+		primaryAt := map[uint64]string{}
+		claim := func(epoch uint64, agent string) {
+			if p, ok := primaryAt[epoch]; ok && p != agent {
+				t.Fatalf("run %d: epoch %d granted to both %s and %s", run, epoch, p, agent)
+			}
+			primaryAt[epoch] = agent
+			known[agent] = epoch
+		}
+		learn := func(agent string, err error) {
+			var e *Error
+			if errors.As(err, &e) && e.CurrentEpoch != 0 {
+				known[agent] = e.CurrentEpoch
+			}
+		}
+		reg, err := m.register(clk.Now(), GuestSpec{Guest: "g", AgentID: "a", Role: RolePrimary}, ProbeSpec{})
+		ok(t, err)
+		claim(reg.Epoch, "a")
+		last := reg.Epoch
+		for step := 0; step < 250; step++ {
+			clk.Advance(time.Duration(rng.Intn(2000)) * time.Millisecond)
+			ag := agents[rng.Intn(len(agents))]
+			obs := obsChoices[rng.Intn(len(obsChoices))]
+			now := clk.Now()
+			switch rng.Intn(7) {
+			case 0:
+				reg, err := m.register(now, GuestSpec{Guest: "g", AgentID: ag, Role: RoleStandby, Epoch: known[ag]}, ProbeSpec{})
+				learn(ag, err)
+				if err == nil {
+					known[ag] = reg.Epoch
+				}
+			case 1:
+				_, err := m.renew(now, "g", ag, known[ag])
+				learn(ag, err)
+			case 2:
+				g, err := m.promote(now, "g", ag, known[ag], obs, false)
+				learn(ag, err)
+				if err == nil {
+					claim(g.Epoch, ag)
+					grants++
+				}
+			case 3:
+				l, err := m.standbyLost(now, "g", ag, known[ag], obs, false)
+				learn(ag, err)
+				if err == nil {
+					claim(l.Epoch, ag)
+					grants++
+				}
+			case 4:
+				other := agents[rng.Intn(len(agents))]
+				learn(ag, m.synced(now, "g", ag, known[ag], other))
+			case 5:
+				learn(ag, m.release(now, "g", ag, known[ag]))
+			case 6:
+				// Restart from disk.
+				closeMachine(m)
+				m = openMachine(t, dir, testLease, clk.Now())
+			}
+			r := m.guests["g"]
+			if r.Epoch < last {
+				t.Fatalf("run %d step %d: epoch went back from %d to %d", run, step, last, r.Epoch)
+			}
+			last = r.Epoch
+			if r.InSync && (r.Standby == "" || r.StandbyEpoch != r.Epoch) {
+				t.Fatalf("run %d step %d: in sync without a current standby: %+v", run, step, r)
+			}
+		}
+	}
+	if grants < 10 {
+		t.Fatalf("only %d grants: the walk does not exercise transitions", grants)
+	}
+	t.Logf("%d grants", grants)
+}
+
+func TestRegisterRules(t *testing.T) {
+	clk := newFakeClock()
+	m := openMachine(t, t.TempDir(), testLease, clk.Now())
+	now := clk.Now()
+
+	_, err := m.register(now, GuestSpec{Guest: "g", AgentID: "b", Role: RoleStandby}, ProbeSpec{})
+	mustCode(t, err, ErrUnknownGuest)
+	_, err = m.register(now, GuestSpec{Guest: "g", AgentID: "a", Role: "boss"}, ProbeSpec{})
+	mustCode(t, err, ErrBadRequest)
+
+	// An agent that already saw epoch 7 (arbiter state lost) gets a
+	// higher one, never a reissued one.
+	reg, err := m.register(now, GuestSpec{Guest: "h", AgentID: "a", Role: RolePrimary, Epoch: 7}, ProbeSpec{})
+	ok(t, err)
+	if reg.Epoch != 8 {
+		t.Fatalf("epoch after known 7: %d", reg.Epoch)
+	}
+
+	protectedGuest(t, m, now)
+	// Re-registering the primary is idempotent.
+	reg, err = m.register(now, GuestSpec{Guest: "g", AgentID: "a", Role: RolePrimary, Epoch: 1}, ProbeSpec{})
+	ok(t, err)
+	if reg.Epoch != 1 || !reg.InSync || reg.Standby != "b" {
+		t.Fatalf("re-register: %+v", reg)
+	}
+	_, err = m.register(now, GuestSpec{Guest: "g", AgentID: "c", Role: RolePrimary, Epoch: 1}, ProbeSpec{})
+	mustCode(t, err, ErrConflict)
+	_, err = m.register(now, GuestSpec{Guest: "g", AgentID: "c", Role: RoleStandby}, ProbeSpec{})
+	mustCode(t, err, ErrConflict) // b is in sync
+	_, err = m.register(now, GuestSpec{Guest: "g", AgentID: "a", Role: RoleStandby, Epoch: 1}, ProbeSpec{})
+	mustCode(t, err, ErrConflict)
+	_, err = m.renew(now, "g", "a", 9)
+	mustCode(t, err, ErrEpochAhead)
+	_, err = m.renew(now, "g", "b", 1)
+	mustCode(t, err, ErrNotPrimary)
+
+	// A standby that restarts and re-registers is out of sync until the
+	// primary says otherwise; then another standby may replace it.
+	_, err = m.register(now, GuestSpec{Guest: "g", AgentID: "b", Role: RoleStandby, Epoch: 1}, ProbeSpec{})
+	ok(t, err)
+	if m.guests["g"].InSync {
+		t.Fatal("re-registered standby still in sync")
+	}
+	_, err = m.register(now, GuestSpec{Guest: "g", AgentID: "c", Role: RoleStandby}, ProbeSpec{})
+	ok(t, err)
+	if m.guests["g"].Standby != "c" {
+		t.Fatalf("standby not replaced: %+v", m.guests["g"])
+	}
+}
+
+// TestPersistence checks that every grant is on disk before it is
+// returned, and that a restart keeps epochs and never reissues one.
+func TestPersistence(t *testing.T) {
+	dir := t.TempDir()
+	clk := newFakeClock()
+	m := openMachine(t, dir, testLease, clk.Now())
+	protectedGuest(t, m, clk.Now())
+	clk.Advance(testLease)
+	_, err := m.promote(clk.Now(), "g", "b", 1, noObs, false)
+	ok(t, err)
+
+	// What is on disk right now, read by an independent store.
+	closeMachine(m)
+	st, recs, err := openStore(dir)
+	ok(t, err)
+	r := recs["g"]
+	if r == nil || r.Epoch != 2 || r.Primary != "b" || r.LeaseHolder != "b" || r.Last.Kind != TransitionPromotion {
+		t.Fatalf("on disk: %+v", r)
+	}
+	st.close()
+
+	// Restart much later (wall clock), with a shorter configured lease:
+	// the holder keeps the longest lease it may have been given, counted
+	// from the restart.
+	clk.Advance(time.Hour)
+	m = openMachine(t, dir, time.Second, clk.Now())
+	_, err = m.register(clk.Now(), GuestSpec{Guest: "g", AgentID: "a", Role: RoleStandby, Epoch: 2}, ProbeSpec{})
+	ok(t, err)
+	ok(t, m.synced(clk.Now(), "g", "b", 2, "a"))
+	clk.Advance(testLease - time.Millisecond)
+	_, err = m.promote(clk.Now(), "g", "a", 2, noObs, false)
+	mustCode(t, err, ErrLeaseValid)
+	clk.Advance(time.Millisecond)
+	g, err := m.promote(clk.Now(), "g", "a", 2, noObs, false)
+	ok(t, err)
+	if g.Epoch != 3 {
+		t.Fatalf("epoch after restart: %d, want 3", g.Epoch)
+	}
+	// The replay of a lost reply returns the same grant, not a new epoch.
+	g2, err := m.promote(clk.Now(), "g", "a", 2, noObs, false)
+	ok(t, err)
+	if g2.Epoch != 3 || g2.PreviousPrimary != "b" {
+		t.Fatalf("replayed grant: %+v", g2)
+	}
+	_, err = m.renew(clk.Now(), "g", "b", 2)
+	mustCode(t, err, ErrStaleEpoch)
+}
+
+// TestPersistFailureGrantsNothing makes the state dir unwritable mid-run.
+func TestPersistFailureGrantsNothing(t *testing.T) {
+	dir := t.TempDir()
+	clk := newFakeClock()
+	m := openMachine(t, dir, testLease, clk.Now())
+	protectedGuest(t, m, clk.Now())
+	clk.Advance(testLease)
+	gdir := filepath.Join(dir, "guests")
+	ok(t, os.RemoveAll(gdir))
+	ok(t, os.WriteFile(gdir, nil, 0o600)) // a file where the dir was
+	_, err := m.promote(clk.Now(), "g", "b", 1, noObs, false)
+	mustCode(t, err, ErrInternal)
+	if r := m.guests["g"]; r.Epoch != 1 || r.Primary != "a" {
+		t.Fatalf("memory changed although persisting failed: %+v", r)
+	}
+}
+
+func TestStoreLockAndLeftovers(t *testing.T) {
+	dir := t.TempDir()
+	st, _, err := openStore(dir)
+	ok(t, err)
+	if _, _, err := openStore(dir); err == nil || !strings.Contains(err.Error(), "locked") {
+		t.Fatalf("second open: %v", err)
+	}
+	st.close()
+	tmp := filepath.Join(dir, "guests", ".tmp-g-123")
+	ok(t, os.WriteFile(tmp, []byte("{half"), 0o600))
+	st, _, err = openStore(dir)
+	ok(t, err)
+	st.close()
+	if _, err := os.Stat(tmp); !os.IsNotExist(err) {
+		t.Fatal("leftover temp file kept")
+	}
+	ok(t, os.WriteFile(filepath.Join(dir, "guests", "g.json"), []byte("{half"), 0o600))
+	if _, _, err := openStore(dir); err == nil || !strings.Contains(err.Error(), "corrupt") {
+		t.Fatalf("corrupt state accepted: %v", err)
+	}
+}
+
+func TestAssignments(t *testing.T) {
+	clk := newFakeClock()
+	m := openMachine(t, t.TempDir(), testLease, clk.Now())
+	protectedGuest(t, m, clk.Now())
+	as := m.assignments("b", map[string]uint64{"g": 0})
+	if len(as) != 1 || as[0].Role != RoleStandby || as[0].Epoch != 1 || !as[0].Stale || !as[0].InSync {
+		t.Fatalf("assignments: %+v", as)
+	}
+	if as := m.assignments("z", nil); len(as) != 0 {
+		t.Fatalf("uninvolved agent: %+v", as)
+	}
+}

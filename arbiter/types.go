@@ -1,0 +1,217 @@
+package arbiter
+
+import (
+	"fmt"
+	"net"
+	"regexp"
+	"time"
+
+	"github.com/remora-ha/remora/internal/pki"
+)
+
+// Role is an agent's role for one guest.
+type Role string
+
+const (
+	RoleNone    Role = "none"
+	RolePrimary Role = "primary"
+	RoleStandby Role = "standby"
+)
+
+// ProbeKind selects how the arbiter checks a guest's service.
+type ProbeKind string
+
+const (
+	// ProbeNone disables the service check.
+	ProbeNone ProbeKind = ""
+	// ProbeTCP succeeds when a TCP connection is accepted.
+	ProbeTCP ProbeKind = "tcp"
+	// ProbeLine connects, sends Send plus a newline, reads one line and
+	// matches it against ExpectPrefix and/or ExpectRegexp (any line
+	// matches when both are empty).
+	ProbeLine ProbeKind = "line"
+)
+
+// ProbeSpec describes a check run from the arbiter's host.
+type ProbeSpec struct {
+	Kind         ProbeKind     `json:"kind,omitempty"`
+	Address      string        `json:"address,omitempty"` // host:port
+	Send         string        `json:"send,omitempty"`
+	ExpectPrefix string        `json:"expect_prefix,omitempty"`
+	ExpectRegexp string        `json:"expect_regexp,omitempty"`
+	Interval     time.Duration `json:"interval,omitempty"` // 0: arbiter default
+	Timeout      time.Duration `json:"timeout,omitempty"`  // 0: arbiter default
+}
+
+// Validate checks the spec for obvious mistakes.
+func (p ProbeSpec) Validate() error {
+	switch p.Kind {
+	case ProbeNone:
+		return nil
+	case ProbeTCP, ProbeLine:
+	default:
+		return fmt.Errorf("unknown probe kind %q (want tcp or line)", p.Kind)
+	}
+	if _, _, err := net.SplitHostPort(p.Address); err != nil {
+		return fmt.Errorf("probe address %q: %v", p.Address, err)
+	}
+	if p.ExpectRegexp != "" {
+		if _, err := regexp.Compile(p.ExpectRegexp); err != nil {
+			return fmt.Errorf("probe expect_regexp: %v", err)
+		}
+	}
+	if p.Kind == ProbeTCP && (p.Send != "" || p.ExpectPrefix != "" || p.ExpectRegexp != "") {
+		return fmt.Errorf("probe kind tcp takes no send/expect; use kind line")
+	}
+	if p.Interval < 0 || p.Timeout < 0 {
+		return fmt.Errorf("probe interval and timeout must not be negative")
+	}
+	return nil
+}
+
+// GuestSpec is what an agent tells the arbiter when it registers for a guest.
+type GuestSpec struct {
+	Guest   string `json:"guest"`
+	AgentID string `json:"agent_id"` // must equal the agent's certificate name
+	Role    Role   `json:"role"`     // RolePrimary or RoleStandby
+	// Epoch is the fencing epoch the agent last learned for this guest, or
+	// 0 if it has none (a fresh standby, or the very first primary).
+	Epoch uint64 `json:"epoch"`
+	// AgentAddr is a host:port of the agent (typically its replication
+	// listener) that the arbiter TCP-connects to as a reachability probe.
+	// Optional; without it only heartbeats tell whether the agent is alive.
+	AgentAddr string `json:"agent_addr,omitempty"`
+	// Service is how clients reach the guest. Only used from the primary,
+	// and only when the arbiter's configuration has no probe for the guest.
+	Service ProbeSpec `json:"service,omitempty"`
+}
+
+// Lease is the primary's right to run the guest.
+type Lease struct {
+	Guest    string        `json:"guest"`
+	Epoch    uint64        `json:"epoch"`
+	Holder   string        `json:"holder"`
+	Duration time.Duration `json:"duration"`
+	// Expires is the arbiter's own notion of expiry, on its clock. Shown
+	// for diagnostics only; agents must use ValidUntil.
+	Expires time.Time `json:"expires"`
+	// ValidUntil is computed by the client library on the local monotonic
+	// clock: the moment the request was sent, plus Duration, minus a clock
+	// rate margin (DriftMargin). Because the arbiter starts its own lease
+	// no earlier than it receives the request, the local view always ends
+	// first. The primary must stop releasing guest output at ValidUntil
+	// unless a renewal has succeeded.
+	ValidUntil time.Time `json:"-"`
+}
+
+// DriftMargin is the fraction of a lease the client gives up to cover a
+// difference in clock rate between the agent and the arbiter.
+const DriftMargin = 0.02
+
+// Valid reports whether the lease is still valid on the local clock.
+func (l Lease) Valid() bool { return time.Now().Before(l.ValidUntil) }
+
+// Registration is the answer to Register.
+type Registration struct {
+	Guest   string `json:"guest"`
+	Epoch   uint64 `json:"epoch"`
+	Role    Role   `json:"role"`
+	Primary string `json:"primary"`
+	Standby string `json:"standby,omitempty"`
+	InSync  bool   `json:"in_sync"`
+	// Lease is set when registering as primary.
+	Lease *Lease `json:"lease,omitempty"`
+}
+
+// Grant is the answer to a successful RequestPromotion: the caller is now
+// the primary at Epoch and holds Lease.
+type Grant struct {
+	Guest           string `json:"guest"`
+	Epoch           uint64 `json:"epoch"`
+	PreviousEpoch   uint64 `json:"previous_epoch"`
+	PreviousPrimary string `json:"previous_primary"`
+	Lease           Lease  `json:"lease"`
+}
+
+// Assignment is one guest's roles as reported to an agent in a heartbeat
+// reply, so an agent learns of epoch changes even when it is not renewing.
+type Assignment struct {
+	Guest   string `json:"guest"`
+	Epoch   uint64 `json:"epoch"`
+	Role    Role   `json:"role"` // the heartbeating agent's role
+	Primary string `json:"primary"`
+	Standby string `json:"standby,omitempty"`
+	InSync  bool   `json:"in_sync"`
+	// Stale is set when the agent reported an older epoch for this guest.
+	Stale bool `json:"stale,omitempty"`
+}
+
+// Transition records the latest epoch-changing grant for a guest.
+type Transition struct {
+	Kind     string    `json:"kind"` // TransitionCreated, TransitionPromotion, TransitionStandbyLost
+	From     uint64    `json:"from"`
+	To       uint64    `json:"to"`
+	Agent    string    `json:"agent"`              // who received the grant
+	Previous string    `json:"previous,omitempty"` // old primary, or the lost standby
+	At       time.Time `json:"at"`
+}
+
+const (
+	TransitionCreated     = "created"
+	TransitionPromotion   = "promotion"
+	TransitionStandbyLost = "standby_lost"
+)
+
+// ProbeStatus is the latest result of one probe.
+type ProbeStatus struct {
+	Kind    ProbeKind `json:"kind"`
+	Address string    `json:"address"`
+	// OK, At, Latency and Error describe the latest completed probe; At is
+	// zero until the first one finishes.
+	OK                  bool          `json:"ok"`
+	At                  time.Time     `json:"at"`
+	Latency             time.Duration `json:"latency"`
+	Error               string        `json:"error,omitempty"`
+	ConsecutiveFailures int           `json:"consecutive_failures"`
+	LastOK              time.Time     `json:"last_ok"`
+}
+
+// GuestStatus is one guest in Status.
+type GuestStatus struct {
+	Guest            string        `json:"guest"`
+	Epoch            uint64        `json:"epoch"`
+	Primary          string        `json:"primary"`
+	Standby          string        `json:"standby,omitempty"`
+	InSync           bool          `json:"in_sync"`
+	UnprotectedSince time.Time     `json:"unprotected_since"`
+	LeaseHolder      string        `json:"lease_holder,omitempty"`
+	LeaseExpires     time.Time     `json:"lease_expires"`
+	LeaseRemaining   time.Duration `json:"lease_remaining"`
+	Last             *Transition   `json:"last_transition,omitempty"`
+	Service          *ProbeStatus  `json:"service,omitempty"`
+}
+
+// AgentStatus is one agent in Status.
+type AgentStatus struct {
+	Agent              string       `json:"agent"`
+	Addr               string       `json:"addr,omitempty"`
+	LastHeartbeat      time.Time    `json:"last_heartbeat"`
+	HeartbeatSuspected bool         `json:"heartbeat_suspected"`
+	Reachability       *ProbeStatus `json:"reachability,omitempty"`
+}
+
+// Status is a snapshot of the arbiter.
+type Status struct {
+	Now             time.Time     `json:"now"`
+	ProtocolVersion int           `json:"protocol_version"`
+	LeaseDuration   time.Duration `json:"lease_duration"`
+	Guests          []GuestStatus `json:"guests"`
+	Agents          []AgentStatus `json:"agents"`
+}
+
+func validName(kind, name string) error {
+	if !pki.ValidName(name) {
+		return errorf(CodeBadRequest, "invalid %s name %q", kind, name)
+	}
+	return nil
+}
