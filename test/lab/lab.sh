@@ -332,7 +332,7 @@ kernel_package() {
 	fi
 	local name ver
 	name=$(apt-cache depends linux-image-amd64 2>/dev/null |
-		awk '$1 == "Depends:" && $2 ~ /^linux-image-6\.1\.0-[0-9]+-amd64$/ { print $2; exit }')
+		awk '!found && $1 == "Depends:" && $2 ~ /^linux-image-6\.1\.0-[0-9]+-amd64$/ { print $2; found = 1 }')
 	if [ -z "$name" ]; then
 		name=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | awk '{print $1}' | sort -V | tail -n1)
 	fi
@@ -372,7 +372,7 @@ ensure_kernel() {
 			info "module $m: built into the kernel"
 			continue
 		fi
-		found=$(find "$tmp/root/lib/modules/$kver/kernel" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "$m.ko.gz" | head -n1)
+		found=$(find "$tmp/root/lib/modules/$kver/kernel" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "$m.ko.gz" \) -print -quit)
 		[ -n "$found" ] || die "module $m is neither built in nor in $name"
 		f="$dir.new/modules/$m.ko"
 		case "$found" in
@@ -397,7 +397,7 @@ ensure_kernel() {
 
 ensure_image() {
 	mkdir -p "$LAB_DIR" "$LAB_DIR/console" "$LAB_DIR/domains"
-	local go kpkg name ver build busybox bin stamp_new stamp_old
+	local go kpkg name ver build busybox bin stamp_new stamp_old mods
 	go=$(find_go)
 	kpkg=$(kernel_package)
 	read -r name ver <<<"$kpkg"
@@ -417,7 +417,9 @@ ensure_image() {
 		{
 			echo "format $IMAGE_FORMAT"
 			cat "$KERNEL_DIR/.complete"
-			sha256sum "$KERNEL_DIR/vmlinuz" "$KERNEL_DIR"/modules/*.ko "$busybox" "$build/remora-guest" \
+			mods=$(find "$KERNEL_DIR/modules" -name '*.ko' | sort)
+			# shellcheck disable=SC2086 # module paths have no spaces
+			sha256sum "$KERNEL_DIR/vmlinuz" $mods "$busybox" "$build/remora-guest" \
 				"$SCRIPT_DIR/guest-init.sh" | awk '{print $1}'
 			cat "$KERNEL_DIR/modules.list"
 		} | sha256sum | awk '{print $1}'
@@ -438,7 +440,7 @@ ensure_image() {
 	ln -s bin "$root/sbin"
 	cp "$build/remora-guest" "$root/bin/remora-guest"
 	install -m 0755 "$SCRIPT_DIR/guest-init.sh" "$root/init"
-	cp "$KERNEL_DIR"/modules/*.ko "$root/lib/modules/" 2>/dev/null || true
+	find "$KERNEL_DIR/modules" -name '*.ko' -exec cp {} "$root/lib/modules/" \;
 	cp "$KERNEL_DIR/modules.list" "$root/etc/remora-modules"
 	# /dev/console lets the kernel give /init its stdio before devtmpfs is
 	# mounted; /init reopens it after mounting, so it is not fatal if mknod
