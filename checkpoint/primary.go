@@ -49,24 +49,34 @@ const (
 
 // PrimaryStatus is a snapshot of the capture side's figures.
 type PrimaryStatus struct {
-	State          string        `json:"state"`
-	Generation     string        `json:"generation"`
-	Tracker        string        `json:"tracker"`
-	Epoch          uint64        `json:"epoch"`       // last captured
-	AckedEpoch     uint64        `json:"acked_epoch"` // last acknowledged by the standby
-	EpochsPerSec   float64       `json:"epochs_per_sec"`
-	PauseP50       time.Duration `json:"pause_p50_ns"`
-	PauseP99       time.Duration `json:"pause_p99_ns"`
-	DirtyPages     uint64        `json:"dirty_pages"`     // in the last epoch
-	DevStateBytes  int64         `json:"devstate_bytes"`  // in the last epoch
-	BytesSent      uint64        `json:"bytes_sent"`      // on the wire, all sessions
-	RawBytes       uint64        `json:"raw_bytes"`       // page and device data before encoding
-	Lag            time.Duration `json:"lag_ns"`          // age of the oldest unacked epoch
-	SyncDone       uint64        `json:"sync_done_bytes"` // progress of a full sync
-	SyncTotal      uint64        `json:"sync_total_bytes"`
-	LastError      string        `json:"last_error,omitempty"`
-	NextRetry      time.Time     `json:"next_retry,omitempty"`
-	ConnectedSince time.Time     `json:"connected_since,omitempty"`
+	State          string         `json:"state"`
+	Generation     string         `json:"generation"`
+	Tracker        string         `json:"tracker"`
+	Epoch          uint64         `json:"epoch"`       // last captured
+	AckedEpoch     uint64         `json:"acked_epoch"` // last acknowledged by the standby
+	EpochsPerSec   float64        `json:"epochs_per_sec"`
+	PauseP50       time.Duration  `json:"pause_p50_ns"`
+	PauseP99       time.Duration  `json:"pause_p99_ns"`
+	DirtyPages     uint64         `json:"dirty_pages"`     // in the last epoch
+	DevStateBytes  int64          `json:"devstate_bytes"`  // in the last epoch
+	BytesSent      uint64         `json:"bytes_sent"`      // on the wire, all sessions
+	RawBytes       uint64         `json:"raw_bytes"`       // page and device data before encoding
+	Lag            time.Duration  `json:"lag_ns"`          // age of the oldest unacked epoch
+	SyncDone       uint64         `json:"sync_done_bytes"` // progress of a full sync
+	SyncTotal      uint64         `json:"sync_total_bytes"`
+	LastPause      PauseBreakdown `json:"last_pause"`
+	LastError      string         `json:"last_error,omitempty"`
+	NextRetry      time.Time      `json:"next_retry,omitempty"`
+	ConnectedSince time.Time      `json:"connected_since,omitempty"`
+}
+
+// PauseBreakdown splits one checkpoint's pause into its steps.
+type PauseBreakdown struct {
+	Stop     time.Duration `json:"stop_ns"`     // QMP stop
+	Track    time.Duration `json:"track_ns"`    // dirty tracking and page copy
+	DevState time.Duration `json:"devstate_ns"` // device state migration (overlaps Track)
+	Cont     time.Duration `json:"cont_ns"`     // QMP cont
+	Total    time.Duration `json:"total_ns"`
 }
 
 type capturedEpoch struct {
@@ -314,15 +324,20 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 			_ = p.vm.Cont(context.Background())
 		}
 	}()
+	var bd PauseBreakdown
+	bd.Stop = time.Since(start)
 	if p.cfg.Hook != nil {
 		p.cfg.Hook("captured", ep.epoch)
 	}
 	var devBuf sliceWriter
 	devErr := make(chan error, 1)
 	go func() {
+		t := time.Now()
 		_, err := p.vm.SaveDeviceState(cctx, &devBuf)
+		bd.DevState = time.Since(t)
 		devErr <- err
 	}()
+	trackStart := time.Now()
 
 	dirty := p.dirtyWork
 	dirty.Clear()
@@ -347,12 +362,14 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 			ep.data = append(ep.data, p.mem[i*PageSize:(i+1)*PageSize]...)
 		})
 	}
+	bd.Track = time.Since(trackStart)
 	if err := <-devErr; err != nil {
 		return nil, fmt.Errorf("save device state: %w", err)
 	}
 	if trackErr != nil {
 		return nil, fmt.Errorf("dirty tracking (%s): %w", p.tracker.Name(), trackErr)
 	}
+	contStart := time.Now()
 	if err := p.vm.Cont(cctx); err != nil {
 		return nil, fmt.Errorf("resume guest: %w", err)
 	}
@@ -360,6 +377,7 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 	captureOK = true
 	p.carry.Clear()
 	pause := time.Since(start)
+	bd.Cont, bd.Total = time.Since(contStart), pause
 
 	ep.dirty = dirty.Clone()
 	ep.devstate = devBuf.b
@@ -370,6 +388,7 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 	p.epochRate.add(start)
 	p.st.Epoch = ep.epoch
 	p.st.DirtyPages = n
+	p.st.LastPause = bd
 	p.st.DevStateBytes = int64(len(ep.devstate))
 	if full {
 		p.st.SyncDone, p.st.SyncTotal = 0, uint64(len(ep.data)+len(ep.devstate))

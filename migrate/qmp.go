@@ -3,8 +3,10 @@ package migrate
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
+	"sync"
 
 	"github.com/digitalocean/go-qemu/qmp"
 	"libvirt.org/go/libvirt"
@@ -17,6 +19,9 @@ import (
 type Monitor struct {
 	conn   *Conn
 	domain string
+
+	mu  sync.Mutex
+	dom *libvirt.Domain // cached: a lookup per command would double the round trips
 }
 
 var _ qmp.Monitor = (*Monitor)(nil)
@@ -29,16 +34,41 @@ func (m *Monitor) Disconnect() error { return nil }
 
 // Run sends one QMP command (JSON) and returns QEMU's raw reply.
 func (m *Monitor) Run(command []byte) ([]byte, error) {
-	var out string
-	err := m.conn.withDomain(context.Background(), m.domain, func(_ *libvirt.Connect, d *libvirt.Domain) error {
-		var err error
-		out, err = d.QemuMonitorCommand(string(command), libvirt.DOMAIN_QEMU_MONITOR_COMMAND_DEFAULT)
-		return err
-	})
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.dom == nil {
+		conn, err := m.conn.get(context.Background())
+		if err != nil {
+			return nil, err
+		}
+		dom, err := conn.LookupDomainByName(m.domain)
+		if err != nil {
+			var lerr libvirt.Error
+			if errors.As(err, &lerr) && lerr.Code == libvirt.ERR_NO_DOMAIN {
+				return nil, fmt.Errorf("%w %q: it is no longer defined in libvirt", ErrNoDomain, m.domain)
+			}
+			return nil, err
+		}
+		m.dom = dom
+	}
+	out, err := m.dom.QemuMonitorCommand(string(command), libvirt.DOMAIN_QEMU_MONITOR_COMMAND_DEFAULT)
 	if err != nil {
+		// The domain or the connection may be gone: look it up afresh next time.
+		m.dom.Free()
+		m.dom = nil
 		return nil, err
 	}
 	return []byte(out), nil
+}
+
+// Close releases the cached domain handle.
+func (m *Monitor) Close() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.dom != nil {
+		m.dom.Free()
+		m.dom = nil
+	}
 }
 
 // Events streams the domain's QMP events until ctx ends.

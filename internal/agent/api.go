@@ -16,27 +16,28 @@ import (
 
 // VMStatus is one guest as `remora vm status` shows it.
 type VMStatus struct {
-	Name         string        `json:"name"`
-	Role         string        `json:"role"`
-	State        string        `json:"state"`
-	Peer         string        `json:"peer"`
-	Fence        uint64        `json:"fence"`
-	Epoch        uint64        `json:"epoch"`
-	AckedEpoch   uint64        `json:"acked_epoch"`
-	EpochsPerSec float64       `json:"epochs_per_sec"`
-	PauseP50     time.Duration `json:"pause_p50_ns"`
-	PauseP99     time.Duration `json:"pause_p99_ns"`
-	DirtyPages   uint64        `json:"dirty_pages"`
-	Bytes        uint64        `json:"bytes"` // sent (primary) or received (standby)
-	RawBytes     uint64        `json:"raw_bytes,omitempty"`
-	Lag          time.Duration `json:"lag_ns"`
-	Tracker      string        `json:"tracker,omitempty"`
-	SyncDone     uint64        `json:"sync_done_bytes,omitempty"`
-	SyncTotal    uint64        `json:"sync_total_bytes,omitempty"`
-	Shell        string        `json:"shell,omitempty"`
-	Applied      uint64        `json:"applied_epoch,omitempty"`
-	LastError    string        `json:"last_error,omitempty"`
-	NextRetry    time.Time     `json:"next_retry,omitzero"`
+	Name         string                     `json:"name"`
+	Role         string                     `json:"role"`
+	State        string                     `json:"state"`
+	Peer         string                     `json:"peer"`
+	Fence        uint64                     `json:"fence"`
+	Epoch        uint64                     `json:"epoch"`
+	AckedEpoch   uint64                     `json:"acked_epoch"`
+	EpochsPerSec float64                    `json:"epochs_per_sec"`
+	PauseP50     time.Duration              `json:"pause_p50_ns"`
+	PauseP99     time.Duration              `json:"pause_p99_ns"`
+	DirtyPages   uint64                     `json:"dirty_pages"`
+	Bytes        uint64                     `json:"bytes"` // sent (primary) or received (standby)
+	RawBytes     uint64                     `json:"raw_bytes,omitempty"`
+	Lag          time.Duration              `json:"lag_ns"`
+	Tracker      string                     `json:"tracker,omitempty"`
+	LastPause    *checkpoint.PauseBreakdown `json:"last_pause,omitempty"`
+	SyncDone     uint64                     `json:"sync_done_bytes,omitempty"`
+	SyncTotal    uint64                     `json:"sync_total_bytes,omitempty"`
+	Shell        string                     `json:"shell,omitempty"`
+	Applied      uint64                     `json:"applied_epoch,omitempty"`
+	LastError    string                     `json:"last_error,omitempty"`
+	NextRetry    time.Time                  `json:"next_retry,omitzero"`
 }
 
 // Status lists every guest this agent knows.
@@ -57,7 +58,7 @@ func (a *Agent) Status() []VMStatus {
 		out = append(out, VMStatus{Name: p.rec.Name, Role: RolePrimary, State: s.State, Peer: p.rec.Peer, Fence: p.rec.Fence,
 			Epoch: s.Epoch, AckedEpoch: s.AckedEpoch, EpochsPerSec: s.EpochsPerSec, PauseP50: s.PauseP50, PauseP99: s.PauseP99,
 			DirtyPages: s.DirtyPages, Bytes: s.BytesSent, RawBytes: s.RawBytes, Lag: s.Lag, Tracker: s.Tracker,
-			SyncDone: s.SyncDone, SyncTotal: s.SyncTotal, LastError: s.LastError, NextRetry: s.NextRetry})
+			SyncDone: s.SyncDone, SyncTotal: s.SyncTotal, LastError: s.LastError, NextRetry: s.NextRetry, LastPause: &s.LastPause})
 	}
 	for _, sg := range stby {
 		out = append(out, sg.status())
