@@ -1,11 +1,9 @@
 package txlog
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -407,37 +405,18 @@ func readRecords(f *os.File, sg segment, from, end LSN, fn func(Record) error) e
 	if err != nil {
 		return fmt.Errorf("txlog: stat %s: %w", sg.path, err)
 	}
-	size := fi.Size()
-	r := bufio.NewReaderSize(io.NewSectionReader(f, segHeaderSize, size-segHeaderSize), 1<<18)
-	off := int64(segHeaderSize)
-	var hb [recHeaderSize]byte
-	for want := sg.hdr.firstLSN; want <= end; want++ {
-		bad := func(why string) error {
-			return &CorruptionError{Segment: sg.path, Offset: off, LSN: want, Reason: why}
-		}
-		if _, err := io.ReadFull(r, hb[:]); err != nil {
-			return bad(fmt.Sprintf("reading record header: %v", err))
-		}
-		h, err := parseHeader(hb[:], int(size-off-recHeaderSize))
+	sr := newSegReader(f, sg.path, fi.Size(), sg.hdr.firstLSN)
+	for sr.next <= end {
+		off := sr.off
+		r, err := sr.read()
 		if err != nil {
-			return bad(err.Error())
+			return &CorruptionError{Segment: sg.path, Offset: off, LSN: sr.next, Reason: err.Error()}
 		}
-		if h.lsn != want {
-			return bad(fmt.Sprintf("record has LSN %d", h.lsn))
-		}
-		payload := make([]byte, h.length)
-		if _, err := io.ReadFull(r, payload); err != nil {
-			return bad(fmt.Sprintf("reading %d-byte payload: %v", h.length, err))
-		}
-		if !h.checksum(hb[:], payload) {
-			return bad(errBadCRC.Error())
-		}
-		if want >= from {
-			if err := fn(h.record(payload)); err != nil {
+		if r.LSN >= from {
+			if err := fn(r); err != nil {
 				return err
 			}
 		}
-		off += recHeaderSize + int64(h.length)
 	}
 	return nil
 }

@@ -1,6 +1,7 @@
 package txlog
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -167,26 +168,21 @@ func decodeRecord(b []byte) (Record, int, LSN, error) {
 	return h.record(payload), n, h.synced, nil
 }
 
-func allZero(b []byte) bool {
-	for len(b) >= 8 {
-		if binary.LittleEndian.Uint64(b) != 0 {
-			return false
-		}
-		b = b[8:]
-	}
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
+// zeroBlock is compared against with bytes.Equal, which is vectorised;
+// segments are mostly preallocated zeros and are checked on every open.
+var zeroBlock [64 << 10]byte
+
+func allZero(b []byte) bool { return lastNonZero(b) < 0 }
 
 // lastNonZero returns the index of the last non-zero byte of b, or -1.
 func lastNonZero(b []byte) int {
 	i := len(b)
-	for i >= 8 && binary.LittleEndian.Uint64(b[i-8:i]) == 0 {
-		i -= 8
+	for i > 0 {
+		n := min(i, len(zeroBlock))
+		if !bytes.Equal(b[i-n:i], zeroBlock[:n]) {
+			break
+		}
+		i -= n
 	}
 	for i > 0 && b[i-1] == 0 {
 		i--

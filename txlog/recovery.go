@@ -2,7 +2,6 @@ package txlog
 
 import (
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 )
@@ -64,13 +63,8 @@ func recoverLog(dir string, opts Options) (*recovered, error) {
 	}
 	last := len(segs) - 1
 	scans := make([]*segScan, len(segs))
-	var buf []byte
 	scan := func(i int, keep bool) error {
-		buf, err = readWhole(segs[i].path, buf)
-		if err != nil {
-			return err
-		}
-		s, err := scanSegment(segs[i].path, buf, segs[i].hdr, i == last, keep)
+		s, err := scanSegment(segs[i], i == last, keep)
 		if err != nil {
 			return err
 		}
@@ -279,26 +273,4 @@ func cutTail(t *TornTail, capacity int64) error {
 		return fmt.Errorf("txlog: sync %s after cutting torn tail: %w", t.Segment, err)
 	}
 	return nil
-}
-
-// readWhole reads a file into buf, growing it as needed.
-func readWhole(path string, buf []byte) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return buf, fmt.Errorf("txlog: open segment: %w", err)
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return buf, fmt.Errorf("txlog: stat segment: %w", err)
-	}
-	n := int(fi.Size())
-	if cap(buf) < n {
-		buf = make([]byte, n)
-	}
-	buf = buf[:n]
-	if _, err := io.ReadFull(f, buf); err != nil {
-		return buf, fmt.Errorf("txlog: read segment %s: %w", path, err)
-	}
-	return buf, nil
 }

@@ -1,6 +1,7 @@
 package txlog
 
 import (
+	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -196,9 +197,55 @@ func syncDir(dir string) error {
 	return nil
 }
 
-// segScan is what one pass over a segment's bytes found.
+// segReader streams the records of one segment in order.
+type segReader struct {
+	path string
+	r    *bufio.Reader
+	off  int64 // offset of the next record
+	size int64
+	next LSN // LSN the next record must have
+	hb   [recHeaderSize]byte
+}
+
+func newSegReader(f *os.File, path string, size int64, first LSN) *segReader {
+	return &segReader{
+		path: path,
+		r:    bufio.NewReaderSize(io.NewSectionReader(f, segHeaderSize, size-segHeaderSize), 1<<18),
+		off:  segHeaderSize,
+		size: size,
+		next: first,
+	}
+}
+
+// read returns the next record with a freshly allocated payload, or why
+// the bytes at sr.off are not that record. After an error the reader must
+// not be used again.
+func (sr *segReader) read() (Record, error) {
+	if _, err := io.ReadFull(sr.r, sr.hb[:]); err != nil {
+		return Record{}, errShortRecord
+	}
+	h, err := parseHeader(sr.hb[:], int(sr.size-sr.off-recHeaderSize))
+	if err != nil {
+		return Record{}, err
+	}
+	if h.lsn != sr.next {
+		return Record{}, fmt.Errorf("record has LSN %d, want %d", h.lsn, sr.next)
+	}
+	payload := make([]byte, h.length)
+	if _, err := io.ReadFull(sr.r, payload); err != nil {
+		return Record{}, errShortRecord
+	}
+	if !h.checksum(sr.hb[:], payload) {
+		return Record{}, errBadCRC
+	}
+	sr.off += recHeaderSize + int64(h.length)
+	sr.next++
+	return h.record(payload), nil
+}
+
+// segScan is what one pass over a segment found.
 type segScan struct {
-	records []Record // payloads are copies; nil unless kept
+	records []Record // nil unless kept
 	count   int      // valid records seen
 	end     int64    // offset just past the last valid record
 	next    LSN      // LSN the next record would have
@@ -206,50 +253,81 @@ type segScan struct {
 	torn    *TornTail // set only for the last segment
 }
 
-// scanSegment validates every record of a segment held in data. Bytes after
-// the last valid record must be zero (preallocated space), except in the
-// last segment where a torn tail is reported for the caller to cut. Damage
-// that something durable was written after is a CorruptionError.
-func scanSegment(path string, data []byte, h segHeader, last, keep bool) (*segScan, error) {
-	s := &segScan{next: h.firstLSN, maxEp: h.epoch, end: segHeaderSize}
-	off := segHeaderSize
+// scanSegment validates every record of a segment. Bytes after the last
+// valid record must be zero (preallocated space), except in the last
+// segment where a torn tail is reported for the caller to cut. Damage that
+// something durable was written after is a CorruptionError.
+func scanSegment(sg segment, last, keep bool) (*segScan, error) {
+	f, err := os.Open(sg.path)
+	if err != nil {
+		return nil, fmt.Errorf("txlog: open segment: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("txlog: stat segment: %w", err)
+	}
+	size := fi.Size()
+	s := &segScan{next: sg.hdr.firstLSN, maxEp: sg.hdr.epoch}
+	sr := newSegReader(f, sg.path, size, sg.hdr.firstLSN)
 	var why error
 	for {
-		r, n, _, err := decodeRecord(data[off:])
-		if err == nil && r.LSN != s.next {
-			err = fmt.Errorf("record has LSN %d, want %d", r.LSN, s.next)
-		}
+		r, err := sr.read()
 		if err != nil {
 			why = err
 			break
 		}
 		if keep {
-			r.Payload = append([]byte(nil), r.Payload...)
 			s.records = append(s.records, r)
 		}
 		s.count++
 		s.maxEp = max(s.maxEp, r.Epoch)
-		s.next++
-		off += n
 	}
-	s.end = int64(off)
-	rest := data[off:]
-	nz := lastNonZero(rest)
+	s.end, s.next = sr.off, sr.next
+	nz, err := lastNonZeroAt(f, s.end, size)
+	if err != nil {
+		return nil, fmt.Errorf("txlog: read segment %s: %w", sg.path, err)
+	}
 	if nz < 0 {
 		return s, nil // preallocated zeros or EOF: the normal end
 	}
 	if !last {
-		return nil, &CorruptionError{Segment: path, Offset: int64(off), LSN: s.next,
+		return nil, &CorruptionError{Segment: sg.path, Offset: s.end, LSN: s.next,
 			Reason: fmt.Sprintf("%v, and this is not the last segment (segments are synced before the next one is created)", why)}
 	}
-	if p, r, ok := durableEvidence(rest[:nz+1], rest, s.next); ok {
-		return nil, &CorruptionError{Segment: path, Offset: int64(off), LSN: s.next,
-			Reason: fmt.Sprintf("%v; the valid record LSN %d at offset %d was written after LSN %d was durable, so this is damage, not a torn write",
-				why, r, int64(off+p), s.next)}
+	// Damaged or torn: only now read the rest of the segment in one piece.
+	rest := make([]byte, size-s.end)
+	if _, err := f.ReadAt(rest, s.end); err != nil {
+		return nil, fmt.Errorf("txlog: read segment %s: %w", sg.path, err)
 	}
-	s.torn = &TornTail{Segment: path, Offset: int64(off), Bytes: int64(nz + 1), AfterLSN: s.next - 1,
-		Reason: why.Error(), data: append([]byte(nil), rest[:nz+1]...)}
+	bad := int(nz - s.end + 1)
+	if p, lsn, ok := durableEvidence(rest[:bad], rest, s.next); ok {
+		return nil, &CorruptionError{Segment: sg.path, Offset: s.end, LSN: s.next,
+			Reason: fmt.Sprintf("%v; the valid record LSN %d at offset %d was written after LSN %d was durable, so this is damage, not a torn write",
+				why, lsn, s.end+int64(p), s.next)}
+	}
+	s.torn = &TornTail{Segment: sg.path, Offset: s.end, Bytes: int64(bad), AfterLSN: s.next - 1,
+		Reason: why.Error(), data: rest[:bad:bad]}
 	return s, nil
+}
+
+// lastNonZeroAt returns the offset of the last non-zero byte of f in
+// [from, size), or -1. It reads backwards in small chunks so a mostly
+// preallocated segment costs no large buffer.
+func lastNonZeroAt(f *os.File, from, size int64) (int64, error) {
+	buf := make([]byte, 1<<20)
+	for end := size; end > from; {
+		start := max(from, end-int64(len(buf)))
+		b := buf[:end-start]
+		if _, err := f.ReadAt(b, start); err != nil {
+			return 0, err
+		}
+		if i := lastNonZero(b); i >= 0 {
+			return start + int64(i), nil
+		}
+		end = start
+	}
+	return -1, nil
 }
 
 // durableEvidence looks in the bad region for a valid record with LSN >=
@@ -259,7 +337,7 @@ func scanSegment(path string, data []byte, h segHeader, last, keep bool) (*segSc
 func durableEvidence(region, full []byte, want LSN) (int, LSN, bool) {
 	for p := range region {
 		b := full[p:]
-		if len(b) < recHeaderSize || b[8] == 0 || !RecordType(b[8]).valid() {
+		if len(b) < recHeaderSize || !RecordType(b[8]).valid() {
 			continue // cheap filter before the CRC
 		}
 		r, _, synced, err := decodeRecord(b)
