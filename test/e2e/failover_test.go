@@ -1,0 +1,175 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/test/labkit"
+)
+
+// incSample is a counter value the client saw and the first primary epoch
+// whose checkpoint certainly contains it.
+type incSample struct {
+	value uint64
+	epoch uint64
+}
+
+// TestFailoverAfterPrimaryCrash protects a guest that dirties memory fast,
+// crashes host A (its agent is SIGKILLed at a chosen point of the epoch
+// cycle, then its domain is destroyed) and fails over on host B. The
+// counter must not go back behind what the standby had committed, and the
+// memory integrity check must pass: no partial epoch was applied and no
+// dirty page was missed.
+func TestFailoverAfterPrimaryCrash(t *testing.T) {
+	needLab(t)
+	cases := []struct {
+		point      string // where host A's agent dies (checkpoint.Primary hook names)
+		crashEpoch uint64
+		ip         int
+		rate       int // guest memory writer, pages/s
+	}{
+		{"captured", 30, 11, 20000},  // guest paused, epoch being captured
+		{"transfer", 30, 12, 20000},  // half of the epoch's pages sent
+		{"acked", 60, 13, 20000},     // between epochs, right after an ack
+	}
+	for _, c := range cases {
+		t.Run(c.point, func(t *testing.T) {
+			crashTest(t, c.point, c.crashEpoch, c.ip, c.rate)
+		})
+	}
+}
+
+func crashTest(t *testing.T, point string, crashEpoch uint64, ip, rate int) {
+	name := "e2e-" + point
+	g := bootGuest(t, name, ip, rate)
+	a := newHost(t, "host-a", labkit.NetnsA, labkit.IPA, hostOpts{env: []string{fmt.Sprintf("REMORA_FAULT_INJECT=%s:%d", point, crashEpoch)}})
+	b := newHost(t, "host-b", labkit.NetnsB, labkit.IPB, hostOpts{})
+	a.start()
+
+	if point == "captured" {
+		// Standby not up yet: enrollment must say so and keep retrying.
+		out, err := a.cli("vm", "enroll", name, "--standby", b.addr, "--wait=false")
+		if err != nil {
+			t.Fatalf("enroll: %v\n%s", err, out)
+		}
+		waitFor(t, "status to show the unreachable standby", 30*time.Second, func() bool {
+			s, ok := a.status(name)
+			return ok && s.State == checkpoint.StateConnecting && strings.Contains(s.LastError, "connect to standby") && !s.NextRetry.IsZero()
+		})
+		out, _ = a.cli("vm", "status")
+		t.Logf("status while the standby is down:\n%s", out)
+		b.start()
+		waitFor(t, "protection", 3*time.Minute, func() bool {
+			s, ok := a.status(name)
+			return ok && s.State == checkpoint.StateProtected
+		})
+	} else {
+		b.start()
+		out, err := a.cli("vm", "enroll", name, "--standby", b.addr, "--timeout", "3m")
+		if err != nil || !strings.Contains(out, "protected") {
+			t.Fatalf("enroll: %v\n%s", err, out)
+		}
+	}
+	if point == "acked" {
+		// A standby restart must keep its replica and resume without a full copy.
+		b.stop(syscall.SIGTERM)
+		b.start()
+		waitFor(t, "incremental resume after the standby restarted", time.Minute, func() bool {
+			return a.logContains("full_sync=false")
+		})
+	}
+
+	c := dialGuest(t, g)
+	var samples []incSample
+	crashed := a.exited()
+	deadline := time.After(3 * time.Minute)
+loop:
+	for {
+		select {
+		case <-crashed:
+			break loop
+		case <-deadline:
+			t.Fatalf("host A's agent did not reach fault point %s:%d\n%s", point, crashEpoch, a.logTail(30))
+		default:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		v, err := c.Inc(ctx)
+		cancel()
+		if err != nil {
+			continue // the guest may be paused by the dying agent
+		}
+		if s, ok := a.status(name); ok {
+			samples = append(samples, incSample{value: v, epoch: s.Epoch + 1})
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Host A is gone: its guest dies with it.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	if _, err := labkit.Virsh(ctx, "destroy", name); err != nil {
+		t.Fatalf("destroy primary domain: %v", err)
+	}
+	cancel()
+
+	st, ok := b.status(name)
+	if !ok {
+		t.Fatal("standby lost its replica record")
+	}
+	committed := st.Epoch
+	t.Logf("crash at %s:%d; standby committed epoch %d; %d counter samples", point, crashEpoch, committed, len(samples))
+	switch point {
+	case "captured", "transfer":
+		if committed >= crashEpoch {
+			t.Fatalf("standby committed epoch %d, but host A died while epoch %d was being %s", committed, crashEpoch, point)
+		}
+	case "acked":
+		if committed < crashEpoch {
+			t.Fatalf("standby committed epoch %d, want >= %d (acked before the crash)", committed, crashEpoch)
+		}
+	}
+	var want uint64
+	for _, s := range samples {
+		if s.epoch <= committed && s.value > want {
+			want = s.value
+		}
+	}
+
+	out, err := b.cli("vm", "failover", name)
+	if err != nil {
+		t.Fatalf("failover: %v\n%s", err, out)
+	}
+	t.Logf("%s", strings.TrimSpace(out))
+	c2 := dialGuest(t, g)
+	ctx, cancel = context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	got, err := c2.Inc(ctx)
+	if err != nil {
+		t.Fatalf("counter on the standby: %v", err)
+	}
+	if got <= want {
+		t.Fatalf("counter on the standby answered %d; the standby had committed a state where it was already %d", got, want)
+	}
+	res, err := c2.Check(ctx)
+	if err != nil {
+		t.Fatalf("integrity check after failover: %v", err)
+	}
+	if !res.OK {
+		t.Fatalf("integrity check after failover failed: %s", res.Reply)
+	}
+	t.Logf("after failover: counter %d (committed >= %d), check: %s", got, want, res.Reply)
+	state, err := labkit.Virsh(ctx, "domstate", name+"-host-b")
+	if err != nil || state != "running" {
+		t.Fatalf("promoted guest state %q (%v), want running", state, err)
+	}
+	if s, _ := b.status(name); s.State != "failed-over" {
+		t.Fatalf("standby reports %q, want failed-over", s.State)
+	}
+	// A second failover must be refused, not redone.
+	if out, err := b.cli("vm", "failover", name); err == nil || !strings.Contains(out, "already failed over") {
+		t.Fatalf("second failover: err=%v out=%s", err, out)
+	}
+}

@@ -1,0 +1,265 @@
+// Package e2e runs remora end to end: real agents as separate processes in
+// the lab's network namespaces (two hosts), real libvirt, real QEMU guests.
+// It needs root and the lab (`test/lab/lab.sh up`); set REMORA_E2E=1.
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/remora-ha/remora/internal/agent"
+	"github.com/remora-ha/remora/test/labkit"
+)
+
+var remoraBin string
+
+func TestMain(m *testing.M) {
+	if os.Getenv("REMORA_E2E") != "1" {
+		fmt.Println("e2e: skipped: set REMORA_E2E=1 (needs root and `test/lab/lab.sh up`)")
+		os.Exit(m.Run())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	if err := labkit.CheckLab(ctx); err != nil {
+		cancel()
+		fmt.Fprintln(os.Stderr, "e2e:", err)
+		os.Exit(1)
+	}
+	cancel()
+	dir, err := os.MkdirTemp("", "remora-e2e-bin-")
+	if err != nil {
+		panic(err)
+	}
+	remoraBin = filepath.Join(dir, "remora")
+	build := exec.Command("go", "build", "-o", remoraBin, "github.com/remora-ha/remora/cmd/remora")
+	build.Stdout, build.Stderr = os.Stdout, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e: build remora:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func needLab(t *testing.T) {
+	t.Helper()
+	if remoraBin == "" {
+		t.Skip("set REMORA_E2E=1 to run end-to-end tests (root and the lab required)")
+	}
+}
+
+// host is one agent process acting as a hypervisor host in its own netns.
+type host struct {
+	t      *testing.T
+	name   string
+	netns  string
+	addr   string // replication address
+	dir    string
+	config string
+	env    []string
+
+	mu   sync.Mutex
+	cmd  *exec.Cmd
+	log  *bytes.Buffer
+	done chan struct{}
+}
+
+type hostOpts struct {
+	interval string
+	env      []string
+}
+
+func newHost(t *testing.T, name, netns, ip string, o hostOpts) *host {
+	t.Helper()
+	dir := t.TempDir()
+	if o.interval == "" {
+		o.interval = "100ms"
+	}
+	h := &host{t: t, name: name, netns: netns, addr: ip + ":7400", dir: dir, config: filepath.Join(dir, "agent.yaml"), env: o.env}
+	cfg := fmt.Sprintf(`agent_id: %s
+listen: %s
+api_socket: %s
+state_dir: %s
+runtime_dir: %s
+epoch_interval: %s
+shell_suffix: "-%s"
+log_level: debug
+`, name, h.addr, filepath.Join(dir, "agent.sock"), filepath.Join(dir, "state"), filepath.Join(dir, "run"), o.interval, name)
+	if err := os.WriteFile(h.config, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		h.stop(syscall.SIGTERM)
+		if t.Failed() {
+			t.Logf("agent %s log:\n%s", name, h.logTail(60))
+		}
+	})
+	return h
+}
+
+func (h *host) start() {
+	h.t.Helper()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	cmd := exec.Command("ip", "netns", "exec", h.netns, remoraBin, "agent", "--config", h.config)
+	if h.log == nil {
+		h.log = &bytes.Buffer{}
+	}
+	w := &syncWriter{mu: &h.mu, b: h.log}
+	cmd.Stdout, cmd.Stderr = w, w
+	cmd.Env = append(os.Environ(), h.env...)
+	if err := cmd.Start(); err != nil {
+		h.t.Fatalf("start agent %s: %v", h.name, err)
+	}
+	h.cmd, h.done = cmd, make(chan struct{})
+	done := h.done
+	go func() { cmd.Wait(); close(done) }()
+	// Wait for the API socket.
+	c := h.client()
+	for i := 0; i < 100; i++ {
+		if _, err := c.Status(context.Background()); err == nil {
+			return
+		}
+		select {
+		case <-done:
+			h.t.Fatalf("agent %s exited at start:\n%s", h.name, h.log.String())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	h.t.Fatalf("agent %s did not serve its API", h.name)
+}
+
+// stop signals the agent and waits for it to exit.
+func (h *host) stop(sig syscall.Signal) {
+	h.mu.Lock()
+	cmd, done := h.cmd, h.done
+	h.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	_ = cmd.Process.Signal(sig)
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
+	}
+	h.mu.Lock()
+	h.cmd = nil
+	h.mu.Unlock()
+}
+
+// exited reports whether the agent process has exited on its own.
+func (h *host) exited() <-chan struct{} {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.done
+}
+
+func (h *host) client() *agent.Client { return agent.NewClient(filepath.Join(h.dir, "agent.sock")) }
+
+func (h *host) status(name string) (agent.VMStatus, bool) {
+	st, err := h.client().Status(context.Background())
+	if err != nil {
+		return agent.VMStatus{}, false
+	}
+	for _, s := range st {
+		if s.Name == name {
+			return s, true
+		}
+	}
+	return agent.VMStatus{}, false
+}
+
+// cli runs `remora` with this host's config, from its namespace.
+func (h *host) cli(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	full := append([]string{"netns", "exec", h.netns, remoraBin, "--config", h.config}, args...)
+	out, err := exec.CommandContext(ctx, "ip", full...).CombinedOutput()
+	return string(out), err
+}
+
+func (h *host) logTail(n int) string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.log == nil {
+		return ""
+	}
+	lines := strings.Split(h.log.String(), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+func (h *host) logContains(s string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.log != nil && strings.Contains(h.log.String(), s)
+}
+
+type syncWriter struct {
+	mu *sync.Mutex
+	b  *bytes.Buffer
+}
+
+func (w *syncWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+// waitFor polls cond until it holds or the timeout passes.
+func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// bootGuest boots a lab guest and destroys it (and its shells) at cleanup.
+func bootGuest(t *testing.T, name string, ipIndex, rate int) *labkit.Guest {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	g, err := labkit.Boot(ctx, labkit.GuestOptions{Name: name, IP: labkit.GuestIP(ipIndex), Rate: rate})
+	if err != nil {
+		t.Fatalf("boot guest: %v", err)
+	}
+	t.Logf("guest %s booted in %s at %s", name, g.BootTime.Round(time.Millisecond), g.Addr())
+	t.Cleanup(func() {
+		_ = labkit.Destroy(name)
+		for _, sfx := range []string{"-host-a", "-host-b"} {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			_, _ = labkit.Virsh(ctx, "destroy", name+sfx)
+			cancel()
+		}
+	})
+	return g
+}
+
+func dialGuest(t *testing.T, g *labkit.Guest) *labkit.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := g.Dial(ctx)
+	if err != nil {
+		t.Fatalf("dial guest %s: %v", g.Name, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
