@@ -1,0 +1,118 @@
+// Package arbiter decides, for every protected guest, which agent may run
+// it, so that exactly one copy of a guest ever runs.
+//
+// The arbiter runs on a third machine on the clients' side of the network.
+// Agents (one per hypervisor host) talk to it over TCP with mutual TLS. It
+// keeps, per guest and durably, a fencing epoch, the primary and standby
+// agents, the primary's lease and whether the standby is in sync. It also
+// probes each guest's service and each agent from where the clients are.
+//
+// # Epochs and leases
+//
+// A fencing epoch is a per-guest counter. Only two grants change it, each
+// by exactly one:
+//
+//   - RequestPromotion: the standby becomes primary at epoch+1.
+//   - ReportStandbyLost: the primary continues alone at epoch+1.
+//
+// Both require the caller's epoch to be current, so for any epoch at most
+// one of them is ever granted; the loser gets ErrStaleEpoch. The new epoch
+// is on disk before the grant is answered, and epochs survive restarts, so
+// no epoch is handed out twice.
+//
+// The primary may serve (release guest output) only while it holds a lease.
+// Leases last Config.LeaseDuration (default 3 s) and are renewed with Renew.
+// A promotion is granted only after the primary's lease has expired on the
+// arbiter's clock, only if the standby is in sync, and only if the guest's
+// service no longer answers the arbiter's probe. The client library
+// computes Lease.ValidUntil from the moment the request was sent, minus
+// DriftMargin, so the primary's own view of its lease always ends before
+// the arbiter's. After a restart the arbiter assumes any lease it had
+// granted runs for a full lease duration from the restart.
+//
+// # Contract for agents
+//
+// Identity: an agent's id is its certificate name (CN/DNS SAN, see package
+// internal/pki). Every request names the agent; a mismatch is refused with
+// ErrUnauthorized and logged with the peer address.
+//
+// Every agent persists, per guest, the last epoch it learned, heartbeats
+// the arbiter every Heartbeat.Interval with Heartbeat(ctx, id, epochs), and
+// serialises its arbiter calls per guest (one goroutine per guest).
+//
+// Primary, per guest:
+//
+//  1. Register(GuestSpec{Role: RolePrimary, Epoch: last known or 0}). The
+//     registration carries the epoch to use from now on and a lease.
+//  2. Renew every LeaseDuration/3. Stop releasing guest output at
+//     Lease.ValidUntil unless a later Renew succeeded. ErrUnavailable
+//     means the outcome is unknown: keep the old ValidUntil and retry.
+//  3. When the standby has a complete, consistent copy, ReportSynced.
+//  4. When replication to the standby fails, hold guest output and call
+//     ReportStandbyLost. On success continue alone with the returned
+//     lease's (new) epoch. On ErrStandbyReachable keep holding output and
+//     retry replication and the report; the arbiter grants it once the
+//     standby stops answering its probe or its heartbeats. Never release
+//     output that the standby has not acknowledged without this grant.
+//  5. On ErrStaleEpoch from any call, look at Error.Role. RoleNone: the
+//     guest was granted to someone else; destroy the local copy at once,
+//     then (optionally) Register as standby with Error.CurrentEpoch.
+//     RolePrimary: the arbiter still has the caller as primary (its own
+//     concurrent call advanced the epoch, or it restarted and lost its
+//     epoch); adopt Error.CurrentEpoch.
+//  6. Release before a planned switchover, after the guest has stopped.
+//
+// Standby, per guest:
+//
+//  1. Register(GuestSpec{Role: RoleStandby, Epoch: 0 or current,
+//     AgentAddr: replication host:port}). Registering (again) always
+//     marks the standby out of sync until the primary calls ReportSynced.
+//  2. Heartbeat replies (Assignment) tell it the current epoch and whether
+//     it is in sync and still the standby; Role RoleNone means its copy is
+//     fenced: discard it and register again.
+//  3. When the agent-agent heartbeat detector (package arbiter/heartbeat)
+//     suspects the primary, call RequestPromotion with the current epoch.
+//     ErrLeaseValid (the primary's lease has not run out; retry after
+//     Error.RetryAfter) and ErrServiceAlive (clients still reach the
+//     guest) mean: do not start the guest, keep retrying while the
+//     suspicion lasts. On success start the guest and act as primary at
+//     Grant.Epoch with Grant.Lease.
+//
+// Every operation is idempotent for the same epoch: a retry after a lost
+// reply gets the same grant rather than ErrStaleEpoch. The client retries
+// once on a fresh connection by itself; further retries are the caller's.
+//
+// A cut replication link with both agents reachable from the arbiter
+// leaves the primary holding output (ErrStandbyReachable) and the standby
+// refused (ErrLeaseValid) until the link heals or one side disappears.
+// That is deliberate: the arbiter only drops protection when it can see the
+// standby is gone.
+//
+// # Probes
+//
+// Per guest, a service check runs from the arbiter's host (Config.Services,
+// or the ProbeSpec the primary registers): a TCP connect, or a line
+// exchange matched by prefix and/or regexp. Every agent with an AgentAddr
+// gets a TCP-connect reachability probe. Latest result, time, latency and
+// consecutive failures show in Status. Decisions that depend on a probe
+// (promotion, standby lost) re-run it first rather than trust a cached
+// result.
+//
+// # Wire protocol
+//
+// Each message is a 4-byte big-endian length followed by that many bytes
+// of JSON (at most MaxFrame). Requests carry {"v": ProtocolVersion, "id",
+// "op", "agent", "guest", "epoch", ...}; the response carries the same v
+// and id and either a result or {"error": {"code", "message",
+// "current_epoch", "role", "retry_after"}}. A request of another version
+// is answered with code "version" naming both versions, and the
+// connection is closed. TLS 1.3 with client certificates verified against
+// the configured CA is mandatory.
+//
+// # State directory
+//
+// StateDir/guests/<guest>.json holds one record per guest, replaced by
+// write-temp, fsync, rename, fsync of the directory. StateDir/LOCK is held
+// (flock) while a server runs. A corrupt record stops the arbiter from
+// starting instead of silently forgetting an epoch.
+package arbiter
