@@ -133,8 +133,10 @@ ensure_qemu_conf() {
 		info "qemu.conf: up to date"
 	else
 		[ -f "$QEMU_CONF.remora-orig" ] || cp -p "$QEMU_CONF" "$QEMU_CONF.remora-orig"
-		chmod --reference="$QEMU_CONF" "$tmp"
-		mv "$tmp" "$QEMU_CONF"
+		# In place, not mv: keeps owner and mode, and works if the file is
+		# a mount (containers).
+		cat "$tmp" >"$QEMU_CONF"
+		rm -f "$tmp"
 		QEMU_CONF_CHANGED=1
 		say "qemu.conf updated (original saved as $QEMU_CONF.remora-orig)"
 	fi
