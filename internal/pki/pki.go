@@ -152,7 +152,20 @@ func Issue(dir, name string, ips ...net.IP) error {
 // ServerConfig returns a TLS 1.3 server config presenting NAME's
 // certificate and requiring a client certificate signed by the CA in dir.
 func ServerConfig(dir, name string) (*tls.Config, error) {
-	cert, pool, err := loadPair(dir, name)
+	return ServerConfigFiles(CertPath(dir, name), KeyPath(dir, name), filepath.Join(dir, CACertFile))
+}
+
+// ClientConfig returns a TLS 1.3 client config presenting NAME's
+// certificate and trusting only the CA in dir. ServerName is left empty;
+// set it to the server's certificate name (or let the dialer derive it from
+// the address).
+func ClientConfig(dir, name string) (*tls.Config, error) {
+	return ClientConfigFiles(CertPath(dir, name), KeyPath(dir, name), filepath.Join(dir, CACertFile))
+}
+
+// ServerConfigFiles is ServerConfig with explicit file paths.
+func ServerConfigFiles(certFile, keyFile, caFile string) (*tls.Config, error) {
+	cert, pool, err := loadPair(certFile, keyFile, caFile)
 	if err != nil {
 		return nil, err
 	}
@@ -164,12 +177,9 @@ func ServerConfig(dir, name string) (*tls.Config, error) {
 	}, nil
 }
 
-// ClientConfig returns a TLS 1.3 client config presenting NAME's
-// certificate and trusting only the CA in dir. ServerName is left empty;
-// set it to the server's certificate name (or let the dialer derive it from
-// the address).
-func ClientConfig(dir, name string) (*tls.Config, error) {
-	cert, pool, err := loadPair(dir, name)
+// ClientConfigFiles is ClientConfig with explicit file paths.
+func ClientConfigFiles(certFile, keyFile, caFile string) (*tls.Config, error) {
+	cert, pool, err := loadPair(certFile, keyFile, caFile)
 	if err != nil {
 		return nil, err
 	}
@@ -207,12 +217,12 @@ func Names(cert *x509.Certificate) []string {
 	return out
 }
 
-func loadPair(dir, name string) (tls.Certificate, *x509.CertPool, error) {
-	cert, err := tls.LoadX509KeyPair(CertPath(dir, name), KeyPath(dir, name))
+func loadPair(certFile, keyFile, caFile string) (tls.Certificate, *x509.CertPool, error) {
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
 	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("pki: load %s: %w", name, err)
+		return tls.Certificate{}, nil, fmt.Errorf("pki: load %s: %w", certFile, err)
 	}
-	pool, err := LoadCertPool(filepath.Join(dir, CACertFile))
+	pool, err := LoadCertPool(caFile)
 	if err != nil {
 		return tls.Certificate{}, nil, err
 	}
