@@ -58,6 +58,9 @@ type PrimaryStatus struct {
 	PauseP50       time.Duration  `json:"pause_p50_ns"`
 	PauseP99       time.Duration  `json:"pause_p99_ns"`
 	DirtyPages     uint64         `json:"dirty_pages"`     // in the last epoch
+	DirtyTotal     uint64         `json:"dirty_total"`     // pages sent in incremental epochs, all sessions
+	Incremental    uint64         `json:"incremental"`     // incremental epochs captured
+	SyncPause      time.Duration  `json:"sync_pause_ns"`   // pause of the last full sync (not in the percentiles)
 	DevStateBytes  int64          `json:"devstate_bytes"`  // in the last epoch
 	BytesSent      uint64         `json:"bytes_sent"`      // on the wire, all sessions
 	RawBytes       uint64         `json:"raw_bytes"`       // page and device data before encoding
@@ -384,7 +387,13 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 	ep.at = start
 	p.mu.Lock()
 	p.retained = append(p.retained, ep)
-	p.pauses.add(pause)
+	if full {
+		p.st.SyncPause = pause
+	} else {
+		p.pauses.add(pause)
+		p.st.DirtyTotal += n
+		p.st.Incremental++
+	}
 	p.epochRate.add(start)
 	p.st.Epoch = ep.epoch
 	p.st.DirtyPages = n

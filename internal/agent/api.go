@@ -27,6 +27,8 @@ type VMStatus struct {
 	PauseP50     time.Duration              `json:"pause_p50_ns"`
 	PauseP99     time.Duration              `json:"pause_p99_ns"`
 	DirtyPages   uint64                     `json:"dirty_pages"`
+	DirtyTotal   uint64                     `json:"dirty_total,omitempty"`
+	Incremental  uint64                     `json:"incremental,omitempty"`
 	Bytes        uint64                     `json:"bytes"` // sent (primary) or received (standby)
 	RawBytes     uint64                     `json:"raw_bytes,omitempty"`
 	Lag          time.Duration              `json:"lag_ns"`
@@ -57,7 +59,7 @@ func (a *Agent) Status() []VMStatus {
 		s := p.engine.Status()
 		out = append(out, VMStatus{Name: p.rec.Name, Role: RolePrimary, State: s.State, Peer: p.rec.Peer, Fence: p.rec.Fence,
 			Epoch: s.Epoch, AckedEpoch: s.AckedEpoch, EpochsPerSec: s.EpochsPerSec, PauseP50: s.PauseP50, PauseP99: s.PauseP99,
-			DirtyPages: s.DirtyPages, Bytes: s.BytesSent, RawBytes: s.RawBytes, Lag: s.Lag, Tracker: s.Tracker,
+			DirtyPages: s.DirtyPages, DirtyTotal: s.DirtyTotal, Incremental: s.Incremental, Bytes: s.BytesSent, RawBytes: s.RawBytes, Lag: s.Lag, Tracker: s.Tracker,
 			SyncDone: s.SyncDone, SyncTotal: s.SyncTotal, LastError: s.LastError, NextRetry: s.NextRetry, LastPause: &s.LastPause})
 	}
 	for _, sg := range stby {

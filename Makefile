@@ -1,0 +1,54 @@
+# remora: build, test, benchmark and demo. `make help` lists the targets.
+GO       ?= go
+BIN      := bin
+PKGS     := ./...
+export PATH := /usr/local/go/bin:$(PATH)
+
+.PHONY: all build test test-unit test-e2e bench lab demo lint fuzz clean help
+
+all: build
+
+help:
+	@echo "build      build bin/remora and bin/labctl"
+	@echo "lab        set up the lab on this machine (packages, libvirt, guest image, network)"
+	@echo "test       unit tests, then end-to-end tests against real libvirt/QEMU guests (root)"
+	@echo "test-unit  unit tests only (no root, no lab)"
+	@echo "bench      Go benchmarks and the checkpoint table on a lab guest (root)"
+	@echo "demo       protect a guest, crash its host, fail over (root)"
+	@echo "fuzz       run each fuzz target for FUZZTIME (default 30s)"
+	@echo "lint       gofmt and go vet"
+
+build:
+	$(GO) build -o $(BIN)/remora ./cmd/remora
+	$(GO) build -o $(BIN)/labctl ./test/labctl
+
+lab:
+	test/lab/lab.sh up
+
+test-unit:
+	$(GO) test -count=1 -race $$($(GO) list $(PKGS) | grep -v /test/e2e)
+
+test-e2e: lab
+	REMORA_E2E=1 REMORA_LAB=1 $(GO) test -count=1 -v -timeout 40m ./test/e2e/ ./test/labkit/
+
+test: lint test-unit test-e2e
+
+FUZZTIME ?= 30s
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeFrame$$' -fuzztime $(FUZZTIME) ./checkpoint
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeBatch$$' -fuzztime $(FUZZTIME) ./checkpoint
+
+bench: lab build
+	$(GO) test -run '^$$' -bench . -benchtime 20x ./checkpoint
+	$(GO) test -run '^$$' -bench . ./txlog
+	$(GO) run ./test/bench
+
+demo: lab build
+	test/demo.sh
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+
+clean:
+	rm -rf $(BIN)

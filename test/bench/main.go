@@ -1,0 +1,288 @@
+// Command bench measures checkpoints of a real lab guest: for each epoch
+// interval and dirtying rate it runs two agents (primary and standby on
+// loopback), protects the guest, and reads the agents' figures; then, as the
+// baseline in the same run, it takes full-RAM migration checkpoints of the
+// same guest (x-ignore-shared off) and prints the ratio of pauses.
+// Needs root and the lab (test/lab/lab.sh up).
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"time"
+
+	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/agent"
+	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/test/labkit"
+)
+
+var (
+	measure = flag.Duration("measure", 8*time.Second, "measuring time per configuration")
+	lowRate = flag.Int("low", 500, "low dirtying rate, pages/s")
+	hiRate  = flag.Int("high", 10000, "high dirtying rate, pages/s")
+	reps    = flag.Int("baseline-reps", 10, "full-RAM checkpoints for the baseline")
+)
+
+const guestName = "bench"
+
+func main() {
+	flag.Parse()
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+type row struct {
+	interval time.Duration
+	rate     int
+	s        result
+}
+
+type result struct {
+	p50, p99      time.Duration
+	dirtyPerEpoch float64
+	wirePerEpoch  float64
+	compression   float64
+	epochsPerSec  float64
+}
+
+func run() error {
+	ctx := context.Background()
+	if err := labkit.CheckLab(ctx); err != nil {
+		return err
+	}
+	work, err := os.MkdirTemp("", "remora-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	bin := filepath.Join(work, "remora")
+	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/remora").CombinedOutput(); err != nil {
+		return fmt.Errorf("build: %v\n%s", err, out)
+	}
+	bctx, cancel := context.WithTimeout(ctx, 4*time.Minute)
+	g, err := labkit.Boot(bctx, labkit.GuestOptions{Name: guestName, IP: labkit.GuestIP(30), Rate: -1})
+	cancel()
+	if err != nil {
+		return err
+	}
+	defer labkit.Destroy(guestName)
+	defer exec.Command("virsh", "-q", "destroy", guestName+"-b").Run()
+	wl, err := g.Dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer wl.Close()
+	fmt.Printf("guest: %s, 256 MiB, TCG; tracker: %s\n\n", guestName, trackerName())
+
+	standby := startAgent(bin, work, "b", "127.0.0.1:7412", 100*time.Millisecond)
+	defer standby.stop()
+	if err := standby.wait(); err != nil {
+		return err
+	}
+
+	var rows []row
+	for _, iv := range []time.Duration{25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond, 200 * time.Millisecond} {
+		for _, rate := range []int{*lowRate, *hiRate} {
+			r, err := measureOne(ctx, bin, work, wl, iv, rate)
+			if err != nil {
+				return fmt.Errorf("interval %s rate %d: %w", iv, rate, err)
+			}
+			rows = append(rows, row{iv, rate, r})
+			fmt.Fprintf(os.Stderr, "measured interval %s rate %d: p50 %s\n", iv, rate, r.p50)
+		}
+	}
+	base, err := baseline(ctx, wl)
+	if err != nil {
+		return fmt.Errorf("baseline: %w", err)
+	}
+
+	fmt.Printf("%-9s %-9s %9s %9s %12s %14s %8s %9s %12s\n", "interval", "dirty/s", "pause p50", "pause p99", "dirty pg/ep", "wire bytes/ep", "compr", "epochs/s", "base/remora")
+	for _, r := range rows {
+		fmt.Printf("%-9s %-9d %9s %9s %12.0f %14.0f %7.1fx %9.1f %11.1fx\n", r.interval, r.rate, ms(r.s.p50), ms(r.s.p99),
+			r.s.dirtyPerEpoch, r.s.wirePerEpoch, r.s.compression, r.s.epochsPerSec, float64(base.p50)/float64(r.s.p50))
+	}
+	fmt.Printf("\nbaseline: full-RAM migration checkpoint (stop, migrate all RAM with x-ignore-shared off, cont), %d reps:\n", *reps)
+	fmt.Printf("  pause p50 %s  p99 %s  stream %.1f MiB\n", ms(base.p50), ms(base.p99), float64(base.bytes)/(1<<20))
+	fmt.Println("base/remora = baseline pause p50 / remora pause p50 (higher is better)")
+	return nil
+}
+
+func trackerName() string {
+	if checkpoint.SoftDirtySupported() {
+		return "softdirty"
+	}
+	return "scan (kernel lacks soft-dirty)"
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.1fms", float64(d)/1e6) }
+
+func measureOne(ctx context.Context, bin, work string, wl *labkit.Client, iv time.Duration, rate int) (result, error) {
+	if err := wl.SetWriterRate(ctx, 0); err != nil {
+		return result{}, err
+	}
+	a := startAgent(bin, work, "a", "127.0.0.1:7411", iv)
+	defer a.stop()
+	if err := a.wait(); err != nil {
+		return result{}, err
+	}
+	c := a.client()
+	if err := c.Enroll(ctx, guestName, "127.0.0.1:7412"); err != nil {
+		return result{}, err
+	}
+	defer c.Unenroll(ctx, guestName)
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		s, err := status(ctx, c)
+		if err == nil && s.State == checkpoint.StateProtected {
+			break
+		}
+		if time.Now().After(deadline) {
+			return result{}, fmt.Errorf("not protected after 3m: %+v %v", s, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err := wl.SetWriterRate(ctx, rate); err != nil {
+		return result{}, err
+	}
+	time.Sleep(2 * time.Second)
+	s0, err := status(ctx, c)
+	if err != nil {
+		return result{}, err
+	}
+	t0 := time.Now()
+	time.Sleep(*measure)
+	s1, err := status(ctx, c)
+	if err != nil {
+		return result{}, err
+	}
+	el := time.Since(t0)
+	epochs := float64(s1.Incremental - s0.Incremental)
+	if epochs == 0 {
+		return result{}, fmt.Errorf("no epochs in %s", el)
+	}
+	wire := float64(s1.Bytes - s0.Bytes)
+	raw := float64(s1.RawBytes - s0.RawBytes)
+	return result{
+		p50: s1.PauseP50, p99: s1.PauseP99,
+		dirtyPerEpoch: float64(s1.DirtyTotal-s0.DirtyTotal) / epochs,
+		wirePerEpoch:  wire / epochs,
+		compression:   raw / max(wire, 1),
+		epochsPerSec:  epochs / el.Seconds(),
+	}, nil
+}
+
+func status(ctx context.Context, c *agent.Client) (agent.VMStatus, error) {
+	st, err := c.Status(ctx)
+	if err != nil {
+		return agent.VMStatus{}, err
+	}
+	for _, s := range st {
+		if s.Name == guestName {
+			return s, nil
+		}
+	}
+	return agent.VMStatus{}, fmt.Errorf("guest not listed")
+}
+
+type baseResult struct {
+	p50, p99 time.Duration
+	bytes    int64
+}
+
+// baseline takes full-RAM migration checkpoints of the same guest.
+func baseline(ctx context.Context, wl *labkit.Client) (baseResult, error) {
+	if err := wl.SetWriterRate(ctx, *hiRate); err != nil {
+		return baseResult{}, err
+	}
+	conn, err := migrate.Dial(ctx, labkit.LibvirtURI)
+	if err != nil {
+		return baseResult{}, err
+	}
+	defer conn.Close()
+	g, err := migrate.OpenGuest(ctx, conn, guestName)
+	if err != nil {
+		return baseResult{}, err
+	}
+	if err := migrate.SetIgnoreShared(g.Mon, false); err != nil {
+		return baseResult{}, err
+	}
+	defer migrate.SetIgnoreShared(g.Mon, true)
+	if err := migrate.SetUnlimitedBandwidth(g.Mon); err != nil {
+		return baseResult{}, err
+	}
+	dir, err := os.MkdirTemp("", "remora-bench-sock-")
+	if err != nil {
+		return baseResult{}, err
+	}
+	defer os.RemoveAll(dir)
+	sink, err := migrate.ListenDeviceState(filepath.Join(dir, "full.sock"))
+	if err != nil {
+		return baseResult{}, err
+	}
+	defer sink.Close()
+	var pauses []time.Duration
+	var n int64
+	for i := 0; i < *reps; i++ {
+		time.Sleep(200 * time.Millisecond)
+		start := time.Now()
+		if err := migrate.Exec(g.Mon, "stop", nil, nil); err != nil {
+			return baseResult{}, err
+		}
+		n, err = sink.Save(ctx, g, io.Discard)
+		if cerr := migrate.Exec(g.Mon, "cont", nil, nil); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return baseResult{}, err
+		}
+		pauses = append(pauses, time.Since(start))
+	}
+	return baseResult{p50: checkpoint.Percentile(pauses, 50), p99: checkpoint.Percentile(pauses, 99), bytes: n}, nil
+}
+
+type proc struct {
+	cmd *exec.Cmd
+	dir string
+}
+
+func startAgent(bin, work, name, addr string, iv time.Duration) *proc {
+	dir := filepath.Join(work, name)
+	os.MkdirAll(dir, 0o755)
+	cfg := fmt.Sprintf("agent_id: bench-%s\nlisten: %s\napi_socket: %s/agent.sock\nstate_dir: %s/state\nruntime_dir: %s/run\nepoch_interval: %s\nshell_suffix: \"-%s\"\nlog_level: warn\n",
+		name, addr, dir, dir, dir, iv, name)
+	path := filepath.Join(dir, "agent.yaml")
+	os.WriteFile(path, []byte(cfg), 0o644)
+	cmd := exec.Command(bin, "agent", "--config", path)
+	log, _ := os.Create(filepath.Join(dir, "agent.log"))
+	cmd.Stdout, cmd.Stderr = log, log
+	_ = cmd.Start()
+	return &proc{cmd: cmd, dir: dir}
+}
+
+func (p *proc) client() *agent.Client { return agent.NewClient(filepath.Join(p.dir, "agent.sock")) }
+
+func (p *proc) wait() error {
+	for i := 0; i < 100; i++ {
+		if _, err := p.client().Status(context.Background()); err == nil {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	b, _ := os.ReadFile(filepath.Join(p.dir, "agent.log"))
+	return fmt.Errorf("agent did not start:\n%s", b)
+}
+
+func (p *proc) stop() {
+	if p.cmd.Process != nil {
+		p.cmd.Process.Signal(os.Interrupt)
+		p.cmd.Wait()
+	}
+}
