@@ -1,0 +1,313 @@
+package arbitercli
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/remora-ha/remora/arbiter"
+	"github.com/remora-ha/remora/internal/pki"
+)
+
+// run executes one top-level command with args and returns its output.
+func run(t *testing.T, ctx context.Context, args ...string) (string, error) {
+	t.Helper()
+	root := &cobra.Command{Use: "remora", SilenceUsage: true, SilenceErrors: true}
+	root.AddCommand(Commands()...)
+	var out bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&out)
+	root.SetArgs(args)
+	err := root.ExecuteContext(ctx)
+	return out.String(), err
+}
+
+func writeFile(t *testing.T, path, content string) string {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func load(t *testing.T, yaml string, flags ...string) (*Config, error) {
+	t.Helper()
+	cmd := arbiterCmd()
+	if err := cmd.ParseFlags(flags); err != nil {
+		t.Fatal(err)
+	}
+	path := ""
+	if yaml != "" {
+		path = writeFile(t, filepath.Join(t.TempDir(), "arbiter.yaml"), yaml)
+	}
+	return loadConfig(cmd, path)
+}
+
+func TestExampleConfig(t *testing.T) {
+	c, err := load(t, mustRead(t, "../../configs/arbiter.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Listen != "0.0.0.0:7410" || c.LeaseDuration != 3*time.Second || c.Heartbeat.Interval != 250*time.Millisecond ||
+		c.Heartbeat.Missed != 4 || c.Probe.Timeout != 500*time.Millisecond || c.TLS.CA != "/etc/remora/pki/ca.crt" {
+		t.Fatalf("example config decoded as %+v", c)
+	}
+}
+
+func mustRead(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestConfigPrecedenceAndGuests(t *testing.T) {
+	yaml := `
+listen: 127.0.0.1:9000
+state_dir: /tmp/x
+lease_duration: 4s
+probe: {interval: 2s}
+guests:
+  - name: db1
+    service: {kind: line, address: "10.0.0.1:7000", send: PING, expect_prefix: PONG, timeout: 300ms}
+  - name: web1
+`
+	c, err := load(t, yaml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Listen != "127.0.0.1:9000" || c.LeaseDuration != 4*time.Second || c.Probe.Interval != 2*time.Second || c.Probe.Timeout != arbiter.DefaultProbeTimeout {
+		t.Fatalf("file values: %+v", c)
+	}
+	sc := c.serverConfig()
+	if len(sc.Services) != 1 || sc.Services["db1"].ExpectPrefix != "PONG" || sc.Services["db1"].Timeout != 300*time.Millisecond {
+		t.Fatalf("services: %+v", sc.Services)
+	}
+
+	t.Setenv("REMORA_ARBITER_LEASE_DURATION", "5s")
+	t.Setenv("REMORA_ARBITER_TLS_CERT", "/env/cert.pem")
+	c, err = load(t, yaml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.LeaseDuration != 5*time.Second || c.TLS.Cert != "/env/cert.pem" {
+		t.Fatalf("env did not override: %+v", c)
+	}
+	c, err = load(t, yaml, "--lease-duration", "6s", "--state-dir", "/flag")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.LeaseDuration != 6*time.Second || c.StateDir != "/flag" || c.Listen != "127.0.0.1:9000" {
+		t.Fatalf("flags did not override: %+v", c)
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	cases := []struct{ yaml, want string }{
+		{"listen: a:1\nbogus_key: 1\n", "unknown key bogus_key"},
+		{"tls:\n  cert: x\n  crt: y\n", "unknown key tls.crt"},
+		{"guests:\n  - name: g\n    service: {kind: tcp, adress: 'a:1'}\n", "adress"},
+		{"lease_duration: -1s\n", "lease_duration must be positive"},
+		{"guests:\n  - name: g\n    service: {kind: icmp, address: 'a:1'}\n", "unknown probe kind"},
+		{"guests:\n  - name: g\n  - name: g\n", "listed twice"},
+		{"log_level: loud\n", "log_level"},
+		{"lease_duration: soon\n", "lease_duration"},
+	}
+	for _, c := range cases {
+		_, err := load(t, c.yaml)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("config %q: got %v, want error containing %q", c.yaml, err, c.want)
+		}
+	}
+}
+
+func TestCertsCommands(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pki")
+	ctx := context.Background()
+	if out, err := run(t, ctx, "certs", "init", dir); err != nil || !strings.Contains(out, "created CA") {
+		t.Fatalf("init: %v %s", err, out)
+	}
+	if _, err := run(t, ctx, "certs", "init", dir); !errors.Is(err, pki.ErrCAExists) || !strings.Contains(err.Error(), "--force") {
+		t.Fatalf("second init: %v", err)
+	}
+	if _, err := run(t, ctx, "certs", "init", "--force", dir); err != nil {
+		t.Fatalf("forced init: %v", err)
+	}
+	if _, err := run(t, ctx, "certs", "issue", "arbiter", "--dir", dir, "--ip", "127.0.0.1", "--ip", "::1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(pki.KeyPath(dir, "arbiter")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := run(t, ctx, "certs", "issue", "x", "--dir", dir, "--ip", "not-an-ip"); err == nil {
+		t.Fatal("bad --ip accepted")
+	}
+	if _, err := run(t, ctx, "certs", "issue", "x"); err == nil {
+		t.Fatal("issue without --dir accepted")
+	}
+}
+
+// syncBuffer is written by the server goroutine and read by the test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestArbiterEndToEnd runs "arbiter" from a config file, registers a
+// guest with the client library and reads it back with "arbiter status".
+func TestArbiterEndToEnd(t *testing.T) {
+	tmp := t.TempDir()
+	pkiDir := filepath.Join(tmp, "pki")
+	if err := pki.InitCA(pkiDir, false); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"arbiter", "host-a"} {
+		if err := pki.Issue(pkiDir, n, net.ParseIP("127.0.0.1")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	svc, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close()
+	go func() {
+		for {
+			c, err := svc.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	cfgPath := writeFile(t, filepath.Join(tmp, "arbiter.yaml"), `
+listen: `+addr+`
+state_dir: `+filepath.Join(tmp, "state")+`
+tls:
+  cert: `+pki.CertPath(pkiDir, "arbiter")+`
+  key: `+pki.KeyPath(pkiDir, "arbiter")+`
+  ca: `+filepath.Join(pkiDir, "ca.crt")+`
+lease_duration: 2s
+probe: {interval: 50ms, timeout: 200ms}
+guests:
+  - name: web1
+    service: {kind: tcp, address: "`+svc.Addr().String()+`"}
+`)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	logs := &syncBuffer{}
+	done := make(chan error, 1)
+	go func() {
+		root := &cobra.Command{Use: "remora", SilenceUsage: true, SilenceErrors: true}
+		root.AddCommand(Commands()...)
+		root.SetOut(logs)
+		root.SetErr(logs)
+		root.SetArgs([]string{"arbiter", "--config", cfgPath, "--log-level", "debug"})
+		done <- root.ExecuteContext(ctx)
+	}()
+	defer func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("arbiter exited with %v", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Error("arbiter did not stop")
+		}
+	}()
+
+	tc, err := pki.ClientConfig(pkiDir, "host-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c *arbiter.Client
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		dctx, dcancel := context.WithTimeout(ctx, time.Second)
+		c, err = arbiter.Dial(dctx, addr, tc)
+		dcancel()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("arbiter never came up: %v\n%s", err, logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	defer c.Close()
+	rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
+	defer rcancel()
+	if _, err := c.Register(rctx, arbiter.GuestSpec{Guest: "web1", AgentID: "host-a", Role: arbiter.RolePrimary}); err != nil {
+		t.Fatal(err)
+	}
+	// Wait for the configured service probe to report.
+	for {
+		st, err := c.Status(rctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st.Guests) == 1 && st.Guests[0].Service != nil && st.Guests[0].Service.OK {
+			break
+		}
+		if rctx.Err() != nil {
+			t.Fatalf("service probe never succeeded: %+v", st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	out, err := run(t, ctx, "arbiter", "status", "--config", cfgPath)
+	if err != nil {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	for _, want := range []string{"GUEST", "web1", "host-a", "ok ", "created 0->1", "AGENT"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status output lacks %q:\n%s", want, out)
+		}
+	}
+	t.Logf("status output:\n%s", out)
+	out, err = run(t, ctx, "arbiter", "status", "--config", cfgPath, "--json")
+	if err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	var st arbiter.Status
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("status --json output: %v\n%s", err, out)
+	}
+	if len(st.Guests) != 1 || st.Guests[0].Epoch != 1 || st.Guests[0].LeaseHolder != "host-a" || st.LeaseDuration != 2*time.Second {
+		t.Fatalf("status --json: %+v", st)
+	}
+	if !strings.Contains(logs.String(), "arbiter: listening") {
+		t.Errorf("no startup log:\n%s", logs.String())
+	}
+}
