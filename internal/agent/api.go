@@ -76,6 +76,8 @@ func (sg *standbyGuest) status() VMStatus {
 	v := VMStatus{Name: rec.Name, Role: RoleStandby, Peer: rec.Primary, Fence: rec.Fence, Shell: rec.Shell,
 		Epoch: rec.Replica.Committed, AckedEpoch: rec.Replica.Committed, Applied: rec.Replica.Applied, Bytes: sg.bytesIn, LastError: sg.lastError}
 	switch {
+	case rec.State == StateFailedOver:
+		v.State, v.Role = rec.State, "promoted"
 	case rec.State != "":
 		v.State = rec.State
 	case !rec.Replica.Synced:

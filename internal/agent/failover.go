@@ -95,6 +95,7 @@ func (a *Agent) Failover(ctx context.Context, name string, force bool) (Failover
 	}
 	rec.State = StateFailedOver
 	rec.FailedOver = time.Now().UTC()
+	sg.lastError = ""
 	if err := a.store.save(rec); err != nil {
 		return FailoverResult{}, err
 	}

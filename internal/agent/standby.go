@@ -229,8 +229,8 @@ func (a *Agent) handleSession(ctx context.Context, conn net.Conn) {
 	if sg.session == conn {
 		sg.session = nil
 	}
-	if err != nil {
-		sg.lastError = err.Error()
+	if err != nil && sg.rec.State == "" {
+		sg.lastError = fmt.Sprintf("session with primary %s ended: %v", hello.Agent, err)
 	}
 	sg.mu.Unlock()
 	if err != nil && ctx.Err() == nil {
