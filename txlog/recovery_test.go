@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -472,6 +473,7 @@ func FuzzRecover(f *testing.F) {
 		if err != nil {
 			f.Fatal(err)
 		}
+		b = b[:lastNonZero(b)+1] // EOF ends a segment as well as zeros do; smaller inputs fuzz faster
 		f.Add(b)
 		if s.n > 0 {
 			nz := lastNonZero(b)
@@ -481,8 +483,15 @@ func FuzzRecover(f *testing.F) {
 			f.Add(g)
 		}
 	}
+	// One directory per worker process, emptied before each input: fuzz
+	// inputs run one at a time, and a fresh TempDir per input would cost
+	// more than recovery itself.
+	dir := f.TempDir()
 	f.Fuzz(func(t *testing.T, data []byte) {
-		dir := t.TempDir()
+		ents, _ := os.ReadDir(dir)
+		for _, e := range ents {
+			os.Remove(filepath.Join(dir, e.Name()))
+		}
 		seg := filepath.Join(dir, segName(1))
 		if err := os.WriteFile(seg, data, 0o644); err != nil {
 			t.Fatal(err)
@@ -511,7 +520,10 @@ func FuzzRecover(f *testing.F) {
 			t.Fatalf("Iterate ends at LSN %d, recovery at %d", all[len(all)-1].LSN, rec.LastLSN)
 		}
 		mustClose(t, l)
-		if rec.Torn == nil {
+		// Writable opens fsync, which would make fuzzing (and minimizing)
+		// crawl; TestTornTail covers cutting at every offset, so only a
+		// deterministic sixteenth of torn inputs is cut here.
+		if rec.Torn == nil || crc32.ChecksumIEEE(data)%16 != 0 {
 			return
 		}
 		// Cutting for real gives the same log and saves exactly the cut bytes.
