@@ -15,9 +15,10 @@ import (
 const DefaultCallTimeout = 10 * time.Second
 
 // Client talks to one arbiter over a single mutual-TLS connection. It is
-// safe for concurrent use; requests are sent one at a time. After a
-// connection failure the next request (or the retry of the failed one)
-// dials again.
+// safe for concurrent use, but requests are sent one at a time: an agent
+// with many guests may prefer one Client per guest so that a slow request
+// never delays another guest's renewal. After a connection failure the
+// next request (or the retry of the failed one) dials again.
 type Client struct {
 	addr string
 	cfg  *tls.Config

@@ -84,6 +84,9 @@ type probeTarget struct {
 	spec   ProbeSpec
 	cancel context.CancelFunc
 	status ProbeStatus
+	// started is when the probe behind status began; an older probe that
+	// finishes late must not overwrite a newer result.
+	started time.Time
 }
 
 func newProbeRunner(ctx context.Context) *probeRunner {
@@ -112,16 +115,16 @@ func (p *probeRunner) set(want map[string]ProbeSpec) {
 		t := &probeTarget{spec: spec, cancel: cancel, status: ProbeStatus{Kind: spec.Kind, Address: spec.Address}}
 		p.targets[key] = t
 		p.wg.Add(1)
-		go p.loop(ctx, key, t)
+		go p.loop(ctx, t)
 	}
 }
 
-func (p *probeRunner) loop(ctx context.Context, key string, t *probeTarget) {
+func (p *probeRunner) loop(ctx context.Context, t *probeTarget) {
 	defer p.wg.Done()
 	tick := time.NewTicker(t.spec.Interval)
 	defer tick.Stop()
 	for {
-		p.runOnce(ctx, key, t)
+		p.runOnce(ctx, t)
 		select {
 		case <-ctx.Done():
 			return
@@ -130,18 +133,19 @@ func (p *probeRunner) loop(ctx context.Context, key string, t *probeTarget) {
 	}
 }
 
-func (p *probeRunner) runOnce(ctx context.Context, key string, t *probeTarget) ProbeStatus {
+// runOnce probes and records the result. It returns this probe's own
+// outcome, which may be newer than what a concurrent probe recorded.
+func (p *probeRunner) runOnce(ctx context.Context, t *probeTarget) ProbeStatus {
+	start := time.Now()
 	lat, err := Probe(ctx, t.spec)
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	if ctx.Err() != nil && err != nil {
 		// Cancelled (shutdown or spec change), not a real failure.
-		p.mu.Lock()
-		defer p.mu.Unlock()
 		return t.status
 	}
 	now := time.Now()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	s := &t.status
+	s := t.status
 	s.At, s.Latency, s.OK = now, lat, err == nil
 	if err != nil {
 		s.Error = err.Error()
@@ -151,7 +155,11 @@ func (p *probeRunner) runOnce(ctx context.Context, key string, t *probeTarget) P
 		s.ConsecutiveFailures = 0
 		s.LastOK = now
 	}
-	return *s
+	if start.After(t.started) {
+		t.started = start
+		t.status = s
+	}
+	return s
 }
 
 // probeNow runs the key's probe immediately and returns the result; ok is
@@ -163,7 +171,7 @@ func (p *probeRunner) probeNow(ctx context.Context, key string) (ProbeStatus, bo
 	if !ok {
 		return ProbeStatus{}, false
 	}
-	return p.runOnce(ctx, key, t), true
+	return p.runOnce(ctx, t), true
 }
 
 func (p *probeRunner) status(key string) (ProbeStatus, ProbeSpec, bool) {

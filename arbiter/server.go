@@ -445,17 +445,20 @@ func (s *Server) register(req *request) (Registration, error) {
 // decides again with the fresh result.
 func (s *Server) promote(req *request) (Grant, error) {
 	s.mu.Lock()
-	_, err := s.m.promote(s.clock.Now(), req.Guest, req.Agent, req.Epoch, s.observeLocked(req.Guest), true)
+	_, err := s.m.promote(s.clock.Now(), req.Guest, req.Agent, req.Epoch, s.observeLocked(req.Guest, nil), true)
 	s.mu.Unlock()
 	if err != nil {
 		s.log.Info("arbiter: promotion refused", "guest", req.Guest, "agent", req.Agent, "epoch", req.Epoch, "reason", err)
 		return Grant{}, err
 	}
-	s.probes.probeNow(s.ctx, serviceKey(req.Guest))
+	freshRes := map[string]ProbeStatus{}
+	if st, ok := s.probes.probeNow(s.ctx, serviceKey(req.Guest)); ok {
+		freshRes[serviceKey(req.Guest)] = st
+	}
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	g, err := s.m.promote(s.clock.Now(), req.Guest, req.Agent, req.Epoch, s.observeLocked(req.Guest), false)
+	g, err := s.m.promote(s.clock.Now(), req.Guest, req.Agent, req.Epoch, s.observeLocked(req.Guest, freshRes), false)
 	if err != nil {
 		s.log.Info("arbiter: promotion refused", "guest", req.Guest, "agent", req.Agent, "epoch", req.Epoch, "reason", err)
 		return Grant{}, err
@@ -468,7 +471,7 @@ func (s *Server) promote(req *request) (Grant, error) {
 
 func (s *Server) standbyLost(req *request) (Lease, error) {
 	s.mu.Lock()
-	_, err := s.m.standbyLost(s.clock.Now(), req.Guest, req.Agent, req.Epoch, s.observeLocked(req.Guest), true)
+	_, err := s.m.standbyLost(s.clock.Now(), req.Guest, req.Agent, req.Epoch, s.observeLocked(req.Guest, nil), true)
 	var key string
 	if r, ok := s.m.guests[req.Guest]; ok && r.StandbyAddr != "" {
 		key = agentKey(r.Standby, r.StandbyAddr)
@@ -479,13 +482,16 @@ func (s *Server) standbyLost(req *request) (Lease, error) {
 		return Lease{}, err
 	}
 	// Probe afresh either way: a cached "reachable" may be outdated too.
+	freshRes := map[string]ProbeStatus{}
 	if key != "" {
-		s.probes.probeNow(s.ctx, key)
+		if st, ok := s.probes.probeNow(s.ctx, key); ok {
+			freshRes[key] = st
+		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	before := s.m.guests[req.Guest].Epoch
-	l, err := s.m.standbyLost(s.clock.Now(), req.Guest, req.Agent, req.Epoch, s.observeLocked(req.Guest), false)
+	l, err := s.m.standbyLost(s.clock.Now(), req.Guest, req.Agent, req.Epoch, s.observeLocked(req.Guest, freshRes), false)
 	if err != nil {
 		s.log.Info("arbiter: standby-lost refused", "guest", req.Guest, "agent", req.Agent, "epoch", req.Epoch, "reason", err)
 		return Lease{}, err
@@ -500,9 +506,17 @@ func serviceKey(guest string) string     { return "service/" + guest }
 func agentKey(agent, addr string) string { return "agent/" + agent + "@" + addr }
 
 // observeLocked summarises probes and heartbeats for a guest's decisions.
-func (s *Server) observeLocked(guest string) observation {
+// Results in freshRes (just taken for this decision) win over the cache.
+func (s *Server) observeLocked(guest string, freshRes map[string]ProbeStatus) observation {
+	status := func(key string) (ProbeStatus, ProbeSpec, bool) {
+		st, spec, ok := s.probes.status(key)
+		if f, found := freshRes[key]; found && ok {
+			st = f
+		}
+		return st, spec, ok
+	}
 	var o observation
-	if st, spec, ok := s.probes.status(serviceKey(guest)); ok {
+	if st, spec, ok := status(serviceKey(guest)); ok {
 		o.serviceAnswering = st.OK && fresh(st, spec)
 		o.serviceDetail = describe(st)
 	} else {
@@ -521,7 +535,7 @@ func (s *Server) observeLocked(guest string) observation {
 	}
 	o.standbyLost = hs.Suspected
 	if r.StandbyAddr != "" {
-		if st, spec, ok := s.probes.status(agentKey(r.Standby, r.StandbyAddr)); ok {
+		if st, spec, ok := status(agentKey(r.Standby, r.StandbyAddr)); ok {
 			parts = append(parts, "reachability "+describe(st))
 			if !st.OK && fresh(st, spec) {
 				o.standbyLost = true

@@ -576,3 +576,40 @@ func TestOpenRejectsInsecureTLS(t *testing.T) {
 		t.Fatal("Open accepted no TLS config")
 	}
 }
+
+// TestClientConcurrentUse shares one client between goroutines, as an
+// agent with many guests would.
+func TestClientConcurrentUse(t *testing.T) {
+	e := newEnv(t, nil, 3*time.Second)
+	a := e.client("host-a")
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for i := 0; i < 8; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			guest := fmt.Sprintf("g%d", i)
+			reg, err := a.Register(ctx(t), GuestSpec{Guest: guest, AgentID: "host-a", Role: RolePrimary})
+			if err != nil {
+				errs <- err
+				return
+			}
+			for j := 0; j < 10; j++ {
+				if _, err := a.Renew(ctx(t), guest, "host-a", reg.Epoch); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	st, err := a.Status(ctx(t))
+	ok(t, err)
+	if len(st.Guests) != 8 {
+		t.Fatalf("%d guests", len(st.Guests))
+	}
+}
