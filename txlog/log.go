@@ -99,8 +99,8 @@ func Open(dir string, opts Options) (*Log, Recovery, error) {
 			return nil, Recovery{}, fmt.Errorf("txlog: open read-only: %w", err)
 		}
 	} else {
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return nil, Recovery{}, fmt.Errorf("txlog: create log directory: %w", err)
+		if err := mkdirDurable(dir); err != nil {
+			return nil, Recovery{}, err
 		}
 		var err error
 		lock, err = os.OpenFile(filepath.Join(dir, lockFileName), os.O_RDWR|os.O_CREATE, 0o644)
@@ -124,6 +124,18 @@ func Open(dir string, opts Options) (*Log, Recovery, error) {
 	}
 	l.lock = lock
 	return l, rec, nil
+}
+
+// mkdirDurable creates dir if needed and syncs its parent, so a log created
+// and acknowledged does not vanish with its directory entry on power loss.
+func mkdirDurable(dir string) error {
+	if _, err := os.Stat(dir); err == nil {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("txlog: create log directory: %w", err)
+	}
+	return syncDir(filepath.Dir(filepath.Clean(dir)))
 }
 
 func open(dir string, opts Options) (*Log, Recovery, error) {
@@ -212,6 +224,11 @@ func (l *Log) Close() error {
 	if final != nil {
 		err = final.err
 	}
+	l.mu.Lock()
+	if err == nil {
+		err = l.failed
+	}
+	l.mu.Unlock()
 	if l.active != nil {
 		if cerr := l.active.Close(); err == nil {
 			err = cerr

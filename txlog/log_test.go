@@ -579,3 +579,36 @@ func TestAppendContext(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A transaction active at a checkpoint and presumed aborted after a crash
+// leaves the live set, so Compact may drop its BEGIN. Recovery from that
+// same checkpoint must then not demand the dropped records.
+func TestCompactAfterPresumedAbort(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	opts := Options{SegmentSize: 1024}
+	l, _ := mustOpen(t, dir, opts)
+	mustAppend(t, l, Record{Type: TypeBegin, Epoch: 1, TxID: 3})
+	for i := 0; i < 20; i++ {
+		mustAppend(t, l, Record{Type: TypePlain, Epoch: 1, Payload: payloadFor(LSN(i), 200)})
+	}
+	if _, err := l.Checkpoint(ctx, 1, nil); err != nil {
+		t.Fatal(err)
+	}
+	mustClose(t, l) // as good as a crash: txn 3 never decided
+
+	l, rec := mustOpen(t, dir, opts)
+	if tx := rec.Txns[3]; tx == nil || !tx.Presumed {
+		t.Fatalf("txn 3 = %+v, want presumed abort", tx)
+	}
+	if n, err := l.Compact(ctx); err != nil || n == 0 {
+		t.Fatalf("Compact removed %d segments (err %v); txn 3 no longer pins them", n, err)
+	}
+	mustClose(t, l)
+
+	l, rec = mustOpen(t, dir, opts)
+	defer mustClose(t, l)
+	if tx := rec.Txns[3]; tx == nil || !tx.Presumed {
+		t.Fatalf("after compaction txn 3 = %+v, want presumed abort", tx)
+	}
+}

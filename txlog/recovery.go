@@ -86,7 +86,7 @@ func recoverLog(dir string, opts Options) (*recovered, error) {
 	var lowWater LSN
 	for {
 		if ck == nil {
-			ck, err = latestCheckpoint(scans[low].records, segs[low].path)
+			ck, err = latestCheckpoint(scans[low], segs[low].path)
 			if err != nil {
 				return nil, err
 			}
@@ -104,7 +104,7 @@ func recoverLog(dir string, opts Options) (*recovered, error) {
 	}
 	if ck != nil && segs[low].hdr.firstLSN > lowWater {
 		return nil, &CorruptionError{Segment: segs[low].path, Offset: 0,
-			Reason: fmt.Sprintf("checkpoint at LSN %d needs records from LSN %d for a live transaction, but the oldest segment starts at LSN %d; were segments removed by hand?",
+			Reason: fmt.Sprintf("checkpoint at LSN %d needs records from LSN %d for an unfinished transaction, but the oldest segment starts at LSN %d; were segments removed by hand?",
 				ck.LSN, lowWater, segs[low].hdr.firstLSN)}
 	}
 	scanned := 0
@@ -127,14 +127,21 @@ func recoverLog(dir string, opts Options) (*recovered, error) {
 	for _, sg := range segs {
 		rec.MaxEpoch = max(rec.MaxEpoch, sg.hdr.epoch)
 	}
-	var all []Record
+	var before, after []Record
 	for _, s := range scans[low:] {
-		all = append(all, s.records...)
+		for _, r := range s.records {
+			if ck != nil && r.LSN <= ck.LSN {
+				before = append(before, r)
+			} else {
+				after = append(after, r)
+			}
+		}
 		scanned += s.count
 		rec.MaxEpoch = max(rec.MaxEpoch, s.maxEp)
 	}
 	rec.ScannedRecords = scanned
-	rec.Records, rec.Txns = classify(all, ck, needed)
+	rec.Records = after
+	rec.Txns = replay(ck, before, after, needed)
 	if ck != nil {
 		r.ckpt = &ckptMark{lsn: ck.LSN, live: ck.Live}
 	}
@@ -157,57 +164,60 @@ func recoverLog(dir string, opts Options) (*recovered, error) {
 	return r, nil
 }
 
-func latestCheckpoint(recs []Record, path string) (*Checkpoint, error) {
-	for i := len(recs) - 1; i >= 0; i-- {
-		if recs[i].Type != TypeCheckpoint {
+func latestCheckpoint(s *segScan, path string) (*Checkpoint, error) {
+	for i := len(s.records) - 1; i >= 0; i-- {
+		if s.records[i].Type != TypeCheckpoint {
 			continue
 		}
-		c, err := DecodeCheckpoint(recs[i])
+		c, err := DecodeCheckpoint(s.records[i])
 		if err != nil {
-			return nil, &CorruptionError{Segment: path, LSN: recs[i].LSN, Offset: -1, Reason: err.Error()}
+			return nil, &CorruptionError{Segment: path, Offset: s.offs[i], LSN: s.records[i].LSN, Reason: err.Error()}
 		}
 		return c, nil
 	}
 	return nil, nil
 }
 
-// neededByCheckpoint returns the checkpoint's live transactions that are
-// not aborted or ended after it, and the lowest LSN recovery must read.
+// neededByCheckpoint returns the checkpoint's live transactions whose
+// records recovery must still read: those that end up in doubt, or
+// committed and not ended, after replaying the records that follow the
+// checkpoint. It also returns the lowest LSN recovery must read. A
+// transaction that ends up presumed aborted needs nothing, which matches
+// the running log dropping it from its live set (and Compact its records).
 func neededByCheckpoint(ck *Checkpoint, scans []*segScan) (map[uint64]bool, LSN) {
-	needed := make(map[uint64]bool, len(ck.Live))
-	for _, t := range ck.Live {
-		needed[t.ID] = true
-	}
+	var after []Record
 	for _, s := range scans {
 		for _, r := range s.records {
-			if r.LSN > ck.LSN && (r.Type == TypeAbort || r.Type == TypeEnd) {
-				delete(needed, r.TxID)
+			if r.LSN > ck.LSN {
+				after = append(after, r)
 			}
 		}
 	}
+	tt := replay(ck, nil, after, nil)
+	needed := map[uint64]bool{}
 	low := ck.LSN
 	for _, t := range ck.Live {
-		if needed[t.ID] {
+		e := tt[t.ID]
+		if e != nil && e.FirstLSN == t.FirstLSN && (e.State == TxnInDoubt || (e.State == TxnCommitted && !e.Ended)) {
+			needed[t.ID] = true
 			low = min(low, t.FirstLSN)
 		}
 	}
 	return needed, low
 }
 
-// classify replays records (oldest first) into transaction states and
-// returns the records after the checkpoint.
-func classify(all []Record, ck *Checkpoint, needed map[uint64]bool) ([]Record, map[uint64]*TxnInfo) {
+// replay classifies transactions: it starts from the checkpoint's live set
+// (if any), takes the DATA of needed transactions from the records before
+// the checkpoint, and applies the records after it.
+func replay(ck *Checkpoint, before, after []Record, needed map[uint64]bool) txnTable {
 	tt := txnTable{}
-	after := all
 	if ck != nil {
 		for _, t := range ck.Live {
 			tt[t.ID] = &TxnInfo{ID: t.ID, State: t.State, FirstLSN: t.FirstLSN, LastLSN: t.FirstLSN}
 		}
-		i := 0
-		for ; i < len(all) && all[i].LSN <= ck.LSN; i++ {
-			r := all[i]
+		for _, r := range before {
 			t := tt[r.TxID]
-			if r.Type == TypeCheckpoint || t == nil || r.LSN < t.FirstLSN {
+			if r.Type == TypeCheckpoint || r.Type == TypePlain || t == nil || r.LSN < t.FirstLSN {
 				continue
 			}
 			t.LastLSN, t.Epoch = r.LSN, r.Epoch
@@ -215,13 +225,12 @@ func classify(all []Record, ck *Checkpoint, needed map[uint64]bool) ([]Record, m
 				t.Data = append(t.Data, r)
 			}
 		}
-		after = all[i:]
 	}
 	for i := range after {
 		tt.apply(&after[i])
 	}
 	tt.finish()
-	return after, tt
+	return tt
 }
 
 // cutTail saves the torn bytes next to the segment, then zeroes them in

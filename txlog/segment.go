@@ -246,6 +246,7 @@ func (sr *segReader) read() (Record, error) {
 // segScan is what one pass over a segment found.
 type segScan struct {
 	records []Record // nil unless kept
+	offs    []int64  // offset of each kept record
 	count   int      // valid records seen
 	end     int64    // offset just past the last valid record
 	next    LSN      // LSN the next record would have
@@ -272,6 +273,7 @@ func scanSegment(sg segment, last, keep bool) (*segScan, error) {
 	sr := newSegReader(f, sg.path, size, sg.hdr.firstLSN)
 	var why error
 	for {
+		off := sr.off
 		r, err := sr.read()
 		if err != nil {
 			why = err
@@ -279,6 +281,7 @@ func scanSegment(sg segment, last, keep bool) (*segScan, error) {
 		}
 		if keep {
 			s.records = append(s.records, r)
+			s.offs = append(s.offs, off)
 		}
 		s.count++
 		s.maxEp = max(s.maxEp, r.Epoch)
@@ -338,11 +341,15 @@ func durableEvidence(region, full []byte, want LSN) (int, LSN, bool) {
 	for p := range region {
 		b := full[p:]
 		if len(b) < recHeaderSize || !RecordType(b[8]).valid() {
-			continue // cheap filter before the CRC
+			continue // cheap filter before parsing
 		}
-		r, _, synced, err := decodeRecord(b)
-		if err == nil && r.LSN >= want && synced >= want {
-			return p, r.LSN, true
+		h, err := parseHeader(b, len(b)-recHeaderSize)
+		if err != nil || h.lsn < want || h.synced < want {
+			continue // no proof even if the CRC matched
+		}
+		n := recHeaderSize + int(h.length)
+		if h.checksum(b[:recHeaderSize], b[recHeaderSize:n]) {
+			return p, h.lsn, true
 		}
 	}
 	return 0, 0, false
