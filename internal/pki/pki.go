@@ -65,7 +65,7 @@ func InitCA(dir string, force bool) error {
 	if !force {
 		for _, f := range []string{CACertFile, CAKeyFile} {
 			if _, err := os.Stat(filepath.Join(dir, f)); err == nil {
-				return fmt.Errorf("%w in %s (use force to replace it)", ErrCAExists, dir)
+				return fmt.Errorf("%w in %s", ErrCAExists, dir)
 			} else if !errors.Is(err, fs.ErrNotExist) {
 				return fmt.Errorf("pki: %w", err)
 			}
