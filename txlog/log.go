@@ -56,23 +56,25 @@ type Log struct {
 	opts Options
 	lock *os.File
 
-	mu      sync.Mutex
-	cond    *sync.Cond // wakes the syncer
-	segs    []segment  // oldest first; the last one is written to
-	nextLSN LSN
-	written LSN    // every LSN <= written was handed to the OS
-	synced  LSN    // every LSN <= synced is durable
-	epoch   uint64 // highest fencing epoch accepted
-	live    map[uint64]*liveTxn
-	ckpt    *ckptMark
-	enqOff  int64 // end of the active segment, queued records included
-	enqCap  int64 // size of the segment enqOff refers to
-	queue   []*batch
-	queued  int
-	closed  bool
-	failed  error // sticky write error
+	// Guarded by mu.
+	mu       sync.Mutex
+	cond     *sync.Cond // wakes the syncer
+	segs     []segment  // oldest first; the last one is written to
+	nextLSN  LSN
+	written  LSN    // every LSN <= written was handed to the OS
+	synced   LSN    // every LSN <= synced is durable
+	epoch    uint64 // highest fencing epoch accepted
+	live     map[uint64]*liveTxn
+	ckpt     *ckptMark
+	enqOff   int64 // end of the active segment, queued records included
+	enqCap   int64 // size of the segment enqOff refers to
+	queue    []*batch
+	queued   int    // bytes in queue and flushing
+	flushing *batch // batch the syncer is writing
+	closed   bool
+	failed   error // sticky write error
 
-	flushing   *batch // batch the syncer is writing
+	// Owned by the syncer goroutine (run).
 	active     *os.File
 	activePath string
 	wOff       int64
@@ -422,7 +424,7 @@ func readRecords(f *os.File, sg segment, from, end LSN, fn func(Record) error) e
 	if err != nil {
 		return fmt.Errorf("txlog: stat %s: %w", sg.path, err)
 	}
-	sr := newSegReader(f, sg.path, fi.Size(), sg.hdr.firstLSN)
+	sr := newSegReader(f, fi.Size(), sg.hdr.firstLSN)
 	for sr.next <= end {
 		off := sr.off
 		r, err := sr.read()

@@ -199,7 +199,6 @@ func syncDir(dir string) error {
 
 // segReader streams the records of one segment in order.
 type segReader struct {
-	path string
 	r    *bufio.Reader
 	off  int64 // offset of the next record
 	size int64
@@ -207,9 +206,8 @@ type segReader struct {
 	hb   [recHeaderSize]byte
 }
 
-func newSegReader(f *os.File, path string, size int64, first LSN) *segReader {
+func newSegReader(f *os.File, size int64, first LSN) *segReader {
 	return &segReader{
-		path: path,
 		r:    bufio.NewReaderSize(io.NewSectionReader(f, segHeaderSize, size-segHeaderSize), 1<<18),
 		off:  segHeaderSize,
 		size: size,
@@ -270,7 +268,7 @@ func scanSegment(sg segment, last, keep bool) (*segScan, error) {
 	}
 	size := fi.Size()
 	s := &segScan{next: sg.hdr.firstLSN, maxEp: sg.hdr.epoch}
-	sr := newSegReader(f, sg.path, size, sg.hdr.firstLSN)
+	sr := newSegReader(f, size, sg.hdr.firstLSN)
 	var why error
 	for {
 		off := sr.off

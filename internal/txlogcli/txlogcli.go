@@ -187,11 +187,8 @@ func verifyCommand() *cobra.Command {
 				return fmt.Errorf("verify %s: %w", dir, err)
 			}
 			defer l.Close()
-			// Iterate re-reads the records recovery needed, so a log that
-			// changes underneath us is still checked end to end.
-			if err := l.Iterate(0, func(txlog.Record) error { return nil }); err != nil {
-				return fmt.Errorf("verify %s: %w", dir, err)
-			}
+			// VerifyAll made recovery checksum every segment and check LSN
+			// continuity, so there is nothing left to read.
 			warnTorn(cmd.ErrOrStderr(), rec.Torn)
 			out := cmd.OutOrStdout()
 			fmt.Fprintf(out, "%s: sound\n", dir)
