@@ -4,10 +4,11 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/remora-ha/remora/internal/arbitercli"
+	"github.com/remora-ha/remora/internal/txlogcli"
 )
 
 func init() {
 	extraCommands = func() []*cobra.Command {
-		return arbitercli.Commands()
+		return append(arbitercli.Commands(), txlogcli.Command())
 	}
 }

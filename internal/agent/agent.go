@@ -18,10 +18,12 @@ import (
 
 // Agent is one host's remora agent.
 type Agent struct {
-	cfg   Config
-	log   *slog.Logger
-	virt  *migrate.Conn
-	store recordStore
+	cfg     Config
+	log     *slog.Logger
+	virt    *migrate.Conn
+	store   recordStore
+	journal *journal
+	resume  map[string]failTxn // failovers the journal says were not finished
 
 	mu       sync.Mutex
 	primary  map[string]*primaryGuest
@@ -69,9 +71,22 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	defer api.Close()
 
+	j, jst, err := openJournal(a.cfg.StateDir, a.log)
+	if err != nil {
+		return err
+	}
+	a.journal = j
+	defer j.close()
+	a.resume = jst.failovers
 	records, err := a.store.loadAll()
 	if err != nil {
 		return err
+	}
+	for _, r := range records {
+		if g, ok := jst.guests[r.Name]; ok && r.Role == RoleStandby {
+			r.Replica = g.Replica // the journal is newer than the record file
+			r.Fence = max(r.Fence, g.Fence)
+		}
 	}
 	for _, r := range records {
 		switch r.Role {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/txlog"
 )
 
 // FailoverResult says what a failover restored.
@@ -55,41 +56,133 @@ func (a *Agent) Failover(ctx context.Context, name string, force bool) (Failover
 		sg.session.Close()
 		sg.session = nil
 	}
+	if tx, resuming := a.resume[name]; resuming {
+		return a.resumeFailover(ctx, sg, tx, start)
+	}
 	if sg.replica == nil {
 		if err := a.attachShell(ctx, sg, "", 0); err != nil {
 			return FailoverResult{}, fmt.Errorf("no usable replica of %q: %w", name, err)
 		}
 	}
 	sg.replica.Abort() // an epoch still arriving is not committed: drop it
-	if rec.State != StateFailingOver {
-		if err := sg.replica.Consistent(); err != nil {
-			return FailoverResult{}, fmt.Errorf("cannot fail over %q: %w", name, err)
-		}
-		rec.State = StateFailingOver
-		rec.Fence++ // the old primary's frames are stale from now on
-		if err := a.store.save(rec); err != nil {
-			return FailoverResult{}, err
-		}
-	}
+	a.journal.epochAbort(name, 0)
 	epoch := sg.replica.State().Applied
-	a.log.Info("failing over", "domain", name, "epoch", epoch, "fence", rec.Fence)
+	if err := sg.replica.Consistent(); err != nil {
+		return FailoverResult{}, fmt.Errorf("cannot fail over %q: %w", name, err)
+	}
+	// One journal transaction covers the whole failover: a crash anywhere
+	// in it is resumed (or rolled back) from the journal on restart.
+	tx := failTxn{id: a.journal.newTx(), fence: rec.Fence + 1}
+	ev := journalEvent{Kind: "failover", Guest: name, Epoch: epoch, Fence: tx.fence}
+	if err := a.journal.append(ctx, true, txlog.TypeBegin, tx.id, ev); err != nil {
+		return FailoverResult{}, err
+	}
+	ev.Step = "resolved" // in-flight epochs aborted; restoring the last applied one
+	if err := a.journal.append(ctx, true, txlog.TypeData, tx.id, ev); err != nil {
+		return FailoverResult{}, err
+	}
+	a.resume[name] = tx
+	rec.State = StateFailingOver
+	rec.Fence = tx.fence // the old primary's frames are stale from now on
+	if err := a.store.save(rec); err != nil {
+		return FailoverResult{}, err
+	}
+	return a.finishFailover(ctx, sg, tx, epoch, start)
+}
 
-	st, err := migrate.Status(sg.shell.Mon)
+// resumeFailover continues a failover the journal shows unfinished. It is
+// rolled back only if the shell is gone before the guest was started.
+func (a *Agent) resumeFailover(ctx context.Context, sg *standbyGuest, tx failTxn, start time.Time) (FailoverResult, error) {
+	rec := sg.rec
+	a.log.Warn("resuming an interrupted failover", "domain", rec.Name, "steps_done", tx.steps, "committed", tx.committed)
+	rec.Fence = max(rec.Fence, tx.fence)
+	exists, err := a.virt.DomainExists(ctx, rec.Shell)
 	if err != nil {
 		return FailoverResult{}, err
 	}
-	if st == "inmigrate" {
-		f, err := os.Open(sg.replica.DevStatePath())
-		if err != nil {
-			return FailoverResult{}, fmt.Errorf("device state of epoch %d: %w", epoch, err)
+	if !exists && !tx.committed {
+		ev := journalEvent{Kind: "failover", Guest: rec.Name, Fence: tx.fence, Step: "rolled back: shell gone"}
+		if err := a.journal.append(ctx, true, txlog.TypeAbort, tx.id, ev); err != nil {
+			return FailoverResult{}, err
 		}
-		err = migrate.Restore(ctx, sg.shell, filepath.Join(a.cfg.RuntimeDir, name+".incoming.sock"), f)
-		f.Close()
-		if err != nil {
-			return FailoverResult{}, fmt.Errorf("restore %q from epoch %d: %w", name, epoch, err)
+		delete(a.resume, rec.Name)
+		rec.State = ""
+		a.detachShell(sg)
+		if err := a.store.save(rec); err != nil {
+			return FailoverResult{}, err
 		}
-	} else if st != "running" {
-		if err := migrate.Exec(sg.shell.Mon, "cont", nil, nil); err != nil {
+		return FailoverResult{}, fmt.Errorf("failover of %q rolled back: its standby shell %q is gone, so there is nothing to resume; re-enroll the guest from a running copy", rec.Name, rec.Shell)
+	}
+	if exists && sg.replica == nil {
+		st, err := migrate.Status(migrate.NewMonitor(a.virt, rec.Shell))
+		if err != nil {
+			return FailoverResult{}, err
+		}
+		if st == "inmigrate" { // not restored yet: the replica is needed
+			if err := a.attachShell(ctx, sg, "", 0); err != nil {
+				return FailoverResult{}, err
+			}
+		}
+	}
+	var epoch uint64
+	if sg.replica != nil {
+		epoch = sg.replica.State().Applied
+	} else {
+		epoch = rec.Replica.Applied
+	}
+	return a.finishFailover(ctx, sg, tx, epoch, start)
+}
+
+// finishFailover restores the shell unless that was done, then records the
+// promotion and ends the journal transaction.
+func (a *Agent) finishFailover(ctx context.Context, sg *standbyGuest, tx failTxn, epoch uint64, start time.Time) (FailoverResult, error) {
+	rec, name := sg.rec, sg.rec.Name
+	step := func(s string, typ txlog.RecordType, durable bool) error {
+		return a.journal.append(ctx, durable, typ, tx.id, journalEvent{Kind: "failover", Guest: name, Epoch: epoch, Fence: tx.fence, Step: s})
+	}
+	a.log.Info("failing over", "domain", name, "epoch", epoch, "fence", rec.Fence)
+	if exists, err := a.virt.DomainExists(ctx, rec.Shell); err != nil {
+		return FailoverResult{}, err
+	} else if exists {
+		mon := migrate.NewMonitor(a.virt, rec.Shell)
+		defer mon.Close()
+		st, err := migrate.Status(mon)
+		if err != nil {
+			return FailoverResult{}, err
+		}
+		if a.faultHook != nil {
+			a.faultHook("failover-begun", epoch)
+		}
+		if st == "inmigrate" {
+			f, err := os.Open(sg.replica.DevStatePath())
+			if err != nil {
+				return FailoverResult{}, fmt.Errorf("device state of epoch %d: %w", epoch, err)
+			}
+			shell := &migrate.Guest{Name: rec.Shell, Conn: a.virt, Mon: mon}
+			err = migrate.Restore(ctx, shell, filepath.Join(a.cfg.RuntimeDir, name+".incoming.sock"), f)
+			f.Close()
+			if err != nil {
+				return FailoverResult{}, fmt.Errorf("restore %q from epoch %d: %w", name, epoch, err)
+			}
+		} else if st != "running" {
+			if err := migrate.Exec(mon, "cont", nil, nil); err != nil {
+				return FailoverResult{}, err
+			}
+		}
+	} else {
+		a.log.Error("the promoted guest's domain is gone", "domain", name, "shell", rec.Shell)
+	}
+	if a.faultHook != nil {
+		a.faultHook("failover-restored", epoch)
+	}
+	if !tx.committed {
+		if err := step("restored", txlog.TypeData, false); err != nil {
+			return FailoverResult{}, err
+		}
+		if err := step("started", txlog.TypeCommit, true); err != nil {
+			return FailoverResult{}, err
+		}
+		if err := a.journal.append(ctx, true, txlog.TypePlain, 0, journalEvent{Kind: "promote", Guest: name, Fence: rec.Fence}); err != nil {
 			return FailoverResult{}, err
 		}
 	}
@@ -99,6 +192,10 @@ func (a *Agent) Failover(ctx context.Context, name string, force bool) (Failover
 	if err := a.store.save(rec); err != nil {
 		return FailoverResult{}, err
 	}
+	if err := step("announced", txlog.TypeEnd, false); err != nil {
+		return FailoverResult{}, err
+	}
+	delete(a.resume, name)
 	a.detachShell(sg)
 	_ = removeAll(a.replicaDir(name))
 	res := FailoverResult{Domain: name, Epoch: epoch, Fence: rec.Fence, Duration: time.Since(start)}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/txlog"
 )
 
 type standbyGuest struct {
@@ -52,6 +53,12 @@ func (a *Agent) loadStandby(ctx context.Context, rec *Record) {
 	a.mu.Lock()
 	a.standby[rec.Name] = sg
 	a.mu.Unlock()
+	a.failover.Lock()
+	_, unfinished := a.resume[rec.Name]
+	a.failover.Unlock()
+	if unfinished && rec.State == "" {
+		rec.State = StateFailingOver // the journal has the failover the record file missed
+	}
 	switch rec.State {
 	case StateFailingOver:
 		a.log.Warn("a failover was interrupted by an agent restart; finishing it", "domain", rec.Name)
@@ -61,6 +68,12 @@ func (a *Agent) loadStandby(ctx context.Context, rec *Record) {
 			}
 		}()
 	case StateFailedOver:
+		a.failover.Lock()
+		if tx, ok := a.resume[rec.Name]; ok { // crashed between recording and ending it
+			_ = a.journal.append(ctx, false, txlog.TypeEnd, tx.id, journalEvent{Kind: "failover", Guest: rec.Name, Fence: tx.fence, Step: "announced"})
+			delete(a.resume, rec.Name)
+		}
+		a.failover.Unlock()
 	default:
 		sg.mu.Lock()
 		err := a.attachShell(ctx, sg, "", 0)
@@ -131,12 +144,21 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 	if err != nil {
 		return err
 	}
-	if fresh {
-		sg.rec.Replica = checkpoint.ReplicaState{} // a new shell's RAM is empty
+	persist := a.journal.replicaPersist(sg.rec.Name)
+	if fresh { // a new shell's RAM is empty: nothing staged or committed applies to it
+		_ = removeAll(a.replicaDir(sg.rec.Name))
+		if err := persist(checkpoint.ReplicaState{}); err != nil {
+			migrate.UnmapRAM(mem)
+			return err
+		}
+		sg.rec.Replica = checkpoint.ReplicaState{}
 	}
 	rep, err := checkpoint.OpenReplica(a.replicaDir(sg.rec.Name), mem, sg.rec.Replica, func(st checkpoint.ReplicaState) error {
+		if err := persist(st); err != nil {
+			return err
+		}
 		sg.rec.Replica = st
-		return a.store.save(sg.rec)
+		return nil
 	})
 	if err != nil {
 		migrate.UnmapRAM(mem)
@@ -225,6 +247,7 @@ func (a *Agent) handleSession(ctx context.Context, conn net.Conn) {
 	sg.mu.Lock()
 	if sg.replica != nil {
 		sg.replica.Abort()
+		a.journal.epochAbort(hello.Domain, 0)
 	}
 	if sg.session == conn {
 		sg.session = nil
@@ -317,7 +340,9 @@ func (a *Agent) receive(ctx context.Context, sg *standbyGuest, conn net.Conn, br
 		case checkpoint.FrameEpochBegin:
 			var b checkpoint.EpochBegin
 			if ferr = json.Unmarshal(f.Payload, &b); ferr == nil {
-				ferr = rep.Begin(h.Generation, f.Epoch, b)
+				if ferr = a.journal.epochBegin(h.Domain, f.Epoch, h.Generation, b.Full); ferr == nil {
+					ferr = rep.Begin(h.Generation, f.Epoch, b)
+				}
 			}
 		case checkpoint.FramePages:
 			ferr = rep.AddPages(f.Epoch, f.Payload)
@@ -343,6 +368,7 @@ func (a *Agent) receive(ctx context.Context, sg *standbyGuest, conn net.Conn, br
 		}
 		sg.mu.Unlock()
 		if ferr != nil {
+			a.journal.epochAbort(h.Domain, f.Epoch)
 			sendError(conn, f.Fence, ferr, false)
 			return ferr
 		}
@@ -382,6 +408,9 @@ func (a *Agent) dropReplica(ctx context.Context, name string, fence uint64) erro
 		}
 	}
 	_ = removeAll(a.replicaDir(name))
+	if err := a.journal.append(ctx, true, txlog.TypePlain, 0, journalEvent{Kind: "drop", Guest: name}); err != nil {
+		return err
+	}
 	a.mu.Lock()
 	delete(a.standby, name)
 	a.mu.Unlock()

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -31,24 +32,29 @@ func TestFailoverAfterPrimaryCrash(t *testing.T) {
 		point      string // where host A's agent dies (checkpoint.Primary hook names)
 		crashEpoch uint64
 		ip         int
-		rate       int // guest memory writer, pages/s
+		rate       int    // guest memory writer, pages/s
+		failCrash  string // where host B's agent dies during the failover, then restarts
 	}{
-		{"captured", 30, 11, 20000},  // guest paused, epoch being captured
-		{"transfer", 30, 12, 20000},  // half of the epoch's pages sent
-		{"acked", 60, 13, 20000},     // between epochs, right after an ack
+		{"captured", 30, 11, 20000, "failover-begun"},    // guest paused, epoch being captured
+		{"transfer", 30, 12, 20000, "failover-restored"}, // half of the epoch's pages sent
+		{"acked", 60, 13, 20000, ""},                     // between epochs, right after an ack
 	}
 	for _, c := range cases {
 		t.Run(c.point, func(t *testing.T) {
-			crashTest(t, c.point, c.crashEpoch, c.ip, c.rate)
+			crashTest(t, c.point, c.crashEpoch, c.ip, c.rate, c.failCrash)
 		})
 	}
 }
 
-func crashTest(t *testing.T, point string, crashEpoch uint64, ip, rate int) {
+func crashTest(t *testing.T, point string, crashEpoch uint64, ip, rate int, failCrash string) {
 	name := "e2e-" + point
 	g := bootGuest(t, name, ip, rate)
 	a := newHost(t, "host-a", labkit.NetnsA, labkit.IPA, hostOpts{env: []string{fmt.Sprintf("REMORA_FAULT_INJECT=%s:%d", point, crashEpoch)}})
-	b := newHost(t, "host-b", labkit.NetnsB, labkit.IPB, hostOpts{})
+	var bEnv []string
+	if failCrash != "" {
+		bEnv = []string{"REMORA_FAULT_INJECT=" + failCrash + ":0"}
+	}
+	b := newHost(t, "host-b", labkit.NetnsB, labkit.IPB, hostOpts{env: bEnv})
 	a.start()
 
 	if point == "captured" {
@@ -139,7 +145,27 @@ loop:
 	}
 
 	out, err := b.cli("vm", "failover", name)
-	if err != nil {
+	if failCrash != "" {
+		// Host B's agent died in the middle of the failover; on restart it
+		// must finish it from its journal, without being asked again.
+		if err == nil {
+			t.Fatalf("failover succeeded though the agent was to die at %s:\n%s", failCrash, out)
+		}
+		<-b.exited()
+		b.env = nil
+		b.start()
+		waitFor(t, "the restarted standby to finish the failover", time.Minute, func() bool {
+			s, ok := b.status(name)
+			return ok && s.State == "failed-over"
+		})
+		if !b.logContains("resuming an interrupted failover") {
+			t.Fatalf("restarted agent did not resume the failover from its journal:\n%s", b.logTail(30))
+		}
+		out, err = b.cli("txlog", "verify", filepath.Join(b.dir, "state", "journal"))
+		if err != nil {
+			t.Fatalf("journal not sound after the crash: %v\n%s", err, out)
+		}
+	} else if err != nil {
 		t.Fatalf("failover: %v\n%s", err, out)
 	}
 	t.Logf("%s", strings.TrimSpace(out))

@@ -1,0 +1,268 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/txlog"
+)
+
+// The journal is the agent's write-ahead log (txlog): each replica epoch is
+// a transaction (BEGIN on arrival, COMMIT once verified, END once applied,
+// ABORT when incomplete), a failover is one transaction whose DATA records
+// are its steps, and a promotion is recorded with its fencing epoch. On
+// restart the replica states are rebuilt from the latest checkpoint plus
+// the records after it.
+type journal struct {
+	log *txlog.Log
+	lg  *slog.Logger
+
+	// mu orders appends: a record's LSN order is the order its event is
+	// applied to guests, so a checkpoint of guests covers exactly the
+	// records before it.
+	mu        sync.Mutex
+	nextTx    uint64
+	epochTx   map[string]uint64 // guest -> transaction of its current epoch
+	fence     uint64            // highest fencing epoch written; txlog refuses lower ones
+	sinceCkpt int
+	guests    map[string]journalGuest
+}
+
+// journalEvent is the payload of every journal record.
+type journalEvent struct {
+	Kind  string `json:"k"` // epoch, failover, promote, reset, drop
+	Guest string `json:"g"`
+	Epoch uint64 `json:"e,omitempty"`
+	Gen   string `json:"gen,omitempty"`
+	Full  bool   `json:"full,omitempty"`
+	Fence uint64 `json:"fence,omitempty"`
+	Step  string `json:"step,omitempty"`
+}
+
+// journalGuest is a guest's state in a journal checkpoint.
+type journalGuest struct {
+	Replica checkpoint.ReplicaState `json:"replica"`
+	Fence   uint64                  `json:"fence"`
+}
+
+// journalState is what the journal knew at open.
+type journalState struct {
+	guests    map[string]journalGuest
+	epochTx   map[string]uint64  // committed, not yet applied epochs: their transactions
+	failovers map[string]failTxn // failovers that were not ended
+}
+
+type failTxn struct {
+	id        uint64
+	committed bool
+	steps     []string
+	fence     uint64
+}
+
+const checkpointEvery = 256 // committed epochs between journal checkpoints
+
+func openJournal(dir string, lg *slog.Logger) (*journal, journalState, error) {
+	l, rec, err := txlog.Open(filepath.Join(dir, "journal"), txlog.Options{SegmentSize: 8 << 20})
+	if err != nil {
+		return nil, journalState{}, fmt.Errorf("open the agent journal: %w (inspect it with `remora txlog verify %s`)", err, filepath.Join(dir, "journal"))
+	}
+	if rec.Torn != nil {
+		lg.Warn("journal had a torn tail (a write cut by a crash); cut and kept aside", "file", rec.Torn.SavedAs, "bytes", rec.Torn.Bytes)
+	}
+	j := &journal{log: l, lg: lg, epochTx: map[string]uint64{}, fence: rec.MaxEpoch}
+	st := journalState{guests: map[string]journalGuest{}, epochTx: map[string]uint64{}, failovers: map[string]failTxn{}}
+	if rec.Checkpoint != nil && len(rec.Checkpoint.Data) > 0 {
+		if err := json.Unmarshal(rec.Checkpoint.Data, &st.guests); err != nil {
+			l.Close()
+			return nil, st, fmt.Errorf("journal checkpoint at LSN %d is unreadable: %w", rec.Checkpoint.LSN, err)
+		}
+	}
+	var maxTx uint64
+	for _, r := range rec.Records {
+		maxTx = max(maxTx, r.TxID)
+		var ev journalEvent
+		if r.Type == txlog.TypeCheckpoint || json.Unmarshal(r.Payload, &ev) != nil {
+			continue
+		}
+		applyEvent(st.guests, r.Type, ev)
+		if ev.Kind == "epoch" {
+			switch r.Type {
+			case txlog.TypeCommit:
+				st.epochTx[ev.Guest] = r.TxID
+			case txlog.TypeEnd:
+				delete(st.epochTx, ev.Guest)
+			}
+		}
+	}
+	for id, t := range rec.Txns {
+		maxTx = max(maxTx, id)
+		if t.Ended || t.State == txlog.TxnAborted && !t.Presumed {
+			continue
+		}
+		var ev journalEvent
+		var steps []string
+		for _, d := range t.Data {
+			var s journalEvent
+			if json.Unmarshal(d.Payload, &s) == nil {
+				ev = s
+				steps = append(steps, s.Step)
+			}
+		}
+		if ev.Kind == "failover" {
+			st.failovers[ev.Guest] = failTxn{id: id, committed: t.State == txlog.TxnCommitted, steps: steps, fence: ev.Fence}
+		}
+	}
+	j.nextTx = max(maxTx+1, uint64(time.Now().UnixNano()))
+	j.guests = map[string]journalGuest{}
+	for g, v := range st.guests {
+		j.guests[g] = v
+	}
+	for g, tx := range st.epochTx {
+		j.epochTx[g] = tx
+	}
+	return j, st, nil
+}
+
+// applyEvent folds one journal record into the guests' states.
+func applyEvent(guests map[string]journalGuest, typ txlog.RecordType, ev journalEvent) {
+	g := guests[ev.Guest]
+	switch {
+	case ev.Kind == "epoch" && typ == txlog.TypeCommit:
+		g.Replica.Committed, g.Replica.Generation = ev.Epoch, ev.Gen
+		if ev.Full {
+			g.Replica.Synced = true
+		}
+	case ev.Kind == "epoch" && typ == txlog.TypeEnd:
+		g.Replica.Applied = ev.Epoch
+	case ev.Kind == "reset":
+		g.Replica = checkpoint.ReplicaState{}
+	case ev.Kind == "promote":
+		g.Fence = max(g.Fence, ev.Fence)
+	case ev.Kind == "drop":
+		delete(guests, ev.Guest)
+		return
+	default:
+		return
+	}
+	guests[ev.Guest] = g
+}
+
+func (j *journal) close() error { return j.log.Close() }
+
+func (j *journal) newTx() uint64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.nextTx++
+	return j.nextTx
+}
+
+func (j *journal) append(ctx context.Context, durable bool, typ txlog.RecordType, tx uint64, ev journalEvent) error {
+	b, _ := json.Marshal(ev)
+	j.mu.Lock()
+	j.fence = max(j.fence, ev.Fence)
+	_, err := j.log.AppendAsync(ctx, txlog.Record{Type: typ, Epoch: j.fence, TxID: tx, Payload: b})
+	if err == nil {
+		applyEvent(j.guests, typ, ev)
+	}
+	j.mu.Unlock()
+	if err == nil && durable {
+		err = j.log.Sync(ctx) // shared fdatasync with concurrent appenders
+	}
+	if err != nil {
+		return fmt.Errorf("journal %s %s of %s: %w", typ, ev.Kind, ev.Guest, err)
+	}
+	return nil
+}
+
+// epochBegin records that an epoch started to arrive.
+func (j *journal) epochBegin(guest string, epoch uint64, gen string, full bool) error {
+	tx := j.newTx()
+	j.mu.Lock()
+	j.epochTx[guest] = tx
+	j.mu.Unlock()
+	return j.append(context.Background(), false, txlog.TypeBegin, tx, journalEvent{Kind: "epoch", Guest: guest, Epoch: epoch, Gen: gen, Full: full})
+}
+
+// replicaPersist is the Replica's persist hook for guest: a commit is made
+// durable before the epoch is applied; the apply is recorded after.
+func (j *journal) replicaPersist(guest string) func(checkpoint.ReplicaState) error {
+	return func(next checkpoint.ReplicaState) error {
+		j.mu.Lock()
+		prev := j.guests[guest].Replica
+		tx := j.epochTx[guest]
+		j.mu.Unlock()
+		ev := journalEvent{Kind: "epoch", Guest: guest, Gen: next.Generation}
+		switch {
+		case next.Committed > prev.Committed || next.Synced && !prev.Synced:
+			ev.Epoch, ev.Full = next.Committed, next.Synced && !prev.Synced
+			return j.append(context.Background(), true, txlog.TypeCommit, tx, ev)
+		case next.Applied > prev.Applied:
+			ev.Epoch = next.Applied
+			if err := j.append(context.Background(), false, txlog.TypeEnd, tx, ev); err != nil {
+				return err
+			}
+			j.mu.Lock()
+			delete(j.epochTx, guest)
+			j.sinceCkpt++
+			due := j.sinceCkpt >= checkpointEvery
+			j.mu.Unlock()
+			if due {
+				go j.checkpoint()
+			}
+			return nil
+		case next.Committed == 0 && next.Applied == 0 && !next.Synced && (prev != next):
+			return j.append(context.Background(), true, txlog.TypePlain, 0, journalEvent{Kind: "reset", Guest: guest})
+		}
+		return nil
+	}
+}
+
+// state returns the journal's view of a guest.
+func (j *journal) state(guest string) (journalGuest, bool) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	g, ok := j.guests[guest]
+	return g, ok
+}
+
+// epochAbort records that an epoch being received was discarded.
+func (j *journal) epochAbort(guest string, epoch uint64) {
+	j.mu.Lock()
+	tx, ok := j.epochTx[guest]
+	delete(j.epochTx, guest)
+	j.mu.Unlock()
+	if ok {
+		_ = j.append(context.Background(), false, txlog.TypeAbort, tx, journalEvent{Kind: "epoch", Guest: guest, Epoch: epoch})
+	}
+}
+
+// checkpoint writes the replica states and drops segments no longer
+// needed. Appends wait meanwhile, so the snapshot matches the LSN.
+func (j *journal) checkpoint() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	j.mu.Lock()
+	if j.sinceCkpt < checkpointEvery {
+		j.mu.Unlock()
+		return
+	}
+	j.sinceCkpt = 0
+	b, _ := json.Marshal(j.guests)
+	_, err := j.log.Checkpoint(ctx, j.fence, b)
+	j.mu.Unlock()
+	if err != nil {
+		j.lg.Warn("journal checkpoint failed", "err", err)
+		return
+	}
+	if n, err := j.log.Compact(ctx); err != nil {
+		j.lg.Warn("journal compaction failed", "err", err)
+	} else if n > 0 {
+		j.lg.Debug("journal compacted", "segments_removed", n)
+	}
+}
