@@ -428,6 +428,10 @@ func readRecords(f *os.File, sg segment, from, end LSN, fn func(Record) error) e
 	for sr.next <= end {
 		off := sr.off
 		r, err := sr.read()
+		var re *readError
+		if errors.As(err, &re) {
+			return fmt.Errorf("txlog: read segment %s at offset %d: %w", sg.path, off, re.err)
+		}
 		if err != nil {
 			return &CorruptionError{Segment: sg.path, Offset: off, LSN: sr.next, Reason: err.Error()}
 		}

@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"hash/crc32"
+	"io"
+	"syscall"
 	"testing"
 )
 
@@ -157,4 +159,16 @@ func FuzzDecodeRecord(f *testing.F) {
 			t.Fatalf("re-encoding differs:\n got %x\nwant %x", again, b[:n])
 		}
 	})
+}
+
+func TestReadErrorsAreNotTornTails(t *testing.T) {
+	for _, err := range []error{io.EOF, io.ErrUnexpectedEOF} {
+		if got := shortOr(err); got != errShortRecord {
+			t.Fatalf("shortOr(%v) = %v, want errShortRecord", err, got)
+		}
+	}
+	var re *readError
+	if got := shortOr(syscall.EIO); !errors.As(got, &re) || !errors.Is(got, syscall.EIO) {
+		t.Fatalf("shortOr(EIO) = %v, want a readError wrapping EIO", got)
+	}
 }

@@ -215,12 +215,27 @@ func newSegReader(f *os.File, size int64, first LSN) *segReader {
 	}
 }
 
+// readError is an I/O failure, as opposed to bytes that are not a record.
+// It must never be mistaken for a torn tail: that would cut durable data
+// because of a failing disk.
+type readError struct{ err error }
+
+func (e *readError) Error() string { return e.err.Error() }
+func (e *readError) Unwrap() error { return e.err }
+
+func shortOr(err error) error {
+	if err == io.EOF || err == io.ErrUnexpectedEOF {
+		return errShortRecord
+	}
+	return &readError{err}
+}
+
 // read returns the next record with a freshly allocated payload, or why
-// the bytes at sr.off are not that record. After an error the reader must
-// not be used again.
+// the bytes at sr.off are not that record (a *readError if reading
+// failed). After an error the reader must not be used again.
 func (sr *segReader) read() (Record, error) {
 	if _, err := io.ReadFull(sr.r, sr.hb[:]); err != nil {
-		return Record{}, errShortRecord
+		return Record{}, shortOr(err)
 	}
 	h, err := parseHeader(sr.hb[:], int(sr.size-sr.off-recHeaderSize))
 	if err != nil {
@@ -231,7 +246,7 @@ func (sr *segReader) read() (Record, error) {
 	}
 	payload := make([]byte, h.length)
 	if _, err := io.ReadFull(sr.r, payload); err != nil {
-		return Record{}, errShortRecord
+		return Record{}, shortOr(err)
 	}
 	if !h.checksum(sr.hb[:], payload) {
 		return Record{}, errBadCRC
@@ -273,6 +288,10 @@ func scanSegment(sg segment, last, keep bool) (*segScan, error) {
 	for {
 		off := sr.off
 		r, err := sr.read()
+		var re *readError
+		if errors.As(err, &re) {
+			return nil, fmt.Errorf("txlog: read segment %s at offset %d: %w", sg.path, off, re.err)
+		}
 		if err != nil {
 			why = err
 			break
