@@ -222,12 +222,28 @@ func DomainPID(name string) (int, error) {
 	return strconv.Atoi(strings.TrimSpace(string(b)))
 }
 
-// RAMPath returns the file backing the main RAM of running domain name:
+// RAMPath returns the file backing the main RAM of running domain name.
 // libvirt creates it as MemoryBackingDir/libvirt/qemu/<id>-<name>/pc.ram
-// (older libvirt: without libvirt/qemu). The name part of the directory may
-// be shortened by libvirt for long names; this finds the directory through
-// QEMU's open files.
+// (<name> shortened for long names; older libvirt: without libvirt/qemu);
+// it is found by the domain id, or else among QEMU's open files.
 func RAMPath(name string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	id, err := Virsh(ctx, "domid", name)
+	if err != nil {
+		return "", err
+	}
+	if _, err := strconv.Atoi(id); err != nil {
+		return "", fmt.Errorf("labkit: domain %s is not running (id %q)", name, id)
+	}
+	for _, pat := range []string{
+		filepath.Join(MemoryBackingDir, "libvirt", "qemu", id+"-*", "pc.ram"),
+		filepath.Join(MemoryBackingDir, id+"-*", "pc.ram"),
+	} {
+		if m, _ := filepath.Glob(pat); len(m) == 1 {
+			return m[0], nil
+		}
+	}
 	pid, err := DomainPID(name)
 	if err != nil {
 		return "", err
@@ -236,22 +252,13 @@ func RAMPath(name string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("labkit: domain %s: %w", name, err)
 	}
-	var found []string
 	for _, fd := range fds {
 		t, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
-		if err == nil && strings.HasPrefix(t, MemoryBackingDir+"/") && !strings.HasSuffix(t, " (deleted)") {
-			found = append(found, t)
+		if err == nil && strings.HasPrefix(t, MemoryBackingDir+"/") && filepath.Base(t) == "pc.ram" {
+			return t, nil
 		}
 	}
-	for _, f := range found {
-		if filepath.Base(f) == "pc.ram" {
-			return f, nil
-		}
-	}
-	if len(found) == 1 {
-		return found[0], nil
-	}
-	return "", fmt.Errorf("labkit: domain %s: no RAM file under %s among QEMU's open files (%v)", name, MemoryBackingDir, found)
+	return "", fmt.Errorf("labkit: domain %s (id %s): no pc.ram under %s", name, id, MemoryBackingDir)
 }
 
 // Destroy destroys and undefines domain name. A domain that does not exist
