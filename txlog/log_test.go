@@ -612,3 +612,92 @@ func TestCompactAfterPresumedAbort(t *testing.T) {
 		t.Fatalf("after compaction txn 3 = %+v, want presumed abort", tx)
 	}
 }
+
+func TestCompactTable(t *testing.T) {
+	// Each op appends one record; "ckpt" writes a checkpoint, "pad" a
+	// 200-byte plain record so the 1 KiB segments fill quickly. pin names
+	// the op whose LSN must survive as the oldest needed one: the first
+	// remaining segment holds it, and the one after starts beyond it.
+	type op struct {
+		typ  RecordType // 0: pad; TypeCheckpoint: Log.Checkpoint
+		txid uint64
+	}
+	pad := func(n int) []op { return make([]op, n) }
+	cat := func(parts ...[]op) []op {
+		var all []op
+		for _, p := range parts {
+			all = append(all, p...)
+		}
+		return all
+	}
+	K := TypeCheckpoint
+	cases := []struct {
+		name string
+		ops  []op
+		pin  int // index into ops; -1: nothing may be removed
+	}{
+		{"no checkpoint", cat(pad(20)), -1},
+		{"checkpoint covers everything", cat(pad(20), []op{{K, 0}}), 20},
+		{"active txn pins its BEGIN", cat(pad(5), []op{{TypeBegin, 1}}, pad(15), []op{{K, 0}}), 5},
+		{"in-doubt txn pins its BEGIN", cat(pad(5), []op{{TypeBegin, 1}, {TypePrepare, 1}}, pad(15), []op{{K, 0}}), 5},
+		{"committed txn pins until END", cat(pad(5), []op{{TypeBegin, 1}, {TypeCommit, 1}}, pad(15), []op{{K, 0}}), 5},
+		{"ended txn releases", cat(pad(5), []op{{TypeBegin, 1}, {TypeCommit, 1}}, pad(15), []op{{K, 0}, {TypeEnd, 1}}), 22},
+		{"aborted txn releases", cat(pad(5), []op{{TypeBegin, 1}}, pad(15), []op{{K, 0}, {TypeAbort, 1}}), 21},
+		{"oldest of two txns pins", cat(pad(3), []op{{TypeBegin, 1}}, pad(5), []op{{TypeBegin, 2}}, pad(10), []op{{TypeCommit, 1}, {TypeEnd, 1}, {K, 0}}), 9},
+		{"txn begun after checkpoint does not pin", cat(pad(20), []op{{K, 0}, {TypeBegin, 1}}), 20},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			ctx := context.Background()
+			opts := Options{SegmentSize: 1024}
+			l, _ := mustOpen(t, dir, opts)
+			lsns := make([]LSN, len(c.ops))
+			for i, o := range c.ops {
+				var err error
+				switch o.typ {
+				case 0:
+					lsns[i], err = l.Append(ctx, Record{Type: TypePlain, Epoch: 1, Payload: payloadFor(LSN(i), 200)})
+				case K:
+					lsns[i], err = l.Checkpoint(ctx, 1, nil)
+				default:
+					lsns[i], err = l.Append(ctx, Record{Type: o.typ, Epoch: 1, TxID: o.txid})
+				}
+				if err != nil {
+					t.Fatalf("op %d: %v", i, err)
+				}
+			}
+			before := len(segFiles(t, dir))
+			n, err := l.Compact(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			after := segFiles(t, dir)
+			if n != before-len(after) {
+				t.Fatalf("Compact reported %d removed, %d files went away", n, before-len(after))
+			}
+			if c.pin < 0 {
+				if n != 0 {
+					t.Fatalf("removed %d segments, want none", n)
+				}
+			} else {
+				pin := lsns[c.pin]
+				first, _ := parseSegName(filepath.Base(after[0]))
+				if first > pin {
+					t.Fatalf("removed LSN %d, which is still needed (oldest segment starts at %d)", pin, first)
+				}
+				if len(after) > 1 {
+					if second, _ := parseSegName(filepath.Base(after[1])); second <= pin {
+						t.Fatalf("kept segment %s although LSN %d is the oldest needed", after[0], pin)
+					}
+				}
+			}
+			mustClose(t, l)
+			l, rec := mustOpen(t, dir, opts) // recovery agrees with what was kept
+			mustClose(t, l)
+			if rec.LastLSN != lsns[len(lsns)-1] {
+				t.Fatalf("recovered up to %d, want %d", rec.LastLSN, lsns[len(lsns)-1])
+			}
+		})
+	}
+}
