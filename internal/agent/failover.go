@@ -78,7 +78,11 @@ func (a *Agent) Failover(ctx context.Context, name string, force bool) (Failover
 		return FailoverResult{}, err
 	}
 	ev.Step = "resolved" // in-flight epochs aborted; restoring the last applied one
-	if err := a.journal.append(ctx, true, txlog.TypeData, tx.id, ev); err != nil {
+	if err := a.journal.append(ctx, false, txlog.TypeData, tx.id, ev); err != nil {
+		return FailoverResult{}, err
+	}
+	ev.Step = "prepared"
+	if err := a.journal.append(ctx, true, txlog.TypePrepare, tx.id, ev); err != nil {
 		return FailoverResult{}, err
 	}
 	a.resume[name] = tx
@@ -176,10 +180,7 @@ func (a *Agent) finishFailover(ctx context.Context, sg *standbyGuest, tx failTxn
 		a.faultHook("failover-restored", epoch)
 	}
 	if !tx.committed {
-		if err := step("restored", txlog.TypeData, false); err != nil {
-			return FailoverResult{}, err
-		}
-		if err := step("started", txlog.TypeCommit, true); err != nil {
+		if err := step("restored and started", txlog.TypeCommit, true); err != nil {
 			return FailoverResult{}, err
 		}
 		if err := a.journal.append(ctx, true, txlog.TypePlain, 0, journalEvent{Kind: "promote", Guest: name, Fence: rec.Fence}); err != nil {

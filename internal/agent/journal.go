@@ -100,9 +100,11 @@ func openJournal(dir string, lg *slog.Logger) (*journal, journalState, error) {
 			}
 		}
 	}
+	// A failover is prepared once its intent is durable; recovery finds it
+	// in doubt and the agent decides: resume it, or roll it back.
 	for id, t := range rec.Txns {
 		maxTx = max(maxTx, id)
-		if t.Ended || t.State == txlog.TxnAborted && !t.Presumed {
+		if t.Ended || t.State == txlog.TxnAborted {
 			continue
 		}
 		var ev journalEvent
