@@ -53,6 +53,7 @@ type PrimaryStatus struct {
 	Generation     string         `json:"generation"`
 	Tracker        string         `json:"tracker"`
 	Epoch          uint64         `json:"epoch"`       // last captured
+	Started        uint64         `json:"started"`     // last whose capture began (the guest was paused for it)
 	AckedEpoch     uint64         `json:"acked_epoch"` // last acknowledged by the standby
 	EpochsPerSec   float64        `json:"epochs_per_sec"`
 	PauseP50       time.Duration  `json:"pause_p50_ns"`
@@ -317,6 +318,9 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 
+	p.mu.Lock()
+	p.st.Started = ep.epoch
+	p.mu.Unlock()
 	start := time.Now()
 	if err := p.vm.Stop(cctx); err != nil {
 		return nil, fmt.Errorf("pause guest: %w", err)

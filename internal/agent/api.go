@@ -23,6 +23,7 @@ type VMStatus struct {
 	Fence        uint64                     `json:"fence"`
 	Epoch        uint64                     `json:"epoch"`
 	AckedEpoch   uint64                     `json:"acked_epoch"`
+	Started      uint64                     `json:"started_epoch,omitempty"` // primary: newest epoch whose capture began
 	EpochsPerSec float64                    `json:"epochs_per_sec"`
 	PauseP50     time.Duration              `json:"pause_p50_ns"`
 	PauseP99     time.Duration              `json:"pause_p99_ns"`
@@ -58,7 +59,7 @@ func (a *Agent) Status() []VMStatus {
 	for _, p := range prim {
 		s := p.engine.Status()
 		out = append(out, VMStatus{Name: p.rec.Name, Role: RolePrimary, State: s.State, Peer: p.rec.Peer, Fence: p.rec.Fence,
-			Epoch: s.Epoch, AckedEpoch: s.AckedEpoch, EpochsPerSec: s.EpochsPerSec, PauseP50: s.PauseP50, PauseP99: s.PauseP99,
+			Epoch: s.Epoch, Started: s.Started, AckedEpoch: s.AckedEpoch, EpochsPerSec: s.EpochsPerSec, PauseP50: s.PauseP50, PauseP99: s.PauseP99,
 			DirtyPages: s.DirtyPages, DirtyTotal: s.DirtyTotal, Incremental: s.Incremental, Bytes: s.BytesSent, RawBytes: s.RawBytes, Lag: s.Lag, Tracker: s.Tracker,
 			SyncDone: s.SyncDone, SyncTotal: s.SyncTotal, LastError: s.LastError, NextRetry: s.NextRetry, LastPause: &s.LastPause})
 	}

@@ -14,7 +14,8 @@ import (
 )
 
 // incSample is a counter value the client saw and the first primary epoch
-// whose checkpoint certainly contains it.
+// whose checkpoint certainly contains it: one whose capture began after the
+// reply arrived.
 type incSample struct {
 	value uint64
 	epoch uint64
@@ -110,7 +111,7 @@ loop:
 			continue // the guest may be paused by the dying agent
 		}
 		if s, ok := a.status(name); ok {
-			samples = append(samples, incSample{value: v, epoch: s.Epoch + 1})
+			samples = append(samples, incSample{value: v, epoch: s.Started + 1})
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
