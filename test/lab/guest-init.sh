@@ -11,11 +11,13 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null || mount -t tmpfs tmpfs /dev
 exec </dev/console >/dev/console 2>&1
 echo "remora-init: up $(cut -d' ' -f1 /proc/uptime)s after boot"
 
+# shellcheck disable=SC2013 # one module name per word
 for m in $(cat /etc/remora-modules); do
 	insmod "/lib/modules/$m.ko" || echo "remora-init: insmod $m failed"
 done
 
-ip= gw=
+ip='' gw=''
+# shellcheck disable=SC2013 # the command line is words
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	remora.ip=*) ip="${arg#remora.ip=}" ;;

@@ -163,8 +163,7 @@ proc_running() {
 libvirt_up() { virsh -c "$LIBVIRT_URI" version >/dev/null 2>&1; }
 
 wait_libvirt() {
-	local i
-	for i in $(seq 1 100); do
+	for _ in $(seq 1 100); do
 		libvirt_up && return 0
 		sleep 0.2
 	done
@@ -172,11 +171,13 @@ wait_libvirt() {
 }
 
 stop_libvirtd() {
-	local pid i
+	local pid
 	pid=$(cat /run/libvirtd.pid 2>/dev/null || true)
-	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+	if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
+		return 0
+	fi
 	kill -TERM "$pid"
-	for i in $(seq 1 100); do
+	for _ in $(seq 1 100); do
 		kill -0 "$pid" 2>/dev/null || return 0
 		sleep 0.1
 	done
@@ -264,7 +265,7 @@ ensure_network() {
 			ip link add "$veth" type veth peer name "$NS_IFACE" netns "$ns"
 			changed "created veth $veth <-> $ns:$NS_IFACE"
 		fi
-		if [ "$(basename "$(readlink -f /sys/class/net/$veth/master 2>/dev/null)" 2>/dev/null)" != "$BRIDGE" ]; then
+		if [ "$(basename "$(readlink -f "/sys/class/net/$veth/master" 2>/dev/null)" 2>/dev/null)" != "$BRIDGE" ]; then
 			ip link set dev "$veth" master "$BRIDGE"
 			changed "$veth joined $BRIDGE"
 		fi
@@ -340,7 +341,9 @@ kernel_package() {
 	fi
 	[ -n "$name" ] || die "no linux-image-6.1.0-*-amd64 package found by apt-cache; is this Debian 12 with main in sources.list? (apt-get update)"
 	ver=$(apt-cache policy "$name" | awk '/Candidate:/ {print $2}')
-	[ -n "$ver" ] && [ "$ver" != "(none)" ] || die "package $name has no installable candidate"
+	if [ -z "$ver" ] || [ "$ver" = "(none)" ]; then
+		die "package $name has no installable candidate"
+	fi
 	echo "$name $ver"
 }
 
