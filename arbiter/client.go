@@ -33,6 +33,21 @@ type Client struct {
 // agent's certificate (see pki.ClientConfig); if cfg.ServerName is empty
 // the host part of addr is used to verify the arbiter's certificate.
 func Dial(ctx context.Context, addr string, cfg *tls.Config) (*Client, error) {
+	c, err := NewClient(addr, cfg)
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.connectLocked(ctx); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// NewClient is Dial without connecting: the first call connects. Agents use
+// it so that an arbiter that is down at start does not stop them.
+func NewClient(addr string, cfg *tls.Config) (*Client, error) {
 	if cfg == nil {
 		return nil, errors.New("arbiter: TLS config required")
 	}
@@ -47,13 +62,7 @@ func Dial(ctx context.Context, addr string, cfg *tls.Config) (*Client, error) {
 		}
 		cfg.ServerName = host
 	}
-	c := &Client{addr: addr, cfg: cfg}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if err := c.connectLocked(ctx); err != nil {
-		return nil, err
-	}
-	return c, nil
+	return &Client{addr: addr, cfg: cfg}, nil
 }
 
 // Addr returns the arbiter address.

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -32,6 +33,9 @@ type PrimaryConfig struct {
 	MaxInFlight int           // captured epochs not yet acked before capture waits
 	Fence       uint64        // fencing epoch every frame carries
 	Dial        func(ctx context.Context) (net.Conn, error)
+	// VerifyPeer, when set, checks the connection against the agent id the
+	// standby announced (its TLS certificate must name it).
+	VerifyPeer func(conn net.Conn, agent string) error
 	Log         *slog.Logger
 	// Hook, when set, is called at named points of the epoch cycle
 	// ("captured", "transfer", "acked"); tests use it to crash there.
@@ -69,6 +73,8 @@ type PrimaryStatus struct {
 	SyncDone       uint64         `json:"sync_done_bytes"` // progress of a full sync
 	SyncTotal      uint64         `json:"sync_total_bytes"`
 	LastPause      PauseBreakdown `json:"last_pause"`
+	Standby        string         `json:"standby,omitempty"` // the standby agent's id, from its welcome
+	LastAck        time.Time      `json:"last_ack,omitzero"` // when the standby last acknowledged an epoch
 	LastError      string         `json:"last_error,omitempty"`
 	NextRetry      time.Time      `json:"next_retry,omitempty"`
 	ConnectedSince time.Time      `json:"connected_since,omitempty"`
@@ -108,6 +114,8 @@ type Primary struct {
 	dirtyWork *Bitmap
 	carry     *Bitmap // pages tracked by a capture that failed: sent next time
 
+	fence atomic.Uint64 // fencing epoch stamped on every frame
+
 	mu          sync.Mutex
 	st          PrimaryStatus
 	pauses      *window
@@ -136,9 +144,17 @@ func NewPrimary(cfg PrimaryConfig, vm VM, mem []byte, tracker Tracker) *Primary 
 	}
 	p.dirtyWork = NewBitmap(p.pages)
 	p.carry = NewBitmap(p.pages)
+	p.fence.Store(cfg.Fence)
 	p.st = PrimaryStatus{State: StateConnecting, Generation: p.gen, Tracker: tracker.Name()}
 	return p
 }
+
+// SetFence changes the fencing epoch of every frame from now on (a new
+// epoch from the arbiter). The session is restarted so the standby sees it.
+func (p *Primary) SetFence(f uint64) { p.fence.Store(f) }
+
+// Fence returns the fencing epoch frames carry.
+func (p *Primary) Fence() uint64 { return p.fence.Load() }
 
 // Status returns current figures.
 func (p *Primary) Status() PrimaryStatus {
@@ -217,7 +233,7 @@ func (p *Primary) session(ctx context.Context) error {
 
 	hello := Hello{Agent: p.cfg.Agent, Domain: p.cfg.Domain, Generation: p.gen,
 		RAMBytes: int64(len(p.mem)), PageSize: PageSize, DomainXML: p.cfg.DomainXML}
-	if err := WriteJSON(conn, FrameHello, p.cfg.Fence, 0, hello); err != nil {
+	if err := WriteJSON(conn, FrameHello, p.fence.Load(), 0, hello); err != nil {
 		return fmt.Errorf("send hello: %w", err)
 	}
 	_ = conn.SetReadDeadline(time.Now().Add(2 * time.Minute)) // the standby may be creating its shell
@@ -226,11 +242,16 @@ func (p *Primary) session(ctx context.Context) error {
 		return fmt.Errorf("handshake: %w", err)
 	}
 	_ = conn.SetReadDeadline(time.Time{})
+	if p.cfg.VerifyPeer != nil {
+		if err := p.cfg.VerifyPeer(conn, w.Agent); err != nil {
+			return err
+		}
+	}
 
 	resend, full := p.resumePlan(w)
 	p.log.Info("replication session open", "standby", w.Agent, "full_sync", full, "standby_committed", w.Committed)
 	p.setState(func(s *PrimaryStatus) {
-		s.ConnectedSince, s.LastError, s.NextRetry = time.Now(), "", time.Time{}
+		s.ConnectedSince, s.LastError, s.NextRetry, s.Standby = time.Now(), "", time.Time{}, w.Agent
 		if full {
 			s.State = StateSyncing
 		}
@@ -431,11 +452,22 @@ func (p *Primary) sendLoop(ctx context.Context, conn net.Conn, queue <-chan *cap
 	bw := bufio.NewWriterSize(cw, 1<<20)
 	var enc BatchEncoder
 	var buf []byte
+	ping := time.NewTicker(max(p.cfg.Interval, 100*time.Millisecond))
+	defer ping.Stop()
 	for {
 		var ep *capturedEpoch
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-ping.C:
+			// Keeps the standby's failure detector fed while capture waits.
+			if err := WriteFrame(bw, Frame{Type: FramePing, Fence: p.fence.Load()}); err != nil {
+				return err
+			}
+			if err := bw.Flush(); err != nil {
+				return err
+			}
+			continue
 		case ep = <-queue:
 		}
 		before := cw.n
@@ -454,7 +486,7 @@ func (p *Primary) sendLoop(ctx context.Context, conn net.Conn, queue <-chan *cap
 }
 
 func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, ep *capturedEpoch) error {
-	fence := p.cfg.Fence
+	fence := p.fence.Load()
 	npages := uint64(len(ep.data) / PageSize)
 	if err := WriteJSON(w, FrameEpochBegin, fence, ep.epoch, EpochBegin{Full: ep.full, Pages: npages, DevStateLen: uint64(len(ep.devstate))}); err != nil {
 		return err
@@ -536,6 +568,7 @@ func (p *Primary) acked(epoch uint64) {
 	}
 	p.retained = p.retained[i:]
 	p.st.State = StateProtected
+	p.st.LastAck = time.Now()
 	p.wasProtectd = true
 	p.mu.Unlock()
 	select {

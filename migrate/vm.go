@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"os"
+	"sync/atomic"
 )
 
 // CaptureVM adapts a guest to the checkpoint engine. A marker file exists
@@ -13,7 +14,24 @@ type CaptureVM struct {
 	G      *Guest
 	Sink   *DeviceStateSink
 	Marker string
+
+	fenced atomic.Bool // self-fenced: checkpoints go on but never resume the guest
 }
+
+// Fence pauses the guest and keeps it paused across checkpoints.
+func (v *CaptureVM) Fence() error {
+	v.fenced.Store(true)
+	return Exec(v.G.Mon, "stop", nil, nil)
+}
+
+// Unfence resumes a fenced guest.
+func (v *CaptureVM) Unfence() error {
+	v.fenced.Store(false)
+	return Exec(v.G.Mon, "cont", nil, nil)
+}
+
+// Fenced reports whether the guest is held paused.
+func (v *CaptureVM) Fenced() bool { return v.fenced.Load() }
 
 func (v *CaptureVM) Stop(ctx context.Context) error {
 	if err := os.WriteFile(v.Marker, nil, 0o600); err != nil {
@@ -23,6 +41,9 @@ func (v *CaptureVM) Stop(ctx context.Context) error {
 }
 
 func (v *CaptureVM) Cont(ctx context.Context) error {
+	if v.fenced.Load() {
+		return os.Remove(v.Marker)
+	}
 	if err := Exec(v.G.Mon, "cont", nil, nil); err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"strings"
 	"text/tabwriter"
@@ -12,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/viper"
 
+	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent"
 )
@@ -39,7 +41,12 @@ func newVMCmd(v *viper.Viper) *cobra.Command {
 			if standby == "" {
 				return fmt.Errorf("--standby is required: the standby agent's replication address, e.g. 10.0.0.2:7400")
 			}
-			if err := c.Enroll(cmd.Context(), args[0], standby); err != nil {
+			probeFlag, _ := cmd.Flags().GetString("probe")
+			probe, err := parseProbe(probeFlag)
+			if err != nil {
+				return err
+			}
+			if err := c.Enroll(cmd.Context(), args[0], standby, probe); err != nil {
 				return err
 			}
 			fmt.Printf("%s enrolled; standby %s\n", args[0], standby)
@@ -52,6 +59,7 @@ func newVMCmd(v *viper.Viper) *cobra.Command {
 	}
 	enroll.Flags().String("standby", "", "standby agent's replication address (host:port)")
 	enroll.Flags().Bool("wait", true, "wait for the initial sync, showing progress")
+	enroll.Flags().String("probe", "", "how the arbiter checks the guest's service from the clients' side: tcp:HOST:PORT or line:HOST:PORT:SEND:EXPECTED-PREFIX")
 	enroll.Flags().Duration("timeout", 10*time.Minute, "how long to wait for the initial sync")
 
 	status := &cobra.Command{
@@ -161,6 +169,30 @@ func waitProtected(ctx context.Context, c *agent.Client, name string, timeout ti
 	}
 }
 
+// parseProbe reads tcp:HOST:PORT or line:HOST:PORT:SEND:PREFIX.
+func parseProbe(s string) (arbiter.ProbeSpec, error) {
+	if s == "" {
+		return arbiter.ProbeSpec{}, nil
+	}
+	parts := strings.SplitN(s, ":", 5)
+	bad := fmt.Errorf("--probe %q: want tcp:HOST:PORT or line:HOST:PORT:SEND:EXPECTED-PREFIX", s)
+	if len(parts) < 3 {
+		return arbiter.ProbeSpec{}, bad
+	}
+	p := arbiter.ProbeSpec{Kind: arbiter.ProbeKind(parts[0]), Address: net.JoinHostPort(parts[1], parts[2])}
+	switch {
+	case p.Kind == arbiter.ProbeTCP && len(parts) == 3:
+	case p.Kind == arbiter.ProbeLine && len(parts) == 5:
+		p.Send, p.ExpectPrefix = parts[3], parts[4]
+	default:
+		return arbiter.ProbeSpec{}, bad
+	}
+	if err := p.Validate(); err != nil {
+		return arbiter.ProbeSpec{}, fmt.Errorf("--probe: %w", err)
+	}
+	return p, nil
+}
+
 func isTerminal(f *os.File) bool {
 	fi, err := f.Stat()
 	return err == nil && fi.Mode()&os.ModeCharDevice != 0
@@ -172,15 +204,31 @@ func printStatus(st []agent.VMStatus) {
 		return
 	}
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "DOMAIN\tROLE\tSTATE\tEPOCH\tACKED\tEPOCHS/S\tPAUSE P50/P99\tDIRTY\tBYTES\tLAG\tPEER")
+	fmt.Fprintln(w, "DOMAIN\tROLE\tSTATE\tFENCE\tEPOCH\tACKED\tEPOCHS/S\tPAUSE P50/P99\tDIRTY\tBYTES\tLAG\tPEER")
 	var notes []string
 	for _, s := range st {
 		pause := "-"
 		if s.Role == agent.RolePrimary {
 			pause = fmt.Sprintf("%s/%s", ms(s.PauseP50), ms(s.PauseP99))
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%.1f\t%s\t%d\t%s\t%s\t%s\n", s.Name, s.Role, s.State, s.Epoch, s.AckedEpoch,
+		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%.1f\t%s\t%d\t%s\t%s\t%s\n", s.Name, s.Role, s.State, s.Fence, s.Epoch, s.AckedEpoch,
 			s.EpochsPerSec, pause, s.DirtyPages, human(s.Bytes), ms(s.Lag), s.Peer)
+		var co []string
+		if s.LeaseHolder != "" {
+			co = append(co, fmt.Sprintf("lease %s %s left", s.LeaseHolder, ms(s.LeaseValid)))
+		}
+		if s.Heartbeat != "" {
+			co = append(co, "heartbeat "+s.Heartbeat)
+		}
+		if s.Probe != "" {
+			co = append(co, "service probe "+s.Probe)
+		}
+		if s.Arbiter != "" {
+			co = append(co, "arbiter: "+s.Arbiter)
+		}
+		if len(co) > 0 {
+			notes = append(notes, fmt.Sprintf("%s: %s", s.Name, strings.Join(co, "; ")))
+		}
 		if s.LastError != "" {
 			retry := ""
 			if !s.NextRetry.IsZero() {

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -13,6 +14,7 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/migrate"
 )
 
@@ -24,6 +26,10 @@ type Agent struct {
 	store   recordStore
 	journal *journal
 	resume  map[string]failTxn // failovers the journal says were not finished
+	arb     *arbiter.Client    // nil without an arbiter
+	tlsSrv  *tls.Config
+	tlsCli  *tls.Config
+	runCtx  context.Context
 
 	mu       sync.Mutex
 	primary  map[string]*primaryGuest
@@ -52,7 +58,14 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 
 // Run serves until ctx ends: replication from primaries, the admin API, and
 // the protection of every guest enrolled here.
-func (a *Agent) Run(ctx context.Context) error {
+func (a *Agent) Run(ctx context.Context) (err error) {
+	a.runCtx = ctx
+	if a.tlsSrv, a.tlsCli, err = a.cfg.tlsConfigs(); err != nil {
+		return err
+	}
+	if err := a.dialArbiter(ctx, a.tlsCli); err != nil {
+		return err
+	}
 	virt, err := migrate.Dial(ctx, a.cfg.LibvirtURI)
 	if err != nil {
 		return err
@@ -65,6 +78,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("listen for replication on %s: %w (another agent running? change `listen`)", a.cfg.Listen, err)
 	}
 	defer repl.Close()
+	if a.tlsSrv != nil {
+		repl = tls.NewListener(repl, a.tlsSrv)
+	}
 	api, err := listenAPI(a.cfg.APISocket)
 	if err != nil {
 		return err
@@ -100,6 +116,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.log.Info("agent running", "agent", a.cfg.AgentID, "replication", repl.Addr().String(), "api", a.cfg.APISocket)
 
+	go a.arbiterHeartbeat(ctx)
 	errc := make(chan error, 2)
 	go func() { errc <- a.serveReplication(ctx, repl) }()
 	go func() { errc <- a.serveAPI(ctx, api) }()

@@ -11,6 +11,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
 )
 
@@ -40,6 +41,11 @@ type VMStatus struct {
 	Shell        string                     `json:"shell,omitempty"`
 	Applied      uint64                     `json:"applied_epoch,omitempty"`
 	LastError    string                     `json:"last_error,omitempty"`
+	LeaseHolder  string                     `json:"lease_holder,omitempty"`
+	LeaseValid   time.Duration              `json:"lease_valid_ns,omitempty"` // remaining, on this agent's clock
+	Heartbeat    string                     `json:"heartbeat,omitempty"`      // ok, or how long the peer has been silent
+	Probe        string                     `json:"probe,omitempty"`          // the arbiter's last check of the guest's service
+	Arbiter      string                     `json:"arbiter,omitempty"`        // the arbiter's latest answer worth showing
 	NextRetry    time.Time                  `json:"next_retry,omitzero"`
 }
 
@@ -57,20 +63,70 @@ func (a *Agent) Status() []VMStatus {
 	a.mu.Unlock()
 	var out []VMStatus
 	for _, p := range prim {
+		if p.engine == nil { // fenced out: nothing runs here any more
+			out = append(out, VMStatus{Name: p.rec.Name, Role: RolePrimary, State: StateFenced, Peer: p.rec.Peer, Fence: p.rec.Fence, Arbiter: p.coord.snapshot().note})
+			continue
+		}
 		s := p.engine.Status()
-		out = append(out, VMStatus{Name: p.rec.Name, Role: RolePrimary, State: s.State, Peer: p.rec.Peer, Fence: p.rec.Fence,
+		v := VMStatus{Name: p.rec.Name, Role: RolePrimary, State: s.State, Peer: p.rec.Peer, Fence: p.engine.Fence(),
 			Epoch: s.Epoch, Started: s.Started, AckedEpoch: s.AckedEpoch, EpochsPerSec: s.EpochsPerSec, PauseP50: s.PauseP50, PauseP99: s.PauseP99,
 			DirtyPages: s.DirtyPages, DirtyTotal: s.DirtyTotal, Incremental: s.Incremental, Bytes: s.BytesSent, RawBytes: s.RawBytes, Lag: s.Lag, Tracker: s.Tracker,
-			SyncDone: s.SyncDone, SyncTotal: s.SyncTotal, LastError: s.LastError, NextRetry: s.NextRetry, LastPause: &s.LastPause})
+			SyncDone: s.SyncDone, SyncTotal: s.SyncTotal, LastError: s.LastError, NextRetry: s.NextRetry, LastPause: &s.LastPause}
+		if p.rec.State == StateFenced {
+			v.State = StateFenced
+		}
+		co := p.coord.snapshot()
+		if !s.LastAck.IsZero() {
+			if age := time.Since(s.LastAck); age < a.hbTimeout() {
+				v.Heartbeat = "ok"
+			} else {
+				v.Heartbeat = fmt.Sprintf("standby silent %s", age.Round(100*time.Millisecond))
+			}
+		}
+		a.coordStatus(&v, co)
+		if co.unprotect && v.State != checkpoint.StateProtected {
+			v.State = "unprotected"
+		}
+		if co.selfFenced {
+			v.State = "self-fenced"
+		}
+		out = append(out, v)
 	}
 	for _, sg := range stby {
-		out = append(out, sg.status())
+		v := sg.status(a.hbTimeout())
+		a.coordStatus(&v, sg.coord.snapshot())
+		out = append(out, v)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
 }
 
-func (sg *standbyGuest) status() VMStatus {
+func (a *Agent) hbTimeout() time.Duration {
+	return a.cfg.HeartbeatInterval * time.Duration(a.cfg.HeartbeatMissed)
+}
+
+// coordStatus adds what the arbiter said to a guest's status.
+func (a *Agent) coordStatus(v *VMStatus, co coordView) {
+	if a.arb == nil {
+		return
+	}
+	if co.leaseOK {
+		v.LeaseHolder = co.lease.Holder
+		if d := time.Until(co.lease.ValidUntil); d > 0 {
+			v.LeaseValid = d
+		}
+	}
+	if co.probe != nil && !co.probe.At.IsZero() {
+		if co.probe.OK {
+			v.Probe = fmt.Sprintf("ok %s (%s ago)", co.probe.Latency.Round(time.Millisecond), time.Since(co.probe.At).Round(time.Second))
+		} else {
+			v.Probe = fmt.Sprintf("failing x%d: %s", co.probe.ConsecutiveFailures, co.probe.Error)
+		}
+	}
+	v.Arbiter = co.note
+}
+
+func (sg *standbyGuest) status(hbTimeout time.Duration) VMStatus {
 	sg.mu.Lock()
 	defer sg.mu.Unlock()
 	rec := sg.rec
@@ -90,6 +146,13 @@ func (sg *standbyGuest) status() VMStatus {
 	}
 	if !sg.lastCommit.IsZero() && rec.State == "" {
 		v.Lag = time.Since(sg.lastCommit)
+	}
+	if rec.State == "" && !sg.lastFrame.IsZero() {
+		if age := time.Since(sg.lastFrame); sg.session != nil && age < hbTimeout {
+			v.Heartbeat = "ok"
+		} else {
+			v.Heartbeat = fmt.Sprintf("primary silent %s", age.Round(100*time.Millisecond))
+		}
 	}
 	now := time.Now()
 	n := 0
@@ -127,8 +190,9 @@ func listenAPI(path string) (net.Listener, error) {
 
 // EnrollRequest is the body of POST /v1/enroll.
 type EnrollRequest struct {
-	Domain  string `json:"domain"`
-	Standby string `json:"standby"`
+	Domain  string            `json:"domain"`
+	Standby string            `json:"standby"`
+	Probe   arbiter.ProbeSpec `json:"probe,omitzero"`
 }
 
 // DomainRequest names one guest.
@@ -152,7 +216,7 @@ func (a *Agent) serveAPI(ctx context.Context, ln net.Listener) error {
 		if !readJSON(w, r, &req) {
 			return
 		}
-		if err := a.Enroll(r.Context(), req.Domain, req.Standby); err != nil {
+		if err := a.Enroll(r.Context(), req.Domain, req.Standby, req.Probe); err != nil {
 			writeJSON(w, http.StatusBadRequest, APIError{err.Error()})
 			return
 		}

@@ -10,6 +10,8 @@ import (
 	"net/http"
 	"os"
 	"syscall"
+
+	"github.com/remora-ha/remora/arbiter"
 )
 
 // Client talks to a local agent's API socket.
@@ -66,8 +68,8 @@ func (c *Client) Status(ctx context.Context) ([]VMStatus, error) {
 	return out, err
 }
 
-func (c *Client) Enroll(ctx context.Context, domain, standby string) error {
-	return c.do(ctx, http.MethodPost, "/v1/enroll", EnrollRequest{Domain: domain, Standby: standby}, nil)
+func (c *Client) Enroll(ctx context.Context, domain, standby string, probe arbiter.ProbeSpec) error {
+	return c.do(ctx, http.MethodPost, "/v1/enroll", EnrollRequest{Domain: domain, Standby: standby, Probe: probe}, nil)
 }
 
 func (c *Client) Failover(ctx context.Context, domain string, force bool) (FailoverResult, error) {

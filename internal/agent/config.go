@@ -23,6 +23,22 @@ type Config struct {
 	Tracker       string        `mapstructure:"tracker"`
 	ShellSuffix   string        `mapstructure:"shell_suffix"`
 	LogLevel      string        `mapstructure:"log_level"`
+
+	// Arbiter is the arbiter's host:port; empty means no automatic
+	// failover (vm failover by hand only).
+	Arbiter string `mapstructure:"arbiter"`
+	// Advertise is the replication address others reach this agent at
+	// (default: listen, when it names a host).
+	Advertise string `mapstructure:"advertise"`
+	// Mutual TLS for replication and the arbiter: this agent's certificate
+	// (its name is the agent id), key, and the CA that signs every peer.
+	TLSCert string `mapstructure:"tls_cert"`
+	TLSKey  string `mapstructure:"tls_key"`
+	TLSCA   string `mapstructure:"tls_ca"`
+	// Failure detector between primary and standby: the standby suspects
+	// the primary after heartbeat_missed intervals without a frame.
+	HeartbeatInterval time.Duration `mapstructure:"heartbeat_interval"`
+	HeartbeatMissed   int           `mapstructure:"heartbeat_missed"`
 }
 
 // Defaults returns the configuration used where a key is not set.
@@ -37,6 +53,9 @@ func Defaults() Config {
 		MaxInFlight:   3,
 		Tracker:       checkpoint.TrackerAuto,
 		LogLevel:      "info",
+
+		HeartbeatInterval: 250 * time.Millisecond,
+		HeartbeatMissed:   4,
 	}
 }
 
@@ -58,6 +77,31 @@ func (c *Config) Validate() error {
 	case checkpoint.TrackerAuto, checkpoint.TrackerScan, checkpoint.TrackerSoftDirty:
 	default:
 		return fmt.Errorf("tracker %q unknown: use auto, scan or softdirty", c.Tracker)
+	}
+	tlsSet := 0
+	for _, f := range []string{c.TLSCert, c.TLSKey, c.TLSCA} {
+		if f != "" {
+			tlsSet++
+		}
+	}
+	if tlsSet != 0 && tlsSet != 3 {
+		return fmt.Errorf("tls_cert, tls_key and tls_ca go together: set all three (make them with `remora certs init DIR` and `remora certs issue %s --dir DIR`)", c.AgentID)
+	}
+	if c.Arbiter != "" {
+		if _, _, err := net.SplitHostPort(c.Arbiter); err != nil {
+			return fmt.Errorf("arbiter %q: %v (want host:port, e.g. 10.0.0.9:7410)", c.Arbiter, err)
+		}
+		if tlsSet == 0 {
+			return fmt.Errorf("arbiter is set but tls_cert/tls_key/tls_ca are not: the arbiter only speaks mutual TLS")
+		}
+	}
+	if c.HeartbeatInterval < 10*time.Millisecond || c.HeartbeatMissed < 2 {
+		return fmt.Errorf("heartbeat_interval %s / heartbeat_missed %d too small: use at least 10ms and 2", c.HeartbeatInterval, c.HeartbeatMissed)
+	}
+	if c.Advertise == "" {
+		if host, _, _ := net.SplitHostPort(c.Listen); host != "" && !net.ParseIP(host).IsUnspecified() {
+			c.Advertise = c.Listen
+		}
 	}
 	for k, v := range map[string]string{"state_dir": c.StateDir, "runtime_dir": c.RuntimeDir, "api_socket": c.APISocket, "libvirt_uri": c.LibvirtURI} {
 		if v == "" {

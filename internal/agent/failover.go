@@ -21,11 +21,52 @@ type FailoverResult struct {
 
 func removeAll(p string) error { return os.RemoveAll(p) }
 
+// pauseDomain pauses a running domain through QMP; it reports success.
+func (a *Agent) pauseDomain(name string) bool {
+	m := migrate.NewMonitor(a.virt, name)
+	defer m.Close()
+	return migrate.Exec(m, "stop", nil, nil) == nil
+}
+
+// contDomain resumes a paused domain through QMP; it reports success.
+func (a *Agent) contDomain(name string) bool {
+	m := migrate.NewMonitor(a.virt, name)
+	defer m.Close()
+	return migrate.Exec(m, "cont", nil, nil) == nil
+}
+
 // Failover resumes a replica's guest on this host from the last committed
 // epoch. Without force it refuses while the primary is still replicating.
 // The steps are recorded so that an agent that dies midway finishes the
 // failover on restart instead of leaving it half done.
 func (a *Agent) Failover(ctx context.Context, name string, force bool) (FailoverResult, error) {
+	if a.arb == nil || force {
+		return a.failoverAt(ctx, name, force, 0)
+	}
+	// With an arbiter, a manual failover needs the same grant as an
+	// automatic one: that is what keeps two copies from running.
+	a.mu.Lock()
+	sg, ok := a.standby[name]
+	a.mu.Unlock()
+	if !ok || sg.rec.State != "" {
+		return a.failoverAt(ctx, name, force, 0) // reports what is wrong
+	}
+	sg.mu.Lock()
+	fence := sg.rec.Fence
+	sg.mu.Unlock()
+	g, err := a.arb.RequestPromotion(ctx, name, a.cfg.AgentID, fence)
+	if err != nil {
+		return FailoverResult{}, fmt.Errorf("the arbiter refused promotion of %q: %w (pass --force only if you know the primary is dead and fenced)", name, err)
+	}
+	res, err := a.failoverAt(ctx, name, true, g.Epoch)
+	if err == nil {
+		go a.promotedCoordination(a.runCtx, sg, g.Lease)
+	}
+	return res, err
+}
+
+// failoverAt fails over; a non-zero fence is the epoch the arbiter granted.
+func (a *Agent) failoverAt(ctx context.Context, name string, force bool, fence uint64) (FailoverResult, error) {
 	a.failover.Lock()
 	defer a.failover.Unlock()
 	start := time.Now()
@@ -72,7 +113,7 @@ func (a *Agent) Failover(ctx context.Context, name string, force bool) (Failover
 	}
 	// One journal transaction covers the whole failover: a crash anywhere
 	// in it is resumed (or rolled back) from the journal on restart.
-	tx := failTxn{id: a.journal.newTx(), fence: rec.Fence + 1}
+	tx := failTxn{id: a.journal.newTx(), fence: max(rec.Fence+1, fence)}
 	ev := journalEvent{Kind: "failover", Guest: name, Epoch: epoch, Fence: tx.fence}
 	if err := a.journal.append(ctx, true, txlog.TypeBegin, tx.id, ev); err != nil {
 		return FailoverResult{}, err

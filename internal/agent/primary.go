@@ -2,17 +2,21 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"path/filepath"
 	"time"
 
+	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/migrate"
 )
 
 type primaryGuest struct {
+	coord  coordination
+	vm     *migrate.CaptureVM
 	rec    *Record
 	g      *migrate.Guest
 	mem    []byte
@@ -30,7 +34,10 @@ func (p *primaryGuest) stop() {
 
 // Enroll starts protecting a running domain of this host on the standby
 // agent at peer.
-func (a *Agent) Enroll(ctx context.Context, domain, peer string) error {
+func (a *Agent) Enroll(ctx context.Context, domain, peer string, probe arbiter.ProbeSpec) error {
+	if err := probe.Validate(); err != nil {
+		return fmt.Errorf("probe: %w", err)
+	}
 	if _, _, err := net.SplitHostPort(peer); err != nil {
 		return fmt.Errorf("standby %q: %v (want the standby agent's host:port, e.g. 10.0.0.2:7400)", peer, err)
 	}
@@ -44,7 +51,7 @@ func (a *Agent) Enroll(ctx context.Context, domain, peer string) error {
 	if isS {
 		return fmt.Errorf("domain %q is a replica on this agent (this host is its standby): enroll it on its primary host", domain)
 	}
-	rec := &Record{Name: domain, Role: RolePrimary, Peer: peer, Enrolled: time.Now().UTC()}
+	rec := &Record{Name: domain, Role: RolePrimary, Peer: peer, Probe: probe, Enrolled: time.Now().UTC()}
 	if err := a.startPrimary(ctx, rec); err != nil {
 		return err
 	}
@@ -52,6 +59,15 @@ func (a *Agent) Enroll(ctx context.Context, domain, peer string) error {
 }
 
 func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
+	if rec.State == StateFenced {
+		pg := &primaryGuest{rec: rec, done: make(chan struct{}), cancel: func() {}}
+		close(pg.done)
+		pg.coord.v.note = "fenced: a higher epoch runs elsewhere; unenroll this guest here"
+		a.mu.Lock()
+		a.primary[rec.Name] = pg
+		a.mu.Unlock()
+		return nil
+	}
 	g, err := migrate.OpenGuest(ctx, a.virt, rec.Name)
 	if err != nil {
 		return err
@@ -94,14 +110,20 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		Interval: a.cfg.EpochInterval, MaxInFlight: a.cfg.MaxInFlight, Fence: rec.Fence,
 		Dial: func(ctx context.Context) (net.Conn, error) {
 			var d net.Dialer
+			if a.tlsCli != nil {
+				td := tls.Dialer{NetDialer: &d, Config: a.tlsCli}
+				return td.DialContext(ctx, "tcp", peer)
+			}
 			return d.DialContext(ctx, "tcp", peer)
 		},
-		Log:  a.log,
-		Hook: a.faultHook,
+		VerifyPeer: checkPeerName,
+		Log:        a.log,
+		Hook:       a.faultHook,
 	}, vm, mem, tracker)
 
 	runCtx, cancel := context.WithCancel(context.Background())
-	pg := &primaryGuest{rec: rec, g: g, mem: mem, sink: sink, engine: engine, cancel: cancel, done: make(chan struct{})}
+	pg := &primaryGuest{rec: rec, g: g, vm: vm, mem: mem, sink: sink, engine: engine, cancel: cancel, done: make(chan struct{})}
+	go a.primaryCoordination(runCtx, pg)
 	go func() {
 		defer close(pg.done)
 		pg.err = engine.Run(runCtx)

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
 )
 
@@ -22,6 +23,7 @@ const (
 const (
 	StateFailingOver = "failing-over"
 	StateFailedOver  = "failed-over"
+	StateFenced      = "fenced" // a higher epoch runs elsewhere; the local copy was destroyed
 )
 
 // Record is the durable knowledge about one guest on this agent.
@@ -36,6 +38,7 @@ type Record struct {
 	Enrolled   time.Time               `json:"enrolled"`
 	FailedOver time.Time               `json:"failed_over,omitzero"`
 	Replica    checkpoint.ReplicaState `json:"replica"`
+	Probe      arbiter.ProbeSpec       `json:"probe,omitzero"` // how clients reach the guest, for the arbiter
 }
 
 type recordStore struct{ dir string }

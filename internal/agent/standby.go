@@ -17,6 +17,7 @@ import (
 )
 
 type standbyGuest struct {
+	coord   coordination
 	mu      sync.Mutex
 	rec     *Record
 	shell   *migrate.Guest
@@ -53,6 +54,9 @@ func (a *Agent) loadStandby(ctx context.Context, rec *Record) {
 	a.mu.Lock()
 	a.standby[rec.Name] = sg
 	a.mu.Unlock()
+	if rec.State == "" || rec.State == StateFailingOver {
+		go a.standbyCoordination(ctx, sg)
+	}
 	a.failover.Lock()
 	_, unfinished := a.resume[rec.Name]
 	a.failover.Unlock()
@@ -267,6 +271,9 @@ func (e *fatalError) Unwrap() error { return e.error }
 
 // acceptPrimary validates a Hello and readies the replica and its shell.
 func (a *Agent) acceptPrimary(ctx context.Context, conn net.Conn, h checkpoint.Hello, fence uint64) (*standbyGuest, error) {
+	if err := checkPeerName(conn, h.Agent); err != nil {
+		return nil, &fatalError{err}
+	}
 	if h.PageSize != checkpoint.PageSize {
 		return nil, &fatalError{fmt.Errorf("primary uses %d-byte pages, this agent %d", h.PageSize, checkpoint.PageSize)}
 	}
@@ -279,6 +286,7 @@ func (a *Agent) acceptPrimary(ctx context.Context, conn net.Conn, h checkpoint.H
 	if !ok {
 		sg = &standbyGuest{rec: &Record{Name: h.Domain, Role: RoleStandby, Primary: h.Agent, Fence: fence, Enrolled: time.Now().UTC()}}
 		a.standby[h.Domain] = sg
+		go a.standbyCoordination(a.runCtx, sg)
 	}
 	a.mu.Unlock()
 

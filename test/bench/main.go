@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent"
 	"github.com/remora-ha/remora/migrate"
@@ -134,7 +135,7 @@ func measureOne(ctx context.Context, bin, work string, wl *labkit.Client, iv tim
 		return result{}, err
 	}
 	c := a.client()
-	if err := c.Enroll(ctx, guestName, "127.0.0.1:7412"); err != nil {
+	if err := c.Enroll(ctx, guestName, "127.0.0.1:7412", arbiter.ProbeSpec{}); err != nil {
 		return result{}, err
 	}
 	defer c.Unenroll(ctx, guestName)
