@@ -93,14 +93,22 @@ func (a *Agent) primaryCoordination(ctx context.Context, pg *primaryGuest) {
 	if reg.Lease != nil {
 		pg.coord.set(func(c *coordView) { c.lease, c.leaseOK, c.note = *reg.Lease, true, "" })
 	}
-	tick := time.NewTicker(max(reg.Lease.Duration/3, 50*time.Millisecond))
-	defer tick.Stop()
+	renew := time.NewTicker(max(reg.Lease.Duration/3, 50*time.Millisecond))
+	defer renew.Stop()
+	// Self-fencing is checked often: the guest must be paused before the
+	// arbiter's copy of the lease runs out, which it does only a drift
+	// margin later than ours.
+	check := time.NewTicker(25 * time.Millisecond)
+	defer check.Stop()
 	var downSince time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
+		case <-check.C:
+			a.selfFenceCheck(pg, timeout)
+			continue
+		case <-renew.C:
 		}
 		fence := pg.engine.Fence()
 		l, err := a.arb.Renew(ctx, pg.rec.Name, a.cfg.AgentID, fence)
@@ -125,20 +133,22 @@ func (a *Agent) primaryCoordination(ctx context.Context, pg *primaryGuest) {
 		}
 
 		st := pg.engine.Status()
-		co := pg.coord.snapshot()
-		if st.State == checkpoint.StateProtected && !co.synced && st.Standby != "" {
+		acking := time.Since(st.LastAck) < timeout
+		if st.State == checkpoint.StateProtected && acking && st.Standby != "" {
+			// Repeated while protected: a standby that re-registers is out
+			// of sync at the arbiter until the primary says otherwise.
 			if err := a.arb.ReportSynced(ctx, pg.rec.Name, a.cfg.AgentID, pg.engine.Fence(), st.Standby); err == nil {
 				pg.coord.set(func(c *coordView) { c.synced, c.unprotect = true, false })
 			} else {
 				pg.coord.set(func(c *coordView) { c.note = "report synced: " + err.Error() })
 			}
 		}
-		acking := time.Since(st.LastAck) < timeout
 		if st.State == checkpoint.StateProtected && acking {
 			downSince = time.Time{}
 		} else if downSince.IsZero() {
 			downSince = time.Now()
 		}
+		co := pg.coord.snapshot()
 		if co.synced && !acking && time.Since(downSince) > timeout {
 			// The standby stopped acknowledging: ask to continue alone.
 			l, err := a.arb.ReportStandbyLost(ctx, pg.rec.Name, a.cfg.AgentID, pg.engine.Fence())
@@ -146,7 +156,6 @@ func (a *Agent) primaryCoordination(ctx context.Context, pg *primaryGuest) {
 				a.log.Warn("standby lost: the arbiter agreed this primary continues unprotected", "domain", pg.rec.Name, "epoch", l.Epoch)
 				a.adoptFence(pg, l.Epoch)
 				pg.coord.set(func(c *coordView) { c.lease, c.leaseOK, c.synced, c.unprotect, c.note = l, true, false, true, "" })
-				co = pg.coord.snapshot()
 			} else if ae, stale := staleRole(err); stale && ae.Role == arbiter.RoleNone {
 				a.fencedOut(pg, ae)
 				return
@@ -154,16 +163,26 @@ func (a *Agent) primaryCoordination(ctx context.Context, pg *primaryGuest) {
 				pg.coord.set(func(c *coordView) { c.note = "standby lost: " + err.Error() })
 			}
 		}
-		// Self-fence: without a valid lease the guest may run only while the
-		// standby keeps acknowledging (it cannot be promoting meanwhile).
-		if !co.lease.Valid() && !acking && !pg.vm.Fenced() {
-			a.log.Error("self-fence: lease expired and the standby is silent; pausing the guest", "domain", pg.rec.Name, "epoch", pg.engine.Fence())
-			if err := pg.vm.Fence(); err != nil {
-				a.log.Error("self-fence failed", "domain", pg.rec.Name, "err", err)
-			}
-			pg.coord.set(func(c *coordView) { c.selfFenced = true })
-		}
 	}
+}
+
+// selfFenceCheck pauses the guest when its lease has run out, unless the
+// standby acknowledged an epoch within half the detector's timeout: a
+// standby that hears from us does not suspect us, so it cannot be
+// promoting. Half, so we stop before it could start.
+func (a *Agent) selfFenceCheck(pg *primaryGuest, timeout time.Duration) {
+	co := pg.coord.snapshot()
+	if co.lease.Valid() || pg.vm.Fenced() {
+		return
+	}
+	if time.Since(pg.engine.Status().LastAck) < timeout/2 {
+		return
+	}
+	a.log.Error("self-fence: lease expired and the standby is silent; pausing the guest", "domain", pg.rec.Name, "epoch", pg.engine.Fence())
+	if err := pg.vm.Fence(); err != nil {
+		a.log.Error("self-fence failed", "domain", pg.rec.Name, "err", err)
+	}
+	pg.coord.set(func(c *coordView) { c.selfFenced = true })
 }
 
 // adoptFence makes a new fencing epoch the one every frame carries and
@@ -234,10 +253,19 @@ func (a *Agent) standbyCoordination(ctx context.Context, sg *standbyGuest) {
 			return // failed over (or failing over): the promoted guest has its own lease loop
 		}
 		if !registered {
-			if _, err := a.arb.Register(ctx, arbiter.GuestSpec{Guest: name, AgentID: a.cfg.AgentID, Role: arbiter.RoleStandby, Epoch: fence, AgentAddr: a.cfg.Advertise}); err != nil {
+			reg, err := a.arb.Register(ctx, arbiter.GuestSpec{Guest: name, AgentID: a.cfg.AgentID, Role: arbiter.RoleStandby, Epoch: fence, AgentAddr: a.cfg.Advertise})
+			if ae, stale := staleRole(err); stale {
+				sg.mu.Lock()
+				sg.rec.Fence = max(sg.rec.Fence, ae.CurrentEpoch) // a newer epoch began while we were away
+				sg.mu.Unlock()
+			}
+			if err != nil {
 				sg.coord.set(func(c *coordView) { c.note = "register: " + err.Error() })
 				continue
 			}
+			sg.mu.Lock()
+			sg.rec.Fence = max(sg.rec.Fence, reg.Epoch)
+			sg.mu.Unlock()
 			registered = true
 		}
 		if !silent || !consistent {

@@ -76,6 +76,7 @@ type host struct {
 type hostOpts struct {
 	interval string
 	env      []string
+	extra    string // more agent.yaml lines
 }
 
 func newHost(t *testing.T, name, netns, ip string, o hostOpts) *host {
@@ -93,7 +94,7 @@ runtime_dir: %s
 epoch_interval: %s
 shell_suffix: "-%s"
 log_level: debug
-`, name, h.addr, filepath.Join(dir, "agent.sock"), filepath.Join(dir, "state"), filepath.Join(dir, "run"), o.interval, name)
+%s`, name, h.addr, filepath.Join(dir, "agent.sock"), filepath.Join(dir, "state"), filepath.Join(dir, "run"), o.interval, name, o.extra)
 	if err := os.WriteFile(h.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
