@@ -277,16 +277,15 @@ func (p *Primary) resumePlan(w Welcome) (*Bitmap, bool) {
 		p.captured = max(p.captured, w.Committed)
 		return nil, true
 	}
+	// Unacknowledged epochs are folded into the first epoch of the new
+	// session, which carries their pages (current contents) from then on.
 	resend := NewBitmap(p.pages)
-	var kept []*capturedEpoch
 	for _, e := range p.retained {
 		if e.epoch > w.Committed {
 			resend.Or(e.dirty)
-			e.data, e.devstate = nil, nil
-			kept = append(kept, e)
 		}
 	}
-	p.retained = kept
+	p.retained = nil
 	if w.Committed > p.ackedEpoch {
 		p.ackedEpoch = w.Committed
 	}
