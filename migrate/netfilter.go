@@ -3,7 +3,6 @@ package migrate
 import (
 	"errors"
 	"fmt"
-	"sort"
 	"strings"
 
 	"github.com/digitalocean/go-qemu/qmp"
@@ -146,6 +145,5 @@ func ListNICs(m qmp.Monitor) ([]NIC, error) {
 			nics = append(nics, NIC{Path: p, Type: strings.TrimSuffix(strings.TrimPrefix(k.Type, "child<"), ">"), Netdev: netdev})
 		}
 	}
-	sort.Slice(nics, func(i, j int) bool { return nics[i].Path < nics[j].Path })
 	return nics, nil
 }

@@ -508,3 +508,40 @@ func TestFakeQEMUExitBreaksCut(t *testing.T) {
 		t.Fatalf("Cut after QEMU closed the socket: %v", err)
 	}
 }
+
+// BenchmarkFakeEpoch: per epoch of 64 frames of 1 KiB, the cost of
+// capture, Cut and Release through the sockets (the fake QEMU stands in
+// for QEMU's side).
+func BenchmarkFakeEpoch(b *testing.B) {
+	t := &testing.T{}
+	f := newFakeQEMU(t)
+	f.mu.Lock()
+	f.tap = make([]int, 0, 1<<20)
+	f.mu.Unlock()
+	r, err := newRedirector(context.Background(), f, "bench", b.TempDir(), Options{HoldFromStart: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer r.Close()
+	const perEpoch = 64
+	b.SetBytes(perEpoch * 1024)
+	b.ResetTimer()
+	for i := range b.N {
+		for j := range perEpoch {
+			f.mu.Lock()
+			rec := appendRecord(nil, testFrame(i*perEpoch+j, 1024), true, 12)
+			c := f.chardevs["remora-oc-out"]
+			c.Write(rec)
+			f.mu.Unlock()
+		}
+		if err := r.Cut(uint64(i + 1)); err != nil {
+			b.Fatal(err)
+		}
+		if err := r.Release(uint64(i + 1)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	st := r.Stats()
+	b.ReportMetric(float64(st.ReleaseP50.Microseconds()), "hold-p50-µs")
+}

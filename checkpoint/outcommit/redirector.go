@@ -171,8 +171,8 @@ func newRedirector(ctx context.Context, mon qmp.Monitor, guest, dir string, opts
 	}
 	outPath := filepath.Join(dir, guest+".oc-out.sock")
 	inPath := filepath.Join(dir, guest+".oc-in.sock")
-	if len(inPath) > 107 {
-		return nil, fmt.Errorf("outcommit: guest %s: socket path %s is longer than a unix socket address allows (107 bytes): use a shorter directory", guest, inPath)
+	if len(outPath) > 107 {
+		return nil, fmt.Errorf("outcommit: guest %s: socket path %s is longer than a unix socket address allows (107 bytes): use a shorter directory", guest, outPath)
 	}
 
 	deadline := time.Now().Add(opts.Timeout)

@@ -1,0 +1,743 @@
+//go:build linux
+
+package outcommit
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/test/labkit"
+)
+
+// Tests against a real lab guest (TCG, virtio NIC on rmbr0). They need
+// root, REMORA_LAB=1 and `test/lab/lab.sh up`:
+//
+//	REMORA_LAB=1 go test -v -run Lab ./checkpoint/outcommit/
+
+const (
+	labGuestName = "oc-lab"
+	labGuestIdx  = 61
+)
+
+func requireLab(t *testing.T) {
+	t.Helper()
+	if os.Getenv("REMORA_LAB") != "1" {
+		t.Skip("lab test: set REMORA_LAB=1 (as root, after test/lab/lab.sh up) to run against a real guest")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := labkit.CheckLab(ctx); err != nil {
+		t.Skipf("lab test skipped: %v", err)
+	}
+}
+
+type labEnv struct {
+	t    *testing.T
+	lg   *labkit.Guest
+	conn *migrate.Conn
+	g    *migrate.Guest
+	tap  string
+	dir  string
+}
+
+func (e *labEnv) stop() {
+	e.t.Helper()
+	if err := migrate.Exec(e.g.Mon, "stop", nil, nil); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func (e *labEnv) cont() {
+	e.t.Helper()
+	if err := migrate.Exec(e.g.Mon, "cont", nil, nil); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// epoch emulates a checkpoint's pause: stop, Cut(n), cont.
+func (e *labEnv) epoch(b Buffer, n uint64) {
+	e.t.Helper()
+	e.stop()
+	err := b.Cut(n)
+	e.cont()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func (e *labEnv) redirector(opts Options) *Redirector {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	r, err := NewRedirector(ctx, e.g, e.dir, opts)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// lineConn is a raw connection to the workload, so that a read that times
+// out does not end it.
+type lineConn struct {
+	c net.Conn
+	r *bufio.Reader
+}
+
+func (e *labEnv) dial() *lineConn {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp4", e.lg.Addr())
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	c.(*net.TCPConn).SetNoDelay(true)
+	e.t.Cleanup(func() { c.Close() })
+	return &lineConn{c: c, r: bufio.NewReader(c)}
+}
+
+func (l *lineConn) send(cmd string) error {
+	_, err := l.c.Write([]byte(cmd + "\n"))
+	return err
+}
+
+// reply reads one reply line within d; a timeout is reported as ok=false.
+func (l *lineConn) reply(d time.Duration) (string, bool, error) {
+	l.c.SetReadDeadline(time.Now().Add(d))
+	s, err := l.r.ReadString('\n')
+	if err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			if s != "" {
+				return s, false, fmt.Errorf("partial reply %q", s)
+			}
+			return "", false, nil
+		}
+		return "", false, err
+	}
+	return strings.TrimSpace(s), true, nil
+}
+
+// tapWatch records the frames QEMU hands to the guest's tap (what the
+// network sees of the guest's output), from an AF_PACKET socket on the
+// tap.
+type tapWatch struct {
+	fd   int
+	mu   sync.Mutex
+	fr   [][]byte
+	done chan struct{}
+	stop chan struct{}
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+func watchTap(t *testing.T, ifname string) *tapWatch {
+	t.Helper()
+	ifi, err := net.InterfaceByName(ifname)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, int(htons(unix.ETH_P_ALL)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifi.Index}); err != nil {
+		t.Fatal(err)
+	}
+	tv := unix.NsecToTimeval(int64(50 * time.Millisecond))
+	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	w := &tapWatch{fd: fd, done: make(chan struct{}), stop: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		buf := make([]byte, 70000)
+		for {
+			select {
+			case <-w.stop:
+				return
+			default:
+			}
+			n, from, err := unix.Recvfrom(fd, buf, 0)
+			if err != nil {
+				continue
+			}
+			if sll, ok := from.(*unix.SockaddrLinklayer); ok && sll.Pkttype == unix.PACKET_OUTGOING {
+				continue // host -> guest
+			}
+			w.mu.Lock()
+			w.fr = append(w.fr, bytes.Clone(buf[:n]))
+			w.mu.Unlock()
+		}
+	}()
+	t.Cleanup(w.close)
+	return w
+}
+
+func (w *tapWatch) close() {
+	select {
+	case <-w.stop:
+		return
+	default:
+	}
+	close(w.stop)
+	<-w.done
+	unix.Close(w.fd)
+}
+
+func (w *tapWatch) frames() [][]byte {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return append([][]byte(nil), w.fr...)
+}
+
+func (w *tapWatch) reset() {
+	w.mu.Lock()
+	w.fr = nil
+	w.mu.Unlock()
+}
+
+func TestLab(t *testing.T) {
+	requireLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	bctx, bcancel := context.WithTimeout(ctx, 3*time.Minute)
+	lg, err := labkit.Boot(bctx, labkit.GuestOptions{Name: labGuestName, IP: labkit.GuestIP(labGuestIdx), Rate: -1})
+	bcancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := lg.Destroy(); err != nil {
+			t.Errorf("destroy %s: %v", lg.Name, err)
+		}
+	})
+	conn, err := migrate.Dial(ctx, labkit.LibvirtURI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	g, err := migrate.OpenGuest(ctx, conn, lg.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Mon.Close)
+	out, err := labkit.Virsh(ctx, "domiflist", lg.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tap string
+	for _, l := range strings.Split(out, "\n") {
+		if f := strings.Fields(l); len(f) > 0 && strings.HasPrefix(f[0], "vnet") {
+			tap = f[0]
+		}
+	}
+	if tap == "" {
+		t.Fatalf("no tap in domiflist:\n%s", out)
+	}
+	dir := filepath.Join(labkit.AgentRunDir, "outcommit-test")
+	env := &labEnv{t: t, lg: lg, conn: conn, g: g, tap: tap, dir: dir}
+	t.Logf("guest %s booted in %v, tap %s", lg.Name, lg.BootTime.Round(time.Millisecond), tap)
+
+	for _, tc := range []struct {
+		name string
+		fn   func(*testing.T, *labEnv)
+	}{
+		{"HeldUntilReleased", labHeldUntilReleased},
+		{"ExactCutsAndOrder", labExactCutsAndOrder},
+		{"DiscardAfterRetransmit", labDiscardAfterRetransmit},
+		{"CloseRestoresNetwork", labCloseRestoresNetwork},
+		{"ReleaseAllThenClose", labReleaseAllThenClose},
+		{"NetdevNotFound", labNetdevNotFound},
+		{"RoundTripLatency", labRoundTripLatency},
+	} {
+		ok := t.Run(tc.name, func(t *testing.T) {
+			e := *env
+			e.t = t
+			tc.fn(t, &e)
+		})
+		if !ok {
+			break
+		}
+		// Each case must leave QEMU without our objects and the guest running.
+		if st, _ := migrate.Status(g.Mon); st != "running" {
+			migrate.Exec(g.Mon, "cont", nil, nil)
+		}
+		assertNoObjects(t, g)
+	}
+}
+
+func assertNoObjects(t *testing.T, g *migrate.Guest) {
+	t.Helper()
+	var objs []struct{ Name string }
+	if err := migrate.Exec(g.Mon, "qom-list", map[string]string{"path": "/objects"}, &objs); err != nil {
+		t.Fatal(err)
+	}
+	var chrs []struct{ Label string }
+	if err := migrate.Exec(g.Mon, "query-chardev", nil, &chrs); err != nil {
+		t.Fatal(err)
+	}
+	for _, o := range objs {
+		if strings.HasPrefix(o.Name, "remora-oc-") {
+			t.Errorf("object %s left in QEMU", o.Name)
+		}
+	}
+	for _, c := range chrs {
+		if strings.HasPrefix(c.Label, "remora-oc-") {
+			t.Errorf("chardev %s left in QEMU", c.Label)
+		}
+	}
+}
+
+// A reply is not seen while the epoch in which the guest sent it is not
+// released; Release of the epoch before does not let it out either.
+func labHeldUntilReleased(t *testing.T, e *labEnv) {
+	lc := e.dial()
+	if err := lc.send("get"); err != nil {
+		t.Fatal(err)
+	}
+	before, ok, err := lc.reply(5 * time.Second)
+	if err != nil || !ok {
+		t.Fatalf("get before protection: %q %v %v", before, ok, err)
+	}
+	w := watchTap(t, e.tap)
+	r := e.redirector(Options{})
+	e.epoch(r, 1) // holding from here on
+	w.reset()
+
+	if err := lc.send("inc"); err != nil {
+		t.Fatal(err)
+	}
+	// The guest answers within this epoch (TCG: tens of ms); the reply is held.
+	if s, ok, err := lc.reply(1500 * time.Millisecond); ok || err != nil {
+		t.Fatalf("reply %q arrived while its epoch was open (err %v)", s, err)
+	}
+	if st := r.Stats(); st.OpenFrames == 0 {
+		t.Fatalf("nothing held in the open epoch: %+v", st)
+	}
+	if n := len(w.frames()); n != 0 {
+		t.Fatalf("the tap saw %d frames from the guest while its output was held", n)
+	}
+	e.epoch(r, 2) // the reply is in epoch 2
+	if err := r.Release(1); err != nil {
+		t.Fatal(err)
+	}
+	if s, ok, err := lc.reply(1000 * time.Millisecond); ok || err != nil {
+		t.Fatalf("reply %q arrived after Release(1), its epoch is 2 (err %v)", s, err)
+	}
+	held := r.Stats().HeldFrames
+	start := time.Now()
+	if err := r.Release(2); err != nil {
+		t.Fatal(err)
+	}
+	s, ok, err := lc.reply(5 * time.Second)
+	if err != nil || !ok {
+		t.Fatalf("no reply after Release(2): %v", err)
+	}
+	want := mustUint(t, before) + 1
+	if got := mustUint(t, s); got != want {
+		t.Fatalf("inc replied %d, want %d", got, want)
+	}
+	st := r.Stats()
+	t.Logf("reply %s arrived %v after Release(2); %d frames were held; stats %+v", s, time.Since(start).Round(time.Microsecond), held, st)
+	if st.MisalignedFrames != 0 || st.DroppedFrames != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func mustUint(t *testing.T, s string) uint64 {
+	t.Helper()
+	v, err := strconv.ParseUint(s, 10, 64)
+	if err != nil {
+		t.Fatalf("reply %q: %v", s, err)
+	}
+	return v
+}
+
+// Under steady traffic, epochs of ~20 ms: the capture stream does not move
+// while the guest is paused (every frame from before the pause was in the
+// socket when stop returned), no frame straddles a cut, and the tap sees
+// exactly the captured frames of the released epochs, in capture order.
+func labExactCutsAndOrder(t *testing.T, e *labEnv) {
+	lc := e.dial()
+	w := watchTap(t, e.tap)
+	r := e.redirector(Options{HoldFromStart: true})
+	var capMu sync.Mutex
+	type capd struct {
+		eth []byte
+		end int64
+	}
+	var captured []capd
+	r.mu.Lock()
+	r.onCapture = func(rec record) {
+		capMu.Lock()
+		captured = append(captured, capd{bytes.Clone(rec.ethernet()), rec.end()})
+		capMu.Unlock()
+	}
+	r.mu.Unlock()
+	w.reset()
+
+	// Steady load: pipelined requests, replies read as they come.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var replies int
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if lc.send("get") != nil {
+				return
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, ok, err := lc.reply(200 * time.Millisecond); err != nil {
+				return
+			} else if ok {
+				replies++
+			}
+		}
+	}()
+
+	const epochs = 60
+	var bounds []int64
+	var moved int
+	for n := uint64(1); n <= epochs; n++ {
+		time.Sleep(20 * time.Millisecond)
+		e.stop()
+		if err := r.Cut(n); err != nil {
+			e.cont()
+			t.Fatal(err)
+		}
+		r.mu.Lock()
+		cut := r.q.lastEnd()
+		r.mu.Unlock()
+		bounds = append(bounds, cut)
+		time.Sleep(5 * time.Millisecond) // still paused: nothing may arrive
+		r.mu.Lock()
+		pos, err := r.positionLocked()
+		r.mu.Unlock()
+		e.cont()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pos != cut {
+			moved++
+			t.Errorf("epoch %d: the capture stream moved from %d to %d while the guest was paused", n, cut, pos)
+		}
+		if n > 1 { // acks come one epoch late, as with a pipelined standby
+			if err := r.Release(n - 1); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := r.Release(epochs); err != nil {
+		t.Fatal(err)
+	}
+	close(stop)
+	lc.c.Close()
+	wg.Wait()
+	time.Sleep(200 * time.Millisecond) // let the tap watcher see the last frames
+	st := r.Stats()
+	r.mu.Lock()
+	r.onCapture = nil
+	r.mu.Unlock()
+
+	// Released = captured frames that end at or before the last cut.
+	capMu.Lock()
+	var want [][]byte
+	aligned := map[int64]bool{0: true}
+	for _, c := range captured {
+		aligned[c.end] = true
+		if c.end <= bounds[len(bounds)-1] {
+			want = append(want, c.eth)
+		}
+	}
+	capMu.Unlock()
+	for i, b := range bounds {
+		if !aligned[b] {
+			t.Errorf("cut %d at stream offset %d is not between two frames", i+1, b)
+		}
+	}
+	got := w.frames()
+	t.Logf("%d epochs, %d replies, %d frames captured, %d released, tap saw %d; hold p50 %v p99 %v",
+		epochs, replies, len(captured), st.ReleasedFrames, len(got), st.ReleaseP50, st.ReleaseP99)
+	if uint64(len(want)) != st.ReleasedFrames {
+		t.Errorf("%d frames before the last cut, %d released", len(want), st.ReleasedFrames)
+	}
+	if len(got) < len(want) {
+		t.Fatalf("tap saw %d frames, %d released", len(got), len(want))
+	}
+	for i := range want {
+		if !bytes.Equal(got[i], want[i]) {
+			t.Fatalf("frame %d on the tap differs from the %dth captured (order or content): got %d bytes, want %d", i, i, len(got[i]), len(want[i]))
+		}
+	}
+	if st.MisalignedFrames != 0 || moved != 0 || replies == 0 {
+		t.Fatalf("misaligned %d, moved during pause %d, replies %d", st.MisalignedFrames, moved, replies)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// DiscardAfter drops the held reply; the guest's TCP retransmits it, and it
+// gets through after a later epoch is released. The guest processed the
+// request once.
+func labDiscardAfterRetransmit(t *testing.T, e *labEnv) {
+	lc := e.dial()
+	lc.send("get")
+	before, ok, err := lc.reply(5 * time.Second)
+	if err != nil || !ok {
+		t.Fatal("get:", err)
+	}
+	r := e.redirector(Options{})
+	e.epoch(r, 10)
+	lc.send("inc")
+	time.Sleep(500 * time.Millisecond) // the guest has answered: held in the open epoch
+	e.epoch(r, 11)
+	held := r.Stats().HeldFrames
+	r.DiscardAfter(10)
+	st := r.Stats()
+	if st.DiscardedFrames == 0 || st.HeldFrames != 0 {
+		t.Fatalf("DiscardAfter(10): held %d before, stats %+v", held, st)
+	}
+	if err := r.Release(11); err != nil {
+		t.Fatal(err)
+	}
+	if s, ok, err := lc.reply(500 * time.Millisecond); ok || err != nil {
+		t.Fatalf("discarded reply %q arrived (err %v)", s, err)
+	}
+	// Epochs go on (numbers after 10 again), each released at once.
+	start := time.Now()
+	var s string
+	for n := uint64(11); ; n++ {
+		e.epoch(r, n)
+		if err := r.Release(n); err != nil {
+			t.Fatal(err)
+		}
+		var ok bool
+		s, ok, err = lc.reply(100 * time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok {
+			break
+		}
+		if time.Since(start) > 30*time.Second {
+			t.Fatal("no retransmitted reply within 30 s")
+		}
+	}
+	if got, want := mustUint(t, s), mustUint(t, before)+1; got != want {
+		t.Fatalf("reply %d, want %d", got, want)
+	}
+	lc.send("get")
+	e.epoch(r, 1000)
+	time.Sleep(300 * time.Millisecond)
+	e.epoch(r, 1001)
+	r.Release(1001)
+	s2, ok, err := lc.reply(5 * time.Second)
+	if err != nil || !ok || mustUint(t, s2) != mustUint(t, before)+1 {
+		t.Fatalf("get after the retransmit: %q %v %v (the request must have run once)", s2, ok, err)
+	}
+	st = r.Stats()
+	t.Logf("discarded %d frames; the retransmitted reply %s came %v after the discard; stats %+v",
+		st.DiscardedFrames, s, time.Since(start).Round(time.Millisecond), st)
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Close removes the filters and chardevs (held frames dropped): a new
+// connection works at once, and the dropped reply comes by retransmission
+// on the direct path.
+func labCloseRestoresNetwork(t *testing.T, e *labEnv) {
+	lc := e.dial()
+	r := e.redirector(Options{})
+	e.epoch(r, 1)
+	lc.send("get")
+	time.Sleep(300 * time.Millisecond)
+	if s, ok, _ := lc.reply(200 * time.Millisecond); ok {
+		t.Fatalf("reply %q not held", s)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if st := r.Stats(); st.DiscardedFrames == 0 {
+		t.Fatalf("Close dropped nothing: %+v", st)
+	}
+	assertNoObjects(t, e.g)
+	c := e.dial()
+	start := time.Now()
+	c.send("get")
+	if s, ok, err := c.reply(3 * time.Second); !ok || err != nil {
+		t.Fatalf("after Close: %q %v %v", s, ok, err)
+	}
+	t.Logf("a new connection's get answered in %v after Close", time.Since(start).Round(time.Microsecond))
+	if s, ok, err := lc.reply(30 * time.Second); !ok || err != nil {
+		t.Fatalf("the dropped reply was not retransmitted: %q %v %v", s, ok, err)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if err := r.Cut(2); err == nil {
+		t.Fatal("Cut after Close accepted")
+	}
+}
+
+// ReleaseAll then Close: held replies come out, and nothing is lost.
+func labReleaseAllThenClose(t *testing.T, e *labEnv) {
+	lc := e.dial()
+	r := e.redirector(Options{})
+	e.epoch(r, 1)
+	lc.send("get")
+	time.Sleep(300 * time.Millisecond)
+	if s, ok, _ := lc.reply(200 * time.Millisecond); ok {
+		t.Fatalf("reply %q not held", s)
+	}
+	if err := r.ReleaseAll(); err != nil {
+		t.Fatal(err)
+	}
+	if s, ok, err := lc.reply(2 * time.Second); !ok || err != nil {
+		t.Fatalf("after ReleaseAll: %q %v %v", s, ok, err)
+	}
+	// Passed on as it comes now.
+	lc.send("get")
+	if s, ok, err := lc.reply(2 * time.Second); !ok || err != nil {
+		t.Fatalf("after ReleaseAll, a new request: %q %v %v", s, ok, err)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if st := r.Stats(); st.DiscardedFrames != 0 {
+		t.Fatalf("ReleaseAll then Close discarded %d frames", st.DiscardedFrames)
+	}
+}
+
+func labNetdevNotFound(t *testing.T, e *labEnv) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := NewRedirector(ctx, e.g, e.dir, Options{Netdev: "hostnet9"})
+	if err == nil {
+		t.Fatal("no error for netdev hostnet9")
+	}
+	t.Logf("error: %v", err)
+	if !strings.Contains(err.Error(), `on netdev "hostnet0"`) {
+		t.Fatalf("the error does not name the guest's netdev: %v", err)
+	}
+}
+
+// The added round-trip latency: `get` round trips with no buffer, and with
+// epochs every interval (stop, Cut, cont, Release at once, as with an
+// instant ack).
+func labRoundTripLatency(t *testing.T, e *labEnv) {
+	measure := func(lc *lineConn, n int) (p50, p99 time.Duration) {
+		lat := newLatencies(n)
+		for range n {
+			start := time.Now()
+			lc.send("get")
+			if _, ok, err := lc.reply(10 * time.Second); !ok || err != nil {
+				t.Fatalf("get: %v %v", ok, err)
+			}
+			lat.add(time.Since(start))
+		}
+		p50, p99, _ = lat.percentiles()
+		return
+	}
+	lc := e.dial()
+	b50, b99 := measure(lc, 50)
+	t.Logf("direct: round trip p50 %v p99 %v", b50.Round(time.Microsecond), b99.Round(time.Microsecond))
+	for _, interval := range []time.Duration{25 * time.Millisecond, 100 * time.Millisecond} {
+		r := e.redirector(Options{})
+		e.epoch(r, 0) // hold from here on
+		stop := make(chan struct{})
+		done := make(chan error, 1)
+		cuts, pauses := newLatencies(4096), newLatencies(4096)
+		var epochs int
+		loopStart := time.Now()
+		go func() {
+			var n uint64
+			for {
+				select {
+				case <-stop:
+					done <- nil
+					return
+				case <-time.After(interval):
+				}
+				n++
+				t0 := time.Now()
+				if err := migrate.Exec(e.g.Mon, "stop", nil, nil); err != nil {
+					done <- err
+					return
+				}
+				t1 := time.Now()
+				err := r.Cut(n)
+				cuts.add(time.Since(t1))
+				if cerr := migrate.Exec(e.g.Mon, "cont", nil, nil); err == nil {
+					err = cerr
+				}
+				pauses.add(time.Since(t0))
+				if err == nil {
+					err = r.Release(n)
+				}
+				if err != nil {
+					done <- err
+					return
+				}
+				epochs++
+			}
+		}()
+		p50, p99 := measure(lc, 40)
+		close(stop)
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		st := r.Stats()
+		c50, c99, _ := cuts.percentiles()
+		s50, s99, _ := pauses.percentiles()
+		t.Logf("sleep %v between epochs (stop, Cut, cont, Release): %d epochs, one per %v; stop..cont p50 %v p99 %v; Cut p50 %v p99 %v",
+			interval, epochs, (time.Since(loopStart) / time.Duration(max(epochs, 1))).Round(time.Microsecond),
+			s50.Round(time.Microsecond), s99.Round(time.Microsecond), c50, c99)
+		t.Logf("  round trip p50 %v p99 %v; frame hold p50 %v p99 %v; %d frames released",
+			p50.Round(time.Microsecond), p99.Round(time.Microsecond), st.ReleaseP50.Round(time.Microsecond), st.ReleaseP99.Round(time.Microsecond), st.ReleasedFrames)
+		if st.ReleasedFrames == 0 {
+			t.Fatal("nothing was held")
+		}
+		if err := r.ReleaseAll(); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
