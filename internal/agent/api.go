@@ -72,9 +72,6 @@ func (a *Agent) Status() []VMStatus {
 			Epoch: s.Epoch, Started: s.Started, AckedEpoch: s.AckedEpoch, EpochsPerSec: s.EpochsPerSec, PauseP50: s.PauseP50, PauseP99: s.PauseP99,
 			DirtyPages: s.DirtyPages, DirtyTotal: s.DirtyTotal, Incremental: s.Incremental, Bytes: s.BytesSent, RawBytes: s.RawBytes, Lag: s.Lag, Tracker: s.Tracker,
 			SyncDone: s.SyncDone, SyncTotal: s.SyncTotal, LastError: s.LastError, NextRetry: s.NextRetry, LastPause: &s.LastPause}
-		if p.rec.State == StateFenced {
-			v.State = StateFenced
-		}
 		co := p.coord.snapshot()
 		if !s.LastAck.IsZero() {
 			if age := time.Since(s.LastAck); age < a.hbTimeout() {
@@ -89,6 +86,9 @@ func (a *Agent) Status() []VMStatus {
 		}
 		if co.selfFenced {
 			v.State = "self-fenced"
+		}
+		if p.rec.State == StateFenced {
+			v.State = StateFenced
 		}
 		out = append(out, v)
 	}

@@ -95,19 +95,30 @@ func (a *Agent) primaryCoordination(ctx context.Context, pg *primaryGuest) {
 	}
 	renew := time.NewTicker(max(reg.Lease.Duration/3, 50*time.Millisecond))
 	defer renew.Stop()
-	// Self-fencing is checked often: the guest must be paused before the
-	// arbiter's copy of the lease runs out, which it does only a drift
-	// margin later than ours.
-	check := time.NewTicker(25 * time.Millisecond)
-	defer check.Stop()
+	// Self-fencing is checked often, and apart from the arbiter calls (which
+	// block while the arbiter is unreachable): the guest must be paused
+	// before the arbiter's copy of the lease runs out, which it does only a
+	// drift margin later than ours.
+	go func() {
+		check := time.NewTicker(25 * time.Millisecond)
+		defer check.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-check.C:
+				if pg.rec.State == StateFenced {
+					return
+				}
+				a.selfFenceCheck(pg, timeout)
+			}
+		}
+	}()
 	var downSince time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-check.C:
-			a.selfFenceCheck(pg, timeout)
-			continue
 		case <-renew.C:
 		}
 		fence := pg.engine.Fence()

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"path/filepath"
 	"sync"
@@ -216,6 +217,11 @@ func (a *Agent) handleSession(ctx context.Context, conn net.Conn) {
 		var ve *checkpoint.VersionError
 		if errors.As(err, &ve) {
 			sendError(conn, 0, fmt.Errorf("this standby agent speaks replication protocol v%d, the primary v%d: run the same remora release on both hosts", checkpoint.ProtocolVersion, ve.Got), true)
+		}
+		if errors.Is(err, io.EOF) {
+			// Connect-and-close: the arbiter's reachability probe.
+			a.log.Debug("connection closed before a handshake", "peer", peer)
+			return
 		}
 		a.log.Warn("replication handshake failed", "peer", peer, "err", err)
 		return

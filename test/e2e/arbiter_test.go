@@ -131,25 +131,32 @@ func (l *arbLab) stopArbiter() {
 
 // arbiterEpoch reads a guest's fencing epoch from `remora arbiter status`.
 func (l *arbLab) arbiterEpoch(guest string) (uint64, error) {
+	ep, _, err := l.arbiterGuest(guest)
+	return ep, err
+}
+
+// arbiterGuest reads a guest's epoch and sync state from `remora arbiter status`.
+func (l *arbLab) arbiterGuest(guest string) (uint64, bool, error) {
 	out, err := exec.Command("ip", "netns", "exec", labkit.NetnsArbiter, remoraBin, "arbiter", "status", "--json", "--config", l.arbCfg, "--addr", l.arbAddr).Output()
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	var st struct {
 		Guests []struct {
-			Guest string `json:"guest"`
-			Epoch uint64 `json:"epoch"`
+			Guest  string `json:"guest"`
+			Epoch  uint64 `json:"epoch"`
+			InSync bool   `json:"in_sync"`
 		} `json:"guests"`
 	}
 	if err := json.Unmarshal(out, &st); err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	for _, g := range st.Guests {
 		if g.Guest == guest {
-			return g.Epoch, nil
+			return g.Epoch, g.InSync, nil
 		}
 	}
-	return 0, fmt.Errorf("guest %s not in arbiter status", guest)
+	return 0, false, fmt.Errorf("guest %s not in arbiter status", guest)
 }
 
 // splitBrainWatch samples both copies of a guest and fails the test if
@@ -191,7 +198,8 @@ func (l *arbLab) enroll(t *testing.T, g *labkit.Guest) {
 	}
 	waitFor(t, "the lease and the standby's sync to be reported", time.Minute, func() bool {
 		s, ok := l.a.status(g.Name)
-		return ok && s.LeaseHolder == "host-a" && s.Fence > 0
+		_, inSync, err := l.arbiterGuest(g.Name)
+		return ok && s.LeaseHolder == "host-a" && s.Fence > 0 && err == nil && inSync
 	})
 }
 
