@@ -42,6 +42,7 @@ bench: lab build
 	$(GO) test -run '^$$' -bench . -benchtime 20x ./checkpoint
 	$(GO) test -run '^$$' -bench . ./txlog
 	$(GO) run ./test/bench
+	$(GO) run ./test/failbench -n 5
 
 demo: lab build
 	test/demo.sh

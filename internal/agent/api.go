@@ -46,7 +46,12 @@ type VMStatus struct {
 	Heartbeat    string                     `json:"heartbeat,omitempty"`      // ok, or how long the peer has been silent
 	Probe        string                     `json:"probe,omitempty"`          // the arbiter's last check of the guest's service
 	Arbiter      string                     `json:"arbiter,omitempty"`        // the arbiter's latest answer worth showing
-	NextRetry    time.Time                  `json:"next_retry,omitzero"`
+	// The last automatic failover: when the primary was first suspected,
+	// when the arbiter granted promotion, when the guest ran again.
+	SuspectedAt time.Time `json:"suspected_at,omitzero"`
+	GrantedAt   time.Time `json:"granted_at,omitzero"`
+	RestoredAt  time.Time `json:"restored_at,omitzero"`
+	NextRetry   time.Time `json:"next_retry,omitzero"`
 }
 
 // Status lists every guest this agent knows.
@@ -124,6 +129,7 @@ func (a *Agent) coordStatus(v *VMStatus, co coordView) {
 		}
 	}
 	v.Arbiter = co.note
+	v.SuspectedAt, v.GrantedAt, v.RestoredAt = co.suspectedAt, co.grantedAt, co.restoredAt
 }
 
 func (sg *standbyGuest) status(hbTimeout time.Duration) VMStatus {

@@ -22,6 +22,9 @@ type coordView struct {
 	selfFenced bool
 	note       string // the latest arbiter answer worth showing
 	probe      *arbiter.ProbeStatus
+
+	// The last automatic failover, for status and the failover benchmark.
+	suspectedAt, grantedAt, restoredAt time.Time
 }
 
 type coordination struct {
@@ -280,8 +283,14 @@ func (a *Agent) standbyCoordination(ctx context.Context, sg *standbyGuest) {
 			registered = true
 		}
 		if !silent || !consistent {
+			sg.coord.set(func(c *coordView) { c.suspectedAt = time.Time{} })
 			continue
 		}
+		sg.coord.set(func(c *coordView) {
+			if c.suspectedAt.IsZero() {
+				c.suspectedAt = time.Now()
+			}
+		})
 		g, err := a.arb.RequestPromotion(ctx, name, a.cfg.AgentID, fence)
 		if err != nil {
 			if ae, stale := staleRole(err); stale {
@@ -294,6 +303,7 @@ func (a *Agent) standbyCoordination(ctx context.Context, sg *standbyGuest) {
 			continue
 		}
 		a.log.Warn("primary suspected and promotion granted: failing over", "domain", name, "epoch", g.Epoch, "previous_primary", g.PreviousPrimary)
+		sg.coord.set(func(c *coordView) { c.grantedAt = time.Now() })
 		res, err := a.failoverAt(ctx, name, true, g.Epoch)
 		if err != nil {
 			a.log.Error("automatic failover failed", "domain", name, "err", err)
@@ -301,6 +311,7 @@ func (a *Agent) standbyCoordination(ctx context.Context, sg *standbyGuest) {
 			continue
 		}
 		a.log.Info("automatic failover done", "domain", name, "epoch", res.Epoch, "fence", res.Fence, "took", res.Duration)
+		sg.coord.set(func(c *coordView) { c.restoredAt = time.Now() })
 		go a.promotedCoordination(ctx, sg, g.Lease)
 		return
 	}
