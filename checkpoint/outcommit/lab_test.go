@@ -260,6 +260,7 @@ func TestLab(t *testing.T) {
 		{"HeldUntilReleased", labHeldUntilReleased},
 		{"ExactCutsAndOrder", labExactCutsAndOrder},
 		{"DiscardAfterRetransmit", labDiscardAfterRetransmit},
+		{"WithDeviceStateCheckpoints", labWithDeviceStateCheckpoints},
 		{"CloseRestoresNetwork", labCloseRestoresNetwork},
 		{"ReleaseAllThenClose", labReleaseAllThenClose},
 		{"NetdevNotFound", labNetdevNotFound},
@@ -573,6 +574,73 @@ func labDiscardAfterRetransmit(t *testing.T, e *labEnv) {
 	st = r.Stats()
 	t.Logf("discarded %d frames; the retransmitted reply %s came %v after the discard; stats %+v",
 		st.DiscardedFrames, s, time.Since(start).Round(time.Millisecond), st)
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The real checkpoint pause (stop, Cut, migrate the device state with
+// x-ignore-shared to a unix socket, cont from postmigrate) works with the
+// filters in place, and the capture stream does not move during it.
+func labWithDeviceStateCheckpoints(t *testing.T, e *labEnv) {
+	if err := migrate.SetIgnoreShared(e.g.Mon, true); err != nil {
+		t.Fatal(err)
+	}
+	sink, err := migrate.ListenDeviceState(filepath.Join(e.dir, e.g.Name+".devstate.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	lc := e.dial()
+	r := e.redirector(Options{})
+	var devBytes int64
+	for n := uint64(1); n <= 10; n++ {
+		if n%2 == 1 {
+			lc.send("inc")
+		}
+		time.Sleep(50 * time.Millisecond)
+		e.stop()
+		if err := r.Cut(n); err != nil {
+			e.cont()
+			t.Fatal(err)
+		}
+		r.mu.Lock()
+		cut := r.q.lastEnd()
+		r.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		var buf bytes.Buffer
+		nb, err := sink.Save(ctx, e.g, &buf)
+		cancel()
+		r.mu.Lock()
+		pos, perr := r.positionLocked()
+		r.mu.Unlock()
+		e.cont()
+		if err != nil || perr != nil {
+			t.Fatal(err, perr)
+		}
+		devBytes = nb
+		if pos != cut {
+			t.Fatalf("epoch %d: the capture stream moved from %d to %d during the device-state save", n, cut, pos)
+		}
+		if n > 1 {
+			if err := r.Release(n - 1); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := r.Release(10); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		if s, ok, err := lc.reply(5 * time.Second); !ok || err != nil {
+			t.Fatalf("reply %d: %q %v %v", i, s, ok, err)
+		}
+	}
+	st := r.Stats()
+	t.Logf("10 checkpoints with device state (%d bytes each) and filters in place; 5 replies; stats %+v", devBytes, st)
+	if st.MisalignedFrames != 0 {
+		t.Fatal("misaligned")
+	}
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
 	}

@@ -259,7 +259,7 @@ func (r *Redirector) filterError(err error) error {
 				}
 				msg += ": no such netdev; the guest's NICs: " + strings.Join(s, ", ") + " (set Options.Netdev)"
 			}
-		case strings.Contains(qe.Desc, "host"), strings.Contains(qe.Desc, "Vhost"):
+		case strings.Contains(qe.Desc, "Vhost"):
 			msg += ": QEMU filters need the NIC's userspace datapath; use <driver name='qemu'/> in the interface's XML"
 		case strings.Contains(qe.Desc, "multiqueue"):
 			msg += ": filters need a single-queue NIC"
@@ -489,6 +489,9 @@ func (r *Redirector) ReleaseAll() error {
 func (r *Redirector) DiscardAfter(epoch uint64) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.closing {
+		return // Close dropped everything held
+	}
 	pos, err := r.positionLocked()
 	if err != nil {
 		r.log.Warn("DiscardAfter: capture stream position unknown; discarding what was read", "err", err)
