@@ -47,9 +47,10 @@ import (
 //
 // The exact cut: the capture filter writes each frame to its chardev
 // completely, synchronously, in QEMU's main loop, before the frame's send
-// returns; after QMP stop returns, the NIC sends nothing more (its transmit
-// bottom half is cancelled while the VM is stopped, frames still in the
-// ring are sent after cont). So when Cut runs, every frame of the epoch is
+// returns; after QMP stop returns, the NIC sends nothing more (virtio-net's
+// transmit bottom half does nothing while the VM is stopped; frames still in
+// the ring are sent after cont, in the next epoch, and a standby restored
+// from this epoch sends them itself). So when Cut runs, every frame of the epoch is
 // in the out socket's receive queue or already read. Cut takes, under the
 // lock the reader holds around each read, the bytes read so far plus the
 // bytes queued on the socket (ioctl SIOCINQ): that stream offset is the
@@ -60,7 +61,10 @@ import (
 // If the agent dies, the capture filter keeps taking the guest's frames
 // and its writes fail: output is dropped, never leaked, until a new
 // Redirector (which first removes stale objects of a previous one) or QEMU
-// ends.
+// ends. While the agent lives it must keep reading: QEMU writes to the out
+// socket blocking, so a full socket would stall QEMU's main loop. The
+// reader goroutine only copies frames into memory (bounded by MaxBytes);
+// on a corrupt stream it closes the socket rather than stop reading it.
 type Redirector struct {
 	mon    qmp.Monitor
 	guest  string
@@ -528,7 +532,9 @@ func (r *Redirector) Stats() Stats {
 // tap directly again. Frames still held are dropped (Stats.DiscardedFrames)
 // unless ReleaseAll was called before: then the capture filter is removed
 // first, the frames it captured until then are passed on, and nothing is
-// lost. Close waits (up to Options.Timeout) until QEMU has read what was
+// lost (frames the guest sends while Close runs may overtake the last
+// captured ones; call Close while the guest is paused for strict order).
+// Close waits (up to Options.Timeout) until QEMU has read what was
 // written to it. It is safe when QEMU is gone (then it only closes the
 // sockets), and calling it again returns the first result.
 func (r *Redirector) Close() error {
