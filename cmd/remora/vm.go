@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -177,6 +178,9 @@ func parseProbe(s string) (arbiter.ProbeSpec, error) {
 	parts := strings.SplitN(s, ":", 5)
 	bad := fmt.Errorf("--probe %q: want tcp:HOST:PORT or line:HOST:PORT:SEND:EXPECTED-PREFIX", s)
 	if len(parts) < 3 {
+		return arbiter.ProbeSpec{}, bad
+	}
+	if port, err := strconv.Atoi(parts[2]); err != nil || port < 1 || port > 65535 {
 		return arbiter.ProbeSpec{}, bad
 	}
 	p := arbiter.ProbeSpec{Kind: arbiter.ProbeKind(parts[0]), Address: net.JoinHostPort(parts[1], parts[2])}

@@ -1,0 +1,80 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/viper"
+)
+
+func loadFrom(t *testing.T, yaml string, env map[string]string, flags ...string) (string, error) {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "agent.yaml")
+	if err := os.WriteFile(p, []byte(yaml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range env {
+		t.Setenv(k, v)
+	}
+	v := viper.New()
+	cmd := newAgentCmd(v)
+	cmd.Flags().String("config", "", "")
+	cmd.Flags().String("socket", "", "")
+	if err := cmd.Flags().Parse(append([]string{"--config", p}, flags...)); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := loadAgentConfig(cmd, v)
+	if err != nil {
+		return "", err
+	}
+	return cfg.AgentID + " " + cfg.EpochInterval.String() + " " + cfg.Listen, nil
+}
+
+func TestAgentConfigPrecedence(t *testing.T) {
+	got, err := loadFrom(t, "agent_id: a\nepoch_interval: 50ms\n", nil)
+	if err != nil || got != "a 50ms 0.0.0.0:7400" {
+		t.Fatalf("file: %q %v", got, err)
+	}
+	got, err = loadFrom(t, "agent_id: a\nepoch_interval: 50ms\n", map[string]string{"REMORA_EPOCH_INTERVAL": "30ms"})
+	if err != nil || got != "a 30ms 0.0.0.0:7400" {
+		t.Fatalf("environment over file: %q %v", got, err)
+	}
+	got, err = loadFrom(t, "agent_id: a\nepoch_interval: 50ms\n", map[string]string{"REMORA_EPOCH_INTERVAL": "30ms"}, "--epoch-interval", (20 * time.Millisecond).String())
+	if err != nil || got != "a 20ms 0.0.0.0:7400" {
+		t.Fatalf("flag over environment: %q %v", got, err)
+	}
+}
+
+func TestAgentConfigUnknownKey(t *testing.T) {
+	_, err := loadFrom(t, "agent_id: a\nepoch_intervall: 50ms\n", nil)
+	if err == nil || !strings.Contains(err.Error(), `unknown key "epoch_intervall"`) {
+		t.Fatalf("want the unknown key named, got %v", err)
+	}
+}
+
+func TestAgentConfigMalformed(t *testing.T) {
+	_, err := loadFrom(t, "agent_id: [unterminated\n", nil)
+	if err == nil || !strings.Contains(err.Error(), "agent.yaml") {
+		t.Fatalf("want an error naming the file, got %v", err)
+	}
+	_, err = loadFrom(t, "agent_id: a\nepoch_interval: soon\n", nil)
+	if err == nil {
+		t.Fatal("a bad duration was accepted")
+	}
+}
+
+func TestParseProbe(t *testing.T) {
+	for _, ok := range []string{"", "tcp:10.0.0.1:80", "line:10.0.0.1:7000:get:"} {
+		if _, err := parseProbe(ok); err != nil {
+			t.Errorf("%q: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"tcp:10.0.0.1", "udp:1.2.3.4:5", "line:1.2.3.4:5:get", "tcp:host:port"} {
+		if _, err := parseProbe(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}

@@ -1,0 +1,130 @@
+package agent
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"testing"
+
+	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/txlog"
+)
+
+func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// TestJournalRebuildsReplicaState commits and applies epochs through the
+// Replica's persist hook, reopens the journal and expects the same state;
+// an epoch committed but not applied comes back as needing redo.
+func TestJournalRebuildsReplicaState(t *testing.T) {
+	dir := t.TempDir()
+	j, st, err := openJournal(dir, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.guests) != 0 {
+		t.Fatalf("fresh journal has guests: %v", st.guests)
+	}
+	persist := j.replicaPersist("g1")
+	step := func(epoch uint64, full, apply bool) {
+		t.Helper()
+		if err := j.epochBegin("g1", epoch, "gen1", full); err != nil {
+			t.Fatal(err)
+		}
+		prev, _ := j.state("g1")
+		next := prev.Replica
+		next.Committed, next.Generation = epoch, "gen1"
+		if full {
+			next.Synced = true
+		}
+		if err := persist(next); err != nil {
+			t.Fatal(err)
+		}
+		if apply {
+			next.Applied = epoch
+			if err := persist(next); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	step(1, true, true)
+	step(2, false, true)
+	step(3, false, false) // crash between commit and apply
+	if err := j.close(); err != nil {
+		t.Fatal(err)
+	}
+
+	j2, st2, err := openJournal(dir, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j2.close()
+	got := st2.guests["g1"].Replica
+	want := checkpoint.ReplicaState{Generation: "gen1", Committed: 3, Applied: 2, Synced: true}
+	if got != want {
+		t.Fatalf("recovered %+v, want %+v", got, want)
+	}
+	if _, ok := st2.epochTx["g1"]; !ok {
+		t.Fatal("the committed, unapplied epoch's transaction was not recovered for its END")
+	}
+	// Redo: applying epoch 3 after the restart ends its transaction.
+	next := got
+	next.Applied = 3
+	if err := j2.replicaPersist("g1")(next); err != nil {
+		t.Fatalf("END after recovery: %v", err)
+	}
+}
+
+// TestJournalFailoverInDoubt: a failover prepared but not committed is
+// reported for resumption; one committed and ended is not.
+func TestJournalFailoverInDoubt(t *testing.T) {
+	dir := t.TempDir()
+	j, _, err := openJournal(dir, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	begin := func(guest string, fence uint64) uint64 {
+		tx := j.newTx()
+		ev := journalEvent{Kind: "failover", Guest: guest, Epoch: 7, Fence: fence}
+		for _, r := range []struct {
+			typ  txlog.RecordType
+			step string
+		}{{txlog.TypeBegin, ""}, {txlog.TypeData, "resolved"}, {txlog.TypePrepare, "prepared"}} {
+			ev.Step = r.step
+			if err := j.append(ctx, true, r.typ, tx, ev); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return tx
+	}
+	begin("in-doubt", 2)
+	done := begin("finished", 3)
+	ev := journalEvent{Kind: "failover", Guest: "finished", Fence: 3}
+	if err := j.append(ctx, true, txlog.TypeCommit, done, ev); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.append(ctx, true, txlog.TypeEnd, done, ev); err != nil {
+		t.Fatal(err)
+	}
+	j.close()
+
+	j2, st, err := openJournal(dir, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j2.close()
+	f, ok := st.failovers["in-doubt"]
+	if !ok || f.committed || f.fence != 2 {
+		t.Fatalf("in-doubt failover recovered as %+v (present %v)", f, ok)
+	}
+	if _, ok := st.failovers["finished"]; ok {
+		t.Fatal("an ended failover was reported for resumption")
+	}
+	if j2.fence < 3 {
+		t.Fatalf("journal fencing epoch %d, want 3", j2.fence)
+	}
+	// A record with an older fencing epoch than the log has seen is refused.
+	if _, err := j2.log.Append(ctx, txlog.Record{Type: txlog.TypePlain, Epoch: 1}); err == nil {
+		t.Fatal("stale fencing epoch accepted by the journal")
+	}
+}
