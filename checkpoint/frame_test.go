@@ -243,7 +243,6 @@ func TestFrameVersionError(t *testing.T) {
 	}
 }
 
-
 // headerOnly is a reader that serves a frame header and fails the test if
 // the reader asks for anything more.
 type headerOnly struct {

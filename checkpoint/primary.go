@@ -36,7 +36,7 @@ type PrimaryConfig struct {
 	// VerifyPeer, when set, checks the connection against the agent id the
 	// standby announced (its TLS certificate must name it).
 	VerifyPeer func(conn net.Conn, agent string) error
-	Log         *slog.Logger
+	Log        *slog.Logger
 	// Hook, when set, is called at named points of the epoch cycle
 	// ("captured", "transfer", "acked"); tests use it to crash there.
 	Hook func(point string, epoch uint64)
