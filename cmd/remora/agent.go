@@ -47,6 +47,14 @@ func newAgentCmd(v *viper.Viper) *cobra.Command {
 	f.String("tracker", d.Tracker, "dirty page tracker: auto, scan or softdirty")
 	f.String("shell-suffix", "", "suffix of standby shell domain names (set when both hosts share one libvirt)")
 	f.String("log-level", d.LogLevel, "debug, info, warn or error")
+	f.String("arbiter", "", "arbiter address (host:port); empty: failover by hand only")
+	f.String("advertise", "", "replication address other agents reach this one at")
+	f.String("tls-cert", "", "this agent's certificate (its name is agent_id)")
+	f.String("tls-key", "", "this agent's key")
+	f.String("tls-ca", "", "the CA that signs every peer")
+	f.Duration("heartbeat-interval", d.HeartbeatInterval, "failure detector interval")
+	f.Int("heartbeat-missed", d.HeartbeatMissed, "intervals without a frame before the primary is suspected")
+	f.String("api-listen", "", "also serve the admin API over TCP with mutual TLS (host:port)")
 	_ = time.Second
 	return cmd
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent"
+	"github.com/remora-ha/remora/internal/pki"
 )
 
 func newVMCmd(v *viper.Viper) *cobra.Command {
@@ -26,8 +27,23 @@ func newVMCmd(v *viper.Viper) *cobra.Command {
 		if err != nil {
 			return nil, err
 		}
+		if addr, _ := cmd.Flags().GetString("agent"); addr != "" {
+			// A remote agent: mutual TLS with this host's certificate.
+			if cfg.TLSCert == "" {
+				return nil, fmt.Errorf("--agent %s needs tls_cert, tls_key and tls_ca in the config (the agent's API over TCP is mutual TLS only)", addr)
+			}
+			tlsCfg, err := pki.ClientConfigFiles(cfg.TLSCert, cfg.TLSKey, cfg.TLSCA)
+			if err != nil {
+				return nil, err
+			}
+			if host, _, err := net.SplitHostPort(addr); err == nil {
+				tlsCfg.ServerName = host
+			}
+			return agent.NewTLSClient(addr, tlsCfg), nil
+		}
 		return agent.NewClient(cfg.APISocket), nil
 	}
+	vm.PersistentFlags().String("agent", "", "a remote agent's admin API (host:port of its api_listen), over mutual TLS")
 
 	enroll := &cobra.Command{
 		Use:   "enroll DOMAIN --standby HOST:PORT",

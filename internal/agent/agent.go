@@ -86,6 +86,14 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		return err
 	}
 	defer api.Close()
+	var apiTLS net.Listener
+	if a.cfg.APIListen != "" {
+		if apiTLS, err = net.Listen("tcp", a.cfg.APIListen); err != nil {
+			return fmt.Errorf("listen for the admin API on %s: %w", a.cfg.APIListen, err)
+		}
+		apiTLS = tls.NewListener(apiTLS, a.tlsSrv)
+		defer apiTLS.Close()
+	}
 
 	j, jst, err := openJournal(a.cfg.StateDir, a.log)
 	if err != nil {
@@ -117,9 +125,12 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	a.log.Info("agent running", "agent", a.cfg.AgentID, "replication", repl.Addr().String(), "api", a.cfg.APISocket)
 
 	go a.arbiterHeartbeat(ctx)
-	errc := make(chan error, 2)
+	errc := make(chan error, 3)
 	go func() { errc <- a.serveReplication(ctx, repl) }()
 	go func() { errc <- a.serveAPI(ctx, api) }()
+	if apiTLS != nil {
+		go func() { errc <- a.serveAPI(ctx, apiTLS) }()
+	}
 	select {
 	case <-ctx.Done():
 	case err = <-errc:

@@ -13,6 +13,7 @@ import (
 
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/pki"
 )
 
 // VMStatus is one guest as `remora vm status` shows it.
@@ -251,7 +252,26 @@ func (a *Agent) serveAPI(ctx context.Context, ln net.Listener) error {
 		}
 		writeJSON(w, http.StatusOK, struct{}{})
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	handler := http.Handler(mux)
+	if _, isTLS := ln.Addr().(*net.TCPAddr); isTLS {
+		// Over TCP the listener is mutual TLS: every admin is named in the log.
+		handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			var who []string
+			if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+				who = pki.Names(r.TLS.PeerCertificates[0])
+			}
+			if len(who) == 0 {
+				a.log.Warn("admin API request without a client certificate refused", "peer", r.RemoteAddr)
+				writeJSON(w, http.StatusUnauthorized, APIError{"a client certificate signed by the agent's CA is required"})
+				return
+			}
+			if r.Method != http.MethodGet {
+				a.log.Info("admin API", "client", who, "peer", r.RemoteAddr, "call", r.Method+" "+r.URL.Path)
+			}
+			mux.ServeHTTP(w, r)
+		})
+	}
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
 	go func() { <-ctx.Done(); srv.Close() }()
 	err := srv.Serve(ln)
 	if errors.Is(err, http.ErrServerClosed) {

@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,8 +17,15 @@ import (
 
 // Client talks to a local agent's API socket.
 type Client struct {
-	socket string
+	socket string // or the TCP address
+	base   string // URL prefix; empty for the unix socket
 	http   *http.Client
+}
+
+// NewTLSClient returns a client for an agent's admin API over TCP with
+// mutual TLS (api_listen), presenting the certificate in cfg.
+func NewTLSClient(addr string, cfg *tls.Config) *Client {
+	return &Client{socket: addr, base: "https://" + addr, http: &http.Client{Transport: &http.Transport{TLSClientConfig: cfg}}}
 }
 
 // NewClient returns a client for the agent serving socket.
@@ -37,7 +45,11 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 			return err
 		}
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://agent"+path, &body)
+	base := c.base
+	if base == "" {
+		base = "http://agent"
+	}
+	req, err := http.NewRequestWithContext(ctx, method, base+path, &body)
 	if err != nil {
 		return err
 	}

@@ -39,6 +39,9 @@ type Config struct {
 	// the primary after heartbeat_missed intervals without a frame.
 	HeartbeatInterval time.Duration `mapstructure:"heartbeat_interval"`
 	HeartbeatMissed   int           `mapstructure:"heartbeat_missed"`
+	// APIListen serves the admin API over TCP with mutual TLS as well
+	// (host:port); clients present a certificate signed by tls_ca.
+	APIListen string `mapstructure:"api_listen"`
 }
 
 // Defaults returns the configuration used where a key is not set.
@@ -93,6 +96,14 @@ func (c *Config) Validate() error {
 		}
 		if tlsSet == 0 {
 			return fmt.Errorf("arbiter is set but tls_cert/tls_key/tls_ca are not: the arbiter only speaks mutual TLS")
+		}
+	}
+	if c.APIListen != "" {
+		if _, _, err := net.SplitHostPort(c.APIListen); err != nil {
+			return fmt.Errorf("api_listen %q: %v (want host:port)", c.APIListen, err)
+		}
+		if tlsSet == 0 {
+			return fmt.Errorf("api_listen is set but tls_cert/tls_key/tls_ca are not: the admin API is only served over mutual TLS")
 		}
 	}
 	if c.HeartbeatInterval < 10*time.Millisecond || c.HeartbeatMissed < 2 {

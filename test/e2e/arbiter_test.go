@@ -73,7 +73,7 @@ log_level: debug
 			l.arbAddr, pki.CertPath(l.pki, name), pki.KeyPath(l.pki, name), filepath.Join(l.pki, "ca.crt"))
 	}
 	l.a = newHost(t, "host-a", labkit.NetnsA, labkit.IPA, hostOpts{extra: tlsLines("host-a")})
-	l.b = newHost(t, "host-b", labkit.NetnsB, labkit.IPB, hostOpts{extra: tlsLines("host-b")})
+	l.b = newHost(t, "host-b", labkit.NetnsB, labkit.IPB, hostOpts{extra: tlsLines("host-b") + "api_listen: " + labkit.IPB + ":7401\n"})
 	t.Cleanup(func() {
 		l.stopArbiter()
 		if t.Failed() {
@@ -499,6 +499,28 @@ func TestAuthenticationRefused(t *testing.T) {
 		}
 		if !l.b.logContains("claims to be agent") {
 			t.Fatal("no log line names the refused peer")
+		}
+	})
+	t.Run("admin API over mutual TLS", func(t *testing.T) {
+		out, err := l.a.cli("vm", "status", "--agent", labkit.IPB+":7401")
+		if err != nil || !strings.Contains(out, "no guests enrolled") {
+			t.Fatalf("host-a's admin could not query host-b's agent: %v\n%s", err, out)
+		}
+		other := t.TempDir()
+		if err := pki.InitCA(other, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := pki.Issue(other, "host-a"); err != nil {
+			t.Fatal(err)
+		}
+		cfg := filepath.Join(t.TempDir(), "foreign.yaml")
+		yaml := fmt.Sprintf("agent_id: host-a\ntls_cert: %s\ntls_key: %s\ntls_ca: %s\n", pki.CertPath(other, "host-a"), pki.KeyPath(other, "host-a"), filepath.Join(other, "ca.crt"))
+		if err := os.WriteFile(cfg, []byte(yaml), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		out2, err := exec.Command("ip", "netns", "exec", labkit.NetnsA, remoraBin, "--config", cfg, "vm", "status", "--agent", labkit.IPB+":7401").CombinedOutput()
+		if err == nil {
+			t.Fatalf("a certificate from a foreign CA was let into the admin API:\n%s", out2)
 		}
 	})
 }
