@@ -514,7 +514,8 @@ func TestAuthenticationRefused(t *testing.T) {
 			t.Fatal(err)
 		}
 		cfg := filepath.Join(t.TempDir(), "foreign.yaml")
-		yaml := fmt.Sprintf("agent_id: host-a\ntls_cert: %s\ntls_key: %s\ntls_ca: %s\n", pki.CertPath(other, "host-a"), pki.KeyPath(other, "host-a"), filepath.Join(other, "ca.crt"))
+		// Trusts the lab CA, so only the agent's check of the client certificate can refuse it.
+		yaml := fmt.Sprintf("agent_id: host-a\ntls_cert: %s\ntls_key: %s\ntls_ca: %s\n", pki.CertPath(other, "host-a"), pki.KeyPath(other, "host-a"), filepath.Join(l.pki, "ca.crt"))
 		if err := os.WriteFile(cfg, []byte(yaml), 0o644); err != nil {
 			t.Fatal(err)
 		}

@@ -67,7 +67,11 @@ func (c *Client) Do(ctx context.Context, cmd string) (string, error) {
 	c.conn.SetDeadline(dl) // zero: none
 	stop := context.AfterFunc(ctx, func() { c.conn.SetDeadline(time.Unix(1, 0)) })
 	reply, err := c.exchange(cmd)
-	if !stop() || ctx.Err() != nil {
+	// The socket deadline can fire a moment before ctx reports it.
+	var ne net.Error
+	if err != nil && errors.As(err, &ne) && ne.Timeout() && !dl.IsZero() && !time.Now().Before(dl) && ctx.Err() == nil {
+		err = fmt.Errorf("%w (%v)", context.DeadlineExceeded, err)
+	} else if !stop() || ctx.Err() != nil {
 		if err == nil {
 			err = ctx.Err()
 		} else {
