@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -134,7 +135,13 @@ func TestFrameStreamOfManyFrames(t *testing.T) {
 	if len(rest) != 0 {
 		t.Fatalf("%d bytes left after the last frame", len(rest))
 	}
-	// Stream API through readers that return short reads and data with EOF.
+	// Stream API through readers that return short reads and data with EOF
+	// (byte-at-a-time reads over small frames only: they are slow).
+	stream = stream[:0:0]
+	frames = slices.DeleteFunc(frames, func(f Frame) bool { return len(f.Payload) > 8192 })
+	for _, f := range frames {
+		stream = AppendFrame(stream, f)
+	}
 	for name, r := range map[string]io.Reader{
 		"plain":    bytes.NewReader(stream),
 		"onebyte":  iotest.OneByteReader(bytes.NewReader(stream)),
@@ -365,7 +372,7 @@ func TestFrameReservedBytesRejected(t *testing.T) {
 // the checksum.
 func FuzzDecodeFrame(f *testing.F) {
 	for _, fr := range sampleFrames() {
-		if len(fr.Payload) > 8192 {
+		if len(fr.Payload) > 256 { // big seeds make the minimizer crawl
 			continue
 		}
 		f.Add(AppendFrame(nil, fr))
@@ -413,10 +420,11 @@ func checkDecode(t *testing.T, data []byte) {
 	}
 	re := AppendFrame(nil, fr)
 	if !bytes.Equal(re, data[:n]) {
-		if data[6] != 0 || data[7] != 0 {
-			if os.Getenv("REMORA_BUG_TESTS") == "" {
-				t.Skip("BUG: reserved header bytes are not checked (see TestFrameReservedBytesRejected)")
-			}
+		if (data[6] != 0 || data[7] != 0) && os.Getenv("REMORA_BUG_TESTS") == "" {
+			// Known BUG (see TestFrameReservedBytesRejected): reserved
+			// header bytes are not checked. Tolerated here, not with
+			// REMORA_BUG_TESTS=1. (t.Skip would stall the fuzzing engine.)
+			return
 		}
 		t.Fatalf("accepted frame re-encodes differently:\n in %x\nout %x", data[:n], re)
 	}

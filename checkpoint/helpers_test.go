@@ -1,6 +1,7 @@
 package checkpoint
 
 import (
+	"encoding/binary"
 	"hash/crc32"
 	"math/rand/v2"
 )
@@ -15,10 +16,7 @@ func newRand(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, seed^0x
 // fillRandom fills b with incompressible bytes.
 func fillRandom(r *rand.Rand, b []byte) {
 	for i := 0; i+8 <= len(b); i += 8 {
-		v := r.Uint64()
-		for j := 0; j < 8; j++ {
-			b[i+j] = byte(v >> (8 * j))
-		}
+		binary.LittleEndian.PutUint64(b[i:], r.Uint64())
 	}
 	for i := len(b) &^ 7; i < len(b); i++ {
 		b[i] = byte(r.Uint32())
