@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/remora-ha/remora/internal/atomicfile"
 )
 
 // storeFormat is bumped on incompatible changes to guestRecord.
@@ -124,36 +126,7 @@ func (s *store) save(r *guestRecord) error {
 	if err != nil {
 		return err
 	}
-	dir := s.guestDir()
-	f, err := os.CreateTemp(dir, ".tmp-"+r.Guest+"-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	if _, err := f.Write(append(b, '\n')); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return err
-	}
-	if err := f.Close(); err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, r.Guest+".json")); err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return atomicfile.WriteFile(filepath.Join(s.guestDir(), r.Guest+".json"), append(b, '\n'))
 }
 
 func (s *store) close() error {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/atomicfile"
 )
 
 // Roles of a guest on this agent.
@@ -90,36 +91,4 @@ func (s recordStore) loadAll() ([]*Record, error) {
 	return out, nil
 }
 
-// writeFileAtomic replaces path with b so that a crash leaves either the old
-// or the new content, never a mix.
-func writeFileAtomic(path string, b []byte) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(dir, ".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
+func writeFileAtomic(path string, b []byte) error { return atomicfile.WriteFile(path, b) }
