@@ -101,6 +101,7 @@ func makeBatch(r *rand.Rand, n int, kinds []pageKind, sparseIdx bool) []Page {
 }
 
 func TestBatchRoundTrip(t *testing.T) {
+	t.Parallel() // mostly waits (or CPU-bound): overlaps with the others
 	r := newRand(1)
 	cases := []struct {
 		name   string
@@ -156,6 +157,7 @@ func TestBatchRoundTrip(t *testing.T) {
 }
 
 func TestBatchScratchReuse(t *testing.T) {
+	t.Parallel() // mostly waits (or CPU-bound): overlaps with the others
 	r := newRand(2)
 	var enc BatchEncoder
 	var scratch []byte

@@ -789,6 +789,7 @@ func TestPrimaryStatusCountsRawBytes(t *testing.T) {
 // same generation, is told what the standby committed, and resumes with an
 // incremental epoch.
 func TestPrimaryResumesAfterStandbyDrop(t *testing.T) {
+	t.Parallel() // mostly waits (or CPU-bound): overlaps with the others
 	for _, ackLost := range []bool{false, true} {
 		t.Run(fmt.Sprintf("ack-lost=%v", ackLost), func(t *testing.T) {
 			// maxInFlight: see TestPrimaryRetriesNonFatalErrors.
@@ -843,6 +844,7 @@ func TestPrimaryResumesAfterStandbyDrop(t *testing.T) {
 }
 
 func TestPrimaryStopsOnFatalError(t *testing.T) {
+	t.Parallel() // mostly waits (or CPU-bound): overlaps with the others
 	for _, where := range []string{"handshake", "mid-stream"} {
 		t.Run(where, func(t *testing.T) {
 			fatalSession := -1
@@ -893,6 +895,7 @@ func TestPrimaryStopsOnFatalError(t *testing.T) {
 }
 
 func TestPrimaryRetriesNonFatalErrors(t *testing.T) {
+	t.Parallel() // mostly waits (or CPU-bound): overlaps with the others
 	// A wide in-flight window: with the default of 3, this test trips the
 	// bug TestPrimaryResumesWithFullInFlightWindow exposes about one run in
 	// ten (epochs 3-5 are unacked when session 1 is refused).
@@ -922,6 +925,7 @@ func TestPrimaryRetriesNonFatalErrors(t *testing.T) {
 }
 
 func TestPrimaryRetriesUnreachableStandby(t *testing.T) {
+	t.Parallel() // mostly waits (or CPU-bound): overlaps with the others
 	refused := errors.New("connection refused (test)")
 	rg := startRig(t, rigOpts{pages: 1024, dial: func(n int32, d func(context.Context) (net.Conn, error), ctx context.Context) (net.Conn, error) {
 		if n <= 2 {
@@ -945,6 +949,7 @@ func TestPrimaryRetriesUnreachableStandby(t *testing.T) {
 // A capture that fails must leave the guest running, and the pages its
 // tracker call reported must still reach the standby.
 func TestPrimaryCaptureFailures(t *testing.T) {
+	t.Parallel() // mostly waits (or CPU-bound): overlaps with the others
 	boom := errors.New("qmp: injected failure")
 	for _, step := range []string{"stop", "devstate", "cont"} {
 		t.Run(step+" fails", func(t *testing.T) {
@@ -1072,6 +1077,7 @@ func TestPrimaryRunWaitsForItsCapture(t *testing.T) {
 // reconnected session must make progress (regression: the unacked epochs
 // used to stay in p.retained and block the new session's first capture).
 func TestPrimaryResumesWithFullInFlightWindow(t *testing.T) {
+	t.Parallel() // mostly waits (or CPU-bound): overlaps with the others
 	var stall atomic.Bool
 	rg := startRig(t, rigOpts{pages: 1024, maxInFlight: 3, standby: func(s *testStandby) {
 		s.onFrame = func(sess int, f Frame) action {

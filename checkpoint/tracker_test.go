@@ -120,6 +120,7 @@ func TestScanTrackerAddsToTheBitmap(t *testing.T) {
 // The tracker's report must equal the set of pages whose content differs
 // from what it saw at the previous call, over many random rounds.
 func TestScanTrackerRandomModel(t *testing.T) {
+	t.Parallel() // mostly waits (or CPU-bound): overlaps with the others
 	r := newRand(10)
 	const pages = 777
 	mem := make([]byte, pages*PageSize)
