@@ -149,6 +149,9 @@ func DecodeBatch(b []byte, totalPages uint64, scratch []byte, fn func(index uint
 		}
 		data = body
 	case batchLZ4:
+		if dataPages == 0 {
+			return bad("lz4 block without data pages")
+		}
 		if cap(scratch) < want {
 			scratch = make([]byte, want)
 		}

@@ -77,6 +77,8 @@ var (
 	ErrBadMagic   = errors.New("not a remora replication stream (bad frame magic): is the peer address a remora agent's replication port?")
 	ErrFrameCRC   = errors.New("frame checksum mismatch: the stream is corrupt")
 	ErrFrameLarge = errors.New("frame payload larger than the protocol allows: the stream is corrupt")
+	// ErrFrameReserved: reserved header bits set; a future version would bump the version instead.
+	ErrFrameReserved = errors.New("frame has reserved header bits set: the stream is corrupt")
 )
 
 // VersionError reports a peer that speaks another protocol version.
@@ -129,6 +131,9 @@ func ReadFrame(r io.Reader) (Frame, error) {
 	if sum != binary.BigEndian.Uint32(body[n:]) {
 		return Frame{}, ErrFrameCRC
 	}
+	if hdr[6] != 0 || hdr[7] != 0 {
+		return Frame{}, ErrFrameReserved
+	}
 	f.Payload = body[:n:n]
 	return f, nil
 }
@@ -149,6 +154,9 @@ func DecodeFrame(b []byte) (Frame, int, error) {
 	}
 	if crc32.Checksum(b[:total-4], castagnoli) != binary.BigEndian.Uint32(b[total-4:total]) {
 		return Frame{}, 0, ErrFrameCRC
+	}
+	if b[6] != 0 || b[7] != 0 {
+		return Frame{}, 0, ErrFrameReserved
 	}
 	f.Payload = b[frameHeaderLen : frameHeaderLen+n : frameHeaderLen+n]
 	return f, total, nil

@@ -259,11 +259,21 @@ func (p *Primary) session(ctx context.Context) error {
 
 	queue := make(chan *capturedEpoch, p.cfg.MaxInFlight)
 	errc := make(chan error, 3)
-	go func() { errc <- p.sendLoop(ctx, conn, queue) }()
-	go func() { errc <- p.ackLoop(ctx, conn) }()
-	go func() { errc <- p.captureLoop(ctx, queue, resend, full) }()
+	var wg sync.WaitGroup
+	for _, loop := range []func() error{
+		func() error { return p.sendLoop(ctx, conn, queue) },
+		func() error { return p.ackLoop(ctx, conn) },
+		func() error { return p.captureLoop(ctx, queue, resend, full) },
+	} {
+		wg.Add(1)
+		go func() { defer wg.Done(); errc <- loop() }()
+	}
 	err = <-errc
 	cancelSession()
+	conn.Close()
+	// A capture under way must finish (and resume the guest) before the
+	// next session, or before Run returns and the caller unmaps guest RAM.
+	wg.Wait()
 	return err
 }
 
@@ -277,15 +287,19 @@ func (p *Primary) resumePlan(w Welcome) (*Bitmap, bool) {
 		p.captured = max(p.captured, w.Committed)
 		return nil, true
 	}
-	// Unacknowledged epochs are folded into the first epoch of the new
-	// session, which carries their pages (current contents) from then on.
-	resend := NewBitmap(p.pages)
+	if w.Committed == 0 {
+		p.retained = nil // the standby holds nothing of ours (it was reset)
+		return nil, true
+	}
+	// Unacknowledged epochs are folded into the carry bitmap, which the
+	// next successful capture sends (current contents) and only then clears.
 	for _, e := range p.retained {
 		if e.epoch > w.Committed {
-			resend.Or(e.dirty)
+			p.carry.Or(e.dirty)
 		}
 	}
 	p.retained = nil
+	resend := NewBitmap(p.pages) // empty: the carry has it all
 	if w.Committed > p.ackedEpoch {
 		p.ackedEpoch = w.Committed
 	}
@@ -470,6 +484,7 @@ func (p *Primary) sendLoop(ctx context.Context, conn net.Conn, queue <-chan *cap
 		case ep = <-queue:
 		}
 		before := cw.n
+		raw := uint64(len(ep.data) + len(ep.devstate)) // sendEpoch frees them
 		if err := p.sendEpoch(bw, &enc, &buf, ep); err != nil {
 			return fmt.Errorf("send epoch %d: %w", ep.epoch, err)
 		}
@@ -479,7 +494,7 @@ func (p *Primary) sendLoop(ctx context.Context, conn net.Conn, queue <-chan *cap
 		p.mu.Lock()
 		p.everSent = true
 		p.st.BytesSent += cw.n - before
-		p.st.RawBytes += uint64(len(ep.data) + len(ep.devstate))
+		p.st.RawBytes += raw
 		p.mu.Unlock()
 	}
 }

@@ -696,13 +696,7 @@ func TestPrimaryReplicatesOverTCP(t *testing.T) {
 
 	s := rg.p.Status()
 	if s.State != StateStopped {
-		// A session's ack reader can outlive Run and process an ack that
-		// was already buffered (see TestPrimaryRunWaitsForItsCapture).
-		if os.Getenv("REMORA_BUG_TESTS") != "" {
-			t.Errorf("state after Run returned: %q", s.State)
-		} else {
-			t.Logf("known BUG: state after Run returned: %q", s.State)
-		}
+		t.Errorf("state after Run returned: %q", s.State)
 	}
 	if s.Epoch < st.Committed || s.AckedEpoch > st.Committed || s.AckedEpoch < 8 {
 		t.Errorf("status epoch %d, acked %d; standby committed %d", s.Epoch, s.AckedEpoch, st.Committed)
@@ -723,7 +717,7 @@ func TestPrimaryReplicatesOverTCP(t *testing.T) {
 	if s.BytesSent < st.Committed*testDevLen || s.BytesSent > maxRaw+maxRaw/50 {
 		t.Errorf("bytes sent %d, want between %d and about %d", s.BytesSent, st.Committed*testDevLen, maxRaw)
 	}
-	if os.Getenv("REMORA_BUG_TESTS") != "" && s.RawBytes < ram+st.Committed*testDevLen {
+	if s.RawBytes < ram+st.Committed*testDevLen {
 		t.Errorf("raw bytes %d, less than a full copy and %d device states", s.RawBytes, st.Committed)
 	}
 	if s.PauseP50 <= 0 || s.PauseP99 < s.PauseP50 || s.PauseP99 > 5*time.Second {
@@ -774,9 +768,6 @@ func TestPrimaryReplicatesOverTCP(t *testing.T) {
 }
 
 func TestPrimaryStatusCountsRawBytes(t *testing.T) {
-	if os.Getenv("REMORA_BUG_TESTS") == "" {
-		t.Skip("BUG: PrimaryStatus.RawBytes is always 0: sendEpoch sets ep.data and ep.devstate to nil before sendLoop adds their lengths. Set REMORA_BUG_TESTS=1 to run.")
-	}
 	rg := startRig(t, rigOpts{pages: testGuestPages})
 	wait(t, 15*time.Second, "3 acked epochs", func() bool { return rg.p.Status().AckedEpoch >= 3 })
 	s := rg.p.Status()
@@ -1010,9 +1001,6 @@ func (b *blockingTracker) Dirty(mem []byte, into *Bitmap) error {
 // running; the next session must not start capturing before it is over,
 // and the pages that capture's tracker call consumed must not be lost.
 func TestPrimarySessionWaitsForItsCapture(t *testing.T) {
-	if os.Getenv("REMORA_BUG_TESTS") == "" {
-		t.Skip("BUG: Primary.session returns on the first goroutine error without waiting for captureLoop/sendLoop; a capture still running then overlaps the next session (data race on p.captured, overlapping Stop/Cont, and an epoch whose pages are never sent). Set REMORA_BUG_TESTS=1 to run.")
-	}
 	bt := &blockingTracker{blocked: make(chan struct{}), release: make(chan struct{})}
 	rg := startRig(t, rigOpts{tracker: func(tr Tracker) Tracker { bt.Tracker = tr; return bt }})
 	wait(t, 15*time.Second, "protection", func() bool { return rg.sb.lastCommitted() >= 4 })
@@ -1030,11 +1018,14 @@ func TestPrimarySessionWaitsForItsCapture(t *testing.T) {
 	conn := rg.sb.conn
 	rg.sb.mu.Unlock()
 	conn.Close()
-	// Give the primary time to back off (200 ms), reconnect and try to
-	// capture again.
-	wait(t, 10*time.Second, "a second session", func() bool { return rg.sb.sessionCount() >= 2 })
-	time.Sleep(300 * time.Millisecond)
+	// The session ends only once its capture is over: no second session
+	// (and so no overlapping capture) while it is blocked.
+	time.Sleep(500 * time.Millisecond)
+	if n := rg.sb.sessionCount(); n != 1 {
+		t.Fatalf("%d sessions while the first one's capture was still under way", n)
+	}
 	close(bt.release)
+	wait(t, 10*time.Second, "a second session", func() bool { return rg.sb.sessionCount() >= 2 })
 
 	wait(t, 15*time.Second, "epochs in the second session", func() bool {
 		return rg.sb.sessionCount() >= 2 && len(rg.sb.session(1).acks) >= 4
@@ -1048,9 +1039,6 @@ func TestPrimarySessionWaitsForItsCapture(t *testing.T) {
 // Run must not return while a capture is under way: the agent unmaps guest
 // RAM and closes the tracker as soon as Run returns.
 func TestPrimaryRunWaitsForItsCapture(t *testing.T) {
-	if os.Getenv("REMORA_BUG_TESTS") == "" {
-		t.Skip("BUG: Run returns as soon as one of the session's goroutines ends; a capture still under way keeps the guest paused and reads guest RAM after Run returned (the agent then unmaps that RAM). Set REMORA_BUG_TESTS=1 to run.")
-	}
 	bt := &blockingTracker{blocked: make(chan struct{}), release: make(chan struct{})}
 	rg := startRig(t, rigOpts{tracker: func(tr Tracker) Tracker { bt.Tracker = tr; return bt }})
 	wait(t, 15*time.Second, "protection", func() bool { return rg.sb.lastCommitted() >= 3 })
@@ -1105,9 +1093,6 @@ func TestPrimaryResumesWithFullInFlightWindow(t *testing.T) {
 // epoch carrying them is captured. If the resumed session's first capture
 // fails (here: QMP stop fails), the next session must still send them.
 func TestPrimaryResumeSurvivesFailedFirstCapture(t *testing.T) {
-	if os.Getenv("REMORA_BUG_TESTS") == "" {
-		t.Skip("BUG: resumePlan (since f158550) folds unacked epochs into a resend bitmap and clears p.retained; when the resumed session's first capture fails before it retains an epoch (e.g. Stop fails), the bitmap is dropped and those pages never reach the standby. Set REMORA_BUG_TESTS=1 to run.")
-	}
 	var stall atomic.Bool
 	rg := startRig(t, rigOpts{pages: 1024, maxInFlight: 3, standby: func(s *testStandby) {
 		s.onFrame = func(sess int, f Frame) action {
@@ -1195,12 +1180,13 @@ func TestPrimaryResumePlan(t *testing.T) {
 		p := newP()
 		p.everSent, p.captured, p.ackedEpoch = true, 9, 5
 		p.retained = []*capturedEpoch{ep(6, 1, 2), ep(7, 3), ep(8, 4, 100), ep(9, 127)}
-		resend, full := p.resumePlan(Welcome{Generation: p.gen, Committed: 7})
+		_, full := p.resumePlan(Welcome{Generation: p.gen, Committed: 7})
 		if full {
 			t.Fatal("resumed with a full resync")
 		}
-		if got := bitmapIndices(resend); fmt.Sprint(got) != "[4 100 127]" {
-			t.Fatalf("resend %v, want the pages of epochs 8 and 9", got)
+		// Kept in the carry, which only a successful capture clears.
+		if got := bitmapIndices(p.carry); fmt.Sprint(got) != "[4 100 127]" {
+			t.Fatalf("carry %v, want the pages of epochs 8 and 9", got)
 		}
 		// Epochs 6 and 7 are done with; 8 and 9 live on in the resend
 		// bitmap and must not hold the new session's capture back.

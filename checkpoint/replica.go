@@ -104,6 +104,12 @@ func (r *Replica) recover() error {
 // numbers only grow on a replica, across primary generations too.
 func (r *Replica) Begin(gen string, epoch uint64, b EpochBegin) error {
 	r.Abort()
+	if r.state.Applied < r.state.Committed {
+		// An earlier apply failed: finish it before staging anything newer.
+		if err := r.apply(r.state.Committed); err != nil {
+			return err
+		}
+	}
 	if epoch <= r.state.Committed {
 		return fmt.Errorf("epoch %d is not newer than committed epoch %d", epoch, r.state.Committed)
 	}

@@ -886,9 +886,6 @@ func TestReplicaReset(t *testing.T) {
 // a corrupt lz4 batch without data pages must be refused, not crash the
 // standby agent.
 func TestReplicaAddPagesLZ4WithoutDataPages(t *testing.T) {
-	if os.Getenv("REMORA_BUG_TESTS") == "" {
-		t.Skip("BUG: see TestDecodeBatchLZ4WithoutDataPages: a fresh Replica's first AddPages panics on such a batch. Set REMORA_BUG_TESTS=1 to run.")
-	}
 	f := newReplicaFixture(t)
 	if err := f.r.Begin(f.gen, 1, EpochBegin{Full: true, Pages: fixturePages}); err != nil {
 		t.Fatal(err)
