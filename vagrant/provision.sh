@@ -29,7 +29,7 @@ cp -r "$pki" /etc/remora/pki
 chmod 600 /etc/remora/pki/*.key
 
 if [ "$role" = arbiter ]; then
-	sed -e "s#/etc/remora/pki#/etc/remora/pki#" configs/arbiter.yaml >/etc/remora/arbiter.yaml
+	cp configs/arbiter.yaml /etc/remora/arbiter.yaml # its TLS paths are /etc/remora/pki
 	nohup remora arbiter --config /etc/remora/arbiter.yaml >/var/log/remora-arbiter.log 2>&1 &
 	exit 0
 fi
