@@ -118,7 +118,7 @@ type Primary struct {
 
 	mu          sync.Mutex
 	st          PrimaryStatus
-	pauses      *window
+	pauses      *Window
 	epochRate   rate
 	retained    []*capturedEpoch // captured, not yet acked: their bitmaps allow resume
 	ackedEpoch  uint64
@@ -139,7 +139,7 @@ func NewPrimary(cfg PrimaryConfig, vm VM, mem []byte, tracker Tracker) *Primary 
 	p := &Primary{
 		cfg: cfg, vm: vm, mem: mem, pages: uint64(len(mem) / PageSize), tracker: tracker,
 		gen: hex.EncodeToString(g[:]), log: cfg.Log.With("domain", cfg.Domain),
-		pauses: newWindow(1024), epochRate: rate{span: 10 * time.Second},
+		pauses: NewWindow(1024), epochRate: rate{span: 10 * time.Second},
 		ackCh: make(chan struct{}, 1),
 	}
 	p.dirtyWork = NewBitmap(p.pages)
@@ -164,7 +164,7 @@ func (p *Primary) Status() PrimaryStatus {
 	s.AckedEpoch = p.ackedEpoch
 	now := time.Now()
 	s.EpochsPerSec = p.epochRate.perSecond(now)
-	ps := p.pauses.samples()
+	ps := p.pauses.Samples()
 	s.PauseP50, s.PauseP99 = Percentile(ps, 50), Percentile(ps, 99)
 	if len(p.retained) > 0 {
 		s.Lag = now.Sub(p.retained[0].at)
@@ -428,7 +428,7 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 	if full {
 		p.st.SyncPause = pause
 	} else {
-		p.pauses.add(pause)
+		p.pauses.Add(pause)
 		p.st.DirtyTotal += n
 		p.st.Incremental++
 	}

@@ -6,16 +6,18 @@ import (
 	"time"
 )
 
-// window keeps the last N samples for percentiles.
-type window struct {
+// Window keeps the last N samples for percentiles.
+type Window struct {
 	buf  []time.Duration
 	next int
 	full bool
 }
 
-func newWindow(n int) *window { return &window{buf: make([]time.Duration, n)} }
+// NewWindow keeps the last n samples.
+func NewWindow(n int) *Window { return &Window{buf: make([]time.Duration, n)} }
 
-func (w *window) add(d time.Duration) {
+// Add records a sample, replacing the oldest once full.
+func (w *Window) Add(d time.Duration) {
 	w.buf[w.next] = d
 	w.next++
 	if w.next == len(w.buf) {
@@ -23,7 +25,8 @@ func (w *window) add(d time.Duration) {
 	}
 }
 
-func (w *window) samples() []time.Duration {
+// Samples returns a copy of the samples kept.
+func (w *Window) Samples() []time.Duration {
 	n := w.next
 	if w.full {
 		n = len(w.buf)

@@ -17,7 +17,6 @@
 package outcommit
 
 import (
-	"slices"
 	"time"
 )
 
@@ -80,38 +79,3 @@ func (Passthrough) DiscardAfter(uint64)  {}
 func (Passthrough) Stats() Stats         { return Stats{} }
 func (Passthrough) ReleaseAll() error    { return nil }
 func (Passthrough) Close() error         { return nil }
-
-// latencies keeps the last n hold times.
-type latencies struct {
-	buf  []time.Duration
-	next int
-	full bool
-}
-
-func newLatencies(n int) *latencies { return &latencies{buf: make([]time.Duration, n)} }
-
-func (l *latencies) add(d time.Duration) {
-	l.buf[l.next] = d
-	l.next++
-	if l.next == len(l.buf) {
-		l.next, l.full = 0, true
-	}
-}
-
-// percentiles returns p50, p99 and the number of samples.
-func (l *latencies) percentiles() (p50, p99 time.Duration, n int) {
-	n = l.next
-	if l.full {
-		n = len(l.buf)
-	}
-	if n == 0 {
-		return 0, 0, 0
-	}
-	s := slices.Clone(l.buf[:n])
-	slices.Sort(s)
-	at := func(p float64) time.Duration {
-		i := int(p*float64(n)+0.5) - 1
-		return s[max(0, min(n-1, i))]
-	}
-	return at(0.50), at(0.99), n
-}

@@ -19,6 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/migrate"
 	"github.com/remora-ha/remora/test/labkit"
 )
@@ -730,16 +731,16 @@ func labNetdevNotFound(t *testing.T, e *labEnv) {
 // instant ack).
 func labRoundTripLatency(t *testing.T, e *labEnv) {
 	measure := func(lc *lineConn, n int) (p50, p99 time.Duration) {
-		lat := newLatencies(n)
+		lat := checkpoint.NewWindow(n)
 		for range n {
 			start := time.Now()
 			lc.send("get")
 			if _, ok, err := lc.reply(10 * time.Second); !ok || err != nil {
 				t.Fatalf("get: %v %v", ok, err)
 			}
-			lat.add(time.Since(start))
+			lat.Add(time.Since(start))
 		}
-		p50, p99, _ = lat.percentiles()
+		p50, p99, _ = percentiles(lat)
 		return
 	}
 	lc := e.dial()
@@ -750,7 +751,7 @@ func labRoundTripLatency(t *testing.T, e *labEnv) {
 		e.epoch(r, 0) // hold from here on
 		stop := make(chan struct{})
 		done := make(chan error, 1)
-		cuts, pauses := newLatencies(4096), newLatencies(4096)
+		cuts, pauses := checkpoint.NewWindow(4096), checkpoint.NewWindow(4096)
 		var epochs int
 		loopStart := time.Now()
 		go func() {
@@ -770,11 +771,11 @@ func labRoundTripLatency(t *testing.T, e *labEnv) {
 				}
 				t1 := time.Now()
 				err := r.Cut(n)
-				cuts.add(time.Since(t1))
+				cuts.Add(time.Since(t1))
 				if cerr := migrate.Exec(e.g.Mon, "cont", nil, nil); err == nil {
 					err = cerr
 				}
-				pauses.add(time.Since(t0))
+				pauses.Add(time.Since(t0))
 				if err == nil {
 					err = r.Release(n)
 				}
@@ -791,8 +792,8 @@ func labRoundTripLatency(t *testing.T, e *labEnv) {
 			t.Fatal(err)
 		}
 		st := r.Stats()
-		c50, c99, _ := cuts.percentiles()
-		s50, s99, _ := pauses.percentiles()
+		c50, c99, _ := percentiles(cuts)
+		s50, s99, _ := percentiles(pauses)
 		t.Logf("sleep %v between epochs (stop, Cut, cont, Release): %d epochs, one per %v; stop..cont p50 %v p99 %v; Cut p50 %v p99 %v",
 			interval, epochs, (time.Since(loopStart) / time.Duration(max(epochs, 1))).Round(time.Microsecond),
 			s50.Round(time.Microsecond), s99.Round(time.Microsecond), c50, c99)
@@ -808,4 +809,9 @@ func labRoundTripLatency(t *testing.T, e *labEnv) {
 			t.Fatal(err)
 		}
 	}
+}
+
+func percentiles(w *checkpoint.Window) (p50, p99 time.Duration, n int) {
+	s := w.Samples()
+	return checkpoint.Percentile(s, 50), checkpoint.Percentile(s, 99), len(s)
 }

@@ -378,18 +378,4 @@ func TestQueueRandomAgainstModel(t *testing.T) {
 	}
 }
 
-func TestLatencies(t *testing.T) {
-	l := newLatencies(100)
-	if p50, p99, n := l.percentiles(); p50 != 0 || p99 != 0 || n != 0 {
-		t.Fatal("empty")
-	}
-	for i := 1; i <= 250; i++ {
-		l.add(time.Duration(i) * time.Millisecond)
-	}
-	p50, p99, n := l.percentiles()
-	if n != 100 || p50 != 200*time.Millisecond || p99 != 249*time.Millisecond {
-		t.Fatalf("p50 %v p99 %v n %d", p50, p99, n)
-	}
-}
-
 func newRand(seed int) *rand.Rand { return rand.New(rand.NewPCG(uint64(seed), 7)) }

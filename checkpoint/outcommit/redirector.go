@@ -19,6 +19,7 @@ import (
 	"github.com/digitalocean/go-qemu/qmp"
 	"golang.org/x/sys/unix"
 
+	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/migrate"
 )
 
@@ -84,7 +85,7 @@ type Redirector struct {
 	readErr  error // the reader stopped (EOF, error, corrupt stream)
 	written  uint64
 	writeErr error
-	lat      *latencies
+	lat      *checkpoint.Window
 	closing  bool // Close has begun
 	stopping bool // the writer may exit once out is empty
 	closed   bool
@@ -163,7 +164,7 @@ func newRedirector(ctx context.Context, mon qmp.Monitor, guest, dir string, opts
 		ids:   defaultIDs,
 		q:     newQueue(opts.MaxBytes, opts.HoldFromStart),
 		p:     parser{vnetHdr: true},
-		lat:   newLatencies(8192),
+		lat:   checkpoint.NewWindow(8192),
 	}
 	r.cond = sync.NewCond(&r.mu)
 
@@ -367,7 +368,7 @@ func (r *Redirector) writeLoop() {
 		}
 		if !failed && err == nil {
 			for _, f := range batch {
-				r.lat.add(now.Sub(f.at))
+				r.lat.Add(now.Sub(f.at))
 			}
 		}
 		r.written += uint64(len(batch))
@@ -524,7 +525,8 @@ func (r *Redirector) Stats() Stats {
 		DiscardedBytes:   q.discardedBytes,
 		MisalignedFrames: q.misalignedFrames,
 	}
-	s.ReleaseP50, s.ReleaseP99, s.LatencySamples = r.lat.percentiles()
+	lat := r.lat.Samples()
+	s.ReleaseP50, s.ReleaseP99, s.LatencySamples = checkpoint.Percentile(lat, 50), checkpoint.Percentile(lat, 99), len(lat)
 	return s
 }
 
