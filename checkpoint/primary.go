@@ -156,6 +156,14 @@ func (p *Primary) SetFence(f uint64) { p.fence.Store(f) }
 // Fence returns the fencing epoch frames carry.
 func (p *Primary) Fence() uint64 { return p.fence.Load() }
 
+// LastAck is when the standby last acknowledged an epoch. It is cheap,
+// unlike Status, for callers that poll it many times a second.
+func (p *Primary) LastAck() time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.st.LastAck
+}
+
 // Status returns current figures.
 func (p *Primary) Status() PrimaryStatus {
 	p.mu.Lock()

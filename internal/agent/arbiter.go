@@ -189,7 +189,7 @@ func (a *Agent) selfFenceCheck(pg *primaryGuest, timeout time.Duration) {
 	if co.lease.Valid() || pg.vm.Fenced() {
 		return
 	}
-	if time.Since(pg.engine.Status().LastAck) < timeout/2 {
+	if time.Since(pg.engine.LastAck()) < timeout/2 {
 		return
 	}
 	a.log.Error("self-fence: lease expired and the standby is silent; pausing the guest", "domain", pg.rec.Name, "epoch", pg.engine.Fence())
