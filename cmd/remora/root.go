@@ -59,9 +59,10 @@ func loadAgentConfig(cmd *cobra.Command, v *viper.Viper) (agent.Config, error) {
 	v.SetEnvPrefix("REMORA")
 	v.SetEnvKeyReplacer(strings.NewReplacer("-", "_"))
 	v.AutomaticEnv()
+	known := agentKeys()
 	cmd.Flags().VisitAll(func(f *pflagFlag) {
 		key := strings.ReplaceAll(f.Name, "-", "_")
-		if slices.Contains(agentKeys(), key) {
+		if slices.Contains(known, key) {
 			_ = v.BindPFlag(key, f)
 		}
 	})
@@ -79,7 +80,6 @@ func loadAgentConfig(cmd *cobra.Command, v *viper.Viper) (agent.Config, error) {
 		if err := v.ReadInConfig(); err != nil {
 			return def, fmt.Errorf("config file %s: %w", path, err)
 		}
-		known := agentKeys()
 		for _, k := range v.AllKeys() {
 			if !slices.Contains(known, k) {
 				return def, fmt.Errorf("config file %s: unknown key %q (known keys: %s)", path, k, strings.Join(known, ", "))

@@ -161,22 +161,14 @@ func (sg *standbyGuest) status(hbTimeout time.Duration) VMStatus {
 			v.Heartbeat = fmt.Sprintf("primary silent %s", age.Round(100*time.Millisecond))
 		}
 	}
+	// Commits are in time order: the recent ones are a suffix.
 	now := time.Now()
-	n := 0
-	for _, t := range sg.commits {
-		if now.Sub(t) < 10*time.Second {
-			n++
-		}
+	i := len(sg.commits)
+	for i > 0 && now.Sub(sg.commits[i-1]) < 10*time.Second {
+		i--
 	}
-	if n > 1 {
-		var first time.Time
-		for _, t := range sg.commits {
-			if now.Sub(t) < 10*time.Second {
-				first = t
-				break
-			}
-		}
-		v.EpochsPerSec = float64(n) / now.Sub(first).Seconds()
+	if n := len(sg.commits) - i; n > 1 {
+		v.EpochsPerSec = float64(n) / now.Sub(sg.commits[i]).Seconds()
 	}
 	return v
 }

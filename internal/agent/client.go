@@ -80,6 +80,21 @@ func (c *Client) Status(ctx context.Context) ([]VMStatus, error) {
 	return out, err
 }
 
+// VM returns the status of one guest, or an error naming it if the agent
+// does not list it.
+func (c *Client) VM(ctx context.Context, name string) (VMStatus, error) {
+	st, err := c.Status(ctx)
+	if err != nil {
+		return VMStatus{}, err
+	}
+	for _, s := range st {
+		if s.Name == name {
+			return s, nil
+		}
+	}
+	return VMStatus{}, fmt.Errorf("domain %q is not listed by the agent at %s", name, c.socket)
+}
+
 func (c *Client) Enroll(ctx context.Context, domain, standby string, probe arbiter.ProbeSpec) error {
 	return c.do(ctx, http.MethodPost, "/v1/enroll", EnrollRequest{Domain: domain, Standby: standby, Probe: probe}, nil)
 }

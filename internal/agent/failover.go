@@ -19,8 +19,6 @@ type FailoverResult struct {
 	Duration time.Duration `json:"duration_ns"`
 }
 
-func removeAll(p string) error { return os.RemoveAll(p) }
-
 // pauseDomain pauses a running domain through QMP; it reports success.
 func (a *Agent) pauseDomain(name string) bool {
 	m := migrate.NewMonitor(a.virt, name)
@@ -239,7 +237,7 @@ func (a *Agent) finishFailover(ctx context.Context, sg *standbyGuest, tx failTxn
 	}
 	delete(a.resume, name)
 	a.detachShell(sg)
-	_ = removeAll(a.replicaDir(name))
+	_ = os.RemoveAll(a.replicaDir(name))
 	res := FailoverResult{Domain: name, Epoch: epoch, Fence: rec.Fence, Duration: time.Since(start)}
 	a.log.Info("failover complete: guest running on this host", "domain", name, "shell", rec.Shell, "epoch", epoch, "took", res.Duration)
 	return res, nil

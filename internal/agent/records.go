@@ -53,7 +53,7 @@ func (s recordStore) save(r *Record) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(s.path(r.Name), b)
+	return atomicfile.WriteFile(s.path(r.Name), b)
 }
 
 func (s recordStore) remove(name string) error {
@@ -90,5 +90,3 @@ func (s recordStore) loadAll() ([]*Record, error) {
 	}
 	return out, nil
 }
-
-func writeFileAtomic(path string, b []byte) error { return atomicfile.WriteFile(path, b) }

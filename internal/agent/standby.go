@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -151,7 +152,7 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 	}
 	persist := a.journal.replicaPersist(sg.rec.Name)
 	if fresh { // a new shell's RAM is empty: nothing staged or committed applies to it
-		_ = removeAll(a.replicaDir(sg.rec.Name))
+		_ = os.RemoveAll(a.replicaDir(sg.rec.Name))
 		if err := persist(checkpoint.ReplicaState{}); err != nil {
 			migrate.UnmapRAM(mem)
 			return err
@@ -421,7 +422,7 @@ func (a *Agent) dropReplica(ctx context.Context, name string, fence uint64) erro
 			return err
 		}
 	}
-	_ = removeAll(a.replicaDir(name))
+	_ = os.RemoveAll(a.replicaDir(name))
 	if err := a.journal.append(ctx, true, txlog.TypePlain, 0, journalEvent{Kind: "drop", Guest: name}); err != nil {
 		return err
 	}

@@ -141,7 +141,7 @@ func measureOne(ctx context.Context, bin, work string, wl *labkit.Client, iv tim
 	defer c.Unenroll(ctx, guestName)
 	deadline := time.Now().Add(3 * time.Minute)
 	for {
-		s, err := status(ctx, c)
+		s, err := c.VM(ctx, guestName)
 		if err == nil && s.State == checkpoint.StateProtected {
 			break
 		}
@@ -154,13 +154,13 @@ func measureOne(ctx context.Context, bin, work string, wl *labkit.Client, iv tim
 		return result{}, err
 	}
 	time.Sleep(2 * time.Second)
-	s0, err := status(ctx, c)
+	s0, err := c.VM(ctx, guestName)
 	if err != nil {
 		return result{}, err
 	}
 	t0 := time.Now()
 	time.Sleep(*measure)
-	s1, err := status(ctx, c)
+	s1, err := c.VM(ctx, guestName)
 	if err != nil {
 		return result{}, err
 	}
@@ -178,19 +178,6 @@ func measureOne(ctx context.Context, bin, work string, wl *labkit.Client, iv tim
 		compression:   raw / max(wire, 1),
 		epochsPerSec:  epochs / el.Seconds(),
 	}, nil
-}
-
-func status(ctx context.Context, c *agent.Client) (agent.VMStatus, error) {
-	st, err := c.Status(ctx)
-	if err != nil {
-		return agent.VMStatus{}, err
-	}
-	for _, s := range st {
-		if s.Name == guestName {
-			return s, nil
-		}
-	}
-	return agent.VMStatus{}, fmt.Errorf("guest not listed")
 }
 
 type baseResult struct {

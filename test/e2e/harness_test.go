@@ -169,16 +169,8 @@ func (h *host) exited() <-chan struct{} {
 func (h *host) client() *agent.Client { return agent.NewClient(filepath.Join(h.dir, "agent.sock")) }
 
 func (h *host) status(name string) (agent.VMStatus, bool) {
-	st, err := h.client().Status(context.Background())
-	if err != nil {
-		return agent.VMStatus{}, false
-	}
-	for _, s := range st {
-		if s.Name == name {
-			return s, true
-		}
-	}
-	return agent.VMStatus{}, false
+	s, err := h.client().VM(context.Background(), name)
+	return s, err == nil
 }
 
 // cli runs `remora` with this host's config, from its namespace.

@@ -129,7 +129,7 @@ func run() error {
 		}
 		// In sync at the arbiter: wait a few renewals past protection.
 		if err := waitFor(time.Minute, func() bool {
-			st, _ := status(clientA, name)
+			st, _ := clientA.VM(ctx, name)
 			return st.State == checkpoint.StateProtected && st.LeaseHolder == "host-a"
 		}); err != nil {
 			return err
@@ -160,7 +160,7 @@ func run() error {
 		}
 		var st agent.VMStatus
 		if err := waitFor(30*time.Second, func() bool {
-			st, _ = status(clientB, name)
+			st, _ = clientB.VM(ctx, name)
 			return !st.RestoredAt.IsZero()
 		}); err != nil {
 			return err
@@ -187,19 +187,6 @@ func run() error {
 	}
 	fmt.Println("\ndecision waits for the primary's lease to run out: the lease bounds failover time.")
 	return nil
-}
-
-func status(c *agent.Client, name string) (agent.VMStatus, error) {
-	st, err := c.Status(context.Background())
-	if err != nil {
-		return agent.VMStatus{}, err
-	}
-	for _, s := range st {
-		if s.Name == name {
-			return s, nil
-		}
-	}
-	return agent.VMStatus{}, fmt.Errorf("%s not listed", name)
 }
 
 func waitFor(d time.Duration, cond func() bool) error {
