@@ -40,6 +40,18 @@ type PrimaryConfig struct {
 	// Hook, when set, is called at named points of the epoch cycle
 	// ("captured", "transfer", "acked"); tests use it to crash there.
 	Hook func(point string, epoch uint64)
+	// Output, when set, holds the guest's network output until the epoch
+	// it was sent in is acknowledged (Remus output commit).
+	Output OutputBuffer
+}
+
+// OutputBuffer is the part of an output-commit buffer the capture loop
+// drives (package outcommit implements it).
+type OutputBuffer interface {
+	// Cut closes the open epoch; called while the guest is paused.
+	Cut(epoch uint64) error
+	// Release sends on the output of every epoch <= epoch.
+	Release(epoch uint64) error
 }
 
 // Replication states of a protected guest, primary side.
@@ -76,6 +88,7 @@ type PrimaryStatus struct {
 	Standby        string         `json:"standby,omitempty"` // the standby agent's id, from its welcome
 	LastAck        time.Time      `json:"last_ack,omitzero"` // when the standby last acknowledged an epoch
 	LastError      string         `json:"last_error,omitempty"`
+	OutputError    string         `json:"output_error,omitempty"` // the last output release failed
 	NextRetry      time.Time      `json:"next_retry,omitempty"`
 	ConnectedSince time.Time      `json:"connected_since,omitempty"`
 }
@@ -124,6 +137,8 @@ type Primary struct {
 	ackedEpoch  uint64
 	ackCh       chan struct{}
 	wasProtectd bool
+
+	releaseCh chan struct{} // wakes the output releaser after an ack
 }
 
 // NewPrimary prepares capture of a guest whose RAM is mem.
@@ -140,7 +155,7 @@ func NewPrimary(cfg PrimaryConfig, vm VM, mem []byte, tracker Tracker) *Primary 
 		cfg: cfg, vm: vm, mem: mem, pages: uint64(len(mem) / PageSize), tracker: tracker,
 		gen: hex.EncodeToString(g[:]), log: cfg.Log.With("domain", cfg.Domain),
 		pauses: NewWindow(1024), epochRate: rate{span: 10 * time.Second},
-		ackCh: make(chan struct{}, 1),
+		ackCh: make(chan struct{}, 1), releaseCh: make(chan struct{}, 1),
 	}
 	p.dirtyWork = NewBitmap(p.pages)
 	p.carry = NewBitmap(p.pages)
@@ -190,6 +205,12 @@ func (p *Primary) setState(f func(*PrimaryStatus)) {
 // standby is unreachable. The guest is always left running.
 func (p *Primary) Run(ctx context.Context) error {
 	defer p.setState(func(s *PrimaryStatus) { s.State = StateStopped })
+	if p.cfg.Output != nil {
+		rctx, stopReleaser := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); p.releaseLoop(rctx) }()
+		defer func() { stopReleaser(); <-done }()
+	}
 	backoff := 200 * time.Millisecond
 	for ctx.Err() == nil {
 		start := time.Now()
@@ -309,7 +330,9 @@ func (p *Primary) resumePlan(w Welcome) (*Bitmap, bool) {
 	p.retained = nil
 	resend := NewBitmap(p.pages) // empty: the carry has it all
 	if w.Committed > p.ackedEpoch {
+		// The standby committed epochs whose acks we never read.
 		p.ackedEpoch = w.Committed
+		p.wakeReleaser()
 	}
 	return resend, false
 }
@@ -375,6 +398,12 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 	}()
 	var bd PauseBreakdown
 	bd.Stop = time.Since(start)
+	if p.cfg.Output != nil {
+		// Every frame sent before the pause belongs to this epoch.
+		if err := p.cfg.Output.Cut(ep.epoch); err != nil {
+			return nil, fmt.Errorf("output commit: cut epoch %d: %w", ep.epoch, err)
+		}
+	}
 	if p.cfg.Hook != nil {
 		p.cfg.Hook("captured", ep.epoch)
 	}
@@ -593,11 +622,45 @@ func (p *Primary) acked(epoch uint64) {
 	p.st.LastAck = time.Now()
 	p.wasProtectd = true
 	p.mu.Unlock()
+	p.wakeReleaser()
 	select {
 	case p.ackCh <- struct{}{}:
 	default:
 	}
 	if p.cfg.Hook != nil {
 		p.cfg.Hook("acked", epoch)
+	}
+}
+
+func (p *Primary) wakeReleaser() {
+	select {
+	case p.releaseCh <- struct{}{}:
+	default:
+	}
+}
+
+// releaseLoop releases held output up to the newest acknowledged epoch.
+// It runs apart from the ack reader, which must not wait on QEMU.
+func (p *Primary) releaseLoop(ctx context.Context) {
+	var released uint64
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.releaseCh:
+		}
+		p.mu.Lock()
+		acked := p.ackedEpoch
+		p.mu.Unlock()
+		if acked <= released {
+			continue
+		}
+		if err := p.cfg.Output.Release(acked); err != nil {
+			p.log.Error("output commit: release failed; the guest's output stays held", "epoch", acked, "err", err)
+			p.setState(func(s *PrimaryStatus) { s.OutputError = err.Error() })
+			continue
+		}
+		released = acked
+		p.setState(func(s *PrimaryStatus) { s.OutputError = "" })
 	}
 }

@@ -555,6 +555,7 @@ type rigOpts struct {
 	vm          func(*fakeVM)
 	dial        func(n int32, d func(context.Context) (net.Conn, error), ctx context.Context) (net.Conn, error)
 	tracker     func(Tracker) Tracker
+	output      func(*rig) OutputBuffer
 }
 
 func testLogger(t *testing.T) *slog.Logger {
@@ -603,6 +604,9 @@ func startRig(t *testing.T, o rigOpts) *rig {
 		Log:  testLogger(t),
 		Hook: rg.vm.hook,
 	}, rg.vm, mem, rg.tracker)
+	if o.output != nil {
+		rg.p.cfg.Output = o.output(rg)
+	}
 	rg.sb.primary.Store(rg.p)
 	rg.writer = startGuestWriter(rg.vm, 7)
 	ctx, cancel := context.WithCancel(context.Background())
