@@ -29,6 +29,7 @@ type PrimaryConfig struct {
 	Agent       string        // this agent's id
 	Domain      string        // the guest's name
 	DomainXML   string        // migratable XML the standby derives its shell from
+	ShellBase   string        // the standby names its shell after this (default Domain)
 	Interval    time.Duration // time between checkpoints
 	MaxInFlight int           // captured epochs not yet acked before capture waits
 	Fence       uint64        // fencing epoch every frame carries
@@ -261,7 +262,7 @@ func (p *Primary) session(ctx context.Context) error {
 	go func() { <-ctx.Done(); conn.Close() }()
 
 	hello := Hello{Agent: p.cfg.Agent, Domain: p.cfg.Domain, Generation: p.gen,
-		RAMBytes: int64(len(p.mem)), PageSize: PageSize, DomainXML: p.cfg.DomainXML}
+		RAMBytes: int64(len(p.mem)), PageSize: PageSize, DomainXML: p.cfg.DomainXML, ShellBase: p.cfg.ShellBase}
 	if err := WriteJSON(conn, FrameHello, p.fence.Load(), 0, hello); err != nil {
 		return fmt.Errorf("send hello: %w", err)
 	}

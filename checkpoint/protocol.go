@@ -15,6 +15,10 @@ type Hello struct {
 	RAMBytes   int64  `json:"ram_bytes"`
 	PageSize   int    `json:"page_size"`
 	DomainXML  string `json:"domain_xml"` // migratable XML the shell is derived from
+	// ShellBase is what the standby names its shell after: the domain name
+	// without the primary's own shell suffix, so that a guest protected
+	// back after a failover does not grow a suffix per failover.
+	ShellBase string `json:"shell_base,omitempty"`
 }
 
 // Welcome answers Hello with what the standby already holds, so a

@@ -246,6 +246,14 @@ func printStatus(st []agent.VMStatus) {
 		if s.Arbiter != "" {
 			co = append(co, "arbiter: "+s.Arbiter)
 		}
+		if o := s.Output; o != nil {
+			hold := "holding"
+			if !o.Holding {
+				hold = "not holding (unprotected)"
+			}
+			co = append(co, fmt.Sprintf("output commit %s %s: %d frames/%s held, released up to epoch %d, hold p50/p99 %s/%s, dropped %d, discarded %d",
+				o.Backend, hold, o.HeldFrames, human(uint64(o.HeldBytes)), o.LastReleased, ms(o.ReleaseP50), ms(o.ReleaseP99), o.DroppedFrames, o.DiscardedFrames))
+		}
 		if len(co) > 0 {
 			notes = append(notes, fmt.Sprintf("%s: %s", s.Name, strings.Join(co, "; ")))
 		}

@@ -147,6 +147,9 @@ func (a *Agent) shutdown() {
 	defer a.mu.Unlock()
 	for _, p := range a.primary {
 		p.stop()
+		// The guest runs on unprotected while the agent is down; held
+		// output would cut it off its network.
+		a.closeOutput(p)
 	}
 	for _, s := range a.standby {
 		s.closeSession()

@@ -53,6 +53,8 @@ type VMStatus struct {
 	GrantedAt   time.Time `json:"granted_at,omitzero"`
 	RestoredAt  time.Time `json:"restored_at,omitzero"`
 	NextRetry   time.Time `json:"next_retry,omitzero"`
+	// Output is the guest's output commit (primary only).
+	Output *OutputStatus `json:"output,omitempty"`
 }
 
 // Status lists every guest this agent knows.
@@ -78,6 +80,7 @@ func (a *Agent) Status() []VMStatus {
 			Epoch: s.Epoch, Started: s.Started, AckedEpoch: s.AckedEpoch, EpochsPerSec: s.EpochsPerSec, PauseP50: s.PauseP50, PauseP99: s.PauseP99,
 			DirtyPages: s.DirtyPages, DirtyTotal: s.DirtyTotal, Incremental: s.Incremental, Bytes: s.BytesSent, RawBytes: s.RawBytes, Lag: s.Lag, Tracker: s.Tracker,
 			SyncDone: s.SyncDone, SyncTotal: s.SyncTotal, LastError: s.LastError, NextRetry: s.NextRetry, LastPause: &s.LastPause}
+		v.Output = p.outputStatus()
 		co := p.coord.snapshot()
 		if !s.LastAck.IsZero() {
 			if age := time.Since(s.LastAck); age < a.hbTimeout() {

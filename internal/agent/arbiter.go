@@ -21,7 +21,11 @@ type coordView struct {
 	unprotect  bool // the arbiter agreed the primary continues alone
 	selfFenced bool
 	note       string // the latest arbiter answer worth showing
-	probe      *arbiter.ProbeStatus
+	// outputFree: the guest's output flows unheld since the standby was
+	// lost, until an epoch captured after resyncAfter is acknowledged.
+	outputFree  bool
+	resyncAfter uint64
+	probe       *arbiter.ProbeStatus
 
 	// The last automatic failover, for status and the failover benchmark.
 	suspectedAt, grantedAt, restoredAt time.Time
@@ -148,7 +152,7 @@ func (a *Agent) primaryCoordination(ctx context.Context, pg *primaryGuest) {
 
 		st := pg.engine.Status()
 		acking := time.Since(st.LastAck) < timeout
-		if st.State == checkpoint.StateProtected && acking && st.Standby != "" {
+		if st.State == checkpoint.StateProtected && acking && st.Standby != "" && !pg.coord.snapshot().outputFree {
 			// Repeated while protected: a standby that re-registers is out
 			// of sync at the arbiter until the primary says otherwise.
 			if err := a.arb.ReportSynced(ctx, pg.rec.Name, a.cfg.AgentID, pg.engine.Fence(), st.Standby); err == nil {
@@ -170,6 +174,7 @@ func (a *Agent) primaryCoordination(ctx context.Context, pg *primaryGuest) {
 				a.log.Warn("standby lost: the arbiter agreed this primary continues unprotected", "domain", pg.rec.Name, "epoch", l.Epoch)
 				a.adoptFence(pg, l.Epoch)
 				pg.coord.set(func(c *coordView) { c.lease, c.leaseOK, c.synced, c.unprotect, c.note = l, true, false, true, "" })
+				a.releaseOutput(pg, "the arbiter agreed the primary continues without its standby")
 			} else if ae, stale := staleRole(err); stale && ae.Role == arbiter.RoleNone {
 				a.fencedOut(pg, ae)
 				return
@@ -220,12 +225,21 @@ func (a *Agent) fencedOut(pg *primaryGuest, ae *arbiter.Error) {
 	a.log.Error("guest was promoted elsewhere: destroying this stale copy", "domain", pg.rec.Name,
 		"our_epoch", pg.engine.Fence(), "current_epoch", ae.CurrentEpoch, "primary", ae.Primary)
 	_ = pg.vm.Fence()
+	if pg.out != nil {
+		// Output of epochs the standby never acknowledged must never leave.
+		pg.out.DiscardAfter(pg.engine.Status().AckedEpoch)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := a.virt.Destroy(ctx, pg.rec.Name); err != nil {
 		a.log.Error("cannot destroy the stale copy", "domain", pg.rec.Name, "err", err)
 	}
-	go pg.stop() // not from this goroutine's own engine wait
+	go func() { // not from this goroutine's own engine wait
+		pg.stop()
+		if pg.out != nil {
+			_ = pg.out.Close()
+		}
+	}()
 	a.mu.Lock()
 	pg.rec.State = StateFenced
 	pg.rec.Fence = ae.CurrentEpoch

@@ -42,6 +42,12 @@ type Config struct {
 	// APIListen serves the admin API over TCP with mutual TLS as well
 	// (host:port); clients present a certificate signed by tls_ca.
 	APIListen string `mapstructure:"api_listen"`
+	// OutputCommit holds each guest's network output until the standby
+	// acknowledged the epoch that produced it: auto, qemu, plug or off.
+	OutputCommit string `mapstructure:"output_commit"`
+	// OutputBufferBytes bounds the output held per guest; frames beyond it
+	// are dropped (the guest's TCP sends them again).
+	OutputBufferBytes int64 `mapstructure:"output_buffer_bytes"`
 }
 
 // Defaults returns the configuration used where a key is not set.
@@ -59,6 +65,9 @@ func Defaults() Config {
 
 		HeartbeatInterval: 250 * time.Millisecond,
 		HeartbeatMissed:   4,
+
+		OutputCommit:      OutputAuto,
+		OutputBufferBytes: 16 << 20,
 	}
 }
 
@@ -80,6 +89,14 @@ func (c *Config) Validate() error {
 	case checkpoint.TrackerAuto, checkpoint.TrackerScan, checkpoint.TrackerSoftDirty:
 	default:
 		return fmt.Errorf("tracker %q unknown: use auto, scan or softdirty", c.Tracker)
+	}
+	switch c.OutputCommit {
+	case OutputAuto, OutputQEMU, OutputPlug, OutputOff:
+	default:
+		return fmt.Errorf("output_commit %q unknown: use auto, qemu, plug or off", c.OutputCommit)
+	}
+	if c.OutputBufferBytes < 64<<10 {
+		return fmt.Errorf("output_buffer_bytes %d too small: use at least 65536 (default 16777216)", c.OutputBufferBytes)
 	}
 	tlsSet := 0
 	for _, f := range []string{c.TLSCert, c.TLSKey, c.TLSCA} {

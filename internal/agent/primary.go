@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/remora-ha/remora/arbiter"
@@ -15,16 +16,18 @@ import (
 )
 
 type primaryGuest struct {
-	coord  coordination
-	vm     *migrate.CaptureVM
-	rec    *Record
-	g      *migrate.Guest
-	mem    []byte
-	sink   *migrate.DeviceStateSink
-	engine *checkpoint.Primary
-	cancel context.CancelFunc
-	done   chan struct{}
-	err    error
+	coord   coordination
+	vm      *migrate.CaptureVM
+	rec     *Record
+	g       *migrate.Guest
+	mem     []byte
+	sink    *migrate.DeviceStateSink
+	engine  *checkpoint.Primary
+	out     outputBuffer // nil when the guest's output is not held
+	outInfo OutputStatus
+	cancel  context.CancelFunc
+	done    chan struct{}
+	err     error
 }
 
 func (p *primaryGuest) stop() {
@@ -103,10 +106,23 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		migrate.UnmapRAM(mem)
 		return err
 	}
+	out, outInfo, err := a.newOutput(ctx, g)
+	if err != nil {
+		sink.Close()
+		tracker.Close()
+		migrate.UnmapRAM(mem)
+		return err
+	}
+	var engineOut checkpoint.OutputBuffer
+	if outInfo.Backend == OutputQEMU || outInfo.Backend == OutputPlug {
+		engineOut = out
+	} else {
+		out = nil
+	}
 	vm := &migrate.CaptureVM{G: g, Sink: sink, Marker: marker}
 	peer := rec.Peer
 	engine := checkpoint.NewPrimary(checkpoint.PrimaryConfig{
-		Agent: a.cfg.AgentID, Domain: rec.Name, DomainXML: xml,
+		Agent: a.cfg.AgentID, Domain: rec.Name, DomainXML: xml, ShellBase: a.shellBase(rec.Name),
 		Interval: a.cfg.EpochInterval, MaxInFlight: a.cfg.MaxInFlight, Fence: rec.Fence,
 		Dial: func(ctx context.Context) (net.Conn, error) {
 			var d net.Dialer
@@ -119,11 +135,15 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		VerifyPeer: checkPeerName,
 		Log:        a.log,
 		Hook:       a.faultHook,
+		Output:     engineOut,
 	}, vm, mem, tracker)
 
 	runCtx, cancel := context.WithCancel(context.Background())
-	pg := &primaryGuest{rec: rec, g: g, vm: vm, mem: mem, sink: sink, engine: engine, cancel: cancel, done: make(chan struct{})}
+	pg := &primaryGuest{rec: rec, g: g, vm: vm, mem: mem, sink: sink, engine: engine, out: out, outInfo: outInfo, cancel: cancel, done: make(chan struct{})}
 	go a.primaryCoordination(runCtx, pg)
+	if out != nil {
+		go a.outputCoordination(runCtx, pg)
+	}
 	go func() {
 		defer close(pg.done)
 		pg.err = engine.Run(runCtx)
@@ -134,7 +154,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	a.mu.Lock()
 	a.primary[rec.Name] = pg
 	a.mu.Unlock()
-	a.log.Info("protecting guest", "domain", rec.Name, "standby", peer, "tracker", tracker.Name(),
+	a.log.Info("protecting guest", "domain", rec.Name, "standby", peer, "tracker", tracker.Name(), "output_commit", outInfo.Backend,
 		"ram_mib", g.RAM.Size>>20, "interval", a.cfg.EpochInterval)
 	return nil
 }
@@ -164,6 +184,7 @@ func (a *Agent) newTracker(g *migrate.Guest) (checkpoint.Tracker, error) {
 // the standby to drop its replica.
 func (a *Agent) unenrollPrimary(ctx context.Context, pg *primaryGuest) error {
 	pg.stop()
+	a.closeOutput(pg)
 	var warn error
 	var d net.Dialer
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -188,4 +209,14 @@ func (a *Agent) unenrollPrimary(ctx context.Context, pg *primaryGuest) error {
 		return err
 	}
 	return warn
+}
+
+// shellBase is a domain's name without this host's shell suffix: a guest
+// that was promoted here and is protected back keeps its original name on
+// the other host.
+func (a *Agent) shellBase(name string) string {
+	if base, ok := strings.CutSuffix(name, a.cfg.ShellSuffix); ok && a.cfg.ShellSuffix != "" && base != "" {
+		return base
+	}
+	return name
 }

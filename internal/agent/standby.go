@@ -312,6 +312,9 @@ func (a *Agent) acceptPrimary(ctx context.Context, conn net.Conn, h checkpoint.H
 		sg.rec.Primary = h.Agent
 	}
 	sg.rec.Fence = fence
+	if sg.rec.Shell == "" && h.ShellBase != "" {
+		sg.rec.Shell = h.ShellBase + a.cfg.ShellSuffix
+	}
 	if err := a.attachShell(ctx, sg, h.DomainXML, h.RAMBytes); err != nil {
 		return nil, err
 	}
