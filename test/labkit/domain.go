@@ -25,7 +25,7 @@ type GuestOptions struct {
 	MemoryMiB   int    // default 256
 	Machine     string // default "pc" (i440fx)
 	RegionPages int    // integrity region in 4 KiB pages; default 8192 (32 MiB)
-	Rate        int    // initial writer rate, pages/s; default 2000; negative: 0 (stopped)
+	Rate        int    // initial writer rate, pages/s; default 2000; negative: stopped
 	Kernel      string // default KernelPath()
 	Initrd      string // default InitrdPath()
 	ConsoleLog  string // default ConsoleLogPath(Name)
@@ -33,6 +33,14 @@ type GuestOptions struct {
 	// Incoming makes the domain a standby shell: QEMU starts with
 	// "-incoming defer" and waits for migrate-incoming. Start it paused.
 	Incoming bool
+	// DataDisk is a raw image file attached as a virtio disk with
+	// cache='none' (what a mirrored disk needs: no host page cache between
+	// the guest's write and QEMU's completion of it). The guest has no
+	// other disk, so it is /dev/vda inside; the workload's disk writer uses
+	// it (remora.disk=). Empty: no disk.
+	DataDisk string
+	// DataDiskTarget is the libvirt target dev of DataDisk; default "vda".
+	DataDiskTarget string
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*$`)
@@ -64,8 +72,6 @@ func (o GuestOptions) withDefaults() (GuestOptions, error) {
 	}
 	if o.Rate == 0 {
 		o.Rate = DefaultRate
-	} else if o.Rate < 0 {
-		o.Rate = 0
 	}
 	if o.Kernel == "" {
 		o.Kernel = KernelPath()
@@ -75,6 +81,9 @@ func (o GuestOptions) withDefaults() (GuestOptions, error) {
 	}
 	if o.ConsoleLog == "" {
 		o.ConsoleLog = ConsoleLogPath(o.Name)
+	}
+	if o.DataDisk != "" && o.DataDiskTarget == "" {
+		o.DataDiskTarget = DefaultDataDiskTarget
 	}
 	if region := o.RegionPages * 4096 >> 20; region+96 > o.MemoryMiB {
 		return o, fmt.Errorf("labkit: guest %s: %d MiB of RAM is too small for a %d MiB region", o.Name, o.MemoryMiB, region)
@@ -86,7 +95,10 @@ func (o GuestOptions) withDefaults() (GuestOptions, error) {
 func (o GuestOptions) KernelCmdline() string {
 	o, _ = o.withDefaults()
 	s := fmt.Sprintf("console=ttyS0 panic=1 remora.ip=%s/%d remora.gw=%s remora.region_pages=%d remora.rate=%d",
-		o.IP, PrefixLen, o.Gateway, o.RegionPages, o.Rate)
+		o.IP, PrefixLen, o.Gateway, o.RegionPages, max(o.Rate, 0))
+	if o.DataDisk != "" {
+		s += " remora.disk=/dev/vda"
+	}
 	if o.Cmdline != "" {
 		s += " " + o.Cmdline
 	}
@@ -103,8 +115,8 @@ func esc(s string) string {
 // IP, ...) panic; Boot validates them and returns an error instead.
 //
 // TCG (type='qemu'), one vCPU, RAM in a shared file (memoryBacking source
-// file, access shared), direct kernel boot of the lab image, no disk, no
-// VGA, no USB, no balloon; one virtio NIC on the lab bridge (libvirt names
+// file, access shared), direct kernel boot of the lab image, no disk but
+// DataDisk, no VGA, no USB, no balloon; one virtio NIC on the lab bridge (libvirt names
 // its netdev hostnet0); ttyS0 on a pty and logged to o.ConsoleLog.
 func DomainXML(o GuestOptions) string {
 	o, err := o.withDefaults()
@@ -127,6 +139,10 @@ func DomainXML(o GuestOptions) string {
 	p("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>destroy</on_reboot>\n  <on_crash>destroy</on_crash>\n")
 	p("  <devices>\n")
 	p("    <controller type='usb' model='none'/>\n")
+	if o.DataDisk != "" {
+		p("    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw' cache='none'/>\n")
+		p("      <source file='%s'/>\n      <target dev='%s' bus='virtio'/>\n    </disk>\n", esc(o.DataDisk), esc(o.DataDiskTarget))
+	}
 	p("    <interface type='bridge'>\n      <source bridge='%s'/>\n      <mac address='%s'/>\n      <model type='virtio'/>\n    </interface>\n",
 		Bridge, esc(o.MAC))
 	p("    <serial type='pty'>\n      <log file='%s' append='off'/>\n      <target port='0'/>\n    </serial>\n", esc(o.ConsoleLog))
@@ -407,3 +423,6 @@ func (g *Guest) consoleTail() string {
 	}
 	return fmt.Sprintf("\nconsole (%s), last lines:\n%s", g.ConsoleLog, strings.Join(lines, "\n"))
 }
+
+// DefaultDataDiskTarget is the libvirt target dev of GuestOptions.DataDisk.
+const DefaultDataDiskTarget = "vda"
