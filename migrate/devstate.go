@@ -20,6 +20,9 @@ type DeviceStateSink struct {
 
 // ListenDeviceState listens at path; QEMU must be able to connect to it.
 func ListenDeviceState(path string) (*DeviceStateSink, error) {
+	if len(path) > maxUnixPath {
+		return nil, fmt.Errorf("listen for device state: socket path %s is %d bytes, longer than a unix socket address allows (%d): use a shorter runtime_dir or domain name", path, len(path), maxUnixPath)
+	}
 	_ = os.Remove(path)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
@@ -32,6 +35,10 @@ func ListenDeviceState(path string) (*DeviceStateSink, error) {
 	}
 	return &DeviceStateSink{path: path, ln: ln}, nil
 }
+
+// maxUnixPath is the longest path a unix socket address holds (sun_path
+// is 108 bytes with its terminating NUL).
+const maxUnixPath = 107
 
 // Close stops listening and removes the socket.
 func (s *DeviceStateSink) Close() error {
