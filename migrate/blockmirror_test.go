@@ -164,7 +164,9 @@ func TestMirrorSyncedAndWaitReady(t *testing.T) {
 
 func TestMirrorCancel(t *testing.T) {
 	f := &fakeBlockQEMU{jobs: `{"device":"remora-mirror-vda","status":"ready"}`}
-	f.onCancel = func(f *fakeBlockQEMU) { f.jobs = `{"device":"remora-mirror-vda","status":"concluded","error":"Operation canceled"}` }
+	f.onCancel = func(f *fakeBlockQEMU) {
+		f.jobs = `{"device":"remora-mirror-vda","status":"concluded","error":"Operation canceled"}`
+	}
 	mr := &Mirror{mon: f, JobID: "remora-mirror-vda", TargetNode: "remora-nbd-vda"}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
