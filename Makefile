@@ -4,7 +4,7 @@ BIN      := bin
 PKGS     := ./...
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: all build test test-unit test-e2e bench lab demo lint fuzz clean help
+.PHONY: all build test test-unit test-e2e test-kernel bench lab demo lint fuzz clean help
 
 all: build
 
@@ -13,6 +13,7 @@ help:
 	@echo "lab        set up the lab on this machine (packages, libvirt, guest image, network)"
 	@echo "test       unit tests, then end-to-end tests against real libvirt/QEMU guests (root)"
 	@echo "test-unit  unit tests only (no root, no lab)"
+	@echo "test-kernel  Plug (sch_plug) and soft-dirty tests in Debian's kernel under QEMU (TCG); fetches the kernel once"
 	@echo "bench      Go benchmarks and the checkpoint table on a lab guest (root)"
 	@echo "demo       protect a guest, crash its host, fail over (root)"
 	@echo "fuzz       run each fuzz target for FUZZTIME (default 30s)"
@@ -32,6 +33,10 @@ test-e2e: lab
 	REMORA_E2E=1 REMORA_LAB=1 $(GO) test -count=1 -v -timeout 40m ./test/e2e/ ./test/labkit/
 
 test: lint test-unit test-e2e
+
+# Kernel features this host may lack, in Debian's kernel booted under QEMU.
+test-kernel:
+	GO=$(GO) test/kernelvm/run.sh
 
 FUZZTIME ?= 30s
 fuzz:
