@@ -180,7 +180,7 @@ func TestCheckConcurrentWithWriter(t *testing.T) {
 
 func TestProtocol(t *testing.T) {
 	r := NewRegion(32)
-	s := NewServer(r, NewWriter(r, 0))
+	s := NewServer(r, NewWriter(r, 0), nil)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

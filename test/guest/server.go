@@ -19,6 +19,7 @@ const maxRate = 10_000_000
 type Server struct {
 	region *Region
 	writer *Writer
+	disk   *DiskWriter // nil: no disk
 	start  time.Time
 
 	mu      sync.Mutex
@@ -26,8 +27,8 @@ type Server struct {
 	checks  uint64
 }
 
-func NewServer(r *Region, w *Writer) *Server {
-	return &Server{region: r, writer: w, start: time.Now()}
+func NewServer(r *Region, w *Writer, d *DiskWriter) *Server {
+	return &Server{region: r, writer: w, disk: d, start: time.Now()}
 }
 
 // Handle executes one command line and returns the reply (without newline).
@@ -67,16 +68,46 @@ func (s *Server) Handle(line string) string {
 		}
 		s.writer.SetRate(rate)
 		return "ok"
+	case "disk":
+		if s.disk == nil {
+			return "err no disk (remora.disk=)"
+		}
+		if len(f) != 2 {
+			return "err usage: disk RECORDS_PER_SEC"
+		}
+		rate, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil || rate < 0 || rate > maxRate {
+			return fmt.Sprintf("err bad rate %q (0..%d)", f[1], maxRate)
+		}
+		s.disk.SetRate(rate)
+		s.disk.ResetLatency() // figures from here on are of this rate
+		return "ok"
+	case "diskcheck":
+		if s.disk == nil {
+			return "err no disk (remora.disk=)"
+		}
+		n, extra, err := s.disk.Check()
+		if err != nil {
+			return "fail " + err.Error()
+		}
+		return fmt.Sprintf("ok n=%d extra=%d", n, extra)
 	case "stats":
 		s.mu.Lock()
 		counter, checks := s.counter, s.checks
 		s.mu.Unlock()
 		round, boundary, written := s.region.State()
-		return fmt.Sprintf("counter=%d round=%d boundary=%d written=%d rate=%d region_pages=%d page_size=%d checks=%d uptime=%.3f",
+		line := fmt.Sprintf("counter=%d round=%d boundary=%d written=%d rate=%d region_pages=%d page_size=%d checks=%d uptime=%.3f",
 			counter, round, boundary, written, s.writer.Rate(), s.region.Pages(), PageSize, checks,
 			time.Since(s.start).Seconds())
+		if s.disk != nil {
+			d := s.disk.Stats()
+			line += fmt.Sprintf(" disk_records=%d disk_rate=%d disk_slots=%d disk_errors=%d disk_checks=%d disk_lat_avg_us=%d disk_lat_p50_us=%d disk_lat_p99_us=%d disk_lat_max_us=%d",
+				d.Count, d.Rate, d.Slots, d.Errors, d.Checks, d.LatAvg.Microseconds(), d.LatP50.Microseconds(),
+				d.LatP99.Microseconds(), d.LatMax.Microseconds())
+		}
+		return line
 	default:
-		return fmt.Sprintf("err unknown command %q (inc, get, check, writer N, stats)", cmd)
+		return fmt.Sprintf("err unknown command %q (inc, get, check, writer N, disk N, diskcheck, stats)", cmd)
 	}
 }
 
