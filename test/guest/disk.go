@@ -162,9 +162,13 @@ type DiskWriter struct {
 	seed  uint64
 	rate  atomic.Int64
 
-	mu      sync.Mutex
-	count   uint64
-	buf     []byte // aligned for O_DIRECT
+	mu  sync.Mutex // held by a write and its count, and by a check
+	buf []byte     // aligned for O_DIRECT
+
+	// The figures have their own lock, so stats answer while a write
+	// waits on the disk.
+	statMu  sync.Mutex
+	count   uint64 // written under both locks
 	lat     []time.Duration
 	latNext int
 	latSum  time.Duration // over latN writes
@@ -224,11 +228,15 @@ func (d *DiskWriter) WriteNext() error {
 	start := time.Now()
 	_, err := d.f.WriteAt(p, int64((i-1)%d.slots*RecordSize))
 	if err != nil {
+		d.statMu.Lock()
+		defer d.statMu.Unlock()
 		d.errs++
 		d.lastErr = err.Error()
 		return err
 	}
 	lat := time.Since(start)
+	d.statMu.Lock()
+	defer d.statMu.Unlock()
 	if len(d.lat) < diskLatWindow {
 		d.lat = append(d.lat, lat)
 	} else {
@@ -246,7 +254,9 @@ func (d *DiskWriter) WriteNext() error {
 func (d *DiskWriter) Check() (n uint64, extra int, err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.statMu.Lock()
 	d.checks++
+	d.statMu.Unlock()
 	extra, err = checkRecords(d.f, d.slots, d.seed, d.count, d.buf)
 	return d.count, extra, err
 }
@@ -262,8 +272,8 @@ type DiskStats struct {
 }
 
 func (d *DiskWriter) Stats() DiskStats {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.statMu.Lock()
+	defer d.statMu.Unlock()
 	s := DiskStats{Count: d.count, Errors: d.errs, Checks: d.checks, Slots: d.slots, Rate: d.Rate(), LatMax: d.latMax, LastErr: d.lastErr}
 	if d.latN > 0 {
 		s.LatAvg = d.latSum / time.Duration(d.latN)
@@ -279,8 +289,8 @@ func (d *DiskWriter) Stats() DiskStats {
 
 // ResetLatency forgets the latency figures (for a new measurement).
 func (d *DiskWriter) ResetLatency() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.statMu.Lock()
+	defer d.statMu.Unlock()
 	d.lat, d.latNext, d.latMax = d.lat[:0], 0, 0
 	d.latSum, d.latN = 0, 0
 }
