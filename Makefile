@@ -30,9 +30,9 @@ test-unit:
 	$(GO) test -count=1 -race $$($(GO) list $(PKGS) | grep -v /test/e2e)
 
 test-e2e: lab
-	REMORA_E2E=1 REMORA_LAB=1 $(GO) test -count=1 -v -timeout 40m ./test/e2e/ ./test/labkit/
+	REMORA_E2E=1 REMORA_LAB=1 $(GO) test -p 1 -count=1 -v -timeout 50m ./test/e2e/ ./test/labkit/ ./checkpoint/outcommit/
 
-test: lint test-unit test-e2e
+test: lint test-unit test-kernel test-e2e
 
 # Kernel features this host may lack, in Debian's kernel booted under QEMU.
 test-kernel:

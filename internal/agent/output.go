@@ -71,9 +71,27 @@ func (a *Agent) newOutput(ctx context.Context, g *migrate.Guest) (outputBuffer, 
 	}
 	if kind == OutputAuto {
 		kind = OutputQEMU
+		if outcommit.PlugSupported() == nil {
+			kind = OutputPlug
+		}
 	}
 	if kind == OutputPlug {
-		return nil, OutputStatus{}, fmt.Errorf("output_commit: plug is not available in this build: use qemu or auto")
+		if err := outcommit.PlugSupported(); err != nil {
+			return nil, OutputStatus{}, fmt.Errorf("output_commit: plug: %w (or use output_commit: qemu, which needs no kernel feature)", err)
+		}
+		x, err := a.virt.LiveXML(ctx, g.Name)
+		if err != nil {
+			return nil, OutputStatus{}, err
+		}
+		tap, err := migrate.InterfaceTap(x, nics[0].Netdev)
+		if err != nil {
+			return nil, OutputStatus{}, fmt.Errorf("output_commit: plug: domain %q: %w (use output_commit: qemu)", g.Name, err)
+		}
+		p, err := outcommit.NewPlug(ctx, tap, outcommit.PlugOptions{MaxBytes: a.cfg.OutputBufferBytes, Logger: a.log})
+		if err != nil {
+			return nil, OutputStatus{}, err
+		}
+		return p, OutputStatus{Backend: OutputPlug, Netdev: tap}, nil
 	}
 	r, err := outcommit.NewRedirector(ctx, g, filepath.Join(a.cfg.RuntimeDir, "outcommit"), outcommit.Options{
 		Netdev: nics[0].Netdev, MaxBytes: a.cfg.OutputBufferBytes, Logger: a.log,
