@@ -50,10 +50,8 @@
 //  3. When the standby has a complete, consistent copy, ReportSynced.
 //  4. When replication to the standby fails, hold guest output and call
 //     ReportStandbyLost. On success continue alone with the returned
-//     lease's (new) epoch. On ErrStandbyReachable keep holding output and
-//     retry replication and the report; the arbiter grants it once the
-//     standby stops answering its probe or its heartbeats. Never release
-//     output that the standby has not acknowledged without this grant.
+//     lease's (new) epoch. Never release output that the standby has not
+//     acknowledged without this grant.
 //  5. On ErrStaleEpoch from any call, look at Error.Role. RoleNone: the
 //     guest was granted to someone else; destroy the local copy at once,
 //     then (optionally) Register as standby with Error.CurrentEpoch.
@@ -82,11 +80,11 @@
 // reply gets the same grant rather than ErrStaleEpoch. The client retries
 // once on a fresh connection by itself; further retries are the caller's.
 //
-// A cut replication link with both agents reachable from the arbiter
-// leaves the primary holding output (ErrStandbyReachable) and the standby
-// refused (ErrLeaseValid) until the link heals or one side disappears.
-// That is deliberate: the arbiter only drops protection when it can see the
-// standby is gone.
+// A cut replication link with both agents reachable from the arbiter: the
+// standby is refused (ErrLeaseValid, the primary renews), the primary's
+// report is granted with a new epoch, which fences the standby, and the
+// guest goes on serving unprotected until the standby is back in sync.
+// Holding its output until the link heals would cut it off its clients.
 //
 // # Probes
 //

@@ -10,21 +10,20 @@ import (
 type Code string
 
 const (
-	CodeStaleEpoch       Code = "stale_epoch"
-	CodeEpochAhead       Code = "epoch_ahead"
-	CodeUnknownGuest     Code = "unknown_guest"
-	CodeNotPrimary       Code = "not_primary"
-	CodeNotStandby       Code = "not_standby"
-	CodeNotInSync        Code = "not_in_sync"
-	CodeLeaseValid       Code = "lease_valid"
-	CodeServiceAlive     Code = "service_alive"
-	CodeStandbyReachable Code = "standby_reachable"
-	CodeConflict         Code = "conflict"
-	CodeUnauthorized     Code = "unauthorized"
-	CodeBadRequest       Code = "bad_request"
-	CodeVersion          Code = "version"
-	CodeInternal         Code = "internal"
-	CodeUnavailable      Code = "unavailable"
+	CodeStaleEpoch   Code = "stale_epoch"
+	CodeEpochAhead   Code = "epoch_ahead"
+	CodeUnknownGuest Code = "unknown_guest"
+	CodeNotPrimary   Code = "not_primary"
+	CodeNotStandby   Code = "not_standby"
+	CodeNotInSync    Code = "not_in_sync"
+	CodeLeaseValid   Code = "lease_valid"
+	CodeServiceAlive Code = "service_alive"
+	CodeConflict     Code = "conflict"
+	CodeUnauthorized Code = "unauthorized"
+	CodeBadRequest   Code = "bad_request"
+	CodeVersion      Code = "version"
+	CodeInternal     Code = "internal"
+	CodeUnavailable  Code = "unavailable"
 )
 
 // Error is every error the arbiter or the client library returns for a
@@ -90,9 +89,6 @@ var (
 	// ErrServiceAlive: promotion refused because the guest's service still
 	// answers from the arbiter's side of the network.
 	ErrServiceAlive = &Error{Code: CodeServiceAlive}
-	// ErrStandbyReachable: "continue unprotected" refused because the
-	// arbiter can still reach the standby and it still heartbeats.
-	ErrStandbyReachable = &Error{Code: CodeStandbyReachable}
 	// ErrConflict: the request contradicts the current role assignment.
 	ErrConflict = &Error{Code: CodeConflict}
 	// ErrUnauthorized: the TLS identity does not match the claimed agent.

@@ -349,9 +349,10 @@ func (m *machine) standbyLost(now time.Time, guest, agent string, epoch uint64, 
 		}
 		return m.renew(now, guest, agent, epoch)
 	}
-	if !obs.standbyLost {
-		return Lease{}, errorf(CodeStandbyReachable, "guest %s: standby %s is still reachable from the arbiter (%s); keep trying to replicate", guest, r.Standby, obs.standbyDetail)
-	}
+	// Granted even when the arbiter still reaches the standby (the link
+	// between the two is cut): the primary holds its guest's output until
+	// this grant, so refusing it would cut the guest off its clients for as
+	// long as the link is down. The new epoch fences the standby either way.
 	if dryRun {
 		return Lease{}, nil
 	}
@@ -359,7 +360,8 @@ func (m *machine) standbyLost(now time.Time, guest, agent string, epoch uint64, 
 	next.Epoch = r.Epoch + 1
 	next.InSync = false
 	next.UnprotectedSince = now.Round(0).UTC()
-	next.Last = &Transition{Kind: TransitionStandbyLost, From: r.Epoch, To: next.Epoch, Agent: agent, Previous: r.Standby, At: now.Round(0).UTC()}
+	next.Last = &Transition{Kind: TransitionStandbyLost, From: r.Epoch, To: next.Epoch, Agent: agent, Previous: r.Standby, At: now.Round(0).UTC(),
+		Detail: standbyLostDetail(obs)}
 	m.grantLease(&next, now)
 	if err := m.commit(&next); err != nil {
 		return Lease{}, err
@@ -417,4 +419,11 @@ func (m *machine) names() []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+func standbyLostDetail(obs observation) string {
+	if obs.standbyLost {
+		return "standby lost (" + obs.standbyDetail + ")"
+	}
+	return "replication link cut; the arbiter still reaches the standby (" + obs.standbyDetail + ")"
 }

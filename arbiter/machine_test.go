@@ -217,15 +217,13 @@ func TestStandbyLost(t *testing.T) {
 
 	_, err := m.standbyLost(clk.Now(), "g", "b", 1, standbyGone, false)
 	mustCode(t, err, ErrNotPrimary)
-	_, err = m.standbyLost(clk.Now(), "g", "a", 1, standbyThere, false)
-	e := mustCode(t, err, ErrStandbyReachable)
-	if !strings.Contains(e.Message, "reachable") {
-		t.Fatalf("message: %q", e.Message)
-	}
 	l, err := m.standbyLost(clk.Now(), "g", "a", 1, standbyGone, false)
 	ok(t, err)
 	if l.Epoch != 2 || l.Holder != "a" {
 		t.Fatalf("lease after standby lost: %+v", l)
+	}
+	if d := m.guests["g"].Last.Detail; !strings.Contains(d, "standby lost (gone)") {
+		t.Fatalf("transition detail %q", d)
 	}
 	// A lost reply is retried with the old epoch: same answer.
 	l2, err := m.standbyLost(clk.Now(), "g", "a", 1, standbyGone, false)
@@ -236,7 +234,7 @@ func TestStandbyLost(t *testing.T) {
 	// The standby is fenced: neither its epoch nor its registration count.
 	clk.Advance(time.Minute)
 	_, err = m.promote(clk.Now(), "g", "b", 1, noObs, false)
-	e = mustCode(t, err, ErrStaleEpoch)
+	e := mustCode(t, err, ErrStaleEpoch)
 	if e.Role != RoleNone || e.CurrentEpoch != 2 {
 		t.Fatalf("stale details: %+v", e)
 	}
@@ -260,6 +258,26 @@ func TestStandbyLost(t *testing.T) {
 	if r := m.guests["g"]; !r.InSync || !r.UnprotectedSince.IsZero() {
 		t.Fatalf("after re-sync: %+v", r)
 	}
+}
+
+// A cut link between primary and standby, both reachable from the
+// arbiter: the primary's report is granted (it holds its guest's output
+// until then) and the standby is fenced by the new epoch.
+func TestStandbyLostOnCutLink(t *testing.T) {
+	clk := newFakeClock()
+	m := openMachine(t, t.TempDir(), testLease, clk.Now())
+	protectedGuest(t, m, clk.Now())
+	l, err := m.standbyLost(clk.Now(), "g", "a", 1, standbyThere, false)
+	ok(t, err)
+	if l.Epoch != 2 {
+		t.Fatalf("lease %+v", l)
+	}
+	if d := m.guests["g"].Last.Detail; !strings.Contains(d, "link cut") {
+		t.Fatalf("transition detail %q", d)
+	}
+	clk.Advance(time.Minute)
+	_, err = m.promote(clk.Now(), "g", "b", 1, noObs, false)
+	mustCode(t, err, ErrStaleEpoch)
 }
 
 // TestNeverBoth races the two epoch-changing grants in both orders.

@@ -477,11 +477,11 @@ func (s *Server) standbyLost(req *request) (Lease, error) {
 		key = agentKey(r.Standby, r.StandbyAddr)
 	}
 	s.mu.Unlock()
-	if err != nil && !errors.Is(err, ErrStandbyReachable) {
+	if err != nil {
 		s.log.Info("arbiter: standby-lost refused", "guest", req.Guest, "agent", req.Agent, "epoch", req.Epoch, "reason", err)
 		return Lease{}, err
 	}
-	// Probe afresh either way: a cached "reachable" may be outdated too.
+	// Probe afresh: the grant records what the arbiter sees of the standby.
 	freshRes := map[string]ProbeStatus{}
 	if key != "" {
 		if st, ok := s.probes.probeNow(s.ctx, key); ok {
@@ -497,7 +497,8 @@ func (s *Server) standbyLost(req *request) (Lease, error) {
 		return Lease{}, err
 	}
 	if l.Epoch != before {
-		s.log.Info("arbiter: primary continues unprotected", "guest", req.Guest, "primary", req.Agent, "epoch", l.Epoch, "previous_epoch", before)
+		s.log.Info("arbiter: primary continues unprotected", "guest", req.Guest, "primary", req.Agent, "epoch", l.Epoch, "previous_epoch", before,
+			"detail", s.m.guests[req.Guest].Last.Detail)
 	}
 	return l, nil
 }

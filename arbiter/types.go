@@ -154,6 +154,7 @@ type Transition struct {
 	Agent    string    `json:"agent"`              // who received the grant
 	Previous string    `json:"previous,omitempty"` // old primary, or the lost standby
 	At       time.Time `json:"at"`
+	Detail   string    `json:"detail,omitempty"` // what the arbiter saw when it granted
 }
 
 const (

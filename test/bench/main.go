@@ -48,6 +48,7 @@ type row struct {
 
 type result struct {
 	p50, p99      time.Duration
+	rtt, rttBase  latency // request/response round trip, protected and not
 	dirtyPerEpoch float64
 	wirePerEpoch  float64
 	compression   float64
@@ -110,6 +111,12 @@ func run() error {
 		fmt.Printf("%-9s %-9d %9s %9s %12.0f %14.0f %7.1fx %9.1f %11.1fx\n", r.interval, r.rate, ms(r.s.p50), ms(r.s.p99),
 			r.s.dirtyPerEpoch, r.s.wirePerEpoch, r.s.compression, r.s.epochsPerSec, float64(base.p50)/float64(r.s.p50))
 	}
+	fmt.Printf("\nrequest/response round trip to the guest (output commit: %s), protected vs unprotected in the same run:\n", outputBackend)
+	fmt.Printf("%-9s %-9s %12s %12s %12s %12s %10s\n", "interval", "dirty/s", "rtt p50", "rtt p99", "unprot p50", "unprot p99", "p50 ratio")
+	for _, r := range rows {
+		fmt.Printf("%-9s %-9d %12s %12s %12s %12s %9.1fx\n", r.interval, r.rate, ms(r.s.rtt.p50), ms(r.s.rtt.p99),
+			ms(r.s.rttBase.p50), ms(r.s.rttBase.p99), float64(r.s.rtt.p50)/float64(max(r.s.rttBase.p50, 1)))
+	}
 	fmt.Printf("\nbaseline: full-RAM migration checkpoint (stop, migrate all RAM with x-ignore-shared off, cont), %d reps:\n", *reps)
 	fmt.Printf("  pause p50 %s  p99 %s  stream %.1f MiB\n", ms(base.p50), ms(base.p99), float64(base.bytes)/(1<<20))
 	fmt.Println("base/remora = baseline pause p50 / remora pause p50 (higher is better)")
@@ -123,9 +130,37 @@ func trackerName() string {
 	return "scan (kernel lacks soft-dirty)"
 }
 
+var outputBackend = "qemu filter-redirector"
+
 func ms(d time.Duration) string { return fmt.Sprintf("%.1fms", float64(d)/1e6) }
 
+// latency is a round-trip distribution.
+type latency struct{ p50, p99 time.Duration }
+
+// roundTrips times request/response exchanges with the guest's workload,
+// back to back, for d.
+func roundTrips(ctx context.Context, wl *labkit.Client, d time.Duration) (latency, error) {
+	var rtts []time.Duration
+	for end := time.Now().Add(d); time.Now().Before(end); {
+		t := time.Now()
+		if _, err := wl.Get(ctx); err != nil {
+			return latency{}, err
+		}
+		rtts = append(rtts, time.Since(t))
+	}
+	return latency{checkpoint.Percentile(rtts, 50), checkpoint.Percentile(rtts, 99)}, nil
+}
+
 func measureOne(ctx context.Context, bin, work string, wl *labkit.Client, iv time.Duration, rate int) (result, error) {
+	// The baseline round trip: the same guest, writer and agents' host,
+	// unprotected, just before.
+	if err := wl.SetWriterRate(ctx, rate); err != nil {
+		return result{}, err
+	}
+	base, err := roundTrips(ctx, wl, 3*time.Second)
+	if err != nil {
+		return result{}, err
+	}
 	if err := wl.SetWriterRate(ctx, 0); err != nil {
 		return result{}, err
 	}
@@ -159,7 +194,10 @@ func measureOne(ctx context.Context, bin, work string, wl *labkit.Client, iv tim
 		return result{}, err
 	}
 	t0 := time.Now()
-	time.Sleep(*measure)
+	rtt, err := roundTrips(ctx, wl, *measure)
+	if err != nil {
+		return result{}, err
+	}
 	s1, err := c.VM(ctx, guestName)
 	if err != nil {
 		return result{}, err
@@ -172,7 +210,7 @@ func measureOne(ctx context.Context, bin, work string, wl *labkit.Client, iv tim
 	wire := float64(s1.Bytes - s0.Bytes)
 	raw := float64(s1.RawBytes - s0.RawBytes)
 	return result{
-		p50: s1.PauseP50, p99: s1.PauseP99,
+		p50: s1.PauseP50, p99: s1.PauseP99, rtt: rtt, rttBase: base,
 		dirtyPerEpoch: float64(s1.DirtyTotal-s0.DirtyTotal) / epochs,
 		wirePerEpoch:  wire / epochs,
 		compression:   raw / max(wire, 1),

@@ -335,7 +335,10 @@ func TestArbiterPartitions(t *testing.T) {
 	if s1.AckedEpoch <= s0.AckedEpoch || s1.State != checkpoint.StateProtected {
 		t.Fatalf("replication stalled while the arbiter was down: %+v -> %+v", s0, s1)
 	}
-	if _, err := c.Inc(context.Background()); err != nil {
+	ictx, icancel := context.WithTimeout(context.Background(), 20*time.Second)
+	_, err = c.Inc(ictx)
+	icancel()
+	if err != nil {
 		t.Fatalf("guest stopped serving while the arbiter was down: %v", err)
 	}
 	if st := domState(name + "-host-b"); st == "running" {
@@ -355,15 +358,31 @@ func TestArbiterPartitions(t *testing.T) {
 	}
 	route(labkit.NetnsA, "add", labkit.IPB)
 	route(labkit.NetnsB, "add", labkit.IPA)
+	healed := false
+	t.Cleanup(func() {
+		if !healed {
+			_ = exec.Command("ip", "netns", "exec", labkit.NetnsA, "ip", "route", "del", "blackhole", labkit.IPB+"/32").Run()
+			_ = exec.Command("ip", "netns", "exec", labkit.NetnsB, "ip", "route", "del", "blackhole", labkit.IPA+"/32").Run()
+		}
+	})
 	time.Sleep(8 * time.Second)
 	if st := domState(name + "-host-b"); st == "running" {
 		t.Fatal("standby promoted although the primary and its service were alive")
 	}
-	if _, err := c.Inc(context.Background()); err != nil {
+	// Its output is held while the standby does not acknowledge, until the
+	// arbiter agrees that it continues alone.
+	ictx, icancel = context.WithTimeout(context.Background(), 20*time.Second)
+	_, err = c.Inc(ictx)
+	icancel()
+	if err != nil {
 		t.Fatalf("primary stopped serving during the link cut: %v", err)
+	}
+	if s, _ := l.a.status(name); s.Output == nil || s.Output.Holding {
+		t.Fatalf("output commit during the link cut: %+v, want released (not holding)", s.Output)
 	}
 	route(labkit.NetnsA, "del", labkit.IPB)
 	route(labkit.NetnsB, "del", labkit.IPA)
+	healed = true
 	s2, _ := l.a.status(name)
 	waitFor(t, "replication to resume after the link healed", 2*time.Minute, func() bool {
 		s, ok := l.a.status(name)

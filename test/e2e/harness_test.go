@@ -101,7 +101,7 @@ log_level: debug
 	t.Cleanup(func() {
 		h.stop(syscall.SIGTERM)
 		if t.Failed() {
-			t.Logf("agent %s log:\n%s", name, h.logTail(60))
+			t.Logf("agent %s log (without debug lines):\n%s", name, h.logTail(80))
 		}
 	})
 	return h
@@ -188,7 +188,12 @@ func (h *host) logTail(n int) string {
 	if h.log == nil {
 		return ""
 	}
-	lines := strings.Split(h.log.String(), "\n")
+	var lines []string
+	for _, l := range strings.Split(h.log.String(), "\n") {
+		if !strings.Contains(l, "level=DEBUG") {
+			lines = append(lines, l)
+		}
+	}
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}
