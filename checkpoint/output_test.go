@@ -134,3 +134,19 @@ func TestPrimaryOutputCutFailure(t *testing.T) {
 	rg.checkConverged()
 	out.check(t)
 }
+
+// A new fencing epoch restarts the session, so no frame of the old epoch
+// follows (the standby may know the new one already and refuse it).
+func TestPrimarySetFenceRestartsSession(t *testing.T) {
+	rg := startRig(t, rigOpts{pages: 1024})
+	wait(t, 15*time.Second, "5 committed epochs", func() bool { return rg.sb.lastCommitted() >= 5 })
+	rg.sb.fence.Store(testFence + 1)
+	rg.p.SetFence(testFence + 1)
+	wait(t, 15*time.Second, "a second session", func() bool { return rg.sb.sessionCount() >= 2 })
+	k := rg.sb.lastCommitted()
+	wait(t, 15*time.Second, "epochs in the new session", func() bool { return rg.sb.lastCommitted() >= k+3 })
+	if got := rg.p.Fence(); got != testFence+1 {
+		t.Fatalf("fence %d", got)
+	}
+	rg.checkConverged()
+}

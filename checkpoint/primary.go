@@ -139,7 +139,8 @@ type Primary struct {
 	ackCh       chan struct{}
 	wasProtectd bool
 
-	releaseCh chan struct{} // wakes the output releaser after an ack
+	releaseCh  chan struct{} // wakes the output releaser after an ack
+	endSession context.CancelFunc
 }
 
 // NewPrimary prepares capture of a guest whose RAM is mem.
@@ -167,7 +168,19 @@ func NewPrimary(cfg PrimaryConfig, vm VM, mem []byte, tracker Tracker) *Primary 
 
 // SetFence changes the fencing epoch of every frame from now on (a new
 // epoch from the arbiter). The session is restarted so the standby sees it.
-func (p *Primary) SetFence(f uint64) { p.fence.Store(f) }
+func (p *Primary) SetFence(f uint64) {
+	if p.fence.Swap(f) == f {
+		return
+	}
+	p.mu.Lock()
+	restart := p.endSession
+	p.mu.Unlock()
+	if restart != nil {
+		// Frames of the old epoch may still be queued: the standby, which
+		// may have learnt the new epoch already, would refuse them.
+		restart()
+	}
+}
 
 // Fence returns the fencing epoch frames carry.
 func (p *Primary) Fence() uint64 { return p.fence.Load() }
@@ -259,6 +272,14 @@ func (p *Primary) session(ctx context.Context) error {
 	defer conn.Close()
 	ctx, cancelSession := context.WithCancel(ctx)
 	defer cancelSession()
+	p.mu.Lock()
+	p.endSession = cancelSession
+	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		p.endSession = nil
+		p.mu.Unlock()
+	}()
 	go func() { <-ctx.Done(); conn.Close() }()
 
 	hello := Hello{Agent: p.cfg.Agent, Domain: p.cfg.Domain, Generation: p.gen,

@@ -294,6 +294,9 @@ type testStandby struct {
 	atHello func(sess int) action
 	onFrame func(sess int, f Frame) action
 
+	// fence is the fencing epoch sessions must carry (testFence if 0).
+	fence atomic.Uint64
+
 	// primary is the primary under test, for controls that must act only
 	// while it has nothing but the current epoch in flight.
 	primary atomic.Pointer[Primary]
@@ -371,8 +374,9 @@ func (s *testStandby) handle(c net.Conn) {
 		s.fail("read hello: %v", err)
 		return
 	}
-	if hf.Fence != testFence {
-		s.fail("hello fence %d, want %d", hf.Fence, testFence)
+	fence := s.wantFence()
+	if hf.Fence != fence {
+		s.fail("hello fence %d, want %d", hf.Fence, fence)
 	}
 	st := s.r.State()
 	rec := &sessionRec{hello: hello, welcome: Welcome{Agent: "standby-1", Generation: st.Generation, Committed: st.Committed}}
@@ -406,8 +410,8 @@ func (s *testStandby) handle(c net.Conn) {
 			s.r.Abort()
 			return
 		}
-		if f.Fence != testFence {
-			s.fail("%s frame fence %d, want %d", f.Type, f.Fence, testFence)
+		if f.Fence != fence {
+			s.fail("%s frame fence %d, want %d (the session's)", f.Type, f.Fence, fence)
 		}
 		act := actProcess
 		if s.onFrame != nil {
@@ -485,6 +489,13 @@ func (s *testStandby) handle(c net.Conn) {
 // and nothing older is unacknowledged, so the primary's sender is idle once
 // it sent epoch. Dropping a session while an epoch is on the wire trips the
 // data race TestPrimarySessionWaitsForItsCapture documents.
+func (s *testStandby) wantFence() uint64 {
+	if f := s.fence.Load(); f != 0 {
+		return f
+	}
+	return testFence
+}
+
 func (s *testStandby) quiet(epoch uint64) bool {
 	p := s.primary.Load()
 	return p != nil && p.Status().Started == epoch && p.inFlight() <= 1

@@ -175,7 +175,7 @@ func (a *Agent) outputCoordination(ctx context.Context, pg *primaryGuest) {
 		switch {
 		case co.outputFree && st.AckedEpoch > co.resyncAfter:
 			pg.coord.set(func(c *coordView) { c.outputFree = false })
-		case !co.outputFree && stalled && (a.arb == nil || !co.synced):
+		case !co.outputFree && stalled && (a.arb == nil || !co.synced) && pg.out.Stats().LastCut > 0:
 			why := "the standby is not in sync at the arbiter and stopped acknowledging"
 			if a.arb == nil {
 				why = "the standby stopped acknowledging and no arbiter is configured"

@@ -305,7 +305,9 @@ func (a *Agent) acceptPrimary(ctx context.Context, conn net.Conn, h checkpoint.H
 	case sg.rec.State == StateFailedOver || sg.rec.State == StateFailingOver:
 		return nil, &fatalError{fmt.Errorf("domain %q was failed over to agent %s (fencing epoch %d); the copy on %s is stale: destroy it there (virsh destroy %s) and unenroll it", h.Domain, a.cfg.AgentID, sg.rec.Fence, h.Agent, h.Domain)}
 	case fence < sg.rec.Fence:
-		return nil, &fatalError{fmt.Errorf("stale fencing epoch %d from %s: this replica is at epoch %d", fence, h.Agent, sg.rec.Fence)}
+		// Not fatal: a primary the arbiter moved to a newer epoch learns it
+		// and retries; one that was replaced is fenced through the arbiter.
+		return nil, fmt.Errorf("stale fencing epoch %d from %s: this replica is at epoch %d", fence, h.Agent, sg.rec.Fence)
 	}
 	if sg.rec.Primary != h.Agent {
 		a.log.Warn("replica taken over by another primary agent", "domain", h.Domain, "was", sg.rec.Primary, "now", h.Agent)
@@ -347,8 +349,8 @@ func (a *Agent) receive(ctx context.Context, sg *standbyGuest, conn net.Conn, br
 		sg.bytesIn += uint64(len(f.Payload))
 		if f.Fence < sg.rec.Fence {
 			sg.mu.Unlock()
-			err := &fatalError{fmt.Errorf("stale fencing epoch %d in %s frame: this replica is at epoch %d", f.Fence, f.Type, sg.rec.Fence)}
-			sendError(conn, sg.rec.Fence, err, true)
+			err := fmt.Errorf("stale fencing epoch %d in %s frame: this replica is at epoch %d", f.Fence, f.Type, sg.rec.Fence)
+			sendError(conn, sg.rec.Fence, err, false)
 			return err
 		}
 		rep := sg.replica
