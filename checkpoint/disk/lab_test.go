@@ -622,6 +622,48 @@ func labSilentStandby(t *testing.T, e *labEnv) {
 		t.Fatalf("CheckSynced: %v", err)
 	}
 	e.cancelMirror(mr)
+
+	// The same through a Relay, as the primary agent runs it: it breaks
+	// the connection itself once a request waits longer than its timeout.
+	sb2 := e.newStandby("replica-silent-relay")
+	gt2 := newGate(t, sb2.nbd.Addr().String())
+	const timeout = time.Second
+	relay := NewRelay(func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp4", gt2.l.Addr().String())
+	}, timeout)
+	relay.Logf = t.Logf
+	if err := os.MkdirAll(labkit.AgentRunDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(labkit.AgentRunDir, labGuestName+"-nbd-relay.sock")
+	os.Remove(sock)
+	ul, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go relay.Serve(ul)
+	defer func() { relay.Close(); os.Remove(sock) }()
+	e.do("disk 100")
+	mr2 := e.startMirror(sb2, migrate.NBDServer{Path: sock, Export: sb2.server().Export})
+	defer e.cancelMirror(mr2)
+	g0 := e.figures()
+	gt2.stall(true)
+	start = time.Now()
+	time.Sleep(timeout / 2)
+	e.qmp("stop") // waits for the relay to give up on the write in flight
+	stopTook := time.Since(start) - timeout/2
+	e.qmp("cont")
+	time.Sleep(time.Second)
+	g1 := e.figures()
+	t.Logf("relay (timeout %v): QMP stop took %v with the standby silent; then %d records, %d errors, max write latency %v; relay %+v",
+		timeout, stopTook.Round(time.Millisecond), g1.records-g0.records, g1.errors-g0.errors, g1.maxl, relay.Stats())
+	if g1.errors != g0.errors || g1.records <= g0.records+50 || relay.Stats().Broken != 1 || stopTook > 3*timeout {
+		t.Fatalf("through the relay: %+v -> %+v, relay %+v", g0, g1, relay.Stats())
+	}
+	if err := mr2.CheckSynced(); !errors.Is(err, migrate.ErrMirrorNotSynced) {
+		t.Fatalf("CheckSynced: %v", err)
+	}
 	e.do("disk 0")
 	e.diskcheck()
 }

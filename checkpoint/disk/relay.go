@@ -88,11 +88,19 @@ func (r *Relay) Serve(l net.Listener) error {
 // Break resets every relayed connection now: the agent declared the
 // standby dead.
 func (r *Relay) Break() {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for rc := range r.conns {
+	for _, rc := range r.live() {
 		rc.abort("the agent broke the connection")
 	}
+}
+
+func (r *Relay) live() []*relayConn {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var cs []*relayConn
+	for rc := range r.conns {
+		cs = append(cs, rc)
+	}
+	return cs
 }
 
 // Close stops accepting, breaks every connection and waits for them.
@@ -102,10 +110,10 @@ func (r *Relay) Close() error {
 	for l := range r.ls {
 		l.Close()
 	}
-	for rc := range r.conns {
+	r.mu.Unlock()
+	for _, rc := range r.live() {
 		rc.abort("relay closed")
 	}
-	r.mu.Unlock()
 	r.wg.Wait()
 	return nil
 }
@@ -167,8 +175,11 @@ func (r *Relay) serve(down net.Conn) {
 	close(stop)
 	down.Close()
 	up.Close()
-	if rc.reason != "" {
-		r.logf("nbd relay: connection reset: %s", rc.reason)
+	rc.mu.Lock()
+	reason := rc.reason
+	rc.mu.Unlock()
+	if reason != "" {
+		r.logf("nbd relay: connection reset: %s", reason)
 	}
 }
 
@@ -240,7 +251,9 @@ func (rc *relayConn) watch(stop <-chan struct{}) {
 // abort resets both connections (RST, so QEMU fails its requests at once).
 func (rc *relayConn) abort(reason string) {
 	rc.once.Do(func() {
+		rc.mu.Lock()
 		rc.reason = reason
+		rc.mu.Unlock()
 		if reason != "" {
 			rc.r.mu.Lock()
 			rc.r.broken++

@@ -102,7 +102,7 @@ func TestRelayPassesASession(t *testing.T) {
 	cl.do(t, 0, cmdDisc, 0, 0, nil)
 	cl.c.Close()
 	deadline := time.Now().Add(5 * time.Second)
-	for r.Stats().Connections != 1 || len(r.conns) != 0 {
+	for r.Stats().Connections != 1 || len(r.live()) != 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("relay did not end the connection")
 		}
