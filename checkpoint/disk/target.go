@@ -10,7 +10,9 @@
 // Cut(n) through the control path while its guest is paused, so epoch n
 // holds exactly the writes the guest made before that pause. The standby
 // then Stages the epoch to a durable redo file before it commits the epoch,
-// and Applies the file to the image when it applies the epoch.
+// and Applies the file to the image when it applies the epoch. On the
+// primary, a Relay carries QEMU's NBD connection to the standby and breaks
+// it when the standby stops answering.
 package disk
 
 import (
@@ -319,9 +321,7 @@ func (t *Target) Cut(epoch uint64) (EpochStats, error) {
 	if epoch <= t.lastCut {
 		return EpochStats{}, fmt.Errorf("cut of epoch %d: not after the last cut epoch %d", epoch, t.lastCut)
 	}
-	if !t.protected {
-		t.protected = true
-	}
+	t.protected = true
 	e := t.open
 	e.epoch = epoch
 	t.open = &epochWrites{}
