@@ -388,6 +388,15 @@ func TestArbiterPartitions(t *testing.T) {
 		s, ok := l.a.status(name)
 		return ok && s.State == checkpoint.StateProtected && s.AckedEpoch > s2.AckedEpoch+5
 	})
+	// The arbiter let the primary go on alone (new epoch): the standby is
+	// promotable again only once the primary reports it back in sync.
+	if ep, _, err := l.arbiterGuest(name); err != nil || ep <= epoch {
+		t.Fatalf("arbiter epoch after the link cut: %d (%v), want above %d", ep, err, epoch)
+	}
+	waitFor(t, "the arbiter to count the standby in sync again", time.Minute, func() bool {
+		_, inSync, err := l.arbiterGuest(name)
+		return err == nil && inSync
+	})
 
 	// Primary cut off from everyone, its guest's link too.
 	iface := guestIface(t, name)
