@@ -36,6 +36,11 @@ const (
 	FrameAck        FrameType = 8  // standby -> primary: epoch committed and applied
 	FramePing       FrameType = 9  // either way: keeps the link observable while idle
 	FrameUnenroll   FrameType = 10 // primary -> standby: drop the replica
+	// A connection opened with FrameDiskNBD (JSON DiskHello) carries a
+	// guest disk's mirror writes (NBD) after the welcome; one opened with
+	// FrameDiskControl carries its epoch cuts.
+	FrameDiskNBD     FrameType = 11
+	FrameDiskControl FrameType = 12
 )
 
 func (t FrameType) String() string {
@@ -60,6 +65,10 @@ func (t FrameType) String() string {
 		return "ping"
 	case FrameUnenroll:
 		return "unenroll"
+	case FrameDiskNBD:
+		return "disk-nbd"
+	case FrameDiskControl:
+		return "disk-control"
 	}
 	return fmt.Sprintf("frame-type-%d", uint8(t))
 }

@@ -59,8 +59,8 @@ func TestFrameTypeString(t *testing.T) {
 	want := map[FrameType]string{
 		FrameHello: "hello", FrameWelcome: "welcome", FrameError: "error",
 		FrameEpochBegin: "epoch-begin", FramePages: "pages", FrameDevState: "devstate",
-		FrameEpochEnd: "epoch-end", FrameAck: "ack", FramePing: "ping", FrameUnenroll: "unenroll",
-		0: "frame-type-0", 11: "frame-type-11", 255: "frame-type-255",
+		FrameEpochEnd: "epoch-end", FrameAck: "ack", FramePing: "ping", FrameUnenroll: "unenroll", FrameDiskNBD: "disk-nbd", FrameDiskControl: "disk-control",
+		0: "frame-type-0", 13: "frame-type-13", 255: "frame-type-255",
 	}
 	for ft, s := range want {
 		if got := ft.String(); got != s {

@@ -44,6 +44,22 @@ type PrimaryConfig struct {
 	// Output, when set, holds the guest's network output until the epoch
 	// it was sent in is acknowledged (Remus output commit).
 	Output OutputBuffer
+	// Disks, when set, are the guest's mirrored disks: their writes are cut
+	// into the epoch while the guest is paused.
+	Disks DiskCutter
+	// DiskSpecs tell the standby which disks to keep replica images of.
+	DiskSpecs []DiskSpec
+	// PrepareSession runs once a session's handshake is done, before
+	// anything is captured (to bring the disk mirrors up to date). resync
+	// says it reset the standby's replica: the session starts with a full
+	// epoch. An error ends the session, which is retried with backoff.
+	PrepareSession func(ctx context.Context) (resync bool, err error)
+}
+
+// DiskCutter seals the guest's disk writes since the last cut as epoch's,
+// on the standby; called while the guest is paused.
+type DiskCutter interface {
+	Cut(ctx context.Context, epoch uint64) error
 }
 
 // OutputBuffer is the part of an output-commit buffer the capture loop
@@ -283,7 +299,7 @@ func (p *Primary) session(ctx context.Context) error {
 	go func() { <-ctx.Done(); conn.Close() }()
 
 	hello := Hello{Agent: p.cfg.Agent, Domain: p.cfg.Domain, Generation: p.gen,
-		RAMBytes: int64(len(p.mem)), PageSize: PageSize, DomainXML: p.cfg.DomainXML, ShellBase: p.cfg.ShellBase}
+		RAMBytes: int64(len(p.mem)), PageSize: PageSize, DomainXML: p.cfg.DomainXML, ShellBase: p.cfg.ShellBase, Disks: p.cfg.DiskSpecs}
 	if err := WriteJSON(conn, FrameHello, p.fence.Load(), 0, hello); err != nil {
 		return fmt.Errorf("send hello: %w", err)
 	}
@@ -299,6 +315,15 @@ func (p *Primary) session(ctx context.Context) error {
 		}
 	}
 
+	if p.cfg.PrepareSession != nil {
+		resync, err := p.cfg.PrepareSession(ctx)
+		if err != nil {
+			return err
+		}
+		if resync {
+			w.Generation, w.Committed = "", 0 // the standby's replica was reset
+		}
+	}
 	resend, full := p.resumePlan(w)
 	p.log.Info("replication session open", "standby", w.Agent, "full_sync", full, "standby_committed", w.Committed)
 	p.setState(func(s *PrimaryStatus) {
@@ -424,6 +449,13 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 		// Every frame sent before the pause belongs to this epoch.
 		if err := p.cfg.Output.Cut(ep.epoch); err != nil {
 			return nil, fmt.Errorf("output commit: cut epoch %d: %w", ep.epoch, err)
+		}
+	}
+	if p.cfg.Disks != nil {
+		// stop drained the guest's I/O and every mirrored write was
+		// acknowledged before the guest saw it complete: the cut is exact.
+		if err := p.cfg.Disks.Cut(cctx, ep.epoch); err != nil {
+			return nil, fmt.Errorf("disk: cut epoch %d: %w", ep.epoch, err)
 		}
 	}
 	if p.cfg.Hook != nil {

@@ -19,6 +19,25 @@ type Hello struct {
 	// without the primary's own shell suffix, so that a guest protected
 	// back after a failover does not grow a suffix per failover.
 	ShellBase string `json:"shell_base,omitempty"`
+	// Disks are the guest disks mirrored to the standby, which keeps a
+	// replica image of each and gives it to the shell.
+	Disks []DiskSpec `json:"disks,omitempty"`
+}
+
+// DiskSpec is one replicated guest disk.
+type DiskSpec struct {
+	Dev  string `json:"dev"`  // libvirt target dev, e.g. vda
+	Size int64  `json:"size"` // bytes
+}
+
+// DiskHello opens a disk connection (FrameDiskNBD or FrameDiskControl).
+type DiskHello struct {
+	Agent  string `json:"agent"`
+	Domain string `json:"domain"`
+	Dev    string `json:"dev"`
+	// Reset (control only): a new mirror starts; the replica image holds
+	// no consistent state until the next full epoch commits.
+	Reset bool `json:"reset,omitempty"`
 }
 
 // Welcome answers Hello with what the standby already holds, so a

@@ -49,15 +49,26 @@ type Replica struct {
 	gotDev    uint64
 	scratch   []byte
 	LastApply struct{ Pages uint64 }
+
+	disks []DiskEpochs
+}
+
+// DiskEpochs is a replicated disk's per-epoch writes (package
+// checkpoint/disk): staged into a redo file before an epoch commits,
+// applied with its memory.
+type DiskEpochs interface {
+	Stage(epoch uint64, path string) error
+	Apply(path string) error
 }
 
 // OpenReplica opens a replica whose shell RAM is mem. It finishes applying
 // an epoch that was committed before a crash, and discards one that was not.
-func OpenReplica(dir string, mem []byte, state ReplicaState, persist func(ReplicaState) error) (*Replica, error) {
+// disks are the guest's replicated disks, in the primary's order.
+func OpenReplica(dir string, mem []byte, state ReplicaState, persist func(ReplicaState) error, disks ...DiskEpochs) (*Replica, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	r := &Replica{dir: dir, mem: mem, pages: uint64(len(mem) / PageSize), state: state, persist: persist}
+	r := &Replica{dir: dir, mem: mem, pages: uint64(len(mem) / PageSize), state: state, persist: persist, disks: disks}
 	if err := r.recover(); err != nil {
 		return nil, err
 	}
@@ -213,6 +224,11 @@ func (r *Replica) End(epoch uint64, end EpochEnd) error {
 	if err := os.Rename(r.devstate.Name(), r.commitPath(epoch, "devstate")); err != nil {
 		return err
 	}
+	for i, d := range r.disks {
+		if err := d.Stage(epoch, r.diskPath(epoch, i)); err != nil {
+			return fmt.Errorf("stage disk writes of epoch %d: %w", epoch, err)
+		}
+	}
 	next := r.state
 	next.Committed = epoch
 	next.Generation = r.gen
@@ -267,6 +283,17 @@ func (r *Replica) apply(epoch uint64) error {
 		}
 		total += uint64(cnt)
 	}
+	// Disk writes of the epoch go to the replica images in the same step:
+	// the redo files stay until the epoch is recorded as applied.
+	for i, d := range r.disks {
+		path := r.diskPath(epoch, i)
+		if _, err := os.Stat(path); os.IsNotExist(err) {
+			continue // applied before a crash, and removed
+		}
+		if err := d.Apply(path); err != nil {
+			return fmt.Errorf("apply disk writes of epoch %d: %w", epoch, err)
+		}
+	}
 	if err := os.Rename(r.commitPath(epoch, "devstate"), r.DevStatePath()); err != nil && !os.IsNotExist(err) {
 		return err
 	}
@@ -278,7 +305,14 @@ func (r *Replica) apply(epoch uint64) error {
 	r.state = next
 	r.LastApply.Pages = total
 	_ = os.Remove(r.commitPath(epoch, "pages"))
+	for i := range r.disks {
+		_ = os.Remove(r.diskPath(epoch, i))
+	}
 	return nil
+}
+
+func (r *Replica) diskPath(epoch uint64, disk int) string {
+	return r.commitPath(epoch, fmt.Sprintf("disk%d", disk))
 }
 
 // Abort discards a partly staged epoch.

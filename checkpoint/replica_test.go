@@ -199,6 +199,7 @@ func devstateFor(epoch uint64, n int) []byte {
 
 // replicaFixture is a standby replica of a guest.
 type replicaFixture struct {
+	disks []DiskEpochs
 	t     *testing.T
 	dir   string
 	ram   []byte
@@ -212,8 +213,8 @@ type replicaFixture struct {
 
 const fixturePages = 256 // 1 MiB
 
-func newReplicaFixture(t *testing.T) *replicaFixture {
-	f := &replicaFixture{t: t, dir: filepath.Join(t.TempDir(), "replica"), store: newAgentStore(t), gen: "gen-a"}
+func newReplicaFixture(t *testing.T, disks ...DiskEpochs) *replicaFixture {
+	f := &replicaFixture{t: t, dir: filepath.Join(t.TempDir(), "replica"), store: newAgentStore(t), gen: "gen-a", disks: disks}
 	f.ram = make([]byte, fixturePages*PageSize)
 	fillRandom(newRand(77), f.ram) // the shell's RAM starts as garbage
 	f.g = newGuest(1, fixturePages)
@@ -223,7 +224,7 @@ func newReplicaFixture(t *testing.T) *replicaFixture {
 
 func (f *replicaFixture) open(st ReplicaState) {
 	f.t.Helper()
-	r, err := OpenReplica(f.dir, f.ram, st, f.store.persist)
+	r, err := OpenReplica(f.dir, f.ram, st, f.store.persist, f.disks...)
 	if err != nil {
 		f.t.Fatalf("OpenReplica: %v", err)
 	}
@@ -898,5 +899,62 @@ func TestReplicaAddPagesLZ4WithoutDataPages(t *testing.T) {
 	b := batchBytes(1, []tableEntry{{0, pageZero}}, batchLZ4, lz4PanicBodies[0])
 	if err := f.r.AddPages(1, b); !errors.Is(err, ErrBadBatch) {
 		t.Fatalf("AddPages: %v, want ErrBadBatch", err)
+	}
+}
+
+// fakeDisk records what the replica asks of a disk: a redo file per
+// committed epoch, applied with the epoch's memory.
+type fakeDisk struct {
+	staged    []uint64
+	applied   []string
+	failApply error
+}
+
+func (d *fakeDisk) Stage(epoch uint64, path string) error {
+	d.staged = append(d.staged, epoch)
+	return os.WriteFile(path, []byte(fmt.Sprint(epoch)), 0o600)
+}
+
+func (d *fakeDisk) Apply(path string) error {
+	if d.failApply != nil {
+		return d.failApply
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	d.applied = append(d.applied, string(b))
+	return nil
+}
+
+func TestReplicaDisksCommitAndApplyWithMemory(t *testing.T) {
+	d := &fakeDisk{}
+	f := newReplicaFixture(t, d)
+	f.full()
+	f.incr(10)
+	if !slices.Equal(d.staged, []uint64{1, 2}) || !slices.Equal(d.applied, []string{"1", "2"}) {
+		t.Fatalf("staged %v applied %v", d.staged, d.applied)
+	}
+	if _, err := os.Stat(f.r.diskPath(2, 0)); !os.IsNotExist(err) {
+		t.Fatalf("redo file of an applied epoch left: %v", err)
+	}
+	// The disk apply fails (agent killed): the epoch is committed, not
+	// applied; reopening applies memory and disk again.
+	d.failApply = errors.New("agent killed")
+	dirty := f.g.write(20)
+	next := f.epoch + 1
+	dev := devstateFor(next, 1000)
+	if err := feed(f.r, f.gen, next, buildEpoch(t, f.g.mem, dirty, false, dev, 60)); err == nil {
+		t.Fatal("End succeeded though the disk apply failed")
+	}
+	if st := f.r.State(); st.Committed != next || st.Applied == next {
+		t.Fatalf("state %+v after a failed disk apply", st)
+	}
+	d.failApply = nil
+	f.open(f.store.load(t))
+	f.epoch, f.dev = next, dev
+	f.check()
+	if !slices.Equal(d.applied, []string{"1", "2", "3"}) {
+		t.Fatalf("applied %v after recovery", d.applied)
 	}
 }

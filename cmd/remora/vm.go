@@ -254,6 +254,13 @@ func printStatus(st []agent.VMStatus) {
 			co = append(co, fmt.Sprintf("output commit %s %s: %d frames/%s held, released up to epoch %d, hold p50/p99 %s/%s, dropped %d, discarded %d",
 				o.Backend, hold, o.HeldFrames, human(uint64(o.HeldBytes)), o.LastReleased, ms(o.ReleaseP50), ms(o.ReleaseP99), o.DroppedFrames, o.DiscardedFrames))
 		}
+		if d := s.Disk; d != nil {
+			line := fmt.Sprintf("disks %s %s", strings.Join(d.Devs, ","), d.State)
+			if d.SyncTotal > 0 && d.SyncDone < d.SyncTotal {
+				line += fmt.Sprintf(" %d%%", d.SyncDone*100/d.SyncTotal)
+			}
+			co = append(co, fmt.Sprintf("%s (full copies: %d)", line, d.Resyncs))
+		}
 		if len(co) > 0 {
 			notes = append(notes, fmt.Sprintf("%s: %s", s.Name, strings.Join(co, "; ")))
 		}

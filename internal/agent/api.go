@@ -55,6 +55,8 @@ type VMStatus struct {
 	NextRetry   time.Time `json:"next_retry,omitzero"`
 	// Output is the guest's output commit (primary only).
 	Output *OutputStatus `json:"output,omitempty"`
+	// Disk is the guest's disk replication (primary only).
+	Disk *DiskStatus `json:"disk,omitempty"`
 }
 
 // Status lists every guest this agent knows.
@@ -81,6 +83,7 @@ func (a *Agent) Status() []VMStatus {
 			DirtyPages: s.DirtyPages, DirtyTotal: s.DirtyTotal, Incremental: s.Incremental, Bytes: s.BytesSent, RawBytes: s.RawBytes, Lag: s.Lag, Tracker: s.Tracker,
 			SyncDone: s.SyncDone, SyncTotal: s.SyncTotal, LastError: s.LastError, NextRetry: s.NextRetry, LastPause: &s.LastPause}
 		v.Output = p.outputStatus()
+		v.Disk = p.disks.status()
 		co := p.coord.snapshot()
 		if !s.LastAck.IsZero() {
 			if age := time.Since(s.LastAck); age < a.hbTimeout() {

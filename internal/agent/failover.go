@@ -109,6 +109,9 @@ func (a *Agent) failoverAt(ctx context.Context, name string, force bool, fence u
 	if err := sg.replica.Consistent(); err != nil {
 		return FailoverResult{}, fmt.Errorf("cannot fail over %q: %w", name, err)
 	}
+	if err := a.finishDisks(sg, epoch); err != nil {
+		return FailoverResult{}, fmt.Errorf("cannot fail over %q: %w", name, err)
+	}
 	// One journal transaction covers the whole failover: a crash anywhere
 	// in it is resumed (or rolled back) from the journal on restart.
 	tx := failTxn{id: a.journal.newTx(), fence: max(rec.Fence+1, fence)}

@@ -24,6 +24,7 @@ type primaryGuest struct {
 	sink    *migrate.DeviceStateSink
 	engine  *checkpoint.Primary
 	out     outputBuffer // nil when the guest's output is not held
+	disks   *diskSet
 	outInfo OutputStatus
 	cancel  context.CancelFunc
 	done    chan struct{}
@@ -113,6 +114,17 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		migrate.UnmapRAM(mem)
 		return err
 	}
+	var fenceOf func() uint64 // set once the engine exists
+	disks, err := a.newDiskSet(ctx, g, rec, func() uint64 { return fenceOf() })
+	if err != nil {
+		if out != nil {
+			_ = out.Close()
+		}
+		sink.Close()
+		tracker.Close()
+		migrate.UnmapRAM(mem)
+		return fmt.Errorf("disk replication: %w", err)
+	}
 	var engineOut checkpoint.OutputBuffer
 	if outInfo.Backend == OutputQEMU || outInfo.Backend == OutputPlug {
 		engineOut = out
@@ -121,7 +133,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	}
 	vm := &migrate.CaptureVM{G: g, Sink: sink, Marker: marker}
 	peer := rec.Peer
-	engine := checkpoint.NewPrimary(checkpoint.PrimaryConfig{
+	cfg := checkpoint.PrimaryConfig{
 		Agent: a.cfg.AgentID, Domain: rec.Name, DomainXML: xml, ShellBase: a.shellBase(rec.Name),
 		Interval: a.cfg.EpochInterval, MaxInFlight: a.cfg.MaxInFlight, Fence: rec.Fence,
 		Dial: func(ctx context.Context) (net.Conn, error) {
@@ -136,10 +148,15 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		Log:        a.log,
 		Hook:       a.faultHook,
 		Output:     engineOut,
-	}, vm, mem, tracker)
+	}
+	if len(disks.disks) > 0 {
+		cfg.Disks, cfg.DiskSpecs, cfg.PrepareSession = disks, disks.specs(), disks.prepare
+	}
+	engine := checkpoint.NewPrimary(cfg, vm, mem, tracker)
+	fenceOf = engine.Fence
 
 	runCtx, cancel := context.WithCancel(context.Background())
-	pg := &primaryGuest{rec: rec, g: g, vm: vm, mem: mem, sink: sink, engine: engine, out: out, outInfo: outInfo, cancel: cancel, done: make(chan struct{})}
+	pg := &primaryGuest{rec: rec, g: g, vm: vm, mem: mem, sink: sink, engine: engine, out: out, outInfo: outInfo, disks: disks, cancel: cancel, done: make(chan struct{})}
 	go a.primaryCoordination(runCtx, pg)
 	if out != nil {
 		go a.outputCoordination(runCtx, pg)
@@ -147,6 +164,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	go func() {
 		defer close(pg.done)
 		pg.err = engine.Run(runCtx)
+		disks.close()
 		sink.Close()
 		tracker.Close()
 		migrate.UnmapRAM(mem)

@@ -39,7 +39,8 @@ type Record struct {
 	Enrolled   time.Time               `json:"enrolled"`
 	FailedOver time.Time               `json:"failed_over,omitzero"`
 	Replica    checkpoint.ReplicaState `json:"replica"`
-	Probe      arbiter.ProbeSpec       `json:"probe,omitzero"` // how clients reach the guest, for the arbiter
+	Probe      arbiter.ProbeSpec       `json:"probe,omitzero"`  // how clients reach the guest, for the arbiter
+	Disks      []checkpoint.DiskSpec   `json:"disks,omitempty"` // standby: the replicated disks
 }
 
 type recordStore struct{ dir string }

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -25,6 +26,7 @@ type standbyGuest struct {
 	shell   *migrate.Guest
 	mem     []byte
 	replica *checkpoint.Replica
+	disks   []*replicaDisk
 
 	session     net.Conn
 	sessionFrom string
@@ -127,6 +129,18 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 		if err != nil {
 			return err
 		}
+		if len(sg.rec.Disks) > 0 {
+			images := map[string]string{}
+			for _, d := range sg.rec.Disks {
+				images[d.Dev] = a.diskImage(sg.rec.Name, d.Dev)
+			}
+			if _, err := a.openReplicaDisksOnce(sg); err != nil {
+				return err
+			}
+			if shellXML, err = migrate.ShellDisks(shellXML, images); err != nil {
+				return err
+			}
+		}
 		if err := a.virt.CreatePaused(ctx, shellXML); err != nil {
 			return err
 		}
@@ -159,13 +173,18 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 		}
 		sg.rec.Replica = checkpoint.ReplicaState{}
 	}
+	disks, err := a.openReplicaDisksOnce(sg)
+	if err != nil {
+		migrate.UnmapRAM(mem)
+		return err
+	}
 	rep, err := checkpoint.OpenReplica(a.replicaDir(sg.rec.Name), mem, sg.rec.Replica, func(st checkpoint.ReplicaState) error {
 		if err := persist(st); err != nil {
 			return err
 		}
 		sg.rec.Replica = st
 		return nil
-	})
+	}, disks...)
 	if err != nil {
 		migrate.UnmapRAM(mem)
 		return err
@@ -178,10 +197,28 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 	return nil
 }
 
+// openReplicaDisksOnce opens the guest's replica disks unless open.
+func (a *Agent) openReplicaDisksOnce(sg *standbyGuest) ([]checkpoint.DiskEpochs, error) {
+	if sg.disks == nil && len(sg.rec.Disks) > 0 {
+		ds, err := a.openReplicaDisks(sg.rec.Name, sg.rec.Disks)
+		if err != nil {
+			return nil, err
+		}
+		sg.disks = ds
+	}
+	var out []checkpoint.DiskEpochs
+	for _, d := range sg.disks {
+		out = append(out, d)
+	}
+	return out, nil
+}
+
 func (a *Agent) detachShell(sg *standbyGuest) {
 	if sg.replica != nil {
 		sg.replica.Abort()
 	}
+	closeReplicaDisks(sg.disks)
+	sg.disks = nil
 	migrate.UnmapRAM(sg.mem)
 	sg.shell, sg.mem, sg.replica = nil, nil, nil
 }
@@ -228,11 +265,24 @@ func (a *Agent) handleSession(ctx context.Context, conn net.Conn) {
 		return
 	}
 	var hello checkpoint.Hello
-	if err := json.Unmarshal(f.Payload, &hello); err != nil || hello.Domain == "" {
+	if f.Type == checkpoint.FrameDiskNBD || f.Type == checkpoint.FrameDiskControl {
+		hello.Domain = "-" // a DiskHello, parsed below
+	} else if err := json.Unmarshal(f.Payload, &hello); err != nil || hello.Domain == "" {
 		sendError(conn, 0, fmt.Errorf("bad %s frame: %v", f.Type, err), true)
 		return
 	}
 	switch f.Type {
+	case checkpoint.FrameDiskNBD, checkpoint.FrameDiskControl:
+		var dh checkpoint.DiskHello
+		if err := json.Unmarshal(f.Payload, &dh); err != nil || dh.Domain == "" || dh.Dev == "" {
+			sendError(conn, 0, fmt.Errorf("bad %s frame: %v", f.Type, err), true)
+			return
+		}
+		if err := a.handleDiskConn(ctx, conn, f.Type, f.Fence, dh); err != nil {
+			a.log.Warn("disk connection ended", "domain", dh.Domain, "dev", dh.Dev, "kind", f.Type, "err", err)
+			sendError(conn, 0, err, false)
+		}
+		return
 	case checkpoint.FrameUnenroll:
 		err := a.dropReplica(ctx, hello.Domain, f.Fence)
 		if err != nil {
@@ -316,6 +366,12 @@ func (a *Agent) acceptPrimary(ctx context.Context, conn net.Conn, h checkpoint.H
 	sg.rec.Fence = fence
 	if sg.rec.Shell == "" && h.ShellBase != "" {
 		sg.rec.Shell = h.ShellBase + a.cfg.ShellSuffix
+	}
+	if !slices.Equal(sg.rec.Disks, h.Disks) {
+		if sg.replica != nil || sg.rec.Replica.Committed != 0 {
+			return nil, &fatalError{fmt.Errorf("domain %q: its disks changed (%v, the replica has %v): unenroll it and enroll it again", h.Domain, h.Disks, sg.rec.Disks)}
+		}
+		sg.rec.Disks = h.Disks
 	}
 	if err := a.attachShell(ctx, sg, h.DomainXML, h.RAMBytes); err != nil {
 		return nil, err
@@ -428,6 +484,7 @@ func (a *Agent) dropReplica(ctx context.Context, name string, fence uint64) erro
 		}
 	}
 	_ = os.RemoveAll(a.replicaDir(name))
+	_ = os.RemoveAll(filepath.Dir(a.diskImage(name, "x")))
 	if err := a.journal.append(ctx, true, txlog.TypePlain, 0, journalEvent{Kind: "drop", Guest: name}); err != nil {
 		return err
 	}

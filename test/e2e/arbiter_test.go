@@ -405,6 +405,10 @@ func TestArbiterPartitions(t *testing.T) {
 			t.Fatalf("link %s %s: %v %s", dev, state, err, out)
 		}
 	}
+	t.Cleanup(func() { // heal whatever a failure left cut
+		_ = exec.Command("ip", "link", "set", "rmv-a", "up").Run()
+		_ = exec.Command("ip", "link", "set", iface, "up").Run()
+	})
 	link("rmv-a", "down")
 	link(iface, "down")
 	cut := time.Now()

@@ -232,9 +232,16 @@ func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool)
 // bootGuest boots a lab guest and destroys it (and its shells) at cleanup.
 func bootGuest(t *testing.T, name string, ipIndex, rate int) *labkit.Guest {
 	t.Helper()
+	return bootGuestWith(t, labkit.GuestOptions{Name: name, IP: labkit.GuestIP(ipIndex), Rate: rate})
+}
+
+// bootGuestWith boots a lab guest with options o.
+func bootGuestWith(t *testing.T, o labkit.GuestOptions) *labkit.Guest {
+	t.Helper()
+	name := o.Name
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	g, err := labkit.Boot(ctx, labkit.GuestOptions{Name: name, IP: labkit.GuestIP(ipIndex), Rate: rate})
+	g, err := labkit.Boot(ctx, o)
 	if err != nil {
 		t.Fatalf("boot guest: %v", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -112,7 +113,7 @@ func (c *remusClient) snapshot() (max uint64, replies, reconnects int, violation
 // remusRounds protects the guest, crashes its host at a random moment,
 // fails over to the other host, and protects it back, crashes times.
 // It returns the violations the client saw.
-func remusRounds(t *testing.T, g *labkit.Guest, a, b *host, crashes int, holding bool, seed uint64) []string {
+func remusRounds(t *testing.T, g *labkit.Guest, a, b *host, crashes int, holding, withDisk bool, seed uint64) []string {
 	rnd := rand.New(rand.NewPCG(seed, 1))
 	client := startRemusClient(t, g)
 	waitFor(t, "the client's first reply", time.Minute, func() bool { _, n, _, _ := client.snapshot(); return n > 0 })
@@ -130,6 +131,9 @@ func remusRounds(t *testing.T, g *labkit.Guest, a, b *host, crashes int, holding
 		_, before, _, _ := client.snapshot()
 		time.Sleep(run)
 		st, _ := prim.status(dom)
+		if withDisk && (st.Disk == nil || st.Disk.State != "mirrored") {
+			t.Fatalf("round %d: disk not mirrored on %s: %+v", round, prim.name, st.Disk)
+		}
 		held := 0
 		if holding {
 			if st.Output == nil || !st.Output.Holding {
@@ -174,11 +178,24 @@ func remusRounds(t *testing.T, g *labkit.Guest, a, b *host, crashes int, holding
 			t.Fatalf("round %d: dial the promoted guest: %v", round, err)
 		}
 		res, err := cl.Check(ctx)
-		cl.Close()
-		cancel()
 		if err != nil || !res.OK {
+			cl.Close()
+			cancel()
 			t.Fatalf("round %d: integrity check after failover: %v %s", round, err, res.Reply)
 		}
+		if withDisk {
+			// The disk holds exactly the records the restored memory counts
+			// (plus at most the one being written), none torn.
+			reply, err := cl.Do(ctx, "diskcheck")
+			if err != nil || !strings.HasPrefix(reply, "ok ") {
+				cl.Close()
+				cancel()
+				t.Fatalf("round %d: disk and memory disagree after failover: %v %s", round, err, reply)
+			}
+			t.Logf("round %d: memory %s; disk %s", round, res.Reply, reply)
+		}
+		cl.Close()
+		cancel()
 
 		// The crashed host comes back; the admin clears the stale
 		// enrollments and protects the guest back onto it.
@@ -213,12 +230,23 @@ func crashCount(def int) int {
 func TestExternalConsistency(t *testing.T) {
 	needLab(t)
 	t.Run("held", func(t *testing.T) {
-		g := bootGuest(t, "e2e-remus", 15, 2000)
+		img := filepath.Join(t.TempDir(), "data.img")
+		if err := os.WriteFile(img, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(img, 32<<20); err != nil {
+			t.Fatal(err)
+		}
+		g := bootGuestWith(t, labkit.GuestOptions{Name: "e2e-remus", IP: labkit.GuestIP(15), Rate: 2000, DataDisk: img})
+		dc := dialGuest(t, g)
+		if reply, err := dc.Do(context.Background(), "disk 100"); err != nil || reply != "ok" {
+			t.Fatalf("start the disk writer: %v %q", err, reply)
+		}
 		a := newHost(t, "host-a", labkit.NetnsA, labkit.IPA, hostOpts{})
 		b := newHost(t, "host-b", labkit.NetnsB, labkit.IPB, hostOpts{})
 		a.start()
 		b.start()
-		if v := remusRounds(t, g, a, b, crashCount(6), true, uint64(time.Now().UnixNano())); len(v) > 0 {
+		if v := remusRounds(t, g, a, b, crashCount(6), true, true, uint64(time.Now().UnixNano())); len(v) > 0 {
 			t.Fatalf("%d replies went backwards across failovers:\n%s", len(v), strings.Join(v, "\n"))
 		}
 	})
@@ -228,7 +256,7 @@ func TestExternalConsistency(t *testing.T) {
 		b := newHost(t, "host-b", labkit.NetnsB, labkit.IPB, hostOpts{extra: "output_commit: off\n"})
 		a.start()
 		b.start()
-		v := remusRounds(t, g, a, b, 2, false, uint64(time.Now().UnixNano()))
+		v := remusRounds(t, g, a, b, 2, false, false, uint64(time.Now().UnixNano()))
 		if len(v) == 0 {
 			t.Fatal("without output commit the client saw no lost reply in 2 crashes: the check cannot tell")
 		}

@@ -1,0 +1,423 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/checkpoint/disk"
+	"github.com/remora-ha/remora/migrate"
+)
+
+// dialPeer connects to another agent's replication port (TLS when
+// configured) and opens a connection of kind with hello.
+func (a *Agent) dialPeer(ctx context.Context, peer string, kind checkpoint.FrameType, fence uint64, hello any) (net.Conn, error) {
+	var d net.Dialer
+	var conn net.Conn
+	var err error
+	if a.tlsCli != nil {
+		td := tls.Dialer{NetDialer: &d, Config: a.tlsCli}
+		conn, err = td.DialContext(ctx, "tcp", peer)
+	} else {
+		conn, err = d.DialContext(ctx, "tcp", peer)
+	}
+	if err != nil {
+		return nil, err
+	}
+	_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
+	if err := checkpoint.WriteJSON(conn, kind, fence, 0, hello); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	var w checkpoint.Welcome
+	if _, err := checkpoint.ReadJSON(conn, checkpoint.FrameWelcome, &w); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("standby %s: %w", peer, err)
+	}
+	_ = conn.SetDeadline(time.Time{})
+	return conn, nil
+}
+
+// primaryDisk is one guest disk mirrored to the standby.
+type primaryDisk struct {
+	dev     string
+	node    migrate.DiskNode
+	sock    string
+	relay   *disk.Relay
+	mirror  *migrate.Mirror
+	ctl     net.Conn
+	cut     *disk.CutClient
+	lastCut uint64
+}
+
+// diskSet mirrors a protected guest's writable disks to the standby and
+// cuts their writes into epochs.
+type diskSet struct {
+	a     *Agent
+	g     *migrate.Guest
+	rec   *Record
+	fence func() uint64
+	disks []*primaryDisk
+
+	mu                  sync.Mutex
+	syncDone, syncTotal int64
+	state               string // mirroring state for status
+	resyncs             int
+}
+
+// DiskStatus is a guest's disk replication as `vm status` shows it.
+type DiskStatus struct {
+	Devs      []string `json:"devs"`
+	State     string   `json:"state"` // syncing, mirrored, resync needed
+	SyncDone  int64    `json:"sync_done_bytes,omitempty"`
+	SyncTotal int64    `json:"sync_total_bytes,omitempty"`
+	Resyncs   int      `json:"resyncs"` // full disk copies since the agent started
+}
+
+func (a *Agent) newDiskSet(ctx context.Context, g *migrate.Guest, rec *Record, fence func() uint64) (*diskSet, error) {
+	x, err := a.virt.LiveXML(ctx, g.Name)
+	if err != nil {
+		return nil, err
+	}
+	devs, err := migrate.WritableDisks(x)
+	if err != nil {
+		return nil, err
+	}
+	ds := &diskSet{a: a, g: g, rec: rec, fence: fence, state: "not mirrored yet"}
+	for _, dev := range devs {
+		node, err := g.FindDisk(ctx, dev)
+		if err != nil {
+			ds.close()
+			return nil, fmt.Errorf("disk %s: %w", dev, err)
+		}
+		pd := &primaryDisk{dev: dev, node: node, sock: filepath.Join(a.cfg.RuntimeDir, "disk", g.Name+"."+dev+".nbd.sock")}
+		if len(pd.sock) > 107 {
+			ds.close()
+			return nil, fmt.Errorf("disk %s: socket path %s too long for a unix socket: use a shorter runtime_dir", dev, pd.sock)
+		}
+		if err := os.MkdirAll(filepath.Dir(pd.sock), 0o755); err != nil {
+			ds.close()
+			return nil, err
+		}
+		_ = os.Remove(pd.sock)
+		ln, err := net.Listen("unix", pd.sock)
+		if err != nil {
+			ds.close()
+			return nil, fmt.Errorf("disk %s: %w", dev, err)
+		}
+		_ = os.Chmod(pd.sock, 0o666) // QEMU may run as another user
+		hello := checkpoint.DiskHello{Agent: a.cfg.AgentID, Domain: rec.Name, Dev: dev}
+		pd.relay = disk.NewRelay(func(ctx context.Context) (net.Conn, error) {
+			return a.dialPeer(ctx, rec.Peer, checkpoint.FrameDiskNBD, fence(), hello)
+		}, 0)
+		pd.relay.Logf = func(format string, args ...any) {
+			a.log.Warn("disk relay: "+fmt.Sprintf(format, args...), "domain", rec.Name, "dev", dev)
+		}
+		go func() { _ = pd.relay.Serve(ln) }()
+		ds.disks = append(ds.disks, pd)
+	}
+	return ds, nil
+}
+
+func (ds *diskSet) specs() []checkpoint.DiskSpec {
+	var s []checkpoint.DiskSpec
+	for _, d := range ds.disks {
+		s = append(s, checkpoint.DiskSpec{Dev: d.dev, Size: d.node.Size})
+	}
+	return s
+}
+
+func (ds *diskSet) setState(s string) {
+	ds.mu.Lock()
+	ds.state = s
+	ds.mu.Unlock()
+}
+
+func (ds *diskSet) status() *DiskStatus {
+	if ds == nil || len(ds.disks) == 0 {
+		return nil
+	}
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	st := &DiskStatus{State: ds.state, SyncDone: ds.syncDone, SyncTotal: ds.syncTotal, Resyncs: ds.resyncs}
+	for _, d := range ds.disks {
+		st.Devs = append(st.Devs, d.dev)
+	}
+	return st
+}
+
+// healthy reports whether every mirror is ready, caught up, and its cut
+// path open: the next epoch can be cut consistently.
+func (ds *diskSet) healthy() bool {
+	for _, d := range ds.disks {
+		if d.mirror == nil || d.cut == nil || d.mirror.CheckSynced() != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// prepare runs at the start of each replication session: with mirrors
+// healthy it does nothing; otherwise it resets the standby's replica
+// (which then needs a full epoch: memory and disks restart together) and
+// mirrors every disk afresh, waiting until each is in sync.
+func (ds *diskSet) prepare(ctx context.Context) (resync bool, err error) {
+	if len(ds.disks) == 0 || ds.healthy() {
+		return false, nil
+	}
+	return true, ds.resync(ctx)
+}
+
+func (ds *diskSet) resync(ctx context.Context) error {
+	ds.stopMirrors()
+	ds.mu.Lock()
+	ds.resyncs++
+	ds.syncDone, ds.syncTotal = 0, 0
+	for _, d := range ds.disks {
+		ds.syncTotal += d.node.Size
+	}
+	ds.mu.Unlock()
+	ds.setState("resetting the standby's replica")
+	for _, d := range ds.disks {
+		conn, err := ds.a.dialPeer(ctx, ds.rec.Peer, checkpoint.FrameDiskControl, ds.fence(),
+			checkpoint.DiskHello{Agent: ds.a.cfg.AgentID, Domain: ds.rec.Name, Dev: d.dev, Reset: true})
+		if err != nil {
+			ds.setState("resync needed")
+			return fmt.Errorf("disk %s: open the cut path to the standby: %w", d.dev, err)
+		}
+		d.ctl, d.cut = conn, disk.NewCutClient(conn)
+	}
+	var base int64
+	for _, d := range ds.disks {
+		ds.setState("syncing " + d.dev)
+		mr, err := migrate.StartMirror(ds.g.Mon, d.node, migrate.MirrorOptions{Server: migrate.NBDServer{Path: d.sock, Export: d.dev}})
+		if err != nil {
+			ds.setState("resync needed")
+			return fmt.Errorf("disk %s: start mirror: %w", d.dev, err)
+		}
+		d.mirror = mr
+		err = mr.WaitReady(ctx, 200*time.Millisecond, func(p migrate.MirrorProgress) {
+			ds.mu.Lock()
+			ds.syncDone = base + p.Offset
+			ds.mu.Unlock()
+		})
+		if err != nil {
+			ds.setState("resync needed")
+			return fmt.Errorf("disk %s: initial copy to the standby: %w", d.dev, err)
+		}
+		base += d.node.Size
+		ds.a.log.Info("disk mirrored to the standby", "domain", ds.rec.Name, "dev", d.dev, "bytes", d.node.Size)
+	}
+	ds.mu.Lock()
+	ds.syncDone = ds.syncTotal
+	ds.mu.Unlock()
+	ds.setState("mirrored")
+	return nil
+}
+
+// Cut seals every disk's writes of epoch on the standby (guest paused).
+func (ds *diskSet) Cut(ctx context.Context, epoch uint64) error {
+	for _, d := range ds.disks {
+		if d.mirror == nil || d.cut == nil {
+			return fmt.Errorf("disk %s is not mirrored", d.dev)
+		}
+		if err := d.mirror.CheckSynced(); err != nil {
+			ds.setState("resync needed")
+			return fmt.Errorf("disk %s: %w", d.dev, err)
+		}
+		if err := d.cut.Cut(ctx, epoch); err != nil {
+			ds.setState("resync needed")
+			return fmt.Errorf("disk %s: %w", d.dev, err)
+		}
+		d.lastCut = epoch
+	}
+	return nil
+}
+
+// breakLinks drops the NBD connections at once (the standby is lost), so
+// a silent standby cannot hold the guest's writes.
+func (ds *diskSet) breakLinks() {
+	for _, d := range ds.disks {
+		d.relay.Break()
+	}
+}
+
+func (ds *diskSet) stopMirrors() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, d := range ds.disks {
+		if d.mirror != nil {
+			if err := d.mirror.Cancel(ctx); err != nil {
+				ds.a.log.Warn("cancel disk mirror", "domain", ds.rec.Name, "dev", d.dev, "err", err)
+			}
+			d.mirror = nil
+		}
+		if d.ctl != nil {
+			d.ctl.Close()
+			d.ctl, d.cut = nil, nil
+		}
+	}
+}
+
+// close stops mirroring; the guest's disks are untouched.
+func (ds *diskSet) close() {
+	if ds == nil {
+		return
+	}
+	ds.stopMirrors()
+	for _, d := range ds.disks {
+		if d.relay != nil {
+			d.relay.Close()
+		}
+		_ = os.Remove(d.sock)
+	}
+}
+
+// Standby side.
+
+// replicaDisk is the standby's copy of one guest disk.
+type replicaDisk struct {
+	spec   checkpoint.DiskSpec
+	target *disk.Target
+	server *disk.Server
+}
+
+func (d replicaDisk) Stage(epoch uint64, path string) error {
+	_, err := d.target.Stage(epoch, path)
+	return err
+}
+
+func (d replicaDisk) Apply(path string) error {
+	_, err := d.target.Apply(path)
+	return err
+}
+
+// diskImage is where the standby keeps the replica image of a guest disk:
+// on the state directory's file system, since its writes are fsynced.
+func (a *Agent) diskImage(guest, dev string) string {
+	return filepath.Join(a.cfg.StateDir, "images", guest, dev+".img")
+}
+
+// openReplicaDisks opens (creating where missing) the replica images of a
+// guest's disks.
+func (a *Agent) openReplicaDisks(guest string, specs []checkpoint.DiskSpec) ([]*replicaDisk, error) {
+	var out []*replicaDisk
+	fail := func(err error) ([]*replicaDisk, error) {
+		closeReplicaDisks(out)
+		return nil, err
+	}
+	for _, s := range specs {
+		if s.Dev == "" || filepath.Base(s.Dev) != s.Dev || s.Size <= 0 {
+			return fail(fmt.Errorf("bad disk %q of %d bytes in the primary's hello", s.Dev, s.Size))
+		}
+		path := a.diskImage(guest, s.Dev)
+		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+			return fail(err)
+		}
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return fail(err)
+		}
+		fi, err := f.Stat()
+		if err == nil && fi.Size() != s.Size {
+			err = f.Truncate(s.Size) // sparse; the mirror fills it
+		}
+		f.Close()
+		if err != nil {
+			return fail(fmt.Errorf("replica image %s: %w", path, err))
+		}
+		t, err := disk.OpenTarget(path, disk.Options{})
+		if err != nil {
+			return fail(fmt.Errorf("replica image %s: %w", path, err))
+		}
+		d := &replicaDisk{spec: s, target: t, server: disk.NewServer(t, s.Dev)}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+func closeReplicaDisks(ds []*replicaDisk) {
+	for _, d := range ds {
+		d.server.Close()
+		d.target.Close()
+	}
+}
+
+func (sg *standbyGuest) disk(dev string) (*replicaDisk, error) {
+	for _, d := range sg.disks {
+		if d.spec.Dev == dev {
+			return d, nil
+		}
+	}
+	return nil, fmt.Errorf("no replicated disk %q for domain %q on this standby", dev, sg.rec.Name)
+}
+
+// handleDiskConn serves a disk connection from a primary: mirror writes
+// (NBD) or epoch cuts.
+func (a *Agent) handleDiskConn(ctx context.Context, conn net.Conn, kind checkpoint.FrameType, fence uint64, h checkpoint.DiskHello) error {
+	if err := checkPeerName(conn, h.Agent); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	sg, ok := a.standby[h.Domain]
+	a.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("domain %q has no replica on this standby", h.Domain)
+	}
+	sg.mu.Lock()
+	if fence < sg.rec.Fence {
+		sg.mu.Unlock()
+		return fmt.Errorf("stale fencing epoch %d: this replica is at epoch %d", fence, sg.rec.Fence)
+	}
+	if sg.rec.State != "" || sg.busy {
+		sg.mu.Unlock()
+		return fmt.Errorf("domain %q is failing or failed over on this host", h.Domain)
+	}
+	d, err := sg.disk(h.Dev)
+	if err == nil && kind == checkpoint.FrameDiskControl && h.Reset {
+		// A new mirror overwrites the image before its first cut: the
+		// replica holds no consistent checkpoint until a full epoch commits.
+		if sg.replica != nil {
+			err = sg.replica.Reset("")
+		}
+		if err == nil {
+			d.target.Reset()
+			a.log.Info("disk replica reset for a new mirror", "domain", h.Domain, "dev", h.Dev)
+		}
+	}
+	sg.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := checkpoint.WriteJSON(conn, checkpoint.FrameWelcome, fence, 0, checkpoint.Welcome{Agent: a.cfg.AgentID}); err != nil {
+		return err
+	}
+	_ = conn.SetDeadline(time.Time{})
+	if kind == checkpoint.FrameDiskNBD {
+		return d.server.ServeConn(conn)
+	}
+	err = disk.ServeControl(conn, d.target)
+	if errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+// finishDisks makes the replica images hold exactly the applied epoch
+// before the shell starts from it: writes of later epochs are dropped.
+func (a *Agent) finishDisks(sg *standbyGuest, applied uint64) error {
+	for _, d := range sg.disks {
+		d.server.Close()
+		if err := d.target.Discard(applied); err != nil {
+			return fmt.Errorf("disk %s: %w", d.spec.Dev, err)
+		}
+	}
+	return nil
+}
