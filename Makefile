@@ -30,7 +30,7 @@ test-unit:
 	$(GO) test -count=1 -race $$($(GO) list $(PKGS) | grep -v /test/e2e)
 
 test-e2e: lab
-	REMORA_E2E=1 REMORA_LAB=1 $(GO) test -p 1 -count=1 -v -timeout 50m ./test/e2e/ ./test/labkit/ ./checkpoint/outcommit/
+	REMORA_E2E=1 REMORA_LAB=1 $(GO) test -p 1 -count=1 -v -timeout 50m ./test/e2e/ ./test/labkit/ ./checkpoint/outcommit/ ./checkpoint/disk/
 
 test: lint test-unit test-kernel test-e2e
 
