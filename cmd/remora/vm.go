@@ -259,7 +259,16 @@ func printStatus(st []agent.VMStatus) {
 			if d.SyncTotal > 0 && d.SyncDone < d.SyncTotal {
 				line += fmt.Sprintf(" %d%%", d.SyncDone*100/d.SyncTotal)
 			}
-			co = append(co, fmt.Sprintf("%s (full copies: %d)", line, d.Resyncs))
+			if s.Role == agent.RolePrimary {
+				line += fmt.Sprintf(" (full copies: %d)", d.Resyncs)
+			} else {
+				line += fmt.Sprintf(": last epoch %d writes/%s, %d epochs/%s buffered, %s applied", d.LastEpochWrites, human(uint64(d.LastEpochBytes)),
+					d.HeldEpochs, human(uint64(d.HeldBytes)), human(d.AppliedBytes))
+				if d.OutOfSync != "" {
+					line += " (" + d.OutOfSync + ")"
+				}
+			}
+			co = append(co, line)
 		}
 		if len(co) > 0 {
 			notes = append(notes, fmt.Sprintf("%s: %s", s.Name, strings.Join(co, "; ")))

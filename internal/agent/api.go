@@ -55,7 +55,7 @@ type VMStatus struct {
 	NextRetry   time.Time `json:"next_retry,omitzero"`
 	// Output is the guest's output commit (primary only).
 	Output *OutputStatus `json:"output,omitempty"`
-	// Disk is the guest's disk replication (primary only).
+	// Disk is the guest's disk replication.
 	Disk *DiskStatus `json:"disk,omitempty"`
 }
 
@@ -160,6 +160,7 @@ func (sg *standbyGuest) status(hbTimeout time.Duration) VMStatus {
 	if !sg.lastCommit.IsZero() && rec.State == "" {
 		v.Lag = time.Since(sg.lastCommit)
 	}
+	v.Disk = sg.diskStatus()
 	if rec.State == "" && !sg.lastFrame.IsZero() {
 		if age := time.Since(sg.lastFrame); sg.session != nil && age < hbTimeout {
 			v.Heartbeat = "ok"

@@ -74,11 +74,20 @@ type diskSet struct {
 
 // DiskStatus is a guest's disk replication as `vm status` shows it.
 type DiskStatus struct {
-	Devs      []string `json:"devs"`
-	State     string   `json:"state"` // syncing, mirrored, resync needed
-	SyncDone  int64    `json:"sync_done_bytes,omitempty"`
-	SyncTotal int64    `json:"sync_total_bytes,omitempty"`
-	Resyncs   int      `json:"resyncs"` // full disk copies since the agent started
+	Devs []string `json:"devs"`
+	// Standby: the writes of the last cut epoch and what is buffered,
+	// summed over the disks.
+	LastEpochWrites int    `json:"last_epoch_writes,omitempty"`
+	LastEpochBytes  int64  `json:"last_epoch_bytes,omitempty"`
+	HeldEpochs      int    `json:"held_epochs,omitempty"` // cut, not applied yet
+	HeldBytes       int64  `json:"held_bytes,omitempty"`
+	AppliedBytes    uint64 `json:"applied_bytes,omitempty"`
+	OutOfSync       string `json:"out_of_sync,omitempty"`
+
+	State     string `json:"state"` // syncing, mirrored, resync needed
+	SyncDone  int64  `json:"sync_done_bytes,omitempty"`
+	SyncTotal int64  `json:"sync_total_bytes,omitempty"`
+	Resyncs   int    `json:"resyncs"` // full disk copies since the agent started
 }
 
 func (a *Agent) newDiskSet(ctx context.Context, g *migrate.Guest, rec *Record, fence func() uint64) (*diskSet, error) {
@@ -348,6 +357,27 @@ func closeReplicaDisks(ds []*replicaDisk) {
 		d.server.Close()
 		d.target.Close()
 	}
+}
+
+// diskStatus sums the replica disks' figures (sg.mu held).
+func (sg *standbyGuest) diskStatus() *DiskStatus {
+	if len(sg.disks) == 0 {
+		return nil
+	}
+	st := &DiskStatus{State: "replica"}
+	for _, d := range sg.disks {
+		s := d.target.Stats()
+		st.Devs = append(st.Devs, d.spec.Dev)
+		st.LastEpochWrites += s.LastSealed.Writes
+		st.LastEpochBytes += s.LastSealed.Bytes
+		st.HeldEpochs = max(st.HeldEpochs, s.HeldEpochs)
+		st.HeldBytes += s.HeldBytes
+		st.AppliedBytes += s.AppliedBytes
+		if s.OutOfSync != "" {
+			st.OutOfSync, st.State = d.spec.Dev+": "+s.OutOfSync, "out of sync"
+		}
+	}
+	return st
 }
 
 func (sg *standbyGuest) disk(dev string) (*replicaDisk, error) {
