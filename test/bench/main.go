@@ -47,13 +47,13 @@ type row struct {
 }
 
 type result struct {
-	p50, p99      time.Duration
-	rtt, rttBase  latency // request/response round trip, protected and not
+	p50, p99       time.Duration
+	rtt, rttBase   latency // request/response round trip, protected and not
 	disk, diskBase diskFigures
-	dirtyPerEpoch float64
-	wirePerEpoch  float64
-	compression   float64
-	epochsPerSec  float64
+	dirtyPerEpoch  float64
+	wirePerEpoch   float64
+	compression    float64
+	epochsPerSec   float64
 }
 
 func run() error {
