@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-qemu/qmp"
-	"libvirt.org/go/libvirt"
 )
 
 // Disk replication, primary side: QEMU mirrors a guest disk to the
@@ -123,12 +122,7 @@ func FindDiskNode(m qmp.Monitor, alias string) (DiskNode, error) {
 // FindDisk finds the disk with libvirt target dev (e.g. "vda").
 func (g *Guest) FindDisk(ctx context.Context, dev string) (DiskNode, error) {
 	// The live XML: the migratable form has no aliases.
-	var x string
-	err := g.Conn.withDomain(ctx, g.Name, func(_ *libvirt.Connect, d *libvirt.Domain) error {
-		var err error
-		x, err = d.GetXMLDesc(0)
-		return err
-	})
+	x, err := g.Conn.LiveXML(ctx, g.Name)
 	if err != nil {
 		return DiskNode{}, err
 	}

@@ -74,10 +74,7 @@ func (e *labEnv) newStandby(name string) *standby {
 	t := e.t
 	t.Helper()
 	img := filepath.Join(e.dir, name+".img")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, e.disk.Size); err != nil {
+	if err := labkit.CreateDataDisk(img, e.disk.Size); err != nil {
 		t.Fatal(err)
 	}
 	tg, err := OpenTarget(img, Options{})
@@ -257,35 +254,11 @@ func TestLab(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	// On the lab's disk, not tmpfs: cache='none' opens it with O_DIRECT.
 	source := filepath.Join(dir, "source.img")
-	if err := os.WriteFile(source, nil, 0o600); err != nil {
+	if err := labkit.CreateDataDisk(source, labDiskSize); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Truncate(source, labDiskSize); err != nil {
-		t.Fatal(err)
-	}
-	bctx, bcancel := context.WithTimeout(ctx, 3*time.Minute)
-	lg, err := labkit.Boot(bctx, labkit.GuestOptions{Name: labGuestName, IP: labkit.GuestIP(labGuestIdx), Rate: -1, DataDisk: source})
-	bcancel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := lg.Destroy(); err != nil {
-			t.Errorf("destroy %s: %v", lg.Name, err)
-		}
-	})
-	conn, err := migrate.Dial(ctx, labkit.LibvirtURI)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	g, err := migrate.OpenGuest(ctx, conn, lg.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(g.Mon.Close)
+	lg, g := labkit.BootOpen(t, ctx, labkit.GuestOptions{Name: labGuestName, IP: labkit.GuestIP(labGuestIdx), Rate: -1, DataDisk: source})
 	disk, err := g.FindDisk(ctx, labDiskDev)
 	if err != nil {
 		t.Fatal(err)

@@ -47,12 +47,11 @@ func requireLab(t *testing.T) {
 }
 
 type labEnv struct {
-	t    *testing.T
-	lg   *labkit.Guest
-	conn *migrate.Conn
-	g    *migrate.Guest
-	tap  string
-	dir  string
+	t   *testing.T
+	lg  *labkit.Guest
+	g   *migrate.Guest
+	tap string
+	dir string
 }
 
 func (e *labEnv) stop() {
@@ -216,27 +215,7 @@ func TestLab(t *testing.T) {
 	requireLab(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	bctx, bcancel := context.WithTimeout(ctx, 3*time.Minute)
-	lg, err := labkit.Boot(bctx, labkit.GuestOptions{Name: labGuestName, IP: labkit.GuestIP(labGuestIdx), Rate: -1})
-	bcancel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := lg.Destroy(); err != nil {
-			t.Errorf("destroy %s: %v", lg.Name, err)
-		}
-	})
-	conn, err := migrate.Dial(ctx, labkit.LibvirtURI)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	g, err := migrate.OpenGuest(ctx, conn, lg.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(g.Mon.Close)
+	lg, g := labkit.BootOpen(t, ctx, labkit.GuestOptions{Name: labGuestName, IP: labkit.GuestIP(labGuestIdx), Rate: -1})
 	out, err := labkit.Virsh(ctx, "domiflist", lg.Name)
 	if err != nil {
 		t.Fatal(err)
@@ -251,7 +230,7 @@ func TestLab(t *testing.T) {
 		t.Fatalf("no tap in domiflist:\n%s", out)
 	}
 	dir := filepath.Join(labkit.AgentRunDir, "outcommit-test")
-	env := &labEnv{t: t, lg: lg, conn: conn, g: g, tap: tap, dir: dir}
+	env := &labEnv{t: t, lg: lg, g: g, tap: tap, dir: dir}
 	t.Logf("guest %s booted in %v, tap %s", lg.Name, lg.BootTime.Round(time.Millisecond), tap)
 
 	for _, tc := range []struct {

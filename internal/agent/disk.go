@@ -16,18 +16,21 @@ import (
 	"github.com/remora-ha/remora/migrate"
 )
 
+// dialAgent connects to another agent's replication port, over mutual
+// TLS when configured.
+func (a *Agent) dialAgent(ctx context.Context, peer string) (net.Conn, error) {
+	var d net.Dialer
+	if a.tlsCli != nil {
+		td := tls.Dialer{NetDialer: &d, Config: a.tlsCli}
+		return td.DialContext(ctx, "tcp", peer)
+	}
+	return d.DialContext(ctx, "tcp", peer)
+}
+
 // dialPeer connects to another agent's replication port (TLS when
 // configured) and opens a connection of kind with hello.
 func (a *Agent) dialPeer(ctx context.Context, peer string, kind checkpoint.FrameType, fence uint64, hello any) (net.Conn, error) {
-	var d net.Dialer
-	var conn net.Conn
-	var err error
-	if a.tlsCli != nil {
-		td := tls.Dialer{NetDialer: &d, Config: a.tlsCli}
-		conn, err = td.DialContext(ctx, "tcp", peer)
-	} else {
-		conn, err = d.DialContext(ctx, "tcp", peer)
-	}
+	conn, err := a.dialAgent(ctx, peer)
 	if err != nil {
 		return nil, err
 	}
@@ -47,14 +50,13 @@ func (a *Agent) dialPeer(ctx context.Context, peer string, kind checkpoint.Frame
 
 // primaryDisk is one guest disk mirrored to the standby.
 type primaryDisk struct {
-	dev     string
-	node    migrate.DiskNode
-	sock    string
-	relay   *disk.Relay
-	mirror  *migrate.Mirror
-	ctl     net.Conn
-	cut     *disk.CutClient
-	lastCut uint64
+	dev    string
+	node   migrate.DiskNode
+	sock   string
+	relay  *disk.Relay
+	mirror *migrate.Mirror
+	ctl    net.Conn
+	cut    *disk.CutClient
 }
 
 // diskSet mirrors a protected guest's writable disks to the standby and
@@ -245,7 +247,6 @@ func (ds *diskSet) Cut(ctx context.Context, epoch uint64) error {
 			ds.setState("resync needed")
 			return fmt.Errorf("disk %s: %w", d.dev, err)
 		}
-		d.lastCut = epoch
 	}
 	return nil
 }

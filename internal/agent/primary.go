@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -136,14 +135,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	cfg := checkpoint.PrimaryConfig{
 		Agent: a.cfg.AgentID, Domain: rec.Name, DomainXML: xml, ShellBase: a.shellBase(rec.Name),
 		Interval: a.cfg.EpochInterval, MaxInFlight: a.cfg.MaxInFlight, Fence: rec.Fence,
-		Dial: func(ctx context.Context) (net.Conn, error) {
-			var d net.Dialer
-			if a.tlsCli != nil {
-				td := tls.Dialer{NetDialer: &d, Config: a.tlsCli}
-				return td.DialContext(ctx, "tcp", peer)
-			}
-			return d.DialContext(ctx, "tcp", peer)
-		},
+		Dial:       func(ctx context.Context) (net.Conn, error) { return a.dialAgent(ctx, peer) },
 		VerifyPeer: checkPeerName,
 		Log:        a.log,
 		Hook:       a.faultHook,

@@ -108,6 +108,11 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 	if sg.rec.Shell == "" {
 		sg.rec.Shell = sg.rec.Name + a.cfg.ShellSuffix
 	}
+	// The replica images exist before the shell that opens them.
+	disks, err := a.openReplicaDisksOnce(sg)
+	if err != nil {
+		return err
+	}
 	fresh := false
 	exists, err := a.virt.DomainExists(ctx, sg.rec.Shell)
 	if err != nil {
@@ -133,9 +138,6 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 			images := map[string]string{}
 			for _, d := range sg.rec.Disks {
 				images[d.Dev] = a.diskImage(sg.rec.Name, d.Dev)
-			}
-			if _, err := a.openReplicaDisksOnce(sg); err != nil {
-				return err
 			}
 			if shellXML, err = migrate.ShellDisks(shellXML, images); err != nil {
 				return err
@@ -172,11 +174,6 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 			return err
 		}
 		sg.rec.Replica = checkpoint.ReplicaState{}
-	}
-	disks, err := a.openReplicaDisksOnce(sg)
-	if err != nil {
-		migrate.UnmapRAM(mem)
-		return err
 	}
 	rep, err := checkpoint.OpenReplica(a.replicaDir(sg.rec.Name), mem, sg.rec.Replica, func(st checkpoint.ReplicaState) error {
 		if err := persist(st); err != nil {
@@ -264,15 +261,7 @@ func (a *Agent) handleSession(ctx context.Context, conn net.Conn) {
 		a.log.Warn("replication handshake failed", "peer", peer, "err", err)
 		return
 	}
-	var hello checkpoint.Hello
 	if f.Type == checkpoint.FrameDiskNBD || f.Type == checkpoint.FrameDiskControl {
-		hello.Domain = "-" // a DiskHello, parsed below
-	} else if err := json.Unmarshal(f.Payload, &hello); err != nil || hello.Domain == "" {
-		sendError(conn, 0, fmt.Errorf("bad %s frame: %v", f.Type, err), true)
-		return
-	}
-	switch f.Type {
-	case checkpoint.FrameDiskNBD, checkpoint.FrameDiskControl:
 		var dh checkpoint.DiskHello
 		if err := json.Unmarshal(f.Payload, &dh); err != nil || dh.Domain == "" || dh.Dev == "" {
 			sendError(conn, 0, fmt.Errorf("bad %s frame: %v", f.Type, err), true)
@@ -283,6 +272,13 @@ func (a *Agent) handleSession(ctx context.Context, conn net.Conn) {
 			sendError(conn, 0, err, false)
 		}
 		return
+	}
+	var hello checkpoint.Hello
+	if err := json.Unmarshal(f.Payload, &hello); err != nil || hello.Domain == "" {
+		sendError(conn, 0, fmt.Errorf("bad %s frame: %v", f.Type, err), true)
+		return
+	}
+	switch f.Type {
 	case checkpoint.FrameUnenroll:
 		err := a.dropReplica(ctx, hello.Domain, f.Fence)
 		if err != nil {

@@ -66,17 +66,13 @@ func run() error {
 		return err
 	}
 	defer os.RemoveAll(work)
-	bin := filepath.Join(work, "remora")
-	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/remora").CombinedOutput(); err != nil {
-		return fmt.Errorf("build: %v\n%s", err, out)
+	bin, err := labkit.BuildRemora(work)
+	if err != nil {
+		return err
 	}
 	bctx, cancel := context.WithTimeout(ctx, 4*time.Minute)
 	img := filepath.Join(work, "data.img")
-	if err := os.WriteFile(img, nil, 0o644); err != nil {
-		cancel()
-		return err
-	}
-	if err := os.Truncate(img, 64<<20); err != nil {
+	if err := labkit.CreateDataDisk(img, 64<<20); err != nil {
 		cancel()
 		return err
 	}

@@ -38,11 +38,8 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
-	remoraBin = filepath.Join(dir, "remora")
-	build := exec.Command("go", "build", "-o", remoraBin, "github.com/remora-ha/remora/cmd/remora")
-	build.Stdout, build.Stderr = os.Stdout, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "e2e: build remora:", err)
+	if remoraBin, err = labkit.BuildRemora(dir); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
 		os.Exit(1)
 	}
 	code := m.Run()

@@ -236,10 +236,7 @@ func TestExternalConsistency(t *testing.T) {
 	needLab(t)
 	t.Run("held", func(t *testing.T) {
 		img := filepath.Join(t.TempDir(), "data.img")
-		if err := os.WriteFile(img, nil, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Truncate(img, 32<<20); err != nil {
+		if err := labkit.CreateDataDisk(img, 32<<20); err != nil {
 			t.Fatal(err)
 		}
 		g := bootGuestWith(t, labkit.GuestOptions{Name: "e2e-remus", IP: labkit.GuestIP(15), Rate: 2000, DataDisk: img})

@@ -70,9 +70,9 @@ func run() error {
 		return err
 	}
 	defer os.RemoveAll(work)
-	bin := filepath.Join(work, "remora")
-	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/remora").CombinedOutput(); err != nil {
-		return fmt.Errorf("build: %v\n%s", err, out)
+	bin, err := labkit.BuildRemora(work)
+	if err != nil {
+		return err
 	}
 	pkiDir := filepath.Join(work, "pki")
 	for _, args := range [][]string{{"certs", "init", pkiDir},

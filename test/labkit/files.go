@@ -1,0 +1,32 @@
+package labkit
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+)
+
+// BuildRemora builds the remora binary into dir and returns its path.
+func BuildRemora(dir string) (string, error) {
+	bin := filepath.Join(dir, "remora")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/remora-ha/remora/cmd/remora").CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build remora: %v\n%s", err, out)
+	}
+	return bin, nil
+}
+
+// CreateDataDisk creates a sparse raw image of size bytes for
+// GuestOptions.DataDisk. Keep it off tmpfs: cache='none' opens it with
+// O_DIRECT.
+func CreateDataDisk(path string, size int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	err = f.Truncate(size)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}

@@ -1,0 +1,37 @@
+package labkit
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/remora-ha/remora/migrate"
+)
+
+// BootOpen boots a lab guest for a test and opens it over libvirt (QMP
+// through the monitor passthrough); both are released at cleanup.
+func BootOpen(t testing.TB, ctx context.Context, o GuestOptions) (*Guest, *migrate.Guest) {
+	t.Helper()
+	bctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	lg, err := Boot(bctx, o)
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := lg.Destroy(); err != nil {
+			t.Errorf("destroy %s: %v", lg.Name, err)
+		}
+	})
+	conn, err := migrate.Dial(ctx, LibvirtURI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	g, err := migrate.OpenGuest(ctx, conn, lg.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Mon.Close)
+	return lg, g
+}
