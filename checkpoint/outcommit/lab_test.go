@@ -11,9 +11,11 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -709,21 +711,36 @@ func labNetdevNotFound(t *testing.T, e *labEnv) {
 // epochs every interval (stop, Cut, cont, Release at once, as with an
 // instant ack).
 func labRoundTripLatency(t *testing.T, e *labEnv) {
-	measure := func(lc *lineConn, n int) (p50, p99 time.Duration) {
+	// measure fails with what went wrong: a reply that never came is
+	// usually the epoch loop having stopped (its error is in epochErr).
+	measure := func(lc *lineConn, n int, epochErr func() error) (p50, p99 time.Duration) {
 		lat := checkpoint.NewWindow(n)
-		for range n {
+		for i := range n {
 			start := time.Now()
-			lc.send("get")
-			if _, ok, err := lc.reply(10 * time.Second); !ok || err != nil {
-				t.Fatalf("get: %v %v", ok, err)
+			if err := lc.send("get"); err != nil {
+				t.Fatalf("get %d of %d: send: %v", i+1, n, err)
+			}
+			// Generous: a shared CI machine has stalled for seconds, and a
+			// lost frame waits for TCP's backed-off retransmission.
+			_, ok, err := lc.reply(30 * time.Second)
+			if err != nil {
+				t.Fatalf("get %d of %d: %v", i+1, n, err)
+			}
+			if !ok {
+				t.Fatalf("get %d of %d: no reply in 30 s; epoch loop: %v", i+1, n, epochErr())
 			}
 			lat.Add(time.Since(start))
 		}
 		p50, p99, _ = percentiles(lat)
+		if s := lat.Samples(); len(s) > 0 {
+			if m := slices.Max(s); m > time.Second {
+				t.Logf("slowest round trip: %v", m.Round(time.Microsecond))
+			}
+		}
 		return
 	}
 	lc := e.dial()
-	b50, b99 := measure(lc, 50)
+	b50, b99 := measure(lc, 50, func() error { return errors.New("none running") })
 	t.Logf("direct: round trip p50 %v p99 %v", b50.Round(time.Microsecond), b99.Round(time.Microsecond))
 	for _, interval := range []time.Duration{25 * time.Millisecond, 100 * time.Millisecond} {
 		r := e.redirector(Options{})
@@ -731,7 +748,8 @@ func labRoundTripLatency(t *testing.T, e *labEnv) {
 		stop := make(chan struct{})
 		done := make(chan error, 1)
 		cuts, pauses := checkpoint.NewWindow(4096), checkpoint.NewWindow(4096)
-		var epochs int
+		var epochs atomic.Int64
+		var slow slowest
 		loopStart := time.Now()
 		go func() {
 			var n uint64
@@ -744,28 +762,45 @@ func labRoundTripLatency(t *testing.T, e *labEnv) {
 				}
 				n++
 				t0 := time.Now()
+				slow.begin(fmt.Sprintf("stop of epoch %d", n))
 				if err := migrate.Exec(e.g.Mon, "stop", nil, nil); err != nil {
 					done <- err
 					return
 				}
+				slow.end()
 				t1 := time.Now()
 				err := r.Cut(n)
 				cuts.Add(time.Since(t1))
+				slow.begin(fmt.Sprintf("cont of epoch %d", n))
 				if cerr := migrate.Exec(e.g.Mon, "cont", nil, nil); err == nil {
 					err = cerr
 				}
+				slow.end()
 				pauses.Add(time.Since(t0))
 				if err == nil {
+					slow.begin(fmt.Sprintf("Release(%d)", n))
 					err = r.Release(n)
+					slow.end()
 				}
 				if err != nil {
 					done <- err
 					return
 				}
-				epochs++
+				epochs.Add(1)
 			}
 		}()
-		p50, p99 := measure(lc, 40)
+		epochErr := func() error {
+			select {
+			case loopErr := <-done:
+				if loopErr == nil {
+					return errors.New("ended early")
+				}
+				return fmt.Errorf("failed after %d epochs: %w", epochs.Load(), loopErr)
+			default:
+				return fmt.Errorf("still running, %d epochs, slowest step %v, %+v", epochs.Load(), &slow, r.Stats())
+			}
+		}
+		p50, p99 := measure(lc, 40, epochErr)
 		close(stop)
 		if err := <-done; err != nil {
 			t.Fatal(err)
@@ -774,10 +809,10 @@ func labRoundTripLatency(t *testing.T, e *labEnv) {
 		c50, c99, _ := percentiles(cuts)
 		s50, s99, _ := percentiles(pauses)
 		t.Logf("sleep %v between epochs (stop, Cut, cont, Release): %d epochs, one per %v; stop..cont p50 %v p99 %v; Cut p50 %v p99 %v",
-			interval, epochs, (time.Since(loopStart) / time.Duration(max(epochs, 1))).Round(time.Microsecond),
+			interval, epochs.Load(), (time.Since(loopStart) / time.Duration(max(epochs.Load(), 1))).Round(time.Microsecond),
 			s50.Round(time.Microsecond), s99.Round(time.Microsecond), c50, c99)
-		t.Logf("  round trip p50 %v p99 %v; frame hold p50 %v p99 %v; %d frames released",
-			p50.Round(time.Microsecond), p99.Round(time.Microsecond), st.ReleaseP50.Round(time.Microsecond), st.ReleaseP99.Round(time.Microsecond), st.ReleasedFrames)
+		t.Logf("  round trip p50 %v p99 %v; frame hold p50 %v p99 %v; %d frames released; slowest step: %v",
+			p50.Round(time.Microsecond), p99.Round(time.Microsecond), st.ReleaseP50.Round(time.Microsecond), st.ReleaseP99.Round(time.Microsecond), st.ReleasedFrames, &slow)
 		if st.ReleasedFrames == 0 {
 			t.Fatal("nothing was held")
 		}
@@ -788,6 +823,42 @@ func labRoundTripLatency(t *testing.T, e *labEnv) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// slowest remembers the longest step of a loop and the step under way,
+// to explain a stall.
+type slowest struct {
+	mu       sync.Mutex
+	what     string
+	d        time.Duration
+	current  string
+	started  time.Time
+	finished bool
+}
+
+func (s *slowest) begin(what string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.current, s.started, s.finished = what, time.Now(), false
+}
+
+func (s *slowest) end() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if d := time.Since(s.started); d > s.d {
+		s.what, s.d = s.current, d
+	}
+	s.finished = true
+}
+
+func (s *slowest) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := fmt.Sprintf("%s took %v", s.what, s.d.Round(time.Microsecond))
+	if !s.finished && s.current != "" {
+		out += fmt.Sprintf("; %s under way for %v", s.current, time.Since(s.started).Round(time.Microsecond))
+	}
+	return out
 }
 
 func percentiles(w *checkpoint.Window) (p50, p99 time.Duration, n int) {

@@ -299,7 +299,7 @@ func (a *Agent) Unenroll(ctx context.Context, name string) error {
 			a.mu.Unlock()
 			return a.store.remove(name)
 		}
-		return a.dropReplica(ctx, name, ^uint64(0))
+		return a.dropReplica(ctx, name, ^uint64(0), "")
 	}
 	return fmt.Errorf("domain %q: %w", name, errNotEnrolled)
 }

@@ -196,17 +196,11 @@ func (a *Agent) unenrollPrimary(ctx context.Context, pg *primaryGuest) error {
 	pg.stop()
 	a.closeOutput(pg)
 	var warn error
-	var d net.Dialer
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	conn, err := d.DialContext(dctx, "tcp", pg.rec.Peer)
+	// The standby answers an unenroll with a welcome once its replica is gone.
+	conn, err := a.dialPeer(dctx, pg.rec.Peer, checkpoint.FrameUnenroll, pg.rec.Fence, checkpoint.Hello{Agent: a.cfg.AgentID, Domain: pg.rec.Name})
 	if err == nil {
-		_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
-		err = checkpoint.WriteJSON(conn, checkpoint.FrameUnenroll, pg.rec.Fence, 0, checkpoint.Hello{Agent: a.cfg.AgentID, Domain: pg.rec.Name})
-		if err == nil {
-			var ack checkpoint.Welcome
-			_, err = checkpoint.ReadJSON(conn, checkpoint.FrameWelcome, &ack)
-		}
 		conn.Close()
 	}
 	if err != nil {

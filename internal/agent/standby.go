@@ -280,8 +280,12 @@ func (a *Agent) handleSession(ctx context.Context, conn net.Conn) {
 	}
 	switch f.Type {
 	case checkpoint.FrameUnenroll:
-		err := a.dropReplica(ctx, hello.Domain, f.Fence)
+		err := checkPeerName(conn, hello.Agent)
+		if err == nil {
+			err = a.dropReplica(ctx, hello.Domain, f.Fence, hello.Agent)
+		}
 		if err != nil {
+			a.log.Warn("unenroll refused", "domain", hello.Domain, "from", hello.Agent, "err", err)
 			sendError(conn, 0, err, true)
 			return
 		}
@@ -454,7 +458,9 @@ func (a *Agent) receive(ctx context.Context, sg *standbyGuest, conn net.Conn, br
 
 // dropReplica destroys a replica and its shell when the primary unenrolls
 // the guest (or an admin does on the standby).
-func (a *Agent) dropReplica(ctx context.Context, name string, fence uint64) error {
+// dropReplica removes a guest's replica and its shell. primary, when set,
+// is the agent asking: only the guest's own primary may.
+func (a *Agent) dropReplica(ctx context.Context, name string, fence uint64, primary string) error {
 	a.mu.Lock()
 	sg, ok := a.standby[name]
 	a.mu.Unlock()
@@ -463,6 +469,9 @@ func (a *Agent) dropReplica(ctx context.Context, name string, fence uint64) erro
 	}
 	sg.mu.Lock()
 	defer sg.mu.Unlock()
+	if primary != "" && sg.rec.Primary != "" && primary != sg.rec.Primary {
+		return fmt.Errorf("agent %q may not unenroll domain %q: its primary is agent %q", primary, name, sg.rec.Primary)
+	}
 	if fence < sg.rec.Fence {
 		return fmt.Errorf("stale fencing epoch %d: this replica is at epoch %d", fence, sg.rec.Fence)
 	}

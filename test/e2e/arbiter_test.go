@@ -398,6 +398,23 @@ func TestArbiterPartitions(t *testing.T) {
 		return err == nil && inSync
 	})
 
+	// Unenroll tells the standby over mutual TLS to drop its replica and
+	// shell; the guest keeps serving and is protected again.
+	if out, err := l.a.cli("vm", "unenroll", name); err != nil {
+		t.Fatalf("unenroll: %v\n%s", err, out)
+	}
+	waitFor(t, "the standby to drop its replica and shell", time.Minute, func() bool {
+		_, ok := l.b.status(name)
+		return !ok && domState(name+"-host-b") == "absent"
+	})
+	ictx, icancel = context.WithTimeout(context.Background(), 20*time.Second)
+	_, err = c.Inc(ictx)
+	icancel()
+	if err != nil {
+		t.Fatalf("guest stopped serving after unenroll: %v", err)
+	}
+	l.enroll(t, g)
+
 	// Primary cut off from everyone, its guest's link too.
 	iface := guestIface(t, name)
 	link := func(dev, state string) {
