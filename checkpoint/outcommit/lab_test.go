@@ -293,7 +293,7 @@ func labHeldUntilReleased(t *testing.T, e *labEnv) {
 	if err := lc.send("get"); err != nil {
 		t.Fatal(err)
 	}
-	before, ok, err := lc.reply(5 * time.Second)
+	before, ok, err := lc.reply(20 * time.Second)
 	if err != nil || !ok {
 		t.Fatalf("get before protection: %q %v %v", before, ok, err)
 	}
@@ -309,9 +309,7 @@ func labHeldUntilReleased(t *testing.T, e *labEnv) {
 	if s, ok, err := lc.reply(1500 * time.Millisecond); ok || err != nil {
 		t.Fatalf("reply %q arrived while its epoch was open (err %v)", s, err)
 	}
-	if st := r.Stats(); st.OpenFrames == 0 {
-		t.Fatalf("nothing held in the open epoch: %+v", st)
-	}
+	waitOpenFrames(t, r)
 	if n := len(w.frames()); n != 0 {
 		t.Fatalf("the tap saw %d frames from the guest while its output was held", n)
 	}
@@ -327,7 +325,7 @@ func labHeldUntilReleased(t *testing.T, e *labEnv) {
 	if err := r.Release(2); err != nil {
 		t.Fatal(err)
 	}
-	s, ok, err := lc.reply(5 * time.Second)
+	s, ok, err := lc.reply(20 * time.Second)
 	if err != nil || !ok {
 		t.Fatalf("no reply after Release(2): %v", err)
 	}
@@ -342,6 +340,19 @@ func labHeldUntilReleased(t *testing.T, e *labEnv) {
 	}
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// waitOpenFrames waits until the guest's answer is held in the open epoch
+// (TCG answers in tens of ms, a loaded machine in seconds).
+func waitOpenFrames(t *testing.T, r *Redirector) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for r.Stats().OpenFrames == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing held in the open epoch after 20 s: %+v", r.Stats())
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
@@ -500,14 +511,14 @@ func labExactCutsAndOrder(t *testing.T, e *labEnv) {
 func labDiscardAfterRetransmit(t *testing.T, e *labEnv) {
 	lc := e.dial()
 	lc.send("get")
-	before, ok, err := lc.reply(5 * time.Second)
+	before, ok, err := lc.reply(20 * time.Second)
 	if err != nil || !ok {
 		t.Fatal("get:", err)
 	}
 	r := e.redirector(Options{})
 	e.epoch(r, 10)
 	lc.send("inc")
-	time.Sleep(500 * time.Millisecond) // the guest has answered: held in the open epoch
+	waitOpenFrames(t, r) // the guest has answered: held in the open epoch
 	e.epoch(r, 11)
 	held := r.Stats().HeldFrames
 	r.DiscardAfter(10)
@@ -546,10 +557,10 @@ func labDiscardAfterRetransmit(t *testing.T, e *labEnv) {
 	}
 	lc.send("get")
 	e.epoch(r, 1000)
-	time.Sleep(300 * time.Millisecond)
+	waitOpenFrames(t, r)
 	e.epoch(r, 1001)
 	r.Release(1001)
-	s2, ok, err := lc.reply(5 * time.Second)
+	s2, ok, err := lc.reply(20 * time.Second)
 	if err != nil || !ok || mustUint(t, s2) != mustUint(t, before)+1 {
 		t.Fatalf("get after the retransmit: %q %v %v (the request must have run once)", s2, ok, err)
 	}
@@ -614,7 +625,7 @@ func labWithDeviceStateCheckpoints(t *testing.T, e *labEnv) {
 		t.Fatal(err)
 	}
 	for i := range 5 {
-		if s, ok, err := lc.reply(5 * time.Second); !ok || err != nil {
+		if s, ok, err := lc.reply(20 * time.Second); !ok || err != nil {
 			t.Fatalf("reply %d: %q %v %v", i, s, ok, err)
 		}
 	}
@@ -650,7 +661,7 @@ func labCloseRestoresNetwork(t *testing.T, e *labEnv) {
 	c := e.dial()
 	start := time.Now()
 	c.send("get")
-	if s, ok, err := c.reply(3 * time.Second); !ok || err != nil {
+	if s, ok, err := c.reply(20 * time.Second); !ok || err != nil {
 		t.Fatalf("after Close: %q %v %v", s, ok, err)
 	}
 	t.Logf("a new connection's get answered in %v after Close", time.Since(start).Round(time.Microsecond))
@@ -678,12 +689,12 @@ func labReleaseAllThenClose(t *testing.T, e *labEnv) {
 	if err := r.ReleaseAll(); err != nil {
 		t.Fatal(err)
 	}
-	if s, ok, err := lc.reply(2 * time.Second); !ok || err != nil {
+	if s, ok, err := lc.reply(20 * time.Second); !ok || err != nil {
 		t.Fatalf("after ReleaseAll: %q %v %v", s, ok, err)
 	}
 	// Passed on as it comes now.
 	lc.send("get")
-	if s, ok, err := lc.reply(2 * time.Second); !ok || err != nil {
+	if s, ok, err := lc.reply(20 * time.Second); !ok || err != nil {
 		t.Fatalf("after ReleaseAll, a new request: %q %v %v", s, ok, err)
 	}
 	if err := r.Close(); err != nil {
