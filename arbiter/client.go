@@ -260,6 +260,14 @@ func (c *Client) ReportSynced(ctx context.Context, guest, agentID string, epoch 
 	return err
 }
 
+// Retire tells the arbiter that the primary unenrolled guest: its roles
+// and lease are forgotten and its epoch moves on, so that copies left from
+// the enrollment are stale. Retrying after a lost answer is safe.
+func (c *Client) Retire(ctx context.Context, guest, agentID string, epoch uint64) error {
+	_, err := c.call(ctx, &request{Op: opRetire, Agent: agentID, Guest: guest, Epoch: epoch})
+	return err
+}
+
 // Heartbeat tells the arbiter the agent is alive and returns its current
 // assignments. epochs (optional) maps guests to the epoch the agent holds;
 // assignments for guests whose epoch moved on are marked Stale.

@@ -9,14 +9,20 @@
 //
 // # Epochs and leases
 //
-// A fencing epoch is a per-guest counter. Only two grants change it, each
-// by exactly one:
+// A fencing epoch is a per-guest counter. Only these change it, each by
+// exactly one:
 //
 //   - RequestPromotion: the standby becomes primary at epoch+1.
 //   - ReportStandbyLost: the primary continues alone at epoch+1.
+//   - Retire: the primary unenrolled the guest; its roles and lease are
+//     forgotten at epoch+1 (the record stays for its epoch).
+//   - Register with Fresh (a new enrollment by a primary holding no
+//     epoch) of a retired guest, or of one whose primary is the caller:
+//     epoch+1 with no standby. Another agent's guest is refused.
 //
-// Both require the caller's epoch to be current, so for any epoch at most
-// one of them is ever granted; the loser gets ErrStaleEpoch. The new epoch
+// Each requires the caller's epoch to be current (or supersedes it), so
+// for any epoch at most one of them is ever granted; the loser gets
+// ErrStaleEpoch. The new epoch
 // is on disk before the grant is answered, and epochs survive restarts, so
 // no epoch is handed out twice.
 //

@@ -89,6 +89,9 @@ func (m *machine) get(guest string) (*guestRecord, error) {
 	if !ok {
 		return nil, errorf(CodeUnknownGuest, "unknown guest %q", guest)
 	}
+	if r.Retired {
+		return nil, errorf(CodeUnknownGuest, "guest %q was unenrolled at epoch %d; enroll it again to protect it", guest, r.Epoch)
+	}
 	return r, nil
 }
 
@@ -144,17 +147,25 @@ func (m *machine) register(now time.Time, spec GuestSpec, service ProbeSpec) (Re
 	r, known := m.guests[spec.Guest]
 	switch spec.Role {
 	case RolePrimary:
-		if !known {
-			// Start above any epoch the caller already saw, so an
-			// arbiter that lost its state never reissues one.
+		if known && spec.Fresh && !r.Retired && spec.AgentID != r.Primary {
+			return Registration{}, errorf(CodeConflict, "guest %s is enrolled with primary %s at epoch %d: unenroll it there first (or fail it over here)", r.Guest, r.Primary, r.Epoch)
+		}
+		if !known || r.Retired || spec.Fresh {
+			// Start above any epoch the caller already saw and any this
+			// arbiter issued, so an epoch is never reissued: not after the
+			// arbiter lost its state, not to a new enrollment.
+			from := spec.Epoch
+			if known {
+				from = max(from, r.Epoch)
+			}
 			next := &guestRecord{
 				Guest:            spec.Guest,
-				Epoch:            spec.Epoch + 1,
+				Epoch:            from + 1,
 				Primary:          spec.AgentID,
 				PrimaryAddr:      spec.AgentAddr,
 				UnprotectedSince: now.Round(0).UTC(),
 				Service:          service,
-				Last:             &Transition{Kind: TransitionCreated, From: spec.Epoch, To: spec.Epoch + 1, Agent: spec.AgentID, At: now.Round(0).UTC()},
+				Last:             &Transition{Kind: TransitionCreated, From: from, To: from + 1, Agent: spec.AgentID, At: now.Round(0).UTC()},
 			}
 			m.grantLease(next, now)
 			if err := m.commit(next); err != nil {
@@ -184,7 +195,7 @@ func (m *machine) register(now time.Time, spec GuestSpec, service ProbeSpec) (Re
 		return m.registration(&next, spec.AgentID), nil
 
 	case RoleStandby:
-		if !known {
+		if !known || r.Retired {
 			return Registration{}, errorf(CodeUnknownGuest, "unknown guest %q: the primary must register first", spec.Guest)
 		}
 		if spec.Epoch != 0 {
@@ -392,13 +403,44 @@ func (m *machine) synced(now time.Time, guest, agent string, epoch uint64, stand
 	return m.commit(&next)
 }
 
+// retire forgets a guest's roles and lease when its primary unenrolls it.
+// The record stays, one epoch on, so that copies left from the enrollment
+// are stale and a later enrollment starts above it.
+func (m *machine) retire(now time.Time, guest, agent string, epoch uint64) error {
+	r, ok := m.guests[guest]
+	if !ok {
+		return nil // never registered: nothing to forget
+	}
+	if l := r.Last; r.Retired && l != nil && l.Kind == TransitionRetired && l.Agent == agent && l.From == epoch {
+		return nil // a retry whose answer was lost
+	}
+	r, err := m.get(guest)
+	if err != nil {
+		return err
+	}
+	if err := checkEpoch(r, agent, epoch); err != nil {
+		return err
+	}
+	if agent != r.Primary {
+		return errorf(CodeNotPrimary, "guest %s: only its primary %s may unenroll it, not %s", guest, r.Primary, agent)
+	}
+	next := &guestRecord{
+		Guest:            r.Guest,
+		Epoch:            r.Epoch + 1,
+		UnprotectedSince: now.Round(0).UTC(),
+		Retired:          true,
+		Last:             &Transition{Kind: TransitionRetired, From: r.Epoch, To: r.Epoch + 1, Agent: agent, Previous: r.Standby, At: now.Round(0).UTC()},
+	}
+	return m.commit(next)
+}
+
 // assignments lists the guests agent is involved in, plus any it asked
 // about, sorted by guest.
 func (m *machine) assignments(agent string, epochs map[string]uint64) []Assignment {
 	var out []Assignment
 	for name, r := range m.guests {
 		e, asked := epochs[name]
-		if !asked && r.Primary != agent && r.Standby != agent {
+		if !asked && (r.Retired || r.Primary != agent && r.Standby != agent) {
 			continue
 		}
 		a := Assignment{Guest: name, Epoch: r.Epoch, Role: roleOf(r, agent), Primary: r.Primary, InSync: r.InSync}

@@ -542,3 +542,78 @@ func TestAssignments(t *testing.T) {
 		t.Fatalf("uninvolved agent: %+v", as)
 	}
 }
+
+// TestRetireAndEnrollAgain: unenrolling retires the guest one epoch on; the
+// old standby's copy is stale, a new enrollment (on any host) starts above
+// every epoch issued, and the record survives a restart.
+func TestRetireAndEnrollAgain(t *testing.T) {
+	dir := t.TempDir()
+	clk := newFakeClock()
+	m := openMachine(t, dir, testLease, clk.Now())
+	now := clk.Now()
+	protectedGuest(t, m, now)
+
+	mustCode(t, m.retire(now, "g", "b", 1), ErrNotPrimary)
+	mustCode(t, m.retire(now, "g", "a", 0), ErrStaleEpoch)
+	ok(t, m.retire(now, "g", "a", 1))
+	ok(t, m.retire(now, "g", "a", 1)) // the retry of a lost answer
+	ok(t, m.retire(now, "nobody", "a", 1))
+
+	// Nothing of the enrollment is usable any more.
+	clk.Advance(testLease)
+	_, err := m.promote(clk.Now(), "g", "b", 1, noObs, false)
+	mustCode(t, err, ErrUnknownGuest)
+	_, err = m.renew(clk.Now(), "g", "a", 1)
+	mustCode(t, err, ErrUnknownGuest)
+	_, err = m.register(clk.Now(), GuestSpec{Guest: "g", AgentID: "b", Role: RoleStandby, Epoch: 1}, ProbeSpec{})
+	mustCode(t, err, ErrUnknownGuest)
+	if as := m.assignments("a", nil); len(as) != 0 {
+		t.Fatalf("retired guest still assigned: %+v", as)
+	}
+	if as := m.assignments("b", map[string]uint64{"g": 1}); len(as) != 1 || !as[0].Stale || as[0].Role != RoleNone {
+		t.Fatalf("a standby asking about the retired guest: %+v", as)
+	}
+
+	// Restart: still retired at epoch 2.
+	closeMachine(m)
+	m = openMachine(t, dir, testLease, clk.Now())
+	if r := m.guests["g"]; r == nil || !r.Retired || r.Epoch != 2 || r.Primary != "" || r.LeaseHolder != "" {
+		t.Fatalf("after restart: %+v", r)
+	}
+
+	// Enrolled again, on another host: epoch 3, a fresh lease, no standby.
+	reg, err := m.register(clk.Now(), GuestSpec{Guest: "g", AgentID: "c", Role: RolePrimary, Fresh: true}, ProbeSpec{})
+	ok(t, err)
+	if reg.Epoch != 3 || reg.Role != RolePrimary || reg.Lease == nil || reg.Standby != "" || reg.InSync {
+		t.Fatalf("enrolled again: %+v", reg)
+	}
+	_, err = m.register(clk.Now(), GuestSpec{Guest: "g", AgentID: "b", Role: RoleStandby}, ProbeSpec{})
+	ok(t, err)
+}
+
+// TestFreshEnrollment: a primary that enrolls a guest anew (it holds no
+// epoch) supersedes its earlier enrollment with a new epoch, fencing the
+// old standby; it cannot take a guest another primary holds.
+func TestFreshEnrollment(t *testing.T) {
+	clk := newFakeClock()
+	m := openMachine(t, t.TempDir(), testLease, clk.Now())
+	now := clk.Now()
+	protectedGuest(t, m, now)
+
+	// Without Fresh, epoch 0 is stale as before.
+	_, err := m.register(now, GuestSpec{Guest: "g", AgentID: "a", Role: RolePrimary}, ProbeSpec{})
+	mustCode(t, err, ErrStaleEpoch)
+	// Another host may not take it.
+	_, err = m.register(now, GuestSpec{Guest: "g", AgentID: "c", Role: RolePrimary, Fresh: true}, ProbeSpec{})
+	if e := mustCode(t, err, ErrConflict); !strings.Contains(e.Message, "unenroll it there first") {
+		t.Fatalf("conflict message: %s", e.Message)
+	}
+	reg, err := m.register(now, GuestSpec{Guest: "g", AgentID: "a", Role: RolePrimary, Fresh: true}, ProbeSpec{})
+	ok(t, err)
+	if reg.Epoch != 2 || reg.Standby != "" || reg.InSync {
+		t.Fatalf("fresh enrollment: %+v", reg)
+	}
+	clk.Advance(testLease)
+	_, err = m.promote(clk.Now(), "g", "b", 1, noObs, false)
+	mustCode(t, err, ErrStaleEpoch)
+}

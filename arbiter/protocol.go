@@ -23,6 +23,7 @@ const (
 	opPromote     = "promote"
 	opStandbyLost = "standby_lost"
 	opSynced      = "synced"
+	opRetire      = "retire"
 	opHeartbeat   = "heartbeat"
 	opStatus      = "status"
 )

@@ -389,6 +389,17 @@ func (s *Server) dispatch(req *request, resp *response) error {
 			resp.Lease = &l
 		}
 		return err
+	case opRetire:
+		s.mu.Lock()
+		err := s.m.retire(s.clock.Now(), req.Guest, req.Agent, req.Epoch)
+		if err == nil {
+			s.reconcileProbesLocked()
+		}
+		s.mu.Unlock()
+		if err == nil {
+			s.log.Info("arbiter: guest unenrolled", "guest", req.Guest, "primary", req.Agent, "epoch", req.Epoch)
+		}
+		return err
 	case opSynced:
 		if err := validName("agent", req.Standby); err != nil {
 			return err
@@ -569,6 +580,9 @@ func (s *Server) reconcileProbesLocked() {
 		}
 	}
 	for _, r := range s.m.guests {
+		if r.Retired {
+			continue
+		}
 		if spec := s.serviceSpecLocked(r); spec.Kind != ProbeNone {
 			want[serviceKey(r.Guest)] = spec
 		}
@@ -603,6 +617,7 @@ func (s *Server) Status() Status {
 			UnprotectedSince: r.UnprotectedSince,
 			LeaseHolder:      r.LeaseHolder,
 			Last:             r.Last,
+			Retired:          r.Retired,
 		}
 		if r.LeaseHolder != "" {
 			g.LeaseExpires = r.leaseExpiry.Round(0).UTC()
@@ -612,6 +627,9 @@ func (s *Server) Status() Status {
 			g.Service = &ps
 		}
 		st.Guests = append(st.Guests, g)
+		if r.Retired {
+			continue
+		}
 		agents[agentAddr{r.Primary, r.PrimaryAddr}] = true
 		if r.Standby != "" {
 			agents[agentAddr{r.Standby, r.StandbyAddr}] = true

@@ -43,6 +43,9 @@ type guestRecord struct {
 
 	Service ProbeSpec   `json:"service,omitempty"`
 	Last    *Transition `json:"last_transition,omitempty"`
+	// Retired is set when the primary unenrolled the guest. The record
+	// stays so that a later enrollment starts above its epoch.
+	Retired bool `json:"retired,omitempty"`
 
 	// leaseExpiry is the in-memory expiry on the arbiter's clock (keeps
 	// the monotonic reading with the real clock).

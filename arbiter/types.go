@@ -84,6 +84,11 @@ type GuestSpec struct {
 	// Service is how clients reach the guest. Only used from the primary,
 	// and only when the arbiter's configuration has no probe for the guest.
 	Service ProbeSpec `json:"service,omitempty"`
+	// Fresh marks a new enrollment by a primary that holds no state for
+	// the guest: whatever the arbiter remembers of an earlier enrollment
+	// with the same primary is superseded by a new epoch, which fences
+	// any copy left from it.
+	Fresh bool `json:"fresh,omitempty"`
 }
 
 // Lease is the primary's right to run the guest.
@@ -148,7 +153,7 @@ type Assignment struct {
 
 // Transition records the latest epoch-changing grant for a guest.
 type Transition struct {
-	Kind     string    `json:"kind"` // TransitionCreated, TransitionPromotion, TransitionStandbyLost
+	Kind     string    `json:"kind"` // TransitionCreated, TransitionPromotion, TransitionStandbyLost, TransitionRetired
 	From     uint64    `json:"from"`
 	To       uint64    `json:"to"`
 	Agent    string    `json:"agent"`              // who received the grant
@@ -161,6 +166,7 @@ const (
 	TransitionCreated     = "created"
 	TransitionPromotion   = "promotion"
 	TransitionStandbyLost = "standby_lost"
+	TransitionRetired     = "retired"
 )
 
 // ProbeStatus is the latest result of one probe.
@@ -190,6 +196,7 @@ type GuestStatus struct {
 	LeaseRemaining   time.Duration `json:"lease_remaining"`
 	Last             *Transition   `json:"last_transition,omitempty"`
 	Service          *ProbeStatus  `json:"service,omitempty"`
+	Retired          bool          `json:"retired,omitempty"` // unenrolled; kept for its epoch
 }
 
 // AgentStatus is one agent in Status.

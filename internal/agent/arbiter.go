@@ -80,8 +80,10 @@ func (a *Agent) primaryCoordination(ctx context.Context, pg *primaryGuest) {
 	var reg arbiter.Registration
 	for {
 		var err error
+		// No epoch yet: a new enrollment, which supersedes what the
+		// arbiter remembers of an earlier one of this guest here.
 		reg, err = a.arb.Register(ctx, arbiter.GuestSpec{Guest: pg.rec.Name, AgentID: a.cfg.AgentID, Role: arbiter.RolePrimary,
-			Epoch: pg.rec.Fence, AgentAddr: a.cfg.Advertise, Service: pg.rec.Probe})
+			Epoch: pg.rec.Fence, AgentAddr: a.cfg.Advertise, Service: pg.rec.Probe, Fresh: pg.rec.Fence == 0})
 		if err == nil {
 			break
 		}

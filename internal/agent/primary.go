@@ -206,6 +206,16 @@ func (a *Agent) unenrollPrimary(ctx context.Context, pg *primaryGuest) error {
 	if err != nil {
 		warn = fmt.Errorf("standby %s not told to drop its replica (%v): run `remora vm unenroll %s` on the standby host", pg.rec.Peer, err, pg.rec.Name)
 	}
+	if a.arb != nil && pg.rec.Fence > 0 && pg.rec.State == "" {
+		// After the standby: a retired epoch makes its replica stale.
+		actx, acancel := context.WithTimeout(ctx, 10*time.Second)
+		aerr := a.arb.Retire(actx, pg.rec.Name, a.cfg.AgentID, pg.rec.Fence)
+		acancel()
+		if aerr != nil {
+			aerr = fmt.Errorf("arbiter %s not told (%v): it still lists the guest at epoch %d with this host as primary, so enrolling it on another host is refused: once the arbiter is reachable, enroll and unenroll it here again (or just enroll it here again)", a.arb.Addr(), aerr, pg.rec.Fence)
+			warn = errors.Join(warn, aerr)
+		}
+	}
 	a.mu.Lock()
 	delete(a.primary, pg.rec.Name)
 	a.mu.Unlock()

@@ -399,7 +399,12 @@ func TestArbiterPartitions(t *testing.T) {
 	})
 
 	// Unenroll tells the standby over mutual TLS to drop its replica and
-	// shell; the guest keeps serving and is protected again.
+	// shell, and the arbiter to retire the guest's epoch; the guest keeps
+	// serving and is enrolled again above every epoch issued.
+	enrolledAt, err := l.arbiterEpoch(name)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if out, err := l.a.cli("vm", "unenroll", name); err != nil {
 		t.Fatalf("unenroll: %v\n%s", err, out)
 	}
@@ -407,6 +412,9 @@ func TestArbiterPartitions(t *testing.T) {
 		_, ok := l.b.status(name)
 		return !ok && domState(name+"-host-b") == "absent"
 	})
+	if ep, err := l.arbiterEpoch(name); err != nil || ep != enrolledAt+1 {
+		t.Fatalf("arbiter epoch after unenroll: %d (%v), want %d (retired)", ep, err, enrolledAt+1)
+	}
 	ictx, icancel = context.WithTimeout(context.Background(), 20*time.Second)
 	_, err = c.Inc(ictx)
 	icancel()
@@ -414,6 +422,9 @@ func TestArbiterPartitions(t *testing.T) {
 		t.Fatalf("guest stopped serving after unenroll: %v", err)
 	}
 	l.enroll(t, g)
+	if ep, err := l.arbiterEpoch(name); err != nil || ep <= enrolledAt+1 {
+		t.Fatalf("arbiter epoch after enrolling again: %d (%v), want above %d", ep, err, enrolledAt+1)
+	}
 
 	// Primary cut off from everyone, its guest's link too.
 	iface := guestIface(t, name)
