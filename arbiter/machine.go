@@ -225,16 +225,26 @@ func (m *machine) register(now time.Time, spec GuestSpec, service ProbeSpec) (Re
 	return Registration{}, errorf(CodeBadRequest, "role must be %q or %q, not %q", RolePrimary, RoleStandby, spec.Role)
 }
 
-func (m *machine) renew(now time.Time, guest, agent string, epoch uint64) (Lease, error) {
+// primaryRecord returns the guest's record if agent is its primary at
+// epoch.
+func (m *machine) primaryRecord(guest, agent string, epoch uint64) (*guestRecord, error) {
 	r, err := m.get(guest)
 	if err != nil {
-		return Lease{}, err
+		return nil, err
 	}
 	if err := checkEpoch(r, agent, epoch); err != nil {
-		return Lease{}, err
+		return nil, err
 	}
 	if agent != r.Primary {
-		return Lease{}, errorf(CodeNotPrimary, "guest %s: %s is not the primary (primary is %s)", guest, agent, r.Primary)
+		return nil, errorf(CodeNotPrimary, "guest %s: %s is not the primary (primary is %s)", guest, agent, r.Primary)
+	}
+	return r, nil
+}
+
+func (m *machine) renew(now time.Time, guest, agent string, epoch uint64) (Lease, error) {
+	r, err := m.primaryRecord(guest, agent, epoch)
+	if err != nil {
+		return Lease{}, err
 	}
 	// An expired lease may be re-acquired: nobody else was granted the
 	// guest, or the epoch would have changed.
@@ -250,15 +260,9 @@ func (m *machine) renew(now time.Time, guest, agent string, epoch uint64) (Lease
 }
 
 func (m *machine) release(now time.Time, guest, agent string, epoch uint64) error {
-	r, err := m.get(guest)
+	r, err := m.primaryRecord(guest, agent, epoch)
 	if err != nil {
 		return err
-	}
-	if err := checkEpoch(r, agent, epoch); err != nil {
-		return err
-	}
-	if agent != r.Primary {
-		return errorf(CodeNotPrimary, "guest %s: %s is not the primary", guest, agent)
 	}
 	if r.LeaseHolder == "" {
 		return nil
@@ -381,15 +385,9 @@ func (m *machine) standbyLost(now time.Time, guest, agent string, epoch uint64, 
 }
 
 func (m *machine) synced(now time.Time, guest, agent string, epoch uint64, standby string) error {
-	r, err := m.get(guest)
+	r, err := m.primaryRecord(guest, agent, epoch)
 	if err != nil {
 		return err
-	}
-	if err := checkEpoch(r, agent, epoch); err != nil {
-		return err
-	}
-	if agent != r.Primary {
-		return errorf(CodeNotPrimary, "guest %s: %s is not the primary", guest, agent)
 	}
 	if roleOf(r, standby) != RoleStandby {
 		return errorf(CodeNotStandby, "guest %s: %s is not registered as standby at epoch %d", guest, standby, r.Epoch)
@@ -414,15 +412,9 @@ func (m *machine) retire(now time.Time, guest, agent string, epoch uint64) error
 	if l := r.Last; r.Retired && l != nil && l.Kind == TransitionRetired && l.Agent == agent && l.From == epoch {
 		return nil // a retry whose answer was lost
 	}
-	r, err := m.get(guest)
+	r, err := m.primaryRecord(guest, agent, epoch)
 	if err != nil {
 		return err
-	}
-	if err := checkEpoch(r, agent, epoch); err != nil {
-		return err
-	}
-	if agent != r.Primary {
-		return errorf(CodeNotPrimary, "guest %s: only its primary %s may unenroll it, not %s", guest, r.Primary, agent)
 	}
 	next := &guestRecord{
 		Guest:            r.Guest,
