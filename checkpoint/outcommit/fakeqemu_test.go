@@ -187,7 +187,7 @@ func (f *fakeQEMU) tapFrames() []int {
 // waitTap waits until the tap has seen n frames.
 func (f *fakeQEMU) waitTap(t *testing.T, n int) []int {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
 		if got := f.tapFrames(); len(got) >= n {
 			return got
