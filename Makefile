@@ -42,6 +42,7 @@ FUZZTIME ?= 30s
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeFrame$$' -fuzztime $(FUZZTIME) ./checkpoint
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeBatch$$' -fuzztime $(FUZZTIME) ./checkpoint
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeDevStateLZ4$$' -fuzztime $(FUZZTIME) ./checkpoint
 
 bench: lab build
 	$(GO) test -run '^$$' -bench . -benchtime 20x ./checkpoint

@@ -192,3 +192,53 @@ func isZero(b []byte) bool {
 	}
 	return true
 }
+
+// MaxDevStateChunk bounds the device state one frame carries (before
+// compression).
+const MaxDevStateChunk = 1 << 20
+
+// EncodeDevState appends the payload for one chunk of device state (at most
+// MaxDevStateChunk bytes) to dst and says which frame carries it:
+// FrameDevStateLZ4 (uncompressed length, then one lz4 block) when lz4
+// shrinks it, else FrameDevState with the chunk as is.
+func (e *BatchEncoder) EncodeDevState(dst, chunk []byte) ([]byte, FrameType, error) {
+	if len(chunk) > MaxDevStateChunk {
+		return nil, 0, fmt.Errorf("device state chunk of %d bytes exceeds %d", len(chunk), MaxDevStateChunk)
+	}
+	if cap(e.zbuf) < lz4.CompressBlockBound(len(chunk)) {
+		e.zbuf = make([]byte, lz4.CompressBlockBound(len(chunk)))
+	}
+	n, err := e.comp.CompressBlock(chunk, e.zbuf[:cap(e.zbuf)])
+	if err != nil {
+		return nil, 0, fmt.Errorf("lz4: %w", err)
+	}
+	if n == 0 || n+4 >= len(chunk) {
+		return append(dst, chunk...), FrameDevState, nil
+	}
+	dst = binary.BigEndian.AppendUint32(dst, uint32(len(chunk)))
+	return append(dst, e.zbuf[:n]...), FrameDevStateLZ4, nil
+}
+
+// ErrBadDevState marks a compressed device state frame that does not
+// decode: the epoch carrying it must be discarded.
+var ErrBadDevState = errors.New("corrupt device state frame")
+
+// DecodeDevStateLZ4 decodes a FrameDevStateLZ4 payload into scratch (grown
+// as needed) and returns the device state bytes.
+func DecodeDevStateLZ4(payload, scratch []byte) ([]byte, error) {
+	if len(payload) < 4 {
+		return nil, fmt.Errorf("%w: short header", ErrBadDevState)
+	}
+	want := int(binary.BigEndian.Uint32(payload))
+	if want == 0 || want > MaxDevStateChunk {
+		return nil, fmt.Errorf("%w: declares %d bytes (1..%d allowed)", ErrBadDevState, want, MaxDevStateChunk)
+	}
+	if cap(scratch) < want {
+		scratch = make([]byte, want)
+	}
+	n, err := lz4.UncompressBlock(payload[4:], scratch[:want])
+	if err != nil || n != want {
+		return nil, fmt.Errorf("%w: lz4 block decodes to %d bytes (%v), want %d", ErrBadDevState, n, err, want)
+	}
+	return scratch[:n], nil
+}

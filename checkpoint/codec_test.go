@@ -524,3 +524,87 @@ func BenchmarkDecodeBatch(b *testing.B) {
 		})
 	}
 }
+
+func TestDevStateRoundTrip(t *testing.T) {
+	var enc BatchEncoder
+	compressible := bytes.Repeat([]byte("virtio-net queue 0 state "), 50000)[:MaxDevStateChunk]
+	random := make([]byte, 70000)
+	for i := range random {
+		random[i] = byte(rand.Uint32())
+	}
+	for _, tc := range []struct {
+		name  string
+		chunk []byte
+		want  FrameType
+	}{
+		{"compressible", compressible, FrameDevStateLZ4},
+		{"random", random, FrameDevState},
+		{"tiny", []byte{1, 2, 3}, FrameDevState},
+	} {
+		payload, ft, err := enc.EncodeDevState(nil, tc.chunk)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if ft != tc.want {
+			t.Fatalf("%s: sent as %v, want %v", tc.name, ft, tc.want)
+		}
+		got := payload
+		if ft == FrameDevStateLZ4 {
+			if got, err = DecodeDevStateLZ4(payload, nil); err != nil {
+				t.Fatalf("%s: %v", tc.name, err)
+			}
+			t.Logf("%s: %d bytes -> %d on the wire", tc.name, len(tc.chunk), len(payload))
+		}
+		if !bytes.Equal(got, tc.chunk) {
+			t.Fatalf("%s: round trip differs", tc.name)
+		}
+	}
+	if _, _, err := enc.EncodeDevState(nil, make([]byte, MaxDevStateChunk+1)); err == nil {
+		t.Fatal("oversized chunk accepted")
+	}
+}
+
+func TestDecodeDevStateLZ4Refuses(t *testing.T) {
+	var enc BatchEncoder
+	good, _, err := enc.EncodeDevState(nil, bytes.Repeat([]byte{7, 0, 0, 0}, 4096))
+	if err != nil {
+		t.Fatal(err)
+	}
+	withLen := func(n uint32) []byte {
+		b := bytes.Clone(good)
+		binary.BigEndian.PutUint32(b, n)
+		return b
+	}
+	for name, payload := range map[string][]byte{
+		"empty":            nil,
+		"short header":     {0, 0, 1},
+		"zero length":      withLen(0),
+		"beyond the limit": withLen(MaxDevStateChunk + 1),
+		"longer than data": withLen(16385),
+		"shorter block":    good[:len(good)-2],
+		"garbage block":    append(bytes.Clone(good[:4]), 0xff, 0xff, 0xff, 0xff),
+	} {
+		if _, err := DecodeDevStateLZ4(payload, nil); !errors.Is(err, ErrBadDevState) {
+			t.Errorf("%s: %v, want ErrBadDevState", name, err)
+		}
+	}
+}
+
+func FuzzDecodeDevStateLZ4(f *testing.F) {
+	var enc BatchEncoder
+	good, _, _ := enc.EncodeDevState(nil, bytes.Repeat([]byte("device"), 1000))
+	f.Add(good)
+	f.Add([]byte{0, 0, 0, 4, 0x40, 1, 2, 3, 4})
+	f.Fuzz(func(t *testing.T, payload []byte) {
+		out, err := DecodeDevStateLZ4(payload, nil)
+		if err != nil {
+			if !errors.Is(err, ErrBadDevState) {
+				t.Fatalf("error %v is not ErrBadDevState", err)
+			}
+			return
+		}
+		if want := binary.BigEndian.Uint32(payload); uint32(len(out)) != want {
+			t.Fatalf("decoded %d bytes, header says %d", len(out), want)
+		}
+	})
+}

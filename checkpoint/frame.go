@@ -41,6 +41,8 @@ const (
 	// FrameDiskControl carries its epoch cuts.
 	FrameDiskNBD     FrameType = 11
 	FrameDiskControl FrameType = 12
+	// FrameDevStateLZ4 is FrameDevState compressed (see EncodeDevState).
+	FrameDevStateLZ4 FrameType = 13
 )
 
 func (t FrameType) String() string {
@@ -69,6 +71,8 @@ func (t FrameType) String() string {
 		return "disk-nbd"
 	case FrameDiskControl:
 		return "disk-control"
+	case FrameDevStateLZ4:
+		return "devstate-lz4"
 	}
 	return fmt.Sprintf("frame-type-%d", uint8(t))
 }

@@ -624,10 +624,15 @@ func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, ep 
 			p.cfg.Hook("transfer", ep.epoch)
 		}
 	}
-	for off := 0; off < len(ep.devstate); off += 1 << 20 {
-		chunk := ep.devstate[off:min(off+1<<20, len(ep.devstate))]
-		crc = crc32.Update(crc, castagnoli, chunk)
-		if err := WriteFrame(w, Frame{Type: FrameDevState, Fence: fence, Epoch: ep.epoch, Payload: chunk}); err != nil {
+	for off := 0; off < len(ep.devstate); off += MaxDevStateChunk {
+		chunk := ep.devstate[off:min(off+MaxDevStateChunk, len(ep.devstate))]
+		var ft FrameType
+		var err error
+		if *buf, ft, err = enc.EncodeDevState((*buf)[:0], chunk); err != nil {
+			return err
+		}
+		crc = crc32.Update(crc, castagnoli, *buf) // over what is sent, as for pages
+		if err := WriteFrame(w, Frame{Type: ft, Fence: fence, Epoch: ep.epoch, Payload: *buf}); err != nil {
 			return err
 		}
 	}

@@ -445,6 +445,8 @@ func (s *testStandby) handle(c net.Conn) {
 			err = s.r.AddPages(f.Epoch, f.Payload)
 		case FrameDevState:
 			err = s.r.AddDevState(f.Epoch, f.Payload)
+		case FrameDevStateLZ4:
+			err = s.r.AddDevStateLZ4(f.Epoch, f.Payload)
 		case FrameEpochEnd:
 			var end EpochEnd
 			if end, err = UnmarshalEpochEnd(f.Payload); err == nil {

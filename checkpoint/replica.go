@@ -36,19 +36,20 @@ type Replica struct {
 	persist func(ReplicaState) error
 
 	// staging of the epoch being received
-	staging   bool
-	gen       string
-	epoch     uint64
-	begin     EpochBegin
-	stage     *os.File
-	stageW    *bufio.Writer
-	devstate  *os.File
-	crc       uint32
-	gotPages  uint64
-	gotBatch  uint32
-	gotDev    uint64
-	scratch   []byte
-	LastApply struct{ Pages uint64 }
+	staging    bool
+	gen        string
+	epoch      uint64
+	begin      EpochBegin
+	stage      *os.File
+	stageW     *bufio.Writer
+	devstate   *os.File
+	crc        uint32
+	gotPages   uint64
+	gotBatch   uint32
+	gotDev     uint64
+	devScratch []byte // decoded device state chunk
+	scratch    []byte
+	LastApply  struct{ Pages uint64 }
 
 	disks []DiskEpochs
 }
@@ -177,15 +178,34 @@ func (r *Replica) AddPages(epoch uint64, batch []byte) error {
 	return nil
 }
 
-// AddDevState stages a chunk of device state.
+// AddDevState stages a chunk of device state (a FrameDevState payload).
 func (r *Replica) AddDevState(epoch uint64, chunk []byte) error {
+	return r.addDevState(epoch, chunk, chunk)
+}
+
+// AddDevStateLZ4 stages a compressed chunk of device state (a
+// FrameDevStateLZ4 payload).
+func (r *Replica) AddDevStateLZ4(epoch uint64, payload []byte) error {
+	if err := r.check(epoch); err != nil {
+		return err
+	}
+	chunk, err := DecodeDevStateLZ4(payload, r.devScratch)
+	if err != nil {
+		return fmt.Errorf("epoch %d: %w", epoch, err)
+	}
+	r.devScratch = chunk[:0]
+	return r.addDevState(epoch, payload, chunk)
+}
+
+// addDevState stages chunk; the epoch checksum covers the payload as sent.
+func (r *Replica) addDevState(epoch uint64, payload, chunk []byte) error {
 	if err := r.check(epoch); err != nil {
 		return err
 	}
 	if _, err := r.devstate.Write(chunk); err != nil {
 		return err
 	}
-	r.crc = crc32.Update(r.crc, castagnoli, chunk)
+	r.crc = crc32.Update(r.crc, castagnoli, payload)
 	r.gotDev += uint64(len(chunk))
 	return nil
 }

@@ -75,10 +75,20 @@ func (a *agentStore) load(t *testing.T) ReplicaState {
 
 // builtEpoch is an epoch as the primary's sendEpoch puts it on the wire.
 type builtEpoch struct {
-	begin   EpochBegin
-	batches [][]byte
-	dev     [][]byte
-	end     EpochEnd
+	begin    EpochBegin
+	batches  [][]byte
+	dev      [][]byte    // device state payloads as sent
+	devTypes []FrameType // FrameDevState or FrameDevStateLZ4
+	end      EpochEnd
+}
+
+// addDev hands device state payload i to the replica as the standby's
+// receive loop does.
+func (e builtEpoch) addDev(r *Replica, epoch uint64, i int) error {
+	if e.devTypes[i] == FrameDevStateLZ4 {
+		return r.AddDevStateLZ4(epoch, e.dev[i])
+	}
+	return r.AddDevState(epoch, e.dev[i])
 }
 
 // buildEpoch encodes the pages of src listed in indices (every page when
@@ -107,10 +117,14 @@ func buildEpoch(t testing.TB, src []byte, indices []uint64, full bool, devstate 
 		crc = crc32.Update(crc, table, b)
 		e.batches = append(e.batches, b)
 	}
-	for off := 0; off < len(devstate); off += 1 << 20 {
-		chunk := devstate[off:min(off+1<<20, len(devstate))]
-		crc = crc32.Update(crc, table, chunk)
-		e.dev = append(e.dev, chunk)
+	for off := 0; off < len(devstate); off += MaxDevStateChunk {
+		payload, ft, err := enc.EncodeDevState(nil, devstate[off:min(off+MaxDevStateChunk, len(devstate))])
+		if err != nil {
+			t.Fatal(err)
+		}
+		crc = crc32.Update(crc, table, payload)
+		e.dev = append(e.dev, payload)
+		e.devTypes = append(e.devTypes, ft)
 	}
 	e.begin = EpochBegin{Full: full, Pages: uint64(len(indices)), DevStateLen: uint64(len(devstate))}
 	e.end = EpochEnd{Pages: uint64(len(indices)), Batches: uint32(len(e.batches)), DevStateLen: uint64(len(devstate)), CRC: crc}
@@ -127,8 +141,8 @@ func feed(r *Replica, gen string, epoch uint64, e builtEpoch) error {
 			return err
 		}
 	}
-	for _, c := range e.dev {
-		if err := r.AddDevState(epoch, c); err != nil {
+	for i := range e.dev {
+		if err := e.addDev(r, epoch, i); err != nil {
 			return err
 		}
 	}
@@ -353,6 +367,7 @@ func TestReplicaRefusesBrokenEpochs(t *testing.T) {
 		return func(r *Replica, gen string, epoch uint64, e builtEpoch) error {
 			e.batches = slices.Clone(e.batches)
 			e.dev = slices.Clone(e.dev)
+			e.devTypes = slices.Clone(e.devTypes)
 			mut(&e)
 			return feed(r, gen, epoch, e)
 		}
@@ -382,9 +397,27 @@ func TestReplicaRefusesBrokenEpochs(t *testing.T) {
 		{"devstate length in trailer", plain(func(e *builtEpoch) { e.end.DevStateLen++ }), true},
 		{"devstate length in header", plain(func(e *builtEpoch) { e.begin.DevStateLen-- }), true},
 		{"devstate chunk missing", plain(func(e *builtEpoch) { e.dev = nil }), true},
-		{"devstate chunk short", plain(func(e *builtEpoch) { e.dev[0] = e.dev[0][:len(e.dev[0])-1] }), true},
-		{"devstate changed", plain(func(e *builtEpoch) { e.dev[0] = flipByte(e.dev[0], 5) }), true},
-		{"devstate twice", plain(func(e *builtEpoch) { e.dev = append(e.dev, e.dev[0]) }), true},
+		{"devstate chunk short", plain(func(e *builtEpoch) {
+			e.dev[0], e.devTypes[0] = devstateFor(0, int(e.begin.DevStateLen)-1), FrameDevState
+		}), true},
+		// The last bytes of an lz4 block are literals: it still decodes.
+		{"devstate changed", plain(func(e *builtEpoch) { e.dev[0] = flipByte(e.dev[0], len(e.dev[0])-1) }), true},
+		{"devstate twice", plain(func(e *builtEpoch) {
+			e.dev, e.devTypes = append(e.dev, e.dev[0]), append(e.devTypes, e.devTypes[0])
+		}), true},
+		{"compressed devstate truncated", func(r *Replica, gen string, epoch uint64, e builtEpoch) error {
+			if e.devTypes[0] != FrameDevStateLZ4 {
+				return fmt.Errorf("test setup: device state sent as %v, want %v", e.devTypes[0], FrameDevStateLZ4)
+			}
+			e.dev = slices.Clone(e.dev)
+			e.dev[0] = e.dev[0][:len(e.dev[0])-3]
+			err := feed(r, gen, epoch, e)
+			r.Abort() // the standby drops the session
+			if !errors.Is(err, ErrBadDevState) {
+				return fmt.Errorf("truncated lz4 device state: %v, want ErrBadDevState", err)
+			}
+			return err
+		}, false},
 		{"pages for another epoch", func(r *Replica, gen string, epoch uint64, e builtEpoch) error {
 			if err := r.Begin(gen, epoch, e.begin); err != nil {
 				return err
@@ -399,8 +432,8 @@ func TestReplicaRefusesBrokenEpochs(t *testing.T) {
 					return err
 				}
 			}
-			for _, c := range e.dev {
-				if err := r.AddDevState(epoch, c); err != nil {
+			for i := range e.dev {
+				if err := e.addDev(r, epoch, i); err != nil {
 					return err
 				}
 			}
@@ -418,7 +451,7 @@ func TestReplicaRefusesBrokenEpochs(t *testing.T) {
 					return err
 				}
 			}
-			if err := r.AddDevState(epoch-1, e.dev[0]); err == nil {
+			if err := e.addDev(r, epoch-1, 0); err == nil {
 				return errors.New("devstate of another epoch accepted")
 			}
 			return r.End(epoch, e.end)
@@ -432,8 +465,8 @@ func TestReplicaRefusesBrokenEpochs(t *testing.T) {
 					return err
 				}
 			}
-			for _, c := range e.dev {
-				if err := r.AddDevState(epoch, c); err != nil {
+			for i := range e.dev {
+				if err := e.addDev(r, epoch, i); err != nil {
 					return err
 				}
 			}
@@ -448,7 +481,7 @@ func TestReplicaRefusesBrokenEpochs(t *testing.T) {
 			if err := r.AddPages(epoch, e.batches[0]); err == nil {
 				return errors.New("pages without epoch-begin accepted")
 			}
-			if err := r.AddDevState(epoch, e.dev[0]); err == nil {
+			if err := e.addDev(r, epoch, 0); err == nil {
 				return errors.New("devstate without epoch-begin accepted")
 			}
 			if err := r.End(epoch, e.end); err == nil {
@@ -487,7 +520,7 @@ func TestReplicaRefusesBrokenEpochs(t *testing.T) {
 			if err := r.AddPages(epoch, e.batches[0]); err != nil {
 				return err
 			}
-			if err := r.AddDevState(epoch, e.dev[0]); err != nil {
+			if err := e.addDev(r, epoch, 0); err != nil {
 				return err
 			}
 			r.Abort()
@@ -780,7 +813,7 @@ func TestReplicaOpenDiscardsLeftovers(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := f.r.AddDevState(next, e.dev[0]); err != nil {
+	if err := e.addDev(f.r, next, 0); err != nil {
 		t.Fatal(err)
 	}
 	if err := f.r.stageW.Flush(); err != nil {

@@ -424,6 +424,8 @@ func (a *Agent) receive(ctx context.Context, sg *standbyGuest, conn net.Conn, br
 			ferr = rep.AddPages(f.Epoch, f.Payload)
 		case checkpoint.FrameDevState:
 			ferr = rep.AddDevState(f.Epoch, f.Payload)
+		case checkpoint.FrameDevStateLZ4:
+			ferr = rep.AddDevStateLZ4(f.Epoch, f.Payload)
 		case checkpoint.FrameEpochEnd:
 			var end checkpoint.EpochEnd
 			if end, ferr = checkpoint.UnmarshalEpochEnd(f.Payload); ferr == nil {
