@@ -180,7 +180,10 @@ func (r *Replica) AddPages(epoch uint64, batch []byte) error {
 
 // AddDevState stages a chunk of device state (a FrameDevState payload).
 func (r *Replica) AddDevState(epoch uint64, chunk []byte) error {
-	return r.addDevState(epoch, chunk, chunk)
+	if err := r.check(epoch); err != nil {
+		return err
+	}
+	return r.addDevState(chunk, chunk)
 }
 
 // AddDevStateLZ4 stages a compressed chunk of device state (a
@@ -194,14 +197,12 @@ func (r *Replica) AddDevStateLZ4(epoch uint64, payload []byte) error {
 		return fmt.Errorf("epoch %d: %w", epoch, err)
 	}
 	r.devScratch = chunk[:0]
-	return r.addDevState(epoch, payload, chunk)
+	return r.addDevState(payload, chunk)
 }
 
-// addDevState stages chunk; the epoch checksum covers the payload as sent.
-func (r *Replica) addDevState(epoch uint64, payload, chunk []byte) error {
-	if err := r.check(epoch); err != nil {
-		return err
-	}
+// addDevState stages chunk of the checked epoch; the epoch checksum covers
+// the payload as sent.
+func (r *Replica) addDevState(payload, chunk []byte) error {
 	if _, err := r.devstate.Write(chunk); err != nil {
 		return err
 	}

@@ -36,18 +36,6 @@ const (
 	labDiskDev   = "vda"
 )
 
-func requireLab(t *testing.T) {
-	t.Helper()
-	if os.Getenv("REMORA_LAB") != "1" {
-		t.Skip("lab test: set REMORA_LAB=1 (as root, after test/lab/lab.sh up) to run against a real guest")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := labkit.CheckLab(ctx); err != nil {
-		t.Skipf("lab test skipped: %v", err)
-	}
-}
-
 type labEnv struct {
 	t      *testing.T
 	lg     *labkit.Guest
@@ -245,7 +233,7 @@ func (e *labEnv) assertNoMirrorLeft() {
 }
 
 func TestLab(t *testing.T) {
-	requireLab(t)
+	labkit.RequireLab(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	dir := filepath.Join(labkit.LabDir(), "disks", labGuestName)

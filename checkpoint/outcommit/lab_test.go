@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -35,18 +34,6 @@ const (
 	labGuestName = "oc-lab"
 	labGuestIdx  = 61
 )
-
-func requireLab(t *testing.T) {
-	t.Helper()
-	if os.Getenv("REMORA_LAB") != "1" {
-		t.Skip("lab test: set REMORA_LAB=1 (as root, after test/lab/lab.sh up) to run against a real guest")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := labkit.CheckLab(ctx); err != nil {
-		t.Skipf("lab test skipped: %v", err)
-	}
-}
 
 type labEnv struct {
 	t   *testing.T
@@ -214,7 +201,7 @@ func (w *tapWatch) reset() {
 }
 
 func TestLab(t *testing.T) {
-	requireLab(t)
+	labkit.RequireLab(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	lg, g := labkit.BootOpen(t, ctx, labkit.GuestOptions{Name: labGuestName, IP: labkit.GuestIP(labGuestIdx), Rate: -1})
@@ -341,6 +328,21 @@ func labHeldUntilReleased(t *testing.T, e *labEnv) {
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// heldGet sends `get` once output is held from epoch 1 and returns when
+// the guest's answer sits in the open epoch, not delivered.
+func heldGet(t *testing.T, e *labEnv) (*lineConn, *Redirector) {
+	t.Helper()
+	lc := e.dial()
+	r := e.redirector(Options{})
+	e.epoch(r, 1)
+	lc.send("get")
+	waitOpenFrames(t, r)
+	if s, ok, _ := lc.reply(200 * time.Millisecond); ok {
+		t.Fatalf("reply %q not held", s)
+	}
+	return lc, r
 }
 
 // waitOpenFrames waits until the guest's answer is held in the open epoch
@@ -643,14 +645,7 @@ func labWithDeviceStateCheckpoints(t *testing.T, e *labEnv) {
 // connection works at once, and the dropped reply comes by retransmission
 // on the direct path.
 func labCloseRestoresNetwork(t *testing.T, e *labEnv) {
-	lc := e.dial()
-	r := e.redirector(Options{})
-	e.epoch(r, 1)
-	lc.send("get")
-	time.Sleep(300 * time.Millisecond)
-	if s, ok, _ := lc.reply(200 * time.Millisecond); ok {
-		t.Fatalf("reply %q not held", s)
-	}
+	lc, r := heldGet(t, e)
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -678,14 +673,7 @@ func labCloseRestoresNetwork(t *testing.T, e *labEnv) {
 
 // ReleaseAll then Close: held replies come out, and nothing is lost.
 func labReleaseAllThenClose(t *testing.T, e *labEnv) {
-	lc := e.dial()
-	r := e.redirector(Options{})
-	e.epoch(r, 1)
-	lc.send("get")
-	time.Sleep(300 * time.Millisecond)
-	if s, ok, _ := lc.reply(200 * time.Millisecond); ok {
-		t.Fatalf("reply %q not held", s)
-	}
+	lc, r := heldGet(t, e)
 	if err := r.ReleaseAll(); err != nil {
 		t.Fatal(err)
 	}

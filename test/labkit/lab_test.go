@@ -8,20 +8,6 @@ import (
 	"time"
 )
 
-// requireLab skips the test unless REMORA_LAB=1, running as root, with
-// libvirt reachable and the lab set up (test/lab/lab.sh up).
-func requireLab(t *testing.T) {
-	t.Helper()
-	if os.Getenv("REMORA_LAB") != "1" {
-		t.Skip("lab test: set REMORA_LAB=1 (as root, after test/lab/lab.sh up) to boot a real guest")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := CheckLab(ctx); err != nil {
-		t.Skipf("lab test skipped: %v", err)
-	}
-}
-
 // Guest IP and name reserved for this test, away from the low addresses
 // other tests use.
 const (
@@ -30,7 +16,7 @@ const (
 )
 
 func TestLabGuest(t *testing.T) {
-	requireLab(t)
+	RequireLab(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
