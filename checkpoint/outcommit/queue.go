@@ -106,9 +106,13 @@ func (q *queue) add(r record, at time.Time) {
 	n := int64(len(r.frame()))
 	switch seg.kind {
 	case segForward:
-		q.out = append(q.out, heldFrame{rec: r, at: at})
-		q.forwardedFrames++
-		q.forwardedBytes += uint64(n)
+		if seg != q.segs[0] {
+			// Earlier epochs are still held: passing this frame on now
+			// would overtake them. popTo forwards it after them.
+			seg.frames = append(seg.frames, heldFrame{rec: r, at: at})
+			return
+		}
+		q.forward(heldFrame{rec: r, at: at})
 	case segDiscard:
 		q.discardedFrames++
 		q.discardedBytes += uint64(n)
@@ -122,6 +126,23 @@ func (q *queue) add(r record, at time.Time) {
 		seg.bytes += n
 		q.heldBytes += n
 		q.heldFrames++
+	}
+}
+
+func (q *queue) forward(f heldFrame) {
+	q.out = append(q.out, f)
+	q.forwardedFrames++
+	q.forwardedBytes += uint64(len(f.rec.frame()))
+}
+
+// forwardFront passes on the frames a forward segment kept while it was
+// behind held epochs, once it is the first segment.
+func (q *queue) forwardFront() {
+	if s := q.segs[0]; s.kind == segForward {
+		for _, f := range s.frames {
+			q.forward(f)
+		}
+		s.frames = nil
 	}
 }
 
@@ -188,9 +209,15 @@ func (q *queue) popTo(pos int64) {
 				q.lastReleased = s.epoch
 			}
 		}
+		if s.kind == segForward {
+			for _, f := range s.frames {
+				q.forward(f)
+			}
+		}
 		q.base = s.end
 	}
 	q.segs = append(q.segs[:0], q.segs[i:]...)
+	q.forwardFront()
 }
 
 // gc drops closed forward and discard segments at the front that the
@@ -205,6 +232,7 @@ func (q *queue) gc(consumed int64) {
 		q.base = s.end
 	}
 	q.segs = append(q.segs[:0], q.segs[i:]...)
+	q.forwardFront()
 }
 
 func (q *queue) discardSeg(s *segment) {

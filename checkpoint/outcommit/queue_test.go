@@ -379,3 +379,31 @@ func TestQueueRandomAgainstModel(t *testing.T) {
 }
 
 func newRand(seed int) *rand.Rand { return rand.New(rand.NewPCG(uint64(seed), 7)) }
+
+// TestQueueReleaseAllKeepsOrder: frames the reader parses after ReleaseAll
+// closed the held epochs, but before those were popped, must not overtake
+// them (ReleaseAll waits for the reader with the lock released).
+func TestQueueReleaseAllKeepsOrder(t *testing.T) {
+	s := newQsim(t, 1<<20, true)
+	s.send(5, 100) // 0..4 -> epoch 1
+	s.cut(1)
+	s.send(5, 100) // 5..9 -> open, released by ReleaseAll
+	target := s.q.releaseAllTarget(s.pos)
+	s.send(5, 100) // 10..14: passed on, after the held ones
+	s.readAll()
+	if got := s.out(); got != nil {
+		t.Fatalf("frames sent on before the held epochs were popped: %v", got)
+	}
+	s.q.popTo(target)
+	if got := s.out(); !slices.Equal(got, seq(0, 15)) {
+		t.Fatalf("sent %v, want 0..14 in order", got)
+	}
+	s.send(2, 100) // 15..16 pass at once
+	s.readAll()
+	if got := s.out(); !slices.Equal(got, seq(15, 17)) {
+		t.Fatalf("after ReleaseAll sent %v", got)
+	}
+	if s.q.forwardedFrames != 7 || s.q.releasedFrames != 10 {
+		t.Fatalf("forwarded %d released %d, want 7 and 10", s.q.forwardedFrames, s.q.releasedFrames)
+	}
+}
