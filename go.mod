@@ -27,4 +27,5 @@ require (
 	github.com/subosito/gotenv v1.6.0 // indirect
 	go.yaml.in/yaml/v3 v3.0.4 // indirect
 	golang.org/x/text v0.28.0 // indirect
+	libvirt.org/go/libvirtxml v1.9000.0 // indirect
 )

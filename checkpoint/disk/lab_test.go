@@ -19,7 +19,8 @@ import (
 	"github.com/zeebo/xxh3"
 
 	"github.com/remora-ha/remora/checkpoint"
-	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/migrate/qemu"
+	"github.com/remora-ha/remora/migrate/virt"
 	"github.com/remora-ha/remora/test/labkit"
 )
 
@@ -39,9 +40,10 @@ const (
 type labEnv struct {
 	t      *testing.T
 	lg     *labkit.Guest
-	g      *migrate.Guest
+	g      *qemu.Guest
+	conn   *virt.Conn
 	wl     *labkit.Client
-	disk   migrate.DiskNode
+	disk   qemu.DiskNode
 	source string // the guest's image
 	dir    string
 }
@@ -111,14 +113,14 @@ func (sb *standby) close() {
 	sb.tg.Close()
 }
 
-func (sb *standby) server() migrate.NBDServer {
+func (sb *standby) server() qemu.NBDServer {
 	a := sb.nbd.Addr().(*net.TCPAddr)
-	return migrate.NBDServer{Host: a.IP.String(), Port: a.Port, Export: labGuestName + "-" + labDiskDev}
+	return qemu.NBDServer{Host: a.IP.String(), Port: a.Port, Export: labGuestName + "-" + labDiskDev}
 }
 
 func (e *labEnv) qmp(cmd string) {
 	e.t.Helper()
-	if err := migrate.Exec(e.g.Mon, cmd, nil, nil); err != nil {
+	if err := qemu.Exec(context.Background(), e.g.Mon, cmd, nil, nil); err != nil {
 		e.t.Fatal(err)
 	}
 }
@@ -178,18 +180,18 @@ func hashFile(t *testing.T, path string) xxh3.Uint128 {
 	return xxh3.Hash128(b)
 }
 
-func (e *labEnv) startMirror(sb *standby, server migrate.NBDServer) *migrate.Mirror {
+func (e *labEnv) startMirror(sb *standby, server qemu.NBDServer) *qemu.Mirror {
 	t := e.t
 	t.Helper()
-	mr, err := migrate.StartMirror(e.g.Mon, e.disk, migrate.MirrorOptions{Server: server})
+	mr, err := qemu.StartMirror(context.Background(), e.g.Mon, e.disk, qemu.MirrorOptions{Server: server})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	start := time.Now()
-	var last migrate.MirrorProgress
-	err = mr.WaitReady(ctx, 50*time.Millisecond, func(p migrate.MirrorProgress) { last = p })
+	var last qemu.MirrorProgress
+	err = mr.WaitReady(ctx, 50*time.Millisecond, func(p qemu.MirrorProgress) { last = p })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -198,7 +200,7 @@ func (e *labEnv) startMirror(sb *standby, server migrate.NBDServer) *migrate.Mir
 	return mr
 }
 
-func (e *labEnv) cancelMirror(mr *migrate.Mirror) {
+func (e *labEnv) cancelMirror(mr *qemu.Mirror) {
 	e.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -214,7 +216,7 @@ func (e *labEnv) assertNoMirrorLeft() {
 	var nodes []struct {
 		NodeName string `json:"node-name"`
 	}
-	if err := migrate.Exec(e.g.Mon, "query-named-block-nodes", map[string]any{"flat": true}, &nodes); err != nil {
+	if err := qemu.Exec(context.Background(), e.g.Mon, "query-named-block-nodes", map[string]any{"flat": true}, &nodes); err != nil {
 		t.Fatal(err)
 	}
 	for _, n := range nodes {
@@ -223,10 +225,10 @@ func (e *labEnv) assertNoMirrorLeft() {
 		}
 	}
 	var jobs []any
-	if err := migrate.Exec(e.g.Mon, "query-block-jobs", nil, &jobs); err != nil || len(jobs) != 0 {
+	if err := qemu.Exec(context.Background(), e.g.Mon, "query-block-jobs", nil, &jobs); err != nil || len(jobs) != 0 {
 		t.Errorf("block jobs left: %v %v", jobs, err)
 	}
-	d, err := e.g.FindDisk(context.Background(), labDiskDev)
+	d, err := e.conn.FindDisk(context.Background(), e.g, labDiskDev)
 	if err != nil || d.Node != e.disk.Node {
 		t.Errorf("the guest's disk is now %+v (%v), was %+v", d, err, e.disk)
 	}
@@ -246,8 +248,8 @@ func TestLab(t *testing.T) {
 	if err := labkit.CreateDataDisk(source, labDiskSize); err != nil {
 		t.Fatal(err)
 	}
-	lg, g := labkit.BootOpen(t, ctx, labkit.GuestOptions{Name: labGuestName, IP: labkit.GuestIP(labGuestIdx), Rate: -1, DataDisk: source})
-	disk, err := g.FindDisk(ctx, labDiskDev)
+	lg, g, conn := labkit.BootOpen(t, ctx, labkit.GuestOptions{Name: labGuestName, IP: labkit.GuestIP(labGuestIdx), Rate: -1, DataDisk: source})
+	disk, err := conn.FindDisk(ctx, g, labDiskDev)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -257,7 +259,7 @@ func TestLab(t *testing.T) {
 	}
 	t.Cleanup(func() { wl.Close() })
 	t.Logf("guest %s booted in %v; disk %+v", lg.Name, lg.BootTime.Round(time.Millisecond), disk)
-	env := &labEnv{t: t, lg: lg, g: g, wl: wl, disk: disk, source: source, dir: dir}
+	env := &labEnv{t: t, lg: lg, g: g, conn: conn, wl: wl, disk: disk, source: source, dir: dir}
 
 	for _, tc := range []struct {
 		name string
@@ -273,8 +275,8 @@ func TestLab(t *testing.T) {
 			e.t = t
 			tc.fn(t, &e)
 		})
-		if st, _ := migrate.Status(g.Mon); st != "running" {
-			migrate.Exec(g.Mon, "cont", nil, nil)
+		if st, _ := qemu.Status(context.Background(), g.Mon); st != "running" {
+			qemu.Exec(context.Background(), g.Mon, "cont", nil, nil)
 		}
 		if !ok {
 			break
@@ -314,7 +316,7 @@ func labReplicaEqualsSourceAtEveryCut(t *testing.T, e *labEnv) {
 		t0 := time.Now()
 		e.qmp("stop")
 		t1 := time.Now()
-		if err := mr.CheckSynced(); err != nil {
+		if err := mr.CheckSynced(context.Background()); err != nil {
 			e.qmp("cont")
 			t.Fatal(err)
 		}
@@ -404,9 +406,9 @@ func labStandbyDiesGuestGoesOn(t *testing.T, e *labEnv) {
 	if after.errors != before.errors || after.records <= before.records+100 {
 		t.Fatalf("the guest's disk writes failed or stalled: %+v -> %+v", before, after)
 	}
-	p, err := mr.Progress()
+	p, err := mr.Progress(context.Background())
 	t.Logf("mirror: %+v (%v)", p, err)
-	if err := mr.CheckSynced(); !errors.Is(err, migrate.ErrMirrorNotSynced) {
+	if err := mr.CheckSynced(context.Background()); !errors.Is(err, qemu.ErrMirrorNotSynced) {
 		t.Fatalf("CheckSynced after the standby died: %v", err)
 	}
 	e.qmp("stop")
@@ -555,7 +557,7 @@ func labSilentStandby(t *testing.T, e *labEnv) {
 	}
 	stopped := make(chan error, 1)
 	start := time.Now()
-	go func() { stopped <- migrate.Exec(e.g.Mon, "stop", nil, nil) }()
+	go func() { stopped <- qemu.Exec(context.Background(), e.g.Mon, "stop", nil, nil) }()
 	select {
 	case err := <-stopped:
 		t.Logf("QMP stop returned in %v (%v) with a write in flight to a silent standby", time.Since(start), err)
@@ -579,7 +581,7 @@ func labSilentStandby(t *testing.T, e *labEnv) {
 		t.Fatalf("after breaking the connection: %d new records, %d errors", f2.records-f1.records, f2.errors-f0.errors)
 	}
 	t.Logf("after breaking the connection: %d records in 1 s, no errors; max write latency %v", f2.records-f1.records, f2.maxl)
-	if err := mr.CheckSynced(); !errors.Is(err, migrate.ErrMirrorNotSynced) {
+	if err := mr.CheckSynced(context.Background()); !errors.Is(err, qemu.ErrMirrorNotSynced) {
 		t.Fatalf("CheckSynced: %v", err)
 	}
 	e.cancelMirror(mr)
@@ -606,7 +608,7 @@ func labSilentStandby(t *testing.T, e *labEnv) {
 	go relay.Serve(ul)
 	defer func() { relay.Close(); os.Remove(sock) }()
 	e.do("disk 100")
-	mr2 := e.startMirror(sb2, migrate.NBDServer{Path: sock, Export: sb2.server().Export})
+	mr2 := e.startMirror(sb2, qemu.NBDServer{Path: sock, Export: sb2.server().Export})
 	defer e.cancelMirror(mr2)
 	g0 := e.figures()
 	gt2.stall(true)
@@ -622,7 +624,7 @@ func labSilentStandby(t *testing.T, e *labEnv) {
 	if g1.errors != g0.errors || g1.records <= g0.records+50 || relay.Stats().Broken != 1 || stopTook > 3*timeout {
 		t.Fatalf("through the relay: %+v -> %+v, relay %+v", g0, g1, relay.Stats())
 	}
-	if err := mr2.CheckSynced(); !errors.Is(err, migrate.ErrMirrorNotSynced) {
+	if err := mr2.CheckSynced(context.Background()); !errors.Is(err, qemu.ErrMirrorNotSynced) {
 		t.Fatalf("CheckSynced: %v", err)
 	}
 	e.do("disk 0")

@@ -361,7 +361,7 @@ func TestFakeReleaseAllThenCloseLosesNothing(t *testing.T) {
 		t.Fatalf("tap saw %d frames, want each of 0..%d once", len(got), n)
 	}
 	if d := firstDiff(got, seq(0, n)); d < 100 {
-		t.Fatalf("tap order differs at frame %d, before Close: %v", d, got[max(0,d-3):min(len(got),d+10)])
+		t.Fatalf("tap order differs at frame %d, before Close: %v", d, got[max(0, d-3):min(len(got), d+10)])
 	}
 	if st := r.Stats(); st.DiscardedFrames != 0 || st.DroppedFrames != 0 {
 		t.Fatalf("stats %+v", st)

@@ -21,7 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/remora-ha/remora/checkpoint"
-	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/test/labkit"
 )
 
@@ -38,21 +38,21 @@ const (
 type labEnv struct {
 	t   *testing.T
 	lg  *labkit.Guest
-	g   *migrate.Guest
+	g   *qemu.Guest
 	tap string
 	dir string
 }
 
 func (e *labEnv) stop() {
 	e.t.Helper()
-	if err := migrate.Exec(e.g.Mon, "stop", nil, nil); err != nil {
+	if err := qemu.Exec(context.Background(), e.g.Mon, "stop", nil, nil); err != nil {
 		e.t.Fatal(err)
 	}
 }
 
 func (e *labEnv) cont() {
 	e.t.Helper()
-	if err := migrate.Exec(e.g.Mon, "cont", nil, nil); err != nil {
+	if err := qemu.Exec(context.Background(), e.g.Mon, "cont", nil, nil); err != nil {
 		e.t.Fatal(err)
 	}
 }
@@ -204,7 +204,7 @@ func TestLab(t *testing.T) {
 	labkit.RequireLab(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	lg, g := labkit.BootOpen(t, ctx, labkit.GuestOptions{Name: labGuestName, IP: labkit.GuestIP(labGuestIdx), Rate: -1})
+	lg, g, _ := labkit.BootOpen(t, ctx, labkit.GuestOptions{Name: labGuestName, IP: labkit.GuestIP(labGuestIdx), Rate: -1})
 	out, err := labkit.Virsh(ctx, "domiflist", lg.Name)
 	if err != nil {
 		t.Fatal(err)
@@ -244,21 +244,21 @@ func TestLab(t *testing.T) {
 			break
 		}
 		// Each case must leave QEMU without our objects and the guest running.
-		if st, _ := migrate.Status(g.Mon); st != "running" {
-			migrate.Exec(g.Mon, "cont", nil, nil)
+		if st, _ := qemu.Status(context.Background(), g.Mon); st != "running" {
+			qemu.Exec(context.Background(), g.Mon, "cont", nil, nil)
 		}
 		assertNoObjects(t, g)
 	}
 }
 
-func assertNoObjects(t *testing.T, g *migrate.Guest) {
+func assertNoObjects(t *testing.T, g *qemu.Guest) {
 	t.Helper()
 	var objs []struct{ Name string }
-	if err := migrate.Exec(g.Mon, "qom-list", map[string]string{"path": "/objects"}, &objs); err != nil {
+	if err := qemu.Exec(context.Background(), g.Mon, "qom-list", map[string]string{"path": "/objects"}, &objs); err != nil {
 		t.Fatal(err)
 	}
 	var chrs []struct{ Label string }
-	if err := migrate.Exec(g.Mon, "query-chardev", nil, &chrs); err != nil {
+	if err := qemu.Exec(context.Background(), g.Mon, "query-chardev", nil, &chrs); err != nil {
 		t.Fatal(err)
 	}
 	for _, o := range objs {
@@ -578,10 +578,10 @@ func labDiscardAfterRetransmit(t *testing.T, e *labEnv) {
 // x-ignore-shared to a unix socket, cont from postmigrate) works with the
 // filters in place, and the capture stream does not move during it.
 func labWithDeviceStateCheckpoints(t *testing.T, e *labEnv) {
-	if err := migrate.SetIgnoreShared(e.g.Mon, true); err != nil {
+	if err := qemu.SetIgnoreShared(context.Background(), e.g.Mon, true); err != nil {
 		t.Fatal(err)
 	}
-	sink, err := migrate.ListenDeviceState(filepath.Join(e.dir, e.g.Name+".devstate.sock"))
+	sink, err := qemu.ListenDeviceState(filepath.Join(e.dir, e.g.Name+".devstate.sock"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -762,7 +762,7 @@ func labRoundTripLatency(t *testing.T, e *labEnv) {
 				n++
 				t0 := time.Now()
 				slow.begin(fmt.Sprintf("stop of epoch %d", n))
-				if err := migrate.Exec(e.g.Mon, "stop", nil, nil); err != nil {
+				if err := qemu.Exec(context.Background(), e.g.Mon, "stop", nil, nil); err != nil {
 					done <- err
 					return
 				}
@@ -771,7 +771,7 @@ func labRoundTripLatency(t *testing.T, e *labEnv) {
 				err := r.Cut(n)
 				cuts.Add(time.Since(t1))
 				slow.begin(fmt.Sprintf("cont of epoch %d", n))
-				if cerr := migrate.Exec(e.g.Mon, "cont", nil, nil); err == nil {
+				if cerr := qemu.Exec(context.Background(), e.g.Mon, "cont", nil, nil); err == nil {
 					err = cerr
 				}
 				slow.end()

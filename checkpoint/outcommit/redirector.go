@@ -20,7 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/remora-ha/remora/checkpoint"
-	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/migrate/qemu"
 )
 
 // Redirector is the QEMU backend of Buffer: no kernel feature needed.
@@ -150,7 +150,7 @@ var defaultIDs = objectIDs{
 // where the agent's two sockets are created (it is created if missing; the
 // sockets are removed once QEMU has connected). Objects a previous
 // Redirector left in QEMU (an agent that died) are removed first.
-func NewRedirector(ctx context.Context, g *migrate.Guest, dir string, opts Options) (*Redirector, error) {
+func NewRedirector(ctx context.Context, g *qemu.Guest, dir string, opts Options) (*Redirector, error) {
 	return newRedirector(ctx, g.Mon, g.Name, dir, opts)
 }
 
@@ -168,7 +168,7 @@ func newRedirector(ctx context.Context, mon qmp.Monitor, guest, dir string, opts
 	}
 	r.cond = sync.NewCond(&r.mu)
 
-	if n := r.removeObjects(); n > 0 {
+	if n := r.removeObjects(ctx); n > 0 {
 		r.log.Warn("removed output-commit objects left in QEMU by an earlier agent (the guest's output was dropped since it died)", "objects", n)
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -189,10 +189,10 @@ func newRedirector(ctx context.Context, mon qmp.Monitor, guest, dir string, opts
 			r.teardown(false)
 		}
 	}()
-	if r.out, err = r.connect(outPath, r.ids.chrOut, deadline); err != nil {
+	if r.out, err = r.connect(ctx, outPath, r.ids.chrOut, deadline); err != nil {
 		return nil, err
 	}
-	if r.in, err = r.connect(inPath, r.ids.chrIn, deadline); err != nil {
+	if r.in, err = r.connect(ctx, inPath, r.ids.chrIn, deadline); err != nil {
 		return nil, err
 	}
 	if r.outRaw, err = r.out.SyscallConn(); err != nil {
@@ -204,26 +204,26 @@ func newRedirector(ctx context.Context, mon qmp.Monitor, guest, dir string, opts
 
 	// Release filter first, so that there is never a capture without a way
 	// back.
-	if err = migrate.AddFilterRedirector(mon, migrate.FilterRedirector{
+	if err = qemu.AddFilterRedirector(ctx, mon, qemu.FilterRedirector{
 		ID: r.ids.release, Netdev: opts.Netdev, Queue: "rx", Indev: r.ids.chrIn,
 		Position: "head", VnetHdr: true,
 	}); err != nil {
-		return nil, r.filterError(err)
+		return nil, r.filterError(ctx, err)
 	}
 	r.wg.Add(2)
 	go r.readLoop()
 	go r.writeLoop()
-	if err = migrate.AddFilterRedirector(mon, migrate.FilterRedirector{
+	if err = qemu.AddFilterRedirector(ctx, mon, qemu.FilterRedirector{
 		ID: r.ids.capture, Netdev: opts.Netdev, Queue: "rx", Outdev: r.ids.chrOut,
 		Position: "id=" + r.ids.release, Insert: "behind", VnetHdr: true,
 	}); err != nil {
-		return nil, r.filterError(err)
+		return nil, r.filterError(ctx, err)
 	}
 	return r, nil
 }
 
 // connect listens on path, has QEMU connect a chardev to it and accepts.
-func (r *Redirector) connect(path, id string, deadline time.Time) (*net.UnixConn, error) {
+func (r *Redirector) connect(ctx context.Context, path, id string, deadline time.Time) (*net.UnixConn, error) {
 	_ = os.Remove(path)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
@@ -233,7 +233,7 @@ func (r *Redirector) connect(path, id string, deadline time.Time) (*net.UnixConn
 	if err := os.Chmod(path, 0o666); err != nil {
 		return nil, fmt.Errorf("outcommit: guest %s: %w", r.guest, err)
 	}
-	if err := migrate.AddSocketChardev(r.mon, id, path); err != nil {
+	if err := qemu.AddSocketChardev(ctx, r.mon, id, path); err != nil {
 		return nil, fmt.Errorf("outcommit: guest %s: QEMU chardev %s to %s: %w", r.guest, id, path, err)
 	}
 	_ = ln.SetDeadline(deadline)
@@ -245,13 +245,13 @@ func (r *Redirector) connect(path, id string, deadline time.Time) (*net.UnixConn
 }
 
 // filterError explains an object-add failure.
-func (r *Redirector) filterError(err error) error {
+func (r *Redirector) filterError(ctx context.Context, err error) error {
 	msg := fmt.Sprintf("outcommit: guest %s: add filter-redirector on netdev %q: %v", r.guest, r.opts.Netdev, err)
-	var qe *migrate.QMPError
+	var qe *qemu.QMPError
 	if errors.As(err, &qe) {
 		switch {
 		case strings.Contains(qe.Desc, "netdev"):
-			nics, lerr := migrate.ListNICs(r.mon)
+			nics, lerr := qemu.ListNICs(ctx, r.mon)
 			switch {
 			case lerr != nil:
 				msg += fmt.Sprintf(" (listing the guest's NICs failed too: %v)", lerr)
@@ -558,13 +558,15 @@ func (r *Redirector) Close() error {
 // teardown undoes NewRedirector; drain says whether the sockets carry a
 // stream worth finishing.
 func (r *Redirector) teardown(drain bool) error {
+	ctx, cancel := context.WithTimeout(context.Background(), r.opts.Timeout)
+	defer cancel()
 	var errs []error
 	gone := false
 	qmpDo := func(what string, err error) {
-		if err == nil || gone || migrate.IsNotFound(err) {
+		if err == nil || gone || qemu.IsNotFound(err) {
 			return
 		}
-		if _, serr := migrate.Status(r.mon); serr != nil {
+		if _, serr := qemu.Status(ctx, r.mon); serr != nil {
 			gone = true // QEMU (or the domain) is gone, and the objects with it
 			return
 		}
@@ -572,7 +574,7 @@ func (r *Redirector) teardown(drain bool) error {
 	}
 
 	// 1. Stop capturing: from here on the guest's frames go to the tap.
-	qmpDo("remove capture filter", migrate.DeleteObject(r.mon, r.ids.capture))
+	qmpDo("remove capture filter", qemu.DeleteObject(ctx, r.mon, r.ids.capture))
 
 	if drain && r.outRaw != nil && !gone {
 		r.mu.Lock()
@@ -610,9 +612,9 @@ func (r *Redirector) teardown(drain bool) error {
 	r.mu.Unlock()
 
 	// 4. Remove the release filter and the chardevs.
-	qmpDo("remove release filter", migrate.DeleteObject(r.mon, r.ids.release))
-	qmpDo("remove chardev "+r.ids.chrOut, migrate.RemoveChardev(r.mon, r.ids.chrOut))
-	qmpDo("remove chardev "+r.ids.chrIn, migrate.RemoveChardev(r.mon, r.ids.chrIn))
+	qmpDo("remove release filter", qemu.DeleteObject(ctx, r.mon, r.ids.release))
+	qmpDo("remove chardev "+r.ids.chrOut, qemu.RemoveChardev(ctx, r.mon, r.ids.chrOut))
+	qmpDo("remove chardev "+r.ids.chrIn, qemu.RemoveChardev(ctx, r.mon, r.ids.chrIn))
 
 	if r.out != nil {
 		r.out.Close()
@@ -626,15 +628,15 @@ func (r *Redirector) teardown(drain bool) error {
 
 // removeObjects removes our objects from QEMU, if there (a previous agent's
 // leftovers), and returns how many it removed.
-func (r *Redirector) removeObjects() int {
+func (r *Redirector) removeObjects(ctx context.Context) int {
 	n := 0
 	for _, id := range []string{r.ids.capture, r.ids.release} {
-		if migrate.DeleteObject(r.mon, id) == nil {
+		if qemu.DeleteObject(ctx, r.mon, id) == nil {
 			n++
 		}
 	}
 	for _, id := range []string{r.ids.chrOut, r.ids.chrIn} {
-		if migrate.RemoveChardev(r.mon, id) == nil {
+		if qemu.RemoveChardev(ctx, r.mon, id) == nil {
 			n++
 		}
 	}

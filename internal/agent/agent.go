@@ -15,14 +15,14 @@ import (
 	"syscall"
 
 	"github.com/remora-ha/remora/arbiter"
-	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/migrate/virt"
 )
 
 // Agent is one host's remora agent.
 type Agent struct {
 	cfg     Config
 	log     *slog.Logger
-	virt    *migrate.Conn
+	virt    *virt.Conn
 	store   recordStore
 	journal *journal
 	resume  map[string]failTxn // failovers the journal says were not finished
@@ -66,7 +66,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if err := a.dialArbiter(ctx, a.tlsCli); err != nil {
 		return err
 	}
-	virt, err := migrate.Dial(ctx, a.cfg.LibvirtURI)
+	virt, err := virt.Dial(ctx, a.cfg.LibvirtURI)
 	if err != nil {
 		return err
 	}

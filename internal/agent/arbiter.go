@@ -136,7 +136,7 @@ func (a *Agent) primaryCoordination(ctx context.Context, pg *primaryGuest) {
 		case err == nil:
 			pg.coord.set(func(c *coordView) { c.lease, c.leaseOK, c.note = l, true, "" })
 			if pg.vm.Fenced() {
-				if err := pg.vm.Unfence(); err != nil {
+				if err := pg.vm.Unfence(ctx); err != nil {
 					a.log.Error("cannot resume self-fenced guest", "domain", pg.rec.Name, "err", err)
 				} else {
 					a.log.Warn("lease renewed: resuming the self-fenced guest", "domain", pg.rec.Name, "epoch", fence)
@@ -200,7 +200,9 @@ func (a *Agent) selfFenceCheck(pg *primaryGuest, timeout time.Duration) {
 		return
 	}
 	a.log.Error("self-fence: lease expired and the standby is silent; pausing the guest", "domain", pg.rec.Name, "epoch", pg.engine.Fence())
-	if err := pg.vm.Fence(); err != nil {
+	ctx, cancel := context.WithTimeout(context.Background(), a.hbTimeout())
+	defer cancel()
+	if err := pg.vm.Fence(ctx); err != nil {
 		a.log.Error("self-fence failed", "domain", pg.rec.Name, "err", err)
 	}
 	pg.coord.set(func(c *coordView) { c.selfFenced = true })
@@ -226,13 +228,13 @@ func (a *Agent) adoptFence(pg *primaryGuest, epoch uint64) {
 func (a *Agent) fencedOut(pg *primaryGuest, ae *arbiter.Error) {
 	a.log.Error("guest was promoted elsewhere: destroying this stale copy", "domain", pg.rec.Name,
 		"our_epoch", pg.engine.Fence(), "current_epoch", ae.CurrentEpoch, "primary", ae.Primary)
-	_ = pg.vm.Fence()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_ = pg.vm.Fence(ctx)
 	if pg.out != nil {
 		// Output of epochs the standby never acknowledged must never leave.
 		pg.out.DiscardAfter(pg.engine.Status().AckedEpoch)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
 	if err := a.virt.Destroy(ctx, pg.rec.Name); err != nil {
 		a.log.Error("cannot destroy the stale copy", "domain", pg.rec.Name, "err", err)
 	}

@@ -13,7 +13,8 @@ import (
 
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/checkpoint/disk"
-	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/migrate/qemu"
+	"github.com/remora-ha/remora/migrate/virt"
 )
 
 // dialAgent connects to another agent's replication port, over mutual
@@ -51,10 +52,10 @@ func (a *Agent) dialPeer(ctx context.Context, peer string, kind checkpoint.Frame
 // primaryDisk is one guest disk mirrored to the standby.
 type primaryDisk struct {
 	dev    string
-	node   migrate.DiskNode
+	node   qemu.DiskNode
 	sock   string
 	relay  *disk.Relay
-	mirror *migrate.Mirror
+	mirror *qemu.Mirror
 	ctl    net.Conn
 	cut    *disk.CutClient
 }
@@ -63,7 +64,7 @@ type primaryDisk struct {
 // cuts their writes into epochs.
 type diskSet struct {
 	a     *Agent
-	g     *migrate.Guest
+	g     *qemu.Guest
 	rec   *Record
 	fence func() uint64
 	disks []*primaryDisk
@@ -92,18 +93,18 @@ type DiskStatus struct {
 	Resyncs   int    `json:"resyncs"` // full disk copies since the agent started
 }
 
-func (a *Agent) newDiskSet(ctx context.Context, g *migrate.Guest, rec *Record, fence func() uint64) (*diskSet, error) {
+func (a *Agent) newDiskSet(ctx context.Context, g *qemu.Guest, rec *Record, fence func() uint64) (*diskSet, error) {
 	x, err := a.virt.LiveXML(ctx, g.Name)
 	if err != nil {
 		return nil, err
 	}
-	devs, err := migrate.WritableDisks(x)
+	devs, err := virt.WritableDisks(x)
 	if err != nil {
 		return nil, err
 	}
 	ds := &diskSet{a: a, g: g, rec: rec, fence: fence, state: "not mirrored yet"}
 	for _, dev := range devs {
-		node, err := g.FindDisk(ctx, dev)
+		node, err := a.virt.FindDisk(ctx, g, dev)
 		if err != nil {
 			ds.close()
 			return nil, fmt.Errorf("disk %s: %w", dev, err)
@@ -166,9 +167,9 @@ func (ds *diskSet) status() *DiskStatus {
 
 // healthy reports whether every mirror is ready, caught up, and its cut
 // path open: the next epoch can be cut consistently.
-func (ds *diskSet) healthy() bool {
+func (ds *diskSet) healthy(ctx context.Context) bool {
 	for _, d := range ds.disks {
-		if d.mirror == nil || d.cut == nil || d.mirror.CheckSynced() != nil {
+		if d.mirror == nil || d.cut == nil || d.mirror.CheckSynced(ctx) != nil {
 			return false
 		}
 	}
@@ -180,7 +181,7 @@ func (ds *diskSet) healthy() bool {
 // (which then needs a full epoch: memory and disks restart together) and
 // mirrors every disk afresh, waiting until each is in sync.
 func (ds *diskSet) prepare(ctx context.Context) (resync bool, err error) {
-	if len(ds.disks) == 0 || ds.healthy() {
+	if len(ds.disks) == 0 || ds.healthy(ctx) {
 		return false, nil
 	}
 	return true, ds.resync(ctx)
@@ -208,13 +209,13 @@ func (ds *diskSet) resync(ctx context.Context) error {
 	var base int64
 	for _, d := range ds.disks {
 		ds.setState("syncing " + d.dev)
-		mr, err := migrate.StartMirror(ds.g.Mon, d.node, migrate.MirrorOptions{Server: migrate.NBDServer{Path: d.sock, Export: d.dev}})
+		mr, err := qemu.StartMirror(ctx, ds.g.Mon, d.node, qemu.MirrorOptions{Server: qemu.NBDServer{Path: d.sock, Export: d.dev}})
 		if err != nil {
 			ds.setState("resync needed")
 			return fmt.Errorf("disk %s: start mirror: %w", d.dev, err)
 		}
 		d.mirror = mr
-		err = mr.WaitReady(ctx, 200*time.Millisecond, func(p migrate.MirrorProgress) {
+		err = mr.WaitReady(ctx, 200*time.Millisecond, func(p qemu.MirrorProgress) {
 			ds.mu.Lock()
 			ds.syncDone = base + p.Offset
 			ds.mu.Unlock()
@@ -239,7 +240,7 @@ func (ds *diskSet) Cut(ctx context.Context, epoch uint64) error {
 		if d.mirror == nil || d.cut == nil {
 			return fmt.Errorf("disk %s is not mirrored", d.dev)
 		}
-		if err := d.mirror.CheckSynced(); err != nil {
+		if err := d.mirror.CheckSynced(ctx); err != nil {
 			ds.setState("resync needed")
 			return fmt.Errorf("disk %s: %w", d.dev, err)
 		}

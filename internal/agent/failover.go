@@ -7,7 +7,8 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/migrate/qemu"
+	"github.com/remora-ha/remora/migrate/virt"
 	"github.com/remora-ha/remora/txlog"
 )
 
@@ -21,16 +22,20 @@ type FailoverResult struct {
 
 // pauseDomain pauses a running domain through QMP; it reports success.
 func (a *Agent) pauseDomain(name string) bool {
-	m := migrate.NewMonitor(a.virt, name)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	m := virt.NewMonitor(a.virt, name)
 	defer m.Close()
-	return migrate.Exec(m, "stop", nil, nil) == nil
+	return qemu.Exec(ctx, m, "stop", nil, nil) == nil
 }
 
 // contDomain resumes a paused domain through QMP; it reports success.
 func (a *Agent) contDomain(name string) bool {
-	m := migrate.NewMonitor(a.virt, name)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	m := virt.NewMonitor(a.virt, name)
 	defer m.Close()
-	return migrate.Exec(m, "cont", nil, nil) == nil
+	return qemu.Exec(ctx, m, "cont", nil, nil) == nil
 }
 
 // Failover resumes a replica's guest on this host from the last committed
@@ -160,7 +165,7 @@ func (a *Agent) resumeFailover(ctx context.Context, sg *standbyGuest, tx failTxn
 		return FailoverResult{}, fmt.Errorf("failover of %q rolled back: its standby shell %q is gone, so there is nothing to resume; re-enroll the guest from a running copy", rec.Name, rec.Shell)
 	}
 	if exists && sg.replica == nil {
-		st, err := migrate.Status(migrate.NewMonitor(a.virt, rec.Shell))
+		st, err := qemu.Status(ctx, virt.NewMonitor(a.virt, rec.Shell))
 		if err != nil {
 			return FailoverResult{}, err
 		}
@@ -190,9 +195,9 @@ func (a *Agent) finishFailover(ctx context.Context, sg *standbyGuest, tx failTxn
 	if exists, err := a.virt.DomainExists(ctx, rec.Shell); err != nil {
 		return FailoverResult{}, err
 	} else if exists {
-		mon := migrate.NewMonitor(a.virt, rec.Shell)
+		mon := virt.NewMonitor(a.virt, rec.Shell)
 		defer mon.Close()
-		st, err := migrate.Status(mon)
+		st, err := qemu.Status(ctx, mon)
 		if err != nil {
 			return FailoverResult{}, err
 		}
@@ -204,14 +209,14 @@ func (a *Agent) finishFailover(ctx context.Context, sg *standbyGuest, tx failTxn
 			if err != nil {
 				return FailoverResult{}, fmt.Errorf("device state of epoch %d: %w", epoch, err)
 			}
-			shell := &migrate.Guest{Name: rec.Shell, Conn: a.virt, Mon: mon}
-			err = migrate.Restore(ctx, shell, filepath.Join(a.cfg.RuntimeDir, name+".incoming.sock"), f)
+			shell := &qemu.Guest{Name: rec.Shell, Mon: mon}
+			err = qemu.Restore(ctx, shell, filepath.Join(a.cfg.RuntimeDir, name+".incoming.sock"), f)
 			f.Close()
 			if err != nil {
 				return FailoverResult{}, fmt.Errorf("restore %q from epoch %d: %w", name, epoch, err)
 			}
 		} else if st != "running" {
-			if err := migrate.Exec(mon, "cont", nil, nil); err != nil {
+			if err := qemu.Exec(ctx, mon, "cont", nil, nil); err != nil {
 				return FailoverResult{}, err
 			}
 		}

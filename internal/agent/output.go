@@ -8,7 +8,8 @@ import (
 	"time"
 
 	"github.com/remora-ha/remora/checkpoint/outcommit"
-	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/migrate/qemu"
+	"github.com/remora-ha/remora/migrate/virt"
 )
 
 // Output-commit backends (config output_commit).
@@ -46,13 +47,13 @@ type OutputStatus struct {
 }
 
 // newOutput sets up output commit for a guest about to be protected.
-func (a *Agent) newOutput(ctx context.Context, g *migrate.Guest) (outputBuffer, OutputStatus, error) {
+func (a *Agent) newOutput(ctx context.Context, g *qemu.Guest) (outputBuffer, OutputStatus, error) {
 	kind := a.cfg.OutputCommit
 	if kind == OutputOff {
 		a.log.Warn("output commit is off: clients may see output of state a failover loses", "domain", g.Name)
 		return outcommit.Passthrough{}, OutputStatus{Backend: OutputOff}, nil
 	}
-	nics, err := migrate.ListNICs(g.Mon)
+	nics, err := qemu.ListNICs(ctx, g.Mon)
 	if err != nil {
 		return nil, OutputStatus{}, fmt.Errorf("output commit: list the guest's network devices: %w", err)
 	}
@@ -83,7 +84,7 @@ func (a *Agent) newOutput(ctx context.Context, g *migrate.Guest) (outputBuffer, 
 		if err != nil {
 			return nil, OutputStatus{}, err
 		}
-		tap, err := migrate.InterfaceTap(x, nics[0].Netdev)
+		tap, err := virt.InterfaceTap(x, nics[0].Netdev)
 		if err != nil {
 			return nil, OutputStatus{}, fmt.Errorf("output_commit: plug: domain %q: %w (use output_commit: qemu)", g.Name, err)
 		}

@@ -11,16 +11,16 @@ import (
 
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
-	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/migrate/qemu"
 )
 
 type primaryGuest struct {
 	coord   coordination
-	vm      *migrate.CaptureVM
+	vm      *qemu.CaptureVM
 	rec     *Record
-	g       *migrate.Guest
+	g       *qemu.Guest
 	mem     []byte
-	sink    *migrate.DeviceStateSink
+	sink    *qemu.DeviceStateSink
 	engine  *checkpoint.Primary
 	out     outputBuffer // nil when the guest's output is not held
 	disks   *diskSet
@@ -71,20 +71,20 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		a.mu.Unlock()
 		return nil
 	}
-	g, err := migrate.OpenGuest(ctx, a.virt, rec.Name)
+	g, err := a.virt.OpenGuest(ctx, rec.Name)
 	if err != nil {
 		return err
 	}
 	marker := filepath.Join(a.cfg.RuntimeDir, rec.Name+".capturing")
-	if resumed, err := migrate.ResumeAfterCrash(g, marker); err != nil {
+	if resumed, err := qemu.ResumeAfterCrash(ctx, g, marker); err != nil {
 		return fmt.Errorf("resume guest left paused by a previous agent: %w", err)
 	} else if resumed {
 		a.log.Warn("resumed guest that a previous agent left paused mid-checkpoint", "domain", rec.Name)
 	}
-	if err := migrate.SetIgnoreShared(g.Mon, true); err != nil {
+	if err := qemu.SetIgnoreShared(ctx, g.Mon, true); err != nil {
 		return fmt.Errorf("domain %q: %w (QEMU too old for x-ignore-shared?)", rec.Name, err)
 	}
-	if err := migrate.SetUnlimitedBandwidth(g.Mon); err != nil {
+	if err := qemu.SetUnlimitedBandwidth(ctx, g.Mon); err != nil {
 		return err
 	}
 	xml, err := a.virt.DomainXML(ctx, rec.Name)
@@ -95,22 +95,22 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	if err != nil {
 		return err
 	}
-	mem, err := migrate.MapRAM(g.RAM.Path, g.RAM.Size, false)
+	mem, err := qemu.MapRAM(g.RAM.Path, g.RAM.Size, false)
 	if err != nil {
 		tracker.Close()
 		return err
 	}
-	sink, err := migrate.ListenDeviceState(filepath.Join(a.cfg.RuntimeDir, rec.Name+".devstate.sock"))
+	sink, err := qemu.ListenDeviceState(filepath.Join(a.cfg.RuntimeDir, rec.Name+".devstate.sock"))
 	if err != nil {
 		tracker.Close()
-		migrate.UnmapRAM(mem)
+		qemu.UnmapRAM(mem)
 		return err
 	}
 	out, outInfo, err := a.newOutput(ctx, g)
 	if err != nil {
 		sink.Close()
 		tracker.Close()
-		migrate.UnmapRAM(mem)
+		qemu.UnmapRAM(mem)
 		return err
 	}
 	var fenceOf func() uint64 // set once the engine exists
@@ -121,7 +121,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		}
 		sink.Close()
 		tracker.Close()
-		migrate.UnmapRAM(mem)
+		qemu.UnmapRAM(mem)
 		return fmt.Errorf("disk replication: %w", err)
 	}
 	var engineOut checkpoint.OutputBuffer
@@ -130,7 +130,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	} else {
 		out = nil
 	}
-	vm := &migrate.CaptureVM{G: g, Sink: sink, Marker: marker}
+	vm := &qemu.CaptureVM{G: g, Sink: sink, Marker: marker}
 	peer := rec.Peer
 	cfg := checkpoint.PrimaryConfig{
 		Agent: a.cfg.AgentID, Domain: rec.Name, DomainXML: xml, ShellBase: a.shellBase(rec.Name),
@@ -159,7 +159,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		disks.close()
 		sink.Close()
 		tracker.Close()
-		migrate.UnmapRAM(mem)
+		qemu.UnmapRAM(mem)
 	}()
 	a.mu.Lock()
 	a.primary[rec.Name] = pg
@@ -169,7 +169,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	return nil
 }
 
-func (a *Agent) newTracker(g *migrate.Guest) (checkpoint.Tracker, error) {
+func (a *Agent) newTracker(g *qemu.Guest) (checkpoint.Tracker, error) {
 	kind := a.cfg.Tracker
 	if kind == checkpoint.TrackerAuto {
 		kind = checkpoint.TrackerScan

@@ -15,7 +15,8 @@ import (
 	"time"
 
 	"github.com/remora-ha/remora/checkpoint"
-	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/migrate/qemu"
+	"github.com/remora-ha/remora/migrate/virt"
 	"github.com/remora-ha/remora/txlog"
 )
 
@@ -23,7 +24,7 @@ type standbyGuest struct {
 	coord   coordination
 	mu      sync.Mutex
 	rec     *Record
-	shell   *migrate.Guest
+	shell   *qemu.Guest
 	mem     []byte
 	replica *checkpoint.Replica
 	disks   []*replicaDisk
@@ -119,7 +120,7 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 		return err
 	}
 	if exists {
-		st, err := migrate.Status(migrate.NewMonitor(a.virt, sg.rec.Shell))
+		st, err := qemu.Status(ctx, virt.NewMonitor(a.virt, sg.rec.Shell))
 		if err != nil {
 			return err
 		}
@@ -130,18 +131,13 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 		if xml == "" {
 			return fmt.Errorf("standby shell %q is gone", sg.rec.Shell)
 		}
-		shellXML, err := migrate.ShellXML(xml, sg.rec.Shell)
+		images := map[string]string{}
+		for _, d := range sg.rec.Disks {
+			images[d.Dev] = a.diskImage(sg.rec.Name, d.Dev)
+		}
+		shellXML, err := virt.ShellXML(xml, virt.ShellOptions{Name: sg.rec.Shell, Images: images})
 		if err != nil {
 			return err
-		}
-		if len(sg.rec.Disks) > 0 {
-			images := map[string]string{}
-			for _, d := range sg.rec.Disks {
-				images[d.Dev] = a.diskImage(sg.rec.Name, d.Dev)
-			}
-			if shellXML, err = migrate.ShellDisks(shellXML, images); err != nil {
-				return err
-			}
 		}
 		if err := a.virt.CreatePaused(ctx, shellXML); err != nil {
 			return err
@@ -149,8 +145,8 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 		fresh = true
 		a.log.Info("standby shell created", "domain", sg.rec.Name, "shell", sg.rec.Shell)
 	}
-	shell := &migrate.Guest{Name: sg.rec.Shell, Conn: a.virt, Mon: migrate.NewMonitor(a.virt, sg.rec.Shell)}
-	if shell.RAM, err = migrate.MainRAM(shell.Mon); err != nil {
+	shell := a.virt.Guest(sg.rec.Shell)
+	if shell.RAM, err = qemu.MainRAM(ctx, shell.Mon); err != nil {
 		return fmt.Errorf("standby shell %q: %w", sg.rec.Shell, err)
 	}
 	if ramBytes != 0 && shell.RAM.Size != ramBytes {
@@ -162,7 +158,7 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 		}
 		return fmt.Errorf("standby shell has %d bytes of RAM, primary %d", shell.RAM.Size, ramBytes)
 	}
-	mem, err := migrate.MapRAM(shell.RAM.Path, shell.RAM.Size, true)
+	mem, err := qemu.MapRAM(shell.RAM.Path, shell.RAM.Size, true)
 	if err != nil {
 		return err
 	}
@@ -170,7 +166,7 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 	if fresh { // a new shell's RAM is empty: nothing staged or committed applies to it
 		_ = os.RemoveAll(a.replicaDir(sg.rec.Name))
 		if err := persist(checkpoint.ReplicaState{}); err != nil {
-			migrate.UnmapRAM(mem)
+			qemu.UnmapRAM(mem)
 			return err
 		}
 		sg.rec.Replica = checkpoint.ReplicaState{}
@@ -183,11 +179,11 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 		return nil
 	}, disks...)
 	if err != nil {
-		migrate.UnmapRAM(mem)
+		qemu.UnmapRAM(mem)
 		return err
 	}
 	if err := a.store.save(sg.rec); err != nil {
-		migrate.UnmapRAM(mem)
+		qemu.UnmapRAM(mem)
 		return err
 	}
 	sg.shell, sg.mem, sg.replica = shell, mem, rep
@@ -216,7 +212,7 @@ func (a *Agent) detachShell(sg *standbyGuest) {
 	}
 	closeReplicaDisks(sg.disks)
 	sg.disks = nil
-	migrate.UnmapRAM(sg.mem)
+	qemu.UnmapRAM(sg.mem)
 	sg.shell, sg.mem, sg.replica = nil, nil, nil
 }
 

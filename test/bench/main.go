@@ -19,7 +19,8 @@ import (
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent"
-	"github.com/remora-ha/remora/migrate"
+	"github.com/remora-ha/remora/migrate/qemu"
+	"github.com/remora-ha/remora/migrate/virt"
 	"github.com/remora-ha/remora/test/labkit"
 )
 
@@ -283,20 +284,20 @@ func baseline(ctx context.Context, wl *labkit.Client) (baseResult, error) {
 	if err := wl.SetWriterRate(ctx, *hiRate); err != nil {
 		return baseResult{}, err
 	}
-	conn, err := migrate.Dial(ctx, labkit.LibvirtURI)
+	conn, err := virt.Dial(ctx, labkit.LibvirtURI)
 	if err != nil {
 		return baseResult{}, err
 	}
 	defer conn.Close()
-	g, err := migrate.OpenGuest(ctx, conn, guestName)
+	g, err := conn.OpenGuest(ctx, guestName)
 	if err != nil {
 		return baseResult{}, err
 	}
-	if err := migrate.SetIgnoreShared(g.Mon, false); err != nil {
+	if err := qemu.SetIgnoreShared(context.Background(), g.Mon, false); err != nil {
 		return baseResult{}, err
 	}
-	defer migrate.SetIgnoreShared(g.Mon, true)
-	if err := migrate.SetUnlimitedBandwidth(g.Mon); err != nil {
+	defer qemu.SetIgnoreShared(context.Background(), g.Mon, true)
+	if err := qemu.SetUnlimitedBandwidth(context.Background(), g.Mon); err != nil {
 		return baseResult{}, err
 	}
 	dir, err := os.MkdirTemp("", "remora-bench-sock-")
@@ -304,7 +305,7 @@ func baseline(ctx context.Context, wl *labkit.Client) (baseResult, error) {
 		return baseResult{}, err
 	}
 	defer os.RemoveAll(dir)
-	sink, err := migrate.ListenDeviceState(filepath.Join(dir, "full.sock"))
+	sink, err := qemu.ListenDeviceState(filepath.Join(dir, "full.sock"))
 	if err != nil {
 		return baseResult{}, err
 	}
@@ -314,11 +315,11 @@ func baseline(ctx context.Context, wl *labkit.Client) (baseResult, error) {
 	for i := 0; i < *reps; i++ {
 		time.Sleep(200 * time.Millisecond)
 		start := time.Now()
-		if err := migrate.Exec(g.Mon, "stop", nil, nil); err != nil {
+		if err := qemu.Exec(context.Background(), g.Mon, "stop", nil, nil); err != nil {
 			return baseResult{}, err
 		}
 		n, err = sink.Save(ctx, g, io.Discard)
-		if cerr := migrate.Exec(g.Mon, "cont", nil, nil); err == nil {
+		if cerr := qemu.Exec(context.Background(), g.Mon, "cont", nil, nil); err == nil {
 			err = cerr
 		}
 		if err != nil {

@@ -1,7 +1,8 @@
-// Package migrate is the hypervisor side of remora: the libvirt connection,
-// QMP through libvirt, the standby shell domain, checkpoint device state and
-// restore.
-package migrate
+// Package virt is remora's libvirt layer, the only package that imports
+// libvirt (cgo): the connection, QMP through libvirt's monitor passthrough,
+// domain lookup, the standby shell and domain XML (read and built with
+// libvirtxml).
+package virt
 
 import (
 	"context"

@@ -1,6 +1,7 @@
-package migrate
+package qemu
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -23,8 +24,8 @@ import (
 //
 //	{"execute":"chardev-add","arguments":{"id":ID,"backend":{"type":"socket",
 //	  "data":{"addr":{"type":"unix","data":{"path":PATH}},"server":false}}}}
-func AddSocketChardev(m qmp.Monitor, id, path string) error {
-	return Exec(m, "chardev-add", map[string]any{
+func AddSocketChardev(ctx context.Context, m qmp.Monitor, id, path string) error {
+	return Exec(ctx, m, "chardev-add", map[string]any{
 		"id": id,
 		"backend": map[string]any{
 			"type": "socket",
@@ -38,8 +39,8 @@ func AddSocketChardev(m qmp.Monitor, id, path string) error {
 
 // RemoveChardev removes a chardev (QEMU refuses while a frontend, such as a
 // filter, still uses it).
-func RemoveChardev(m qmp.Monitor, id string) error {
-	return Exec(m, "chardev-remove", map[string]any{"id": id}, nil)
+func RemoveChardev(ctx context.Context, m qmp.Monitor, id string) error {
+	return Exec(ctx, m, "chardev-remove", map[string]any{"id": id}, nil)
 }
 
 // FilterRedirector is a QEMU filter-redirector object.
@@ -65,7 +66,7 @@ type FilterRedirector struct {
 //	{"execute":"object-add","arguments":{"qom-type":"filter-redirector","id":ID,
 //	  "netdev":NETDEV,"queue":QUEUE,"outdev"|"indev":CHARDEV,
 //	  "position":POS,"insert":INS,"vnet_hdr_support":BOOL}}
-func AddFilterRedirector(m qmp.Monitor, f FilterRedirector) error {
+func AddFilterRedirector(ctx context.Context, m qmp.Monitor, f FilterRedirector) error {
 	args := map[string]any{
 		"qom-type":         "filter-redirector",
 		"id":               f.ID,
@@ -78,12 +79,12 @@ func AddFilterRedirector(m qmp.Monitor, f FilterRedirector) error {
 			args[k] = v
 		}
 	}
-	return Exec(m, "object-add", args, nil)
+	return Exec(ctx, m, "object-add", args, nil)
 }
 
 // DeleteObject removes a QOM object added with object-add.
-func DeleteObject(m qmp.Monitor, id string) error {
-	return Exec(m, "object-del", map[string]any{"id": id}, nil)
+func DeleteObject(ctx context.Context, m qmp.Monitor, id string) error {
+	return Exec(ctx, m, "object-del", map[string]any{"id": id}, nil)
 }
 
 // IsNotFound reports whether err is QEMU saying that the object, chardev or
@@ -108,7 +109,7 @@ func (n NIC) String() string { return fmt.Sprintf("%s (%s) on netdev %q", n.Path
 
 // ListNICs lists the guest's devices that have a netdev property (found
 // through QOM under /machine/peripheral and /machine/peripheral-anon).
-func ListNICs(m qmp.Monitor) ([]NIC, error) {
+func ListNICs(ctx context.Context, m qmp.Monitor) ([]NIC, error) {
 	type prop struct {
 		Name string `json:"name"`
 		Type string `json:"type"`
@@ -116,7 +117,7 @@ func ListNICs(m qmp.Monitor) ([]NIC, error) {
 	var nics []NIC
 	for _, root := range []string{"/machine/peripheral", "/machine/peripheral-anon"} {
 		var kids []prop
-		if err := Exec(m, "qom-list", map[string]string{"path": root}, &kids); err != nil {
+		if err := Exec(ctx, m, "qom-list", map[string]string{"path": root}, &kids); err != nil {
 			return nil, err
 		}
 		for _, k := range kids {
@@ -125,7 +126,7 @@ func ListNICs(m qmp.Monitor) ([]NIC, error) {
 			}
 			p := root + "/" + k.Name
 			var props []prop
-			if err := Exec(m, "qom-list", map[string]string{"path": p}, &props); err != nil {
+			if err := Exec(ctx, m, "qom-list", map[string]string{"path": p}, &props); err != nil {
 				continue // gone meanwhile
 			}
 			has := false
@@ -139,7 +140,7 @@ func ListNICs(m qmp.Monitor) ([]NIC, error) {
 				continue
 			}
 			var netdev string
-			if err := Exec(m, "qom-get", map[string]string{"path": p, "property": "netdev"}, &netdev); err != nil {
+			if err := Exec(ctx, m, "qom-get", map[string]string{"path": p, "property": "netdev"}, &netdev); err != nil {
 				continue
 			}
 			nics = append(nics, NIC{Path: p, Type: strings.TrimSuffix(strings.TrimPrefix(k.Type, "child<"), ">"), Netdev: netdev})

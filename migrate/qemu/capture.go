@@ -1,4 +1,4 @@
-package migrate
+package qemu
 
 import (
 	"context"
@@ -7,9 +7,10 @@ import (
 	"sync/atomic"
 )
 
-// CaptureVM adapts a guest to the checkpoint engine. A marker file exists
-// while the guest is paused for a checkpoint, so an agent that dies there
-// resumes the guest on restart instead of leaving it paused.
+// CaptureVM adapts a guest to the checkpoint engine (checkpoint.VM). A
+// marker file exists while the guest is paused for a checkpoint, so an
+// agent that dies there resumes the guest on restart instead of leaving
+// it paused.
 type CaptureVM struct {
 	G      *Guest
 	Sink   *DeviceStateSink
@@ -19,15 +20,15 @@ type CaptureVM struct {
 }
 
 // Fence pauses the guest and keeps it paused across checkpoints.
-func (v *CaptureVM) Fence() error {
+func (v *CaptureVM) Fence(ctx context.Context) error {
 	v.fenced.Store(true)
-	return Exec(v.G.Mon, "stop", nil, nil)
+	return Stop(ctx, v.G.Mon)
 }
 
 // Unfence resumes a fenced guest.
-func (v *CaptureVM) Unfence() error {
+func (v *CaptureVM) Unfence(ctx context.Context) error {
 	v.fenced.Store(false)
-	return Exec(v.G.Mon, "cont", nil, nil)
+	return Cont(ctx, v.G.Mon)
 }
 
 // Fenced reports whether the guest is held paused.
@@ -37,14 +38,14 @@ func (v *CaptureVM) Stop(ctx context.Context) error {
 	if err := os.WriteFile(v.Marker, nil, 0o600); err != nil {
 		return err
 	}
-	return Exec(v.G.Mon, "stop", nil, nil)
+	return Stop(ctx, v.G.Mon)
 }
 
 func (v *CaptureVM) Cont(ctx context.Context) error {
 	if v.fenced.Load() {
 		return os.Remove(v.Marker)
 	}
-	if err := Exec(v.G.Mon, "cont", nil, nil); err != nil {
+	if err := Cont(ctx, v.G.Mon); err != nil {
 		return err
 	}
 	return os.Remove(v.Marker)
@@ -56,17 +57,17 @@ func (v *CaptureVM) SaveDeviceState(ctx context.Context, w io.Writer) (int64, er
 
 // ResumeAfterCrash resumes a guest a dead agent left paused mid-checkpoint.
 // It reports whether it had to.
-func ResumeAfterCrash(g *Guest, marker string) (bool, error) {
+func ResumeAfterCrash(ctx context.Context, g *Guest, marker string) (bool, error) {
 	if _, err := os.Stat(marker); err != nil {
 		return false, nil
 	}
-	_ = Exec(g.Mon, "migrate_cancel", nil, nil)
-	st, err := Status(g.Mon)
+	_ = Exec(ctx, g.Mon, "migrate_cancel", nil, nil)
+	st, err := Status(ctx, g.Mon)
 	if err != nil {
 		return false, err
 	}
 	if st != "running" {
-		if err := Exec(g.Mon, "cont", nil, nil); err != nil {
+		if err := Cont(ctx, g.Mon); err != nil {
 			return false, err
 		}
 	}

@@ -1,8 +1,7 @@
-package migrate
+package qemu
 
 import (
 	"context"
-	"encoding/xml"
 	"errors"
 	"fmt"
 	"strconv"
@@ -52,38 +51,6 @@ type DiskNode struct {
 	Size   int64  // virtual size in bytes: the replica image must match it
 }
 
-type domainDisks struct {
-	Disks []struct {
-		Device string `xml:"device,attr"`
-		Target struct {
-			Dev string `xml:"dev,attr"`
-		} `xml:"target"`
-		Alias struct {
-			Name string `xml:"name,attr"`
-		} `xml:"alias"`
-	} `xml:"devices>disk"`
-}
-
-// DiskAlias returns the device alias libvirt gave the disk with target
-// dev in a running domain's XML.
-func DiskAlias(domainXML, dev string) (string, error) {
-	var d domainDisks
-	if err := xml.Unmarshal([]byte(domainXML), &d); err != nil {
-		return "", fmt.Errorf("parse domain XML: %w", err)
-	}
-	var have []string
-	for _, k := range d.Disks {
-		if k.Target.Dev == dev {
-			if k.Alias.Name == "" {
-				return "", fmt.Errorf("disk %s has no alias (is the domain running?)", dev)
-			}
-			return k.Alias.Name, nil
-		}
-		have = append(have, k.Target.Dev)
-	}
-	return "", fmt.Errorf("no disk with target dev %q (disks: %s)", dev, strings.Join(have, ", "))
-}
-
 type blockInfo struct {
 	Device   string `json:"device"`
 	QDev     string `json:"qdev"`
@@ -100,9 +67,9 @@ type blockInfo struct {
 // FindDiskNode finds the block node of the device with libvirt alias
 // through query-block (libvirt names the device's QOM path after it:
 // /machine/peripheral/<alias>/...).
-func FindDiskNode(m qmp.Monitor, alias string) (DiskNode, error) {
+func FindDiskNode(ctx context.Context, m qmp.Monitor, alias string) (DiskNode, error) {
 	var blocks []blockInfo
-	if err := Exec(m, "query-block", nil, &blocks); err != nil {
+	if err := Exec(ctx, m, "query-block", nil, &blocks); err != nil {
 		return DiskNode{}, err
 	}
 	prefix := "/machine/peripheral/" + alias
@@ -117,25 +84,6 @@ func FindDiskNode(m qmp.Monitor, alias string) (DiskNode, error) {
 			Size: b.Inserted.Image.VirtualSize}, nil
 	}
 	return DiskNode{}, fmt.Errorf("no block device for %s in query-block", alias)
-}
-
-// FindDisk finds the disk with libvirt target dev (e.g. "vda").
-func (g *Guest) FindDisk(ctx context.Context, dev string) (DiskNode, error) {
-	// The live XML: the migratable form has no aliases.
-	x, err := g.Conn.LiveXML(ctx, g.Name)
-	if err != nil {
-		return DiskNode{}, err
-	}
-	alias, err := DiskAlias(x, dev)
-	if err != nil {
-		return DiskNode{}, fmt.Errorf("domain %q: %w", g.Name, err)
-	}
-	d, err := FindDiskNode(g.Mon, alias)
-	if err != nil {
-		return DiskNode{}, fmt.Errorf("domain %q disk %s: %w", g.Name, dev, err)
-	}
-	d.Target = dev
-	return d, nil
 }
 
 // NBDServer is where the standby's NBD server listens: Host and Port, or
@@ -178,7 +126,7 @@ type Mirror struct {
 // full, write-blocking mirror of disk to it. libvirt does not know the
 // job (virsh blockjob shows none); it leaves it alone, and destroying the
 // domain still works.
-func StartMirror(m qmp.Monitor, disk DiskNode, opts MirrorOptions) (*Mirror, error) {
+func StartMirror(ctx context.Context, m qmp.Monitor, disk DiskNode, opts MirrorOptions) (*Mirror, error) {
 	name := disk.Target
 	if name == "" {
 		name = disk.Alias
@@ -205,7 +153,7 @@ func StartMirror(m qmp.Monitor, disk DiskNode, opts MirrorOptions) (*Mirror, err
 	}
 	// discard stays "ignore" (the blockdev-add default), as on libvirt's
 	// default source, so discards change neither side.
-	if err := Exec(m, "blockdev-add", map[string]any{
+	if err := Exec(ctx, m, "blockdev-add", map[string]any{
 		"driver":          "nbd",
 		"node-name":       mr.TargetNode,
 		"server":          server,
@@ -214,7 +162,7 @@ func StartMirror(m qmp.Monitor, disk DiskNode, opts MirrorOptions) (*Mirror, err
 	}, nil); err != nil {
 		return nil, fmt.Errorf("connect to the standby's NBD export %q: %w", opts.Server.Export, err)
 	}
-	if err := Exec(m, "blockdev-mirror", map[string]any{
+	if err := Exec(ctx, m, "blockdev-mirror", map[string]any{
 		"job-id":           mr.JobID,
 		"device":           disk.Node,
 		"target":           mr.TargetNode,
@@ -225,7 +173,7 @@ func StartMirror(m qmp.Monitor, disk DiskNode, opts MirrorOptions) (*Mirror, err
 		"auto-dismiss":     false, // a failed job stays visible until Cancel
 		"filter-node-name": mr.FilterNode,
 	}, nil); err != nil {
-		_ = Exec(m, "blockdev-del", map[string]any{"node-name": mr.TargetNode}, nil)
+		_ = Exec(ctx, m, "blockdev-del", map[string]any{"node-name": mr.TargetNode}, nil)
 		return nil, fmt.Errorf("start mirror of %s: %w", name, err)
 	}
 	return mr, nil
@@ -249,7 +197,7 @@ func (p MirrorProgress) Remaining() int64 { return p.Len - p.Offset }
 var ErrNoMirrorJob = errors.New("mirror job not found")
 
 // Progress returns the job's state.
-func (mr *Mirror) Progress() (MirrorProgress, error) {
+func (mr *Mirror) Progress(ctx context.Context) (MirrorProgress, error) {
 	var jobs []struct {
 		Device   string `json:"device"`
 		Status   string `json:"status"`
@@ -260,7 +208,7 @@ func (mr *Mirror) Progress() (MirrorProgress, error) {
 		Paused   bool   `json:"paused"`
 		Error    string `json:"error"`
 	}
-	if err := Exec(mr.mon, "query-block-jobs", nil, &jobs); err != nil {
+	if err := Exec(ctx, mr.mon, "query-block-jobs", nil, &jobs); err != nil {
 		return MirrorProgress{}, err
 	}
 	for _, j := range jobs {
@@ -283,7 +231,7 @@ func (mr *Mirror) WaitReady(ctx context.Context, interval time.Duration, fn func
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		p, err := mr.Progress()
+		p, err := mr.Progress(ctx)
 		if err != nil {
 			return err
 		}
@@ -315,8 +263,8 @@ func orUnknown(s string) string {
 // standby: the job is ready and has copied all it was given (a failed
 // target write leaves offset behind len at once). Call it while the guest
 // is paused, before the cut; one QMP round trip.
-func (mr *Mirror) CheckSynced() error {
-	p, err := mr.Progress()
+func (mr *Mirror) CheckSynced(ctx context.Context) error {
+	p, err := mr.Progress(ctx)
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrMirrorNotSynced, err)
 	}
@@ -341,11 +289,11 @@ func (p MirrorProgress) synced(job string) error {
 // connection, a guest write in flight to it keeps the job (and QMP stop)
 // waiting; closing that connection (e.g. in a relay of the agent's) ends it.
 func (mr *Mirror) Cancel(ctx context.Context) error {
-	if err := Exec(mr.mon, "block-job-cancel", map[string]any{"device": mr.JobID, "force": true}, nil); err != nil && !isJobGone(err) {
+	if err := Exec(ctx, mr.mon, "block-job-cancel", map[string]any{"device": mr.JobID, "force": true}, nil); err != nil && !isJobGone(err) {
 		return fmt.Errorf("cancel mirror %s: %w", mr.JobID, err)
 	}
 	for {
-		p, err := mr.Progress()
+		p, err := mr.Progress(ctx)
 		if errors.Is(err, ErrNoMirrorJob) {
 			break
 		}
@@ -353,7 +301,7 @@ func (mr *Mirror) Cancel(ctx context.Context) error {
 			return err
 		}
 		if p.Status == "concluded" {
-			if err := Exec(mr.mon, "job-dismiss", map[string]any{"id": mr.JobID}, nil); err != nil {
+			if err := Exec(ctx, mr.mon, "job-dismiss", map[string]any{"id": mr.JobID}, nil); err != nil {
 				return fmt.Errorf("dismiss mirror %s: %w", mr.JobID, err)
 			}
 			break
@@ -364,7 +312,7 @@ func (mr *Mirror) Cancel(ctx context.Context) error {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	if err := Exec(mr.mon, "blockdev-del", map[string]any{"node-name": mr.TargetNode}, nil); err != nil && !isNodeGone(err) {
+	if err := Exec(ctx, mr.mon, "blockdev-del", map[string]any{"node-name": mr.TargetNode}, nil); err != nil && !isNodeGone(err) {
 		return fmt.Errorf("remove the NBD node %s: %w", mr.TargetNode, err)
 	}
 	return nil

@@ -1,4 +1,4 @@
-package migrate
+package qemu
 
 import (
 	"context"
@@ -11,11 +11,6 @@ import (
 
 	"github.com/digitalocean/go-qemu/qmp"
 )
-
-const mirrorTestXML = `<domain type='qemu'><name>g</name><devices>
-  <disk type='file' device='disk'><source file='/img/a.img'/><target dev='vda' bus='virtio'/><alias name='virtio-disk0'/></disk>
-  <disk type='file' device='disk'><source file='/img/b.img'/><target dev='vdb' bus='virtio'/><alias name='virtio-disk1'/></disk>
-</devices></domain>`
 
 const mirrorTestQueryBlock = `{"return":[
  {"device":"","qdev":"/machine/peripheral/virtio-disk0/virtio-backend","inserted":{"node-name":"libvirt-2-format","file":"/img/a.img","drv":"raw","image":{"virtual-size":1048576}}},
@@ -68,22 +63,16 @@ func (f *fakeBlockQEMU) Run(cmd []byte) ([]byte, error) {
 	return []byte(`{"return":{}}`), nil
 }
 
-func TestFindDisk(t *testing.T) {
-	alias, err := DiskAlias(mirrorTestXML, "vdb")
-	if err != nil || alias != "virtio-disk1" {
-		t.Fatal(alias, err)
-	}
-	if _, err := DiskAlias(mirrorTestXML, "vdc"); err == nil || !strings.Contains(err.Error(), "vda, vdb") {
-		t.Fatalf("missing disk: %v", err)
-	}
-	d, err := FindDiskNode(&fakeBlockQEMU{}, alias)
+func TestFindDiskNode(t *testing.T) {
+	alias := "virtio-disk1"
+	d, err := FindDiskNode(context.Background(), &fakeBlockQEMU{}, alias)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if d.Node != "libvirt-1-format" || d.Size != 2<<20 || d.File != "/img/b.img" || d.Format != "qcow2" {
 		t.Fatalf("%+v", d)
 	}
-	if _, err := FindDiskNode(&fakeBlockQEMU{}, "virtio-disk"); err == nil {
+	if _, err := FindDiskNode(context.Background(), &fakeBlockQEMU{}, "virtio-disk"); err == nil {
 		t.Fatal("a prefix of an alias matched")
 	}
 }
@@ -91,7 +80,7 @@ func TestFindDisk(t *testing.T) {
 func TestStartMirrorCommands(t *testing.T) {
 	f := &fakeBlockQEMU{}
 	disk := DiskNode{Target: "vdb", Node: "libvirt-1-format", Size: 2 << 20}
-	mr, err := StartMirror(f, disk, MirrorOptions{Server: NBDServer{Host: "10.0.0.2", Port: 10809, Export: "g-vdb"}})
+	mr, err := StartMirror(context.Background(), f, disk, MirrorOptions{Server: NBDServer{Host: "10.0.0.2", Port: 10809, Export: "g-vdb"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,21 +106,22 @@ func TestStartMirrorCommands(t *testing.T) {
 
 	// A refused mirror removes the node it added.
 	f = &fakeBlockQEMU{failNext: map[string]string{"blockdev-mirror": "Source and target image have different sizes"}}
-	if _, err := StartMirror(f, disk, MirrorOptions{Server: NBDServer{Path: "/run/x.sock", Export: "e"}}); err == nil {
+	if _, err := StartMirror(context.Background(), f, disk, MirrorOptions{Server: NBDServer{Path: "/run/x.sock", Export: "e"}}); err == nil {
 		t.Fatal("no error")
 	}
 	if got := strings.Join(f.log, ","); got != "blockdev-add,blockdev-mirror,blockdev-del" {
 		t.Fatal(got)
 	}
-	if _, err := StartMirror(f, disk, MirrorOptions{Server: NBDServer{Host: "h", Export: "e"}}); err == nil {
+	if _, err := StartMirror(context.Background(), f, disk, MirrorOptions{Server: NBDServer{Host: "h", Export: "e"}}); err == nil {
 		t.Fatal("server without a port accepted")
 	}
 }
 
 func TestMirrorSyncedAndWaitReady(t *testing.T) {
+	ctx := context.Background()
 	f := &fakeBlockQEMU{jobs: `{"device":"remora-mirror-vda","status":"running","ready":false,"offset":100,"len":1000,"io-status":"ok"}`}
 	mr := &Mirror{mon: f, JobID: "remora-mirror-vda", TargetNode: "remora-nbd-vda"}
-	if err := mr.CheckSynced(); !errors.Is(err, ErrMirrorNotSynced) {
+	if err := mr.CheckSynced(ctx); !errors.Is(err, ErrMirrorNotSynced) {
 		t.Fatalf("running job: %v", err)
 	}
 	var seen []int64
@@ -145,11 +135,11 @@ func TestMirrorSyncedAndWaitReady(t *testing.T) {
 	if err != nil || len(seen) != 4 || seen[3] != 1000 {
 		t.Fatal(err, seen)
 	}
-	if err := mr.CheckSynced(); err != nil {
+	if err := mr.CheckSynced(ctx); err != nil {
 		t.Fatal(err)
 	}
 	f.jobs = `{"device":"remora-mirror-vda","status":"ready","ready":true,"offset":1000,"len":5096,"io-status":"ok"}`
-	if err := mr.CheckSynced(); !errors.Is(err, ErrMirrorNotSynced) || !strings.Contains(err.Error(), "4096 bytes") {
+	if err := mr.CheckSynced(ctx); !errors.Is(err, ErrMirrorNotSynced) || !strings.Contains(err.Error(), "4096 bytes") {
 		t.Fatalf("failed target write: %v", err)
 	}
 	f.jobs = `{"device":"remora-mirror-vda","status":"concluded","offset":1000,"len":5096,"error":"Input/output error"}`
@@ -157,7 +147,7 @@ func TestMirrorSyncedAndWaitReady(t *testing.T) {
 		t.Fatalf("concluded job: %v", err)
 	}
 	f.jobs = ""
-	if err := mr.CheckSynced(); !errors.Is(err, ErrMirrorNotSynced) {
+	if err := mr.CheckSynced(ctx); !errors.Is(err, ErrMirrorNotSynced) {
 		t.Fatalf("no job: %v", err)
 	}
 }

@@ -1,4 +1,4 @@
-package migrate
+package qemu
 
 import (
 	"context"
@@ -40,18 +40,19 @@ func (m *recMonitor) Run(b []byte) ([]byte, error) {
 }
 
 func TestNetfilterCommands(t *testing.T) {
+	ctx := context.Background()
 	m := &recMonitor{}
-	if err := AddSocketChardev(m, "c-out", "/run/x/out.sock"); err != nil {
+	if err := AddSocketChardev(ctx, m, "c-out", "/run/x/out.sock"); err != nil {
 		t.Fatal(err)
 	}
-	if err := AddFilterRedirector(m, FilterRedirector{ID: "rel", Netdev: "hostnet0", Queue: "rx", Indev: "c-in", Position: "head", VnetHdr: true}); err != nil {
+	if err := AddFilterRedirector(ctx, m, FilterRedirector{ID: "rel", Netdev: "hostnet0", Queue: "rx", Indev: "c-in", Position: "head", VnetHdr: true}); err != nil {
 		t.Fatal(err)
 	}
-	if err := AddFilterRedirector(m, FilterRedirector{ID: "cap", Netdev: "hostnet0", Queue: "rx", Outdev: "c-out", Position: "id=rel", Insert: "behind", VnetHdr: true}); err != nil {
+	if err := AddFilterRedirector(ctx, m, FilterRedirector{ID: "cap", Netdev: "hostnet0", Queue: "rx", Outdev: "c-out", Position: "id=rel", Insert: "behind", VnetHdr: true}); err != nil {
 		t.Fatal(err)
 	}
-	DeleteObject(m, "cap")
-	RemoveChardev(m, "c-out")
+	DeleteObject(ctx, m, "cap")
+	RemoveChardev(ctx, m, "c-out")
 	want := []string{
 		`{"execute":"chardev-add","arguments":{"backend":{"data":{"addr":{"data":{"path":"/run/x/out.sock"},"type":"unix"},"server":false},"type":"socket"},"id":"c-out"}}`,
 		`{"execute":"object-add","arguments":{"id":"rel","indev":"c-in","netdev":"hostnet0","position":"head","qom-type":"filter-redirector","queue":"rx","vnet_hdr_support":true}}`,
@@ -70,18 +71,19 @@ func TestNetfilterCommands(t *testing.T) {
 }
 
 func TestIsNotFound(t *testing.T) {
+	ctx := context.Background()
 	m := &recMonitor{replies: map[string]string{
 		"object-del":     `{"error":{"class":"GenericError","desc":"object 'nope' not found"}}`,
 		"chardev-remove": `{"error":{"class":"GenericError","desc":"Chardev 'nope' not found"}}`,
 		"object-add":     `{"error":{"class":"DeviceNotFound","desc":"OUT Device 'nochr' not found"}}`,
 		"cont":           `{"error":{"class":"GenericError","desc":"Chardev 'x' is busy"}}`,
 	}}
-	for _, err := range []error{DeleteObject(m, "nope"), RemoveChardev(m, "nope"), AddFilterRedirector(m, FilterRedirector{})} {
+	for _, err := range []error{DeleteObject(ctx, m, "nope"), RemoveChardev(ctx, m, "nope"), AddFilterRedirector(ctx, m, FilterRedirector{})} {
 		if !IsNotFound(err) {
 			t.Errorf("IsNotFound(%v) = false", err)
 		}
 	}
-	for _, err := range []error{Exec(m, "cont", nil, nil), fmt.Errorf("domain is not running"), nil} {
+	for _, err := range []error{Exec(ctx, m, "cont", nil, nil), fmt.Errorf("domain is not running"), nil} {
 		if IsNotFound(err) {
 			t.Errorf("IsNotFound(%v) = true", err)
 		}
@@ -89,6 +91,7 @@ func TestIsNotFound(t *testing.T) {
 }
 
 func TestListNICs(t *testing.T) {
+	ctx := context.Background()
 	m := &recMonitor{replies: map[string]string{
 		`qom-list {"path":"/machine/peripheral"}`:                                   `{"return":[{"name":"type","type":"string"},{"name":"net0","type":"child<virtio-net-pci>"},{"name":"serial0","type":"child<isa-serial>"}]}`,
 		`qom-list {"path":"/machine/peripheral-anon"}`:                              `{"return":[{"name":"type","type":"string"},{"name":"device[0]","type":"child<e1000>"}]}`,
@@ -98,7 +101,7 @@ func TestListNICs(t *testing.T) {
 		`qom-get {"path":"/machine/peripheral/net0","property":"netdev"}`:           `{"return":"hostnet0"}`,
 		`qom-get {"path":"/machine/peripheral-anon/device[0]","property":"netdev"}`: `{"return":"n1"}`,
 	}}
-	nics, err := ListNICs(m)
+	nics, err := ListNICs(ctx, m)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package migrate
+package qemu
 
 import (
 	"context"
@@ -51,7 +51,7 @@ func (s *DeviceStateSink) Close() error {
 // stopped and x-ignore-shared set; afterwards QEMU is in postmigrate and
 // `cont` resumes it.
 func (s *DeviceStateSink) Save(ctx context.Context, g *Guest, w io.Writer) (int64, error) {
-	if err := Exec(g.Mon, "migrate", map[string]any{"uri": "unix:" + s.path}, nil); err != nil {
+	if err := Exec(ctx, g.Mon, "migrate", map[string]any{"uri": "unix:" + s.path}, nil); err != nil {
 		return 0, err
 	}
 	deadline, ok := ctx.Deadline()
@@ -61,14 +61,14 @@ func (s *DeviceStateSink) Save(ctx context.Context, g *Guest, w io.Writer) (int6
 	_ = s.ln.SetDeadline(deadline)
 	conn, err := s.ln.Accept()
 	if err != nil {
-		_ = Exec(g.Mon, "migrate_cancel", nil, nil)
+		cancelMigration(ctx, g)
 		return 0, fmt.Errorf("QEMU did not connect to the device-state socket: %w", err)
 	}
 	defer conn.Close()
 	_ = conn.SetDeadline(deadline)
 	n, err := io.Copy(w, conn)
 	if err != nil {
-		_ = Exec(g.Mon, "migrate_cancel", nil, nil)
+		cancelMigration(ctx, g)
 		return n, fmt.Errorf("read device state: %w", err)
 	}
 	if err := waitMigration(ctx, g, "completed"); err != nil {
@@ -77,9 +77,17 @@ func (s *DeviceStateSink) Save(ctx context.Context, g *Guest, w io.Writer) (int6
 	return n, nil
 }
 
+// cancelMigration stops a failed save; it runs even when ctx has ended
+// (the save may have failed for that reason) but is bounded itself.
+func cancelMigration(ctx context.Context, g *Guest) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	_ = Exec(ctx, g.Mon, "migrate_cancel", nil, nil)
+}
+
 func waitMigration(ctx context.Context, g *Guest, want string) error {
 	for delay := 200 * time.Microsecond; ; delay = min(delay*2, 20*time.Millisecond) {
-		st, desc, err := MigrationStatus(g.Mon)
+		st, desc, err := MigrationStatus(ctx, g.Mon)
 		if err != nil {
 			return err
 		}
@@ -101,11 +109,11 @@ func waitMigration(ctx context.Context, g *Guest, want string) error {
 // with -incoming defer whose RAM file already holds the checkpoint's pages,
 // then resumes the guest.
 func Restore(ctx context.Context, g *Guest, sockPath string, state io.Reader) error {
-	if err := SetIgnoreShared(g.Mon, true); err != nil {
+	if err := SetIgnoreShared(ctx, g.Mon, true); err != nil {
 		return err
 	}
 	_ = os.Remove(sockPath)
-	if err := Exec(g.Mon, "migrate-incoming", map[string]any{"uri": "unix:" + sockPath}, nil); err != nil {
+	if err := Exec(ctx, g.Mon, "migrate-incoming", map[string]any{"uri": "unix:" + sockPath}, nil); err != nil {
 		return fmt.Errorf("%w (the shell must have been started with -incoming defer)", err)
 	}
 	defer os.Remove(sockPath)
@@ -126,7 +134,7 @@ func Restore(ctx context.Context, g *Guest, sockPath string, state io.Reader) er
 	}
 	conn.Close()
 	for {
-		st, err := Status(g.Mon)
+		st, err := Status(ctx, g.Mon)
 		if err != nil {
 			return err
 		}
@@ -139,16 +147,16 @@ func Restore(ctx context.Context, g *Guest, sockPath string, state io.Reader) er
 		case <-time.After(2 * time.Millisecond):
 		}
 	}
-	st, desc, err := MigrationStatus(g.Mon)
+	st, desc, err := MigrationStatus(ctx, g.Mon)
 	if err == nil && st == "failed" {
 		return fmt.Errorf("QEMU rejected the device state: %s", desc)
 	}
-	if err := Exec(g.Mon, "cont", nil, nil); err != nil {
+	if err := Exec(ctx, g.Mon, "cont", nil, nil); err != nil {
 		return err
 	}
 	// QEMU announces after an incoming migration; once more helps switches
 	// that missed it while the host was busy.
-	if err := Exec(g.Mon, "announce-self", map[string]any{"initial": 50, "max": 550, "rounds": 3, "step": 100}, nil); err != nil {
+	if err := Exec(ctx, g.Mon, "announce-self", map[string]any{"initial": 50, "max": 550, "rounds": 3, "step": 100}, nil); err != nil {
 		var qe *QMPError
 		if !errors.As(err, &qe) {
 			return err

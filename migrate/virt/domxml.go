@@ -1,0 +1,224 @@
+package virt
+
+import (
+	"fmt"
+	"strings"
+
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/remora-ha/remora/migrate/qemu"
+)
+
+// Domain XML is read and written with libvirtxml, never edited as text.
+
+func parseDomain(x string) (*libvirtxml.Domain, error) {
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(x); err != nil {
+		return nil, fmt.Errorf("parse domain XML: %w", err)
+	}
+	return &d, nil
+}
+
+// SharedMemoryHowTo is the XML an admin adds to a domain to make it protectable.
+const SharedMemoryHowTo = `add this inside <domain> (virsh edit GUEST), then restart the guest:
+  <memoryBacking>
+    <source type='file'/>
+    <access mode='shared'/>
+  </memoryBacking>
+and point memory_backing_dir in /etc/libvirt/qemu.conf at tmpfs (e.g. /dev/shm/remora)`
+
+// CheckSharedMemoryXML returns an error telling the admin what to add when
+// the domain XML lacks shared file memory backing.
+func CheckSharedMemoryXML(guest, domainXML string) error {
+	if d, err := parseDomain(domainXML); err == nil && hasSharedFileMemory(d) {
+		return nil
+	}
+	return noSharedMemory(guest)
+}
+
+func noSharedMemory(guest string) error {
+	return fmt.Errorf("guest %q: %w; %s", guest, qemu.ErrNoSharedMemory, strings.ReplaceAll(SharedMemoryHowTo, "GUEST", guest))
+}
+
+func hasSharedFileMemory(d *libvirtxml.Domain) bool {
+	mb := d.MemoryBacking
+	return mb != nil && mb.MemorySource != nil && mb.MemorySource.Type == "file" &&
+		mb.MemoryAccess != nil && mb.MemoryAccess.Mode == "shared"
+}
+
+func disks(d *libvirtxml.Domain) []libvirtxml.DomainDisk {
+	if d.Devices == nil {
+		return nil
+	}
+	return d.Devices.Disks
+}
+
+func diskDev(k libvirtxml.DomainDisk) string {
+	if k.Target == nil {
+		return ""
+	}
+	return k.Target.Dev
+}
+
+// WritableDisks lists the target devs (e.g. vda) of a domain's disks that
+// the guest writes: device 'disk', neither read-only nor shared.
+func WritableDisks(domainXML string) ([]string, error) {
+	d, err := parseDomain(domainXML)
+	if err != nil {
+		return nil, err
+	}
+	var devs []string
+	for _, k := range disks(d) {
+		if (k.Device == "" || k.Device == "disk") && k.ReadOnly == nil && k.Shareable == nil && diskDev(k) != "" {
+			devs = append(devs, diskDev(k))
+		}
+	}
+	return devs, nil
+}
+
+// DiskAlias returns the device alias libvirt gave the disk with target
+// dev in a running domain's XML.
+func DiskAlias(domainXML, dev string) (string, error) {
+	d, err := parseDomain(domainXML)
+	if err != nil {
+		return "", err
+	}
+	var have []string
+	for _, k := range disks(d) {
+		if diskDev(k) != dev {
+			have = append(have, diskDev(k))
+			continue
+		}
+		if k.Alias == nil || k.Alias.Name == "" {
+			return "", fmt.Errorf("disk %s has no alias (is the domain running?)", dev)
+		}
+		return k.Alias.Name, nil
+	}
+	return "", fmt.Errorf("no disk with target dev %q (disks: %s)", dev, strings.Join(have, ", "))
+}
+
+// InterfaceTap returns the host tap device of the network interface whose
+// QEMU netdev is netdev (libvirt names it "host" + the device alias).
+func InterfaceTap(domainXML, netdev string) (string, error) {
+	d, err := parseDomain(domainXML)
+	if err != nil {
+		return "", err
+	}
+	alias, ok := strings.CutPrefix(netdev, "host")
+	if !ok {
+		return "", fmt.Errorf("netdev %q is not one libvirt named (host<alias>)", netdev)
+	}
+	var have []string
+	if d.Devices != nil {
+		for _, i := range d.Devices.Interfaces {
+			name := ""
+			if i.Alias != nil {
+				name = i.Alias.Name
+			}
+			if name != alias {
+				have = append(have, name)
+				continue
+			}
+			if i.Target == nil || i.Target.Dev == "" {
+				return "", fmt.Errorf("interface %s has no host tap device", alias)
+			}
+			return i.Target.Dev, nil
+		}
+	}
+	return "", fmt.Errorf("no interface with alias %q (interfaces: %s)", alias, strings.Join(have, ", "))
+}
+
+// ShellOptions say how the standby's shell differs from the primary's domain.
+type ShellOptions struct {
+	Name string
+	// Images maps a replicated disk's target dev to its replica image (a
+	// raw file) on the standby; every one must be a disk of the domain.
+	Images map[string]string
+}
+
+// ShellXML derives the standby shell domain from the primary's migratable
+// XML: same machine type and devices, a new name and identity, the replica
+// images as its disks, started waiting for an incoming migration that the
+// agent feeds at failover.
+func ShellXML(primaryXML string, o ShellOptions) (string, error) {
+	d, err := parseDomain(primaryXML)
+	if err != nil {
+		return "", fmt.Errorf("primary domain XML: %w: cannot derive the standby shell", err)
+	}
+	if d.Name == "" {
+		return "", fmt.Errorf("primary domain XML has no <name>: cannot derive the standby shell")
+	}
+	if !hasSharedFileMemory(d) {
+		return "", noSharedMemory(o.Name)
+	}
+	d.Name, d.UUID, d.ID = o.Name, "", nil
+	if d.Devices != nil {
+		for i := range d.Devices.Interfaces {
+			d.Devices.Interfaces[i].Target = nil // libvirt names a new tap
+		}
+		// Console logs and files would otherwise be shared with the
+		// primary's when both run on one host.
+		for i := range d.Devices.Serials {
+			s := &d.Devices.Serials[i]
+			renameChardev(s.Source, s.Log, o.Name)
+		}
+		for i := range d.Devices.Consoles {
+			c := &d.Devices.Consoles[i]
+			renameChardev(c.Source, c.Log, o.Name)
+		}
+	}
+	if err := shellDisks(d, o.Images); err != nil {
+		return "", err
+	}
+	if d.QEMUCommandline == nil {
+		d.QEMUCommandline = &libvirtxml.DomainQEMUCommandline{}
+	}
+	d.QEMUCommandline.Args = append(d.QEMUCommandline.Args,
+		libvirtxml.DomainQEMUCommandlineArg{Value: "-incoming"}, libvirtxml.DomainQEMUCommandlineArg{Value: "defer"})
+	return d.Marshal()
+}
+
+func renameChardev(src *libvirtxml.DomainChardevSource, log *libvirtxml.DomainChardevLog, suffix string) {
+	rename := func(p string) string {
+		if !strings.HasPrefix(p, "/") || strings.HasPrefix(p, "/dev/") {
+			return p
+		}
+		return p + "." + suffix
+	}
+	if src != nil && src.File != nil {
+		src.File.Path = rename(src.File.Path)
+	}
+	if log != nil {
+		log.File = rename(log.File)
+	}
+}
+
+// shellDisks points the shell's disks at the standby's replica images.
+func shellDisks(d *libvirtxml.Domain, images map[string]string) error {
+	done := map[string]bool{}
+	if d.Devices != nil {
+		for i := range d.Devices.Disks {
+			k := &d.Devices.Disks[i]
+			img, ok := images[diskDev(*k)]
+			if !ok {
+				continue
+			}
+			if k.Source == nil {
+				return fmt.Errorf("disk %s has no <source>", diskDev(*k))
+			}
+			done[diskDev(*k)] = true
+			k.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: img}}
+			k.BackingStore = nil
+			if k.Driver == nil {
+				k.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu"}
+			}
+			k.Driver.Type = "raw"
+		}
+	}
+	for dev := range images {
+		if !done[dev] {
+			return fmt.Errorf("shell XML has no disk %s for its replica image", dev)
+		}
+	}
+	return nil
+}
