@@ -6,8 +6,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/spf13/viper"
 )
 
 func loadFrom(t *testing.T, yaml string, env map[string]string, flags ...string) (string, error) {
@@ -19,14 +17,13 @@ func loadFrom(t *testing.T, yaml string, env map[string]string, flags ...string)
 	for k, v := range env {
 		t.Setenv(k, v)
 	}
-	v := viper.New()
-	cmd := newAgentCmd(v)
+	cmd := newAgentCmd()
 	cmd.Flags().String("config", "", "")
 	cmd.Flags().String("socket", "", "")
 	if err := cmd.Flags().Parse(append([]string{"--config", p}, flags...)); err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := loadAgentConfig(cmd, v)
+	cfg, err := loadAgentConfig(cmd)
 	if err != nil {
 		return "", err
 	}
@@ -76,5 +73,41 @@ func TestParseProbe(t *testing.T) {
 		if _, err := parseProbe(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}
+	}
+}
+
+func TestAgentConfigBadLogLevel(t *testing.T) {
+	cmd := newAgentCmd()
+	cmd.Flags().String("config", "", "")
+	cmd.Flags().String("socket", "", "")
+	p := filepath.Join(t.TempDir(), "agent.yaml")
+	if err := os.WriteFile(p, []byte("agent_id: a\nlog_level: loud\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Flags().Parse([]string{"--config", p}); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := loadAgentConfig(cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), `log_level "loud"`) {
+		t.Fatalf("bad log level: %v", err)
+	}
+	if _, err := newLogger("loud", os.Stderr); err == nil {
+		t.Fatal("newLogger took a bad level")
+	}
+}
+
+func TestEveryAgentKeyHasAFlag(t *testing.T) {
+	cmd := newAgentCmd()
+	for _, k := range []string{"output-commit", "output-buffer-bytes", "api-socket", "tls-ca"} {
+		if cmd.Flags().Lookup(k) == nil {
+			t.Errorf("no --%s", k)
+		}
+	}
+	got, err := loadFrom(t, "agent_id: a\n", nil, "--output-commit", "off")
+	if err != nil || got == "" {
+		t.Fatal(got, err)
 	}
 }

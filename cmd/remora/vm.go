@@ -12,18 +12,17 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/viper"
 
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
-	"github.com/remora-ha/remora/internal/agent"
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/internal/pki"
 )
 
-func newVMCmd(v *viper.Viper) *cobra.Command {
+func newVMCmd() *cobra.Command {
 	vm := &cobra.Command{Use: "vm", Short: "Enroll, inspect and fail over protected guests"}
-	client := func(cmd *cobra.Command) (*agent.Client, error) {
-		cfg, err := loadAgentConfig(cmd, v)
+	client := func(cmd *cobra.Command) (*api.Client, error) {
+		cfg, err := loadAgentConfig(cmd)
 		if err != nil {
 			return nil, err
 		}
@@ -39,9 +38,9 @@ func newVMCmd(v *viper.Viper) *cobra.Command {
 			if host, _, err := net.SplitHostPort(addr); err == nil {
 				tlsCfg.ServerName = host
 			}
-			return agent.NewTLSClient(addr, tlsCfg), nil
+			return api.NewTLSClient(addr, tlsCfg), nil
 		}
-		return agent.NewClient(cfg.APISocket), nil
+		return api.NewClient(cfg.APISocket), nil
 	}
 	vm.PersistentFlags().String("agent", "", "a remote agent's admin API (host:port of its api_listen), over mutual TLS")
 
@@ -117,7 +116,7 @@ func newVMCmd(v *viper.Viper) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Printf("%s failed over: running here from epoch %d (fencing epoch %d) in %s\n", res.Domain, res.Epoch, res.Fence, res.Duration.Round(time.Millisecond))
+			fmt.Printf("%s failed over: running here from epoch %d (fencing epoch %d) in %s\n", res.Guest, res.Epoch, res.Fence, res.Duration.Round(time.Millisecond))
 			return nil
 		},
 	}
@@ -143,7 +142,7 @@ func newVMCmd(v *viper.Viper) *cobra.Command {
 	return vm
 }
 
-func waitProtected(ctx context.Context, c *agent.Client, name string, timeout time.Duration) error {
+func waitProtected(ctx context.Context, c *api.Client, name string, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	tty := isTerminal(os.Stdout)
@@ -154,7 +153,7 @@ func waitProtected(ctx context.Context, c *agent.Client, name string, timeout ti
 			return err
 		}
 		for _, s := range st {
-			if s.Name != name || s.Role != agent.RolePrimary {
+			if s.Guest != name || s.Role != api.RolePrimary {
 				continue
 			}
 			line := ""
@@ -218,7 +217,7 @@ func isTerminal(f *os.File) bool {
 	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }
 
-func printStatus(st []agent.VMStatus) {
+func printStatus(st []api.VMStatus) {
 	if len(st) == 0 {
 		fmt.Println("no guests enrolled on this agent")
 		return
@@ -228,10 +227,10 @@ func printStatus(st []agent.VMStatus) {
 	var notes []string
 	for _, s := range st {
 		pause := "-"
-		if s.Role == agent.RolePrimary {
+		if s.Role == api.RolePrimary {
 			pause = fmt.Sprintf("%s/%s", ms(s.PauseP50), ms(s.PauseP99))
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%.1f\t%s\t%d\t%s\t%s\t%s\n", s.Name, s.Role, s.State, s.Fence, s.Epoch, s.AckedEpoch,
+		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%.1f\t%s\t%d\t%s\t%s\t%s\n", s.Guest, s.Role, s.State, s.Fence, s.Epoch, s.AckedEpoch,
 			s.EpochsPerSec, pause, s.DirtyPages, human(s.Bytes), ms(s.Lag), s.Peer)
 		var co []string
 		if s.LeaseHolder != "" {
@@ -259,7 +258,7 @@ func printStatus(st []agent.VMStatus) {
 			if d.SyncTotal > 0 && d.SyncDone < d.SyncTotal {
 				line += fmt.Sprintf(" %d%%", d.SyncDone*100/d.SyncTotal)
 			}
-			if s.Role == agent.RolePrimary {
+			if s.Role == api.RolePrimary {
 				line += fmt.Sprintf(" (full copies: %d)", d.Resyncs)
 			} else {
 				line += fmt.Sprintf(": last epoch %d writes/%s, %d epochs/%s buffered, %s applied", d.LastEpochWrites, human(uint64(d.LastEpochBytes)),
@@ -271,14 +270,14 @@ func printStatus(st []agent.VMStatus) {
 			co = append(co, line)
 		}
 		if len(co) > 0 {
-			notes = append(notes, fmt.Sprintf("%s: %s", s.Name, strings.Join(co, "; ")))
+			notes = append(notes, fmt.Sprintf("%s: %s", s.Guest, strings.Join(co, "; ")))
 		}
 		if s.LastError != "" {
 			retry := ""
 			if !s.NextRetry.IsZero() {
 				retry = fmt.Sprintf(" (next retry in %s)", time.Until(s.NextRetry).Round(100*time.Millisecond))
 			}
-			notes = append(notes, fmt.Sprintf("%s: %s%s", s.Name, s.LastError, retry))
+			notes = append(notes, fmt.Sprintf("%s: %s%s", s.Guest, s.LastError, retry))
 		}
 	}
 	w.Flush()

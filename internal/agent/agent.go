@@ -15,12 +15,13 @@ import (
 	"syscall"
 
 	"github.com/remora-ha/remora/arbiter"
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/migrate/virt"
 )
 
 // Agent is one host's remora agent.
 type Agent struct {
-	cfg     Config
+	cfg     api.Config
 	log     *slog.Logger
 	virt    *virt.Conn
 	store   recordStore
@@ -41,7 +42,7 @@ type Agent struct {
 }
 
 // New checks the configuration and prepares directories.
-func New(cfg Config, log *slog.Logger) (*Agent, error) {
+func New(cfg api.Config, log *slog.Logger) (*Agent, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -60,7 +61,7 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 // the protection of every guest enrolled here.
 func (a *Agent) Run(ctx context.Context) (err error) {
 	a.runCtx = ctx
-	if a.tlsSrv, a.tlsCli, err = a.cfg.tlsConfigs(); err != nil {
+	if a.tlsSrv, a.tlsCli, err = tlsConfigs(&a.cfg); err != nil {
 		return err
 	}
 	if err := a.dialArbiter(ctx, a.tlsCli); err != nil {
@@ -81,11 +82,11 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if a.tlsSrv != nil {
 		repl = tls.NewListener(repl, a.tlsSrv)
 	}
-	api, err := listenAPI(a.cfg.APISocket)
+	apiLn, err := listenAPI(a.cfg.APISocket)
 	if err != nil {
 		return err
 	}
-	defer api.Close()
+	defer apiLn.Close()
 	var apiTLS net.Listener
 	if a.cfg.APIListen != "" {
 		if apiTLS, err = net.Listen("tcp", a.cfg.APIListen); err != nil {
@@ -107,18 +108,18 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		return err
 	}
 	for _, r := range records {
-		if g, ok := jst.guests[r.Name]; ok && r.Role == RoleStandby {
+		if g, ok := jst.guests[r.Name]; ok && r.Role == api.RoleStandby {
 			r.Replica = g.Replica // the journal is newer than the record file
 			r.Fence = max(r.Fence, g.Fence)
 		}
 	}
 	for _, r := range records {
 		switch r.Role {
-		case RolePrimary:
+		case api.RolePrimary:
 			if err := a.startPrimary(ctx, r); err != nil {
 				a.log.Error("cannot resume protection; fix and re-enroll", "domain", r.Name, "err", err)
 			}
-		case RoleStandby:
+		case api.RoleStandby:
 			a.loadStandby(ctx, r)
 		}
 	}
@@ -127,7 +128,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	go a.arbiterHeartbeat(ctx)
 	errc := make(chan error, 3)
 	go func() { errc <- a.serveReplication(ctx, repl) }()
-	go func() { errc <- a.serveAPI(ctx, api) }()
+	go func() { errc <- a.serveAPI(ctx, apiLn) }()
 	if apiTLS != nil {
 		go func() { errc <- a.serveAPI(ctx, apiTLS) }()
 	}

@@ -11,56 +11,13 @@ import (
 	"sort"
 	"time"
 
-	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/internal/pki"
 )
 
-// VMStatus is one guest as `remora vm status` shows it.
-type VMStatus struct {
-	Name         string                     `json:"name"`
-	Role         string                     `json:"role"`
-	State        string                     `json:"state"`
-	Peer         string                     `json:"peer"`
-	Fence        uint64                     `json:"fence"`
-	Epoch        uint64                     `json:"epoch"`
-	AckedEpoch   uint64                     `json:"acked_epoch"`
-	Started      uint64                     `json:"started_epoch,omitempty"` // primary: newest epoch whose capture began
-	EpochsPerSec float64                    `json:"epochs_per_sec"`
-	PauseP50     time.Duration              `json:"pause_p50_ns"`
-	PauseP99     time.Duration              `json:"pause_p99_ns"`
-	DirtyPages   uint64                     `json:"dirty_pages"`
-	DirtyTotal   uint64                     `json:"dirty_total,omitempty"`
-	Incremental  uint64                     `json:"incremental,omitempty"`
-	Bytes        uint64                     `json:"bytes"` // sent (primary) or received (standby)
-	RawBytes     uint64                     `json:"raw_bytes,omitempty"`
-	Lag          time.Duration              `json:"lag_ns"`
-	Tracker      string                     `json:"tracker,omitempty"`
-	LastPause    *checkpoint.PauseBreakdown `json:"last_pause,omitempty"`
-	SyncDone     uint64                     `json:"sync_done_bytes,omitempty"`
-	SyncTotal    uint64                     `json:"sync_total_bytes,omitempty"`
-	Shell        string                     `json:"shell,omitempty"`
-	Applied      uint64                     `json:"applied_epoch,omitempty"`
-	LastError    string                     `json:"last_error,omitempty"`
-	LeaseHolder  string                     `json:"lease_holder,omitempty"`
-	LeaseValid   time.Duration              `json:"lease_valid_ns,omitempty"` // remaining, on this agent's clock
-	Heartbeat    string                     `json:"heartbeat,omitempty"`      // ok, or how long the peer has been silent
-	Probe        string                     `json:"probe,omitempty"`          // the arbiter's last check of the guest's service
-	Arbiter      string                     `json:"arbiter,omitempty"`        // the arbiter's latest answer worth showing
-	// The last automatic failover: when the primary was first suspected,
-	// when the arbiter granted promotion, when the guest ran again.
-	SuspectedAt time.Time `json:"suspected_at,omitzero"`
-	GrantedAt   time.Time `json:"granted_at,omitzero"`
-	RestoredAt  time.Time `json:"restored_at,omitzero"`
-	NextRetry   time.Time `json:"next_retry,omitzero"`
-	// Output is the guest's output commit (primary only).
-	Output *OutputStatus `json:"output,omitempty"`
-	// Disk is the guest's disk replication.
-	Disk *DiskStatus `json:"disk,omitempty"`
-}
-
 // Status lists every guest this agent knows.
-func (a *Agent) Status() []VMStatus {
+func (a *Agent) Status() []api.VMStatus {
 	a.mu.Lock()
 	prim := make([]*primaryGuest, 0, len(a.primary))
 	for _, p := range a.primary {
@@ -71,14 +28,14 @@ func (a *Agent) Status() []VMStatus {
 		stby = append(stby, s)
 	}
 	a.mu.Unlock()
-	var out []VMStatus
+	var out []api.VMStatus
 	for _, p := range prim {
 		if p.engine == nil { // fenced out: nothing runs here any more
-			out = append(out, VMStatus{Name: p.rec.Name, Role: RolePrimary, State: StateFenced, Peer: p.rec.Peer, Fence: p.rec.Fence, Arbiter: p.coord.snapshot().note})
+			out = append(out, api.VMStatus{Guest: p.rec.Name, Role: api.RolePrimary, State: StateFenced, Peer: p.rec.Peer, Fence: p.rec.Fence, Arbiter: p.coord.snapshot().note})
 			continue
 		}
 		s := p.engine.Status()
-		v := VMStatus{Name: p.rec.Name, Role: RolePrimary, State: s.State, Peer: p.rec.Peer, Fence: p.engine.Fence(),
+		v := api.VMStatus{Guest: p.rec.Name, Role: api.RolePrimary, State: s.State, Peer: p.rec.Peer, Fence: p.engine.Fence(),
 			Epoch: s.Epoch, Started: s.Started, AckedEpoch: s.AckedEpoch, EpochsPerSec: s.EpochsPerSec, PauseP50: s.PauseP50, PauseP99: s.PauseP99,
 			DirtyPages: s.DirtyPages, DirtyTotal: s.DirtyTotal, Incremental: s.Incremental, Bytes: s.BytesSent, RawBytes: s.RawBytes, Lag: s.Lag, Tracker: s.Tracker,
 			SyncDone: s.SyncDone, SyncTotal: s.SyncTotal, LastError: s.LastError, NextRetry: s.NextRetry, LastPause: &s.LastPause}
@@ -109,7 +66,7 @@ func (a *Agent) Status() []VMStatus {
 		a.coordStatus(&v, sg.coord.snapshot())
 		out = append(out, v)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	sort.Slice(out, func(i, j int) bool { return out[i].Guest < out[j].Guest })
 	return out
 }
 
@@ -118,7 +75,7 @@ func (a *Agent) hbTimeout() time.Duration {
 }
 
 // coordStatus adds what the arbiter said to a guest's status.
-func (a *Agent) coordStatus(v *VMStatus, co coordView) {
+func (a *Agent) coordStatus(v *api.VMStatus, co coordView) {
 	if a.arb == nil {
 		return
 	}
@@ -139,11 +96,11 @@ func (a *Agent) coordStatus(v *VMStatus, co coordView) {
 	v.SuspectedAt, v.GrantedAt, v.RestoredAt = co.suspectedAt, co.grantedAt, co.restoredAt
 }
 
-func (sg *standbyGuest) status(hbTimeout time.Duration) VMStatus {
+func (sg *standbyGuest) status(hbTimeout time.Duration) api.VMStatus {
 	sg.mu.Lock()
 	defer sg.mu.Unlock()
 	rec := sg.rec
-	v := VMStatus{Name: rec.Name, Role: RoleStandby, Peer: rec.Primary, Fence: rec.Fence, Shell: rec.Shell,
+	v := api.VMStatus{Guest: rec.Name, Role: api.RoleStandby, Peer: rec.Primary, Fence: rec.Fence, Shell: rec.Shell,
 		Epoch: rec.Replica.Committed, AckedEpoch: rec.Replica.Committed, Applied: rec.Replica.Applied, Bytes: sg.bytesIn, LastError: sg.lastError}
 	switch {
 	case rec.State == StateFailedOver:
@@ -194,59 +151,41 @@ func listenAPI(path string) (net.Listener, error) {
 	return ln, nil
 }
 
-// EnrollRequest is the body of POST /v1/enroll.
-type EnrollRequest struct {
-	Domain  string            `json:"domain"`
-	Standby string            `json:"standby"`
-	Probe   arbiter.ProbeSpec `json:"probe,omitzero"`
-}
-
-// DomainRequest names one guest.
-type DomainRequest struct {
-	Domain string `json:"domain"`
-	Force  bool   `json:"force,omitempty"`
-}
-
-// APIError is the body of every failed API call.
-type APIError struct {
-	Error string `json:"error"`
-}
-
 func (a *Agent) serveAPI(ctx context.Context, ln net.Listener) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, a.Status())
 	})
 	mux.HandleFunc("POST /v1/enroll", func(w http.ResponseWriter, r *http.Request) {
-		var req EnrollRequest
+		var req api.EnrollRequest
 		if !readJSON(w, r, &req) {
 			return
 		}
-		if err := a.Enroll(r.Context(), req.Domain, req.Standby, req.Probe); err != nil {
-			writeJSON(w, http.StatusBadRequest, APIError{err.Error()})
+		if err := a.Enroll(r.Context(), req.Guest, req.Standby, req.Probe); err != nil {
+			writeJSON(w, http.StatusBadRequest, api.Error{Error: err.Error()})
 			return
 		}
 		writeJSON(w, http.StatusOK, a.Status())
 	})
 	mux.HandleFunc("POST /v1/failover", func(w http.ResponseWriter, r *http.Request) {
-		var req DomainRequest
+		var req api.GuestRequest
 		if !readJSON(w, r, &req) {
 			return
 		}
-		res, err := a.Failover(r.Context(), req.Domain, req.Force)
+		res, err := a.Failover(r.Context(), req.Guest, req.Force)
 		if err != nil {
-			writeJSON(w, http.StatusConflict, APIError{err.Error()})
+			writeJSON(w, http.StatusConflict, api.Error{Error: err.Error()})
 			return
 		}
 		writeJSON(w, http.StatusOK, res)
 	})
 	mux.HandleFunc("POST /v1/unenroll", func(w http.ResponseWriter, r *http.Request) {
-		var req DomainRequest
+		var req api.GuestRequest
 		if !readJSON(w, r, &req) {
 			return
 		}
-		if err := a.Unenroll(r.Context(), req.Domain); err != nil {
-			writeJSON(w, http.StatusConflict, APIError{err.Error()})
+		if err := a.Unenroll(r.Context(), req.Guest); err != nil {
+			writeJSON(w, http.StatusConflict, api.Error{Error: err.Error()})
 			return
 		}
 		writeJSON(w, http.StatusOK, struct{}{})
@@ -261,7 +200,7 @@ func (a *Agent) serveAPI(ctx context.Context, ln net.Listener) error {
 			}
 			if len(who) == 0 {
 				a.log.Warn("admin API request without a client certificate refused", "peer", r.RemoteAddr)
-				writeJSON(w, http.StatusUnauthorized, APIError{"a client certificate signed by the agent's CA is required"})
+				writeJSON(w, http.StatusUnauthorized, api.Error{Error: "a client certificate signed by the agent's CA is required"})
 				return
 			}
 			if r.Method != http.MethodGet {
@@ -314,7 +253,7 @@ func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		writeJSON(w, http.StatusBadRequest, APIError{"bad request: " + err.Error()})
+		writeJSON(w, http.StatusBadRequest, api.Error{Error: "bad request: " + err.Error()})
 		return false
 	}
 	return true

@@ -13,6 +13,7 @@ import (
 
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/checkpoint/disk"
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
 )
@@ -75,24 +76,6 @@ type diskSet struct {
 	resyncs             int
 }
 
-// DiskStatus is a guest's disk replication as `vm status` shows it.
-type DiskStatus struct {
-	Devs []string `json:"devs"`
-	// Standby: the writes of the last cut epoch and what is buffered,
-	// summed over the disks.
-	LastEpochWrites int    `json:"last_epoch_writes,omitempty"`
-	LastEpochBytes  int64  `json:"last_epoch_bytes,omitempty"`
-	HeldEpochs      int    `json:"held_epochs,omitempty"` // cut, not applied yet
-	HeldBytes       int64  `json:"held_bytes,omitempty"`
-	AppliedBytes    uint64 `json:"applied_bytes,omitempty"`
-	OutOfSync       string `json:"out_of_sync,omitempty"`
-
-	State     string `json:"state"` // syncing, mirrored, resync needed
-	SyncDone  int64  `json:"sync_done_bytes,omitempty"`
-	SyncTotal int64  `json:"sync_total_bytes,omitempty"`
-	Resyncs   int    `json:"resyncs"` // full disk copies since the agent started
-}
-
 func (a *Agent) newDiskSet(ctx context.Context, g *qemu.Guest, rec *Record, fence func() uint64) (*diskSet, error) {
 	x, err := a.virt.LiveXML(ctx, g.Name)
 	if err != nil {
@@ -152,13 +135,13 @@ func (ds *diskSet) setState(s string) {
 	ds.mu.Unlock()
 }
 
-func (ds *diskSet) status() *DiskStatus {
+func (ds *diskSet) status() *api.DiskStatus {
 	if ds == nil || len(ds.disks) == 0 {
 		return nil
 	}
 	ds.mu.Lock()
 	defer ds.mu.Unlock()
-	st := &DiskStatus{State: ds.state, SyncDone: ds.syncDone, SyncTotal: ds.syncTotal, Resyncs: ds.resyncs}
+	st := &api.DiskStatus{State: ds.state, SyncDone: ds.syncDone, SyncTotal: ds.syncTotal, Resyncs: ds.resyncs}
 	for _, d := range ds.disks {
 		st.Devs = append(st.Devs, d.dev)
 	}
@@ -362,11 +345,11 @@ func closeReplicaDisks(ds []*replicaDisk) {
 }
 
 // diskStatus sums the replica disks' figures (sg.mu held).
-func (sg *standbyGuest) diskStatus() *DiskStatus {
+func (sg *standbyGuest) diskStatus() *api.DiskStatus {
 	if len(sg.disks) == 0 {
 		return nil
 	}
-	st := &DiskStatus{State: "replica"}
+	st := &api.DiskStatus{State: "replica"}
 	for _, d := range sg.disks {
 		s := d.target.Stats()
 		st.Devs = append(st.Devs, d.spec.Dev)

@@ -8,16 +8,9 @@ import (
 	"time"
 
 	"github.com/remora-ha/remora/checkpoint/outcommit"
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
-)
-
-// Output-commit backends (config output_commit).
-const (
-	OutputAuto = "auto" // the kernel's plug qdisc where it has one, else QEMU
-	OutputQEMU = "qemu" // filter-redirector in QEMU: no kernel feature needed
-	OutputPlug = "plug" // sch_plug on an ifb device
-	OutputOff  = "off"  // output flows at once: no Remus guarantee
 )
 
 // outputBuffer is what the agent needs of an output-commit backend.
@@ -28,83 +21,65 @@ type outputBuffer interface {
 	ReleaseAll() error
 }
 
-// OutputStatus is a guest's output commit as `vm status` shows it.
-type OutputStatus struct {
-	Backend         string        `json:"backend"`
-	Netdev          string        `json:"netdev,omitempty"`
-	Holding         bool          `json:"holding"` // false while unprotected (output flows)
-	HeldFrames      int           `json:"held_frames"`
-	HeldBytes       int64         `json:"held_bytes"`
-	LastCut         uint64        `json:"last_cut"`
-	LastReleased    uint64        `json:"last_released"`
-	ReleasedFrames  uint64        `json:"released_frames"`
-	ReleasedBytes   uint64        `json:"released_bytes"`
-	ForwardedFrames uint64        `json:"forwarded_frames"` // sent on unheld (before protection, or unprotected)
-	DroppedFrames   uint64        `json:"dropped_frames"`   // the buffer was full
-	DiscardedFrames uint64        `json:"discarded_frames"` // of epochs that were never acknowledged
-	ReleaseP50      time.Duration `json:"release_p50_ns"`   // how long frames were held
-	ReleaseP99      time.Duration `json:"release_p99_ns"`
-}
-
 // newOutput sets up output commit for a guest about to be protected.
-func (a *Agent) newOutput(ctx context.Context, g *qemu.Guest) (outputBuffer, OutputStatus, error) {
+func (a *Agent) newOutput(ctx context.Context, g *qemu.Guest) (outputBuffer, api.OutputStatus, error) {
 	kind := a.cfg.OutputCommit
-	if kind == OutputOff {
+	if kind == api.OutputOff {
 		a.log.Warn("output commit is off: clients may see output of state a failover loses", "domain", g.Name)
-		return outcommit.Passthrough{}, OutputStatus{Backend: OutputOff}, nil
+		return outcommit.Passthrough{}, api.OutputStatus{Backend: api.OutputOff}, nil
 	}
 	nics, err := qemu.ListNICs(ctx, g.Mon)
 	if err != nil {
-		return nil, OutputStatus{}, fmt.Errorf("output commit: list the guest's network devices: %w", err)
+		return nil, api.OutputStatus{}, fmt.Errorf("output commit: list the guest's network devices: %w", err)
 	}
 	switch len(nics) {
 	case 0:
 		a.log.Info("guest has no network device: no output to hold", "domain", g.Name)
-		return outcommit.Passthrough{}, OutputStatus{Backend: "none (no network device)"}, nil
+		return outcommit.Passthrough{}, api.OutputStatus{Backend: "none (no network device)"}, nil
 	case 1:
 	default:
 		var s []string
 		for _, n := range nics {
 			s = append(s, n.String())
 		}
-		return nil, OutputStatus{}, fmt.Errorf("output commit: domain %q has %d network devices (%s); remora holds the output of one: remove the others or set output_commit: off",
+		return nil, api.OutputStatus{}, fmt.Errorf("output commit: domain %q has %d network devices (%s); remora holds the output of one: remove the others or set output_commit: off",
 			g.Name, len(nics), strings.Join(s, ", "))
 	}
-	if kind == OutputAuto {
-		kind = OutputQEMU
+	if kind == api.OutputAuto {
+		kind = api.OutputQEMU
 		if outcommit.PlugSupported() == nil {
-			kind = OutputPlug
+			kind = api.OutputPlug
 		}
 	}
-	if kind == OutputPlug {
+	if kind == api.OutputPlug {
 		if err := outcommit.PlugSupported(); err != nil {
-			return nil, OutputStatus{}, fmt.Errorf("output_commit: plug: %w (or use output_commit: qemu, which needs no kernel feature)", err)
+			return nil, api.OutputStatus{}, fmt.Errorf("output_commit: plug: %w (or use output_commit: qemu, which needs no kernel feature)", err)
 		}
 		x, err := a.virt.LiveXML(ctx, g.Name)
 		if err != nil {
-			return nil, OutputStatus{}, err
+			return nil, api.OutputStatus{}, err
 		}
 		tap, err := virt.InterfaceTap(x, nics[0].Netdev)
 		if err != nil {
-			return nil, OutputStatus{}, fmt.Errorf("output_commit: plug: domain %q: %w (use output_commit: qemu)", g.Name, err)
+			return nil, api.OutputStatus{}, fmt.Errorf("output_commit: plug: domain %q: %w (use output_commit: qemu)", g.Name, err)
 		}
 		p, err := outcommit.NewPlug(ctx, tap, outcommit.PlugOptions{MaxBytes: a.cfg.OutputBufferBytes, Logger: a.log})
 		if err != nil {
-			return nil, OutputStatus{}, err
+			return nil, api.OutputStatus{}, err
 		}
-		return p, OutputStatus{Backend: OutputPlug, Netdev: tap}, nil
+		return p, api.OutputStatus{Backend: api.OutputPlug, Netdev: tap}, nil
 	}
 	r, err := outcommit.NewRedirector(ctx, g, filepath.Join(a.cfg.RuntimeDir, "outcommit"), outcommit.Options{
 		Netdev: nics[0].Netdev, MaxBytes: a.cfg.OutputBufferBytes, Logger: a.log,
 	})
 	if err != nil {
-		return nil, OutputStatus{}, err
+		return nil, api.OutputStatus{}, err
 	}
-	return r, OutputStatus{Backend: OutputQEMU, Netdev: nics[0].Netdev}, nil
+	return r, api.OutputStatus{Backend: api.OutputQEMU, Netdev: nics[0].Netdev}, nil
 }
 
 // outputStatus fills in a guest's output-commit figures.
-func (pg *primaryGuest) outputStatus() *OutputStatus {
+func (pg *primaryGuest) outputStatus() *api.OutputStatus {
 	if pg.out == nil {
 		return nil
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/migrate/qemu"
 )
 
@@ -24,7 +25,7 @@ type primaryGuest struct {
 	engine  *checkpoint.Primary
 	out     outputBuffer // nil when the guest's output is not held
 	disks   *diskSet
-	outInfo OutputStatus
+	outInfo api.OutputStatus
 	cancel  context.CancelFunc
 	done    chan struct{}
 	err     error
@@ -54,7 +55,7 @@ func (a *Agent) Enroll(ctx context.Context, domain, peer string, probe arbiter.P
 	if isS {
 		return fmt.Errorf("domain %q is a replica on this agent (this host is its standby): enroll it on its primary host", domain)
 	}
-	rec := &Record{Name: domain, Role: RolePrimary, Peer: peer, Probe: probe, Enrolled: time.Now().UTC()}
+	rec := &Record{Name: domain, Role: api.RolePrimary, Peer: peer, Probe: probe, Enrolled: time.Now().UTC()}
 	if err := a.startPrimary(ctx, rec); err != nil {
 		return err
 	}
@@ -125,7 +126,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		return fmt.Errorf("disk replication: %w", err)
 	}
 	var engineOut checkpoint.OutputBuffer
-	if outInfo.Backend == OutputQEMU || outInfo.Backend == OutputPlug {
+	if outInfo.Backend == api.OutputQEMU || outInfo.Backend == api.OutputPlug {
 		engineOut = out
 	} else {
 		out = nil

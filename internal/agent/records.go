@@ -14,12 +14,6 @@ import (
 	"github.com/remora-ha/remora/internal/atomicfile"
 )
 
-// Roles of a guest on this agent.
-const (
-	RolePrimary = "primary"
-	RoleStandby = "standby"
-)
-
 // States persisted for a guest beyond the live replication states.
 const (
 	StateFailingOver = "failing-over"

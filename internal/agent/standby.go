@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
 	"github.com/remora-ha/remora/txlog"
@@ -337,7 +338,7 @@ func (a *Agent) acceptPrimary(ctx context.Context, conn net.Conn, h checkpoint.H
 	}
 	sg, ok := a.standby[h.Domain]
 	if !ok {
-		sg = &standbyGuest{rec: &Record{Name: h.Domain, Role: RoleStandby, Primary: h.Agent, Fence: fence, Enrolled: time.Now().UTC()}}
+		sg = &standbyGuest{rec: &Record{Name: h.Domain, Role: api.RoleStandby, Primary: h.Agent, Fence: fence, Enrolled: time.Now().UTC()}}
 		a.standby[h.Domain] = sg
 		go a.standbyCoordination(a.runCtx, sg)
 	}

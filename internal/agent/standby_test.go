@@ -4,13 +4,15 @@ import (
 	"context"
 	"strings"
 	"testing"
+
+	"github.com/remora-ha/remora/internal/agent/api"
 )
 
 // TestDropReplicaOnlyByItsPrimary: another agent cannot make a standby
 // drop a replica it does not feed; the replica stays.
 func TestDropReplicaOnlyByItsPrimary(t *testing.T) {
 	a := &Agent{log: quietLog(), standby: map[string]*standbyGuest{
-		"g1": {rec: &Record{Name: "g1", Role: RoleStandby, Primary: "host-a", Fence: 3}},
+		"g1": {rec: &Record{Name: "g1", Role: api.RoleStandby, Primary: "host-a", Fence: 3}},
 	}}
 	err := a.dropReplica(context.Background(), "g1", 3, "host-c")
 	if err == nil || !strings.Contains(err.Error(), `its primary is agent "host-a"`) {

@@ -8,13 +8,14 @@ import (
 	"net"
 	"slices"
 
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/internal/pki"
 )
 
 // tlsConfigs builds the agent's mutual-TLS configurations. Peers are
 // verified against the CA; their identity is the certificate name, which
 // must match the agent id they claim in the protocol.
-func (c *Config) tlsConfigs() (server, client *tls.Config, err error) {
+func tlsConfigs(c *api.Config) (server, client *tls.Config, err error) {
 	if c.TLSCert == "" {
 		return nil, nil, nil
 	}

@@ -18,7 +18,7 @@ import (
 
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
-	"github.com/remora-ha/remora/internal/agent"
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
 	"github.com/remora-ha/remora/test/labkit"
@@ -349,7 +349,7 @@ func startAgent(bin, work, name, addr string, iv time.Duration) *proc {
 	return &proc{cmd: cmd, dir: dir}
 }
 
-func (p *proc) client() *agent.Client { return agent.NewClient(filepath.Join(p.dir, "agent.sock")) }
+func (p *proc) client() *api.Client { return api.NewClient(filepath.Join(p.dir, "agent.sock")) }
 
 func (p *proc) wait() error {
 	for i := 0; i < 100; i++ {

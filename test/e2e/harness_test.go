@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/remora-ha/remora/internal/agent"
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/test/labkit"
 )
 
@@ -163,9 +163,9 @@ func (h *host) exited() <-chan struct{} {
 	return h.done
 }
 
-func (h *host) client() *agent.Client { return agent.NewClient(filepath.Join(h.dir, "agent.sock")) }
+func (h *host) client() *api.Client { return api.NewClient(filepath.Join(h.dir, "agent.sock")) }
 
-func (h *host) status(name string) (agent.VMStatus, bool) {
+func (h *host) status(name string) (api.VMStatus, bool) {
 	s, err := h.client().VM(context.Background(), name)
 	return s, err == nil
 }

@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/remora-ha/remora/checkpoint"
-	"github.com/remora-ha/remora/internal/agent"
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/test/labkit"
 )
 
@@ -105,8 +105,8 @@ func run() error {
 		return err
 	}
 	defer b.kill()
-	clientA := agent.NewClient(filepath.Join(work, "host-a", "agent.sock"))
-	clientB := agent.NewClient(filepath.Join(work, "host-b", "agent.sock"))
+	clientA := api.NewClient(filepath.Join(work, "host-a", "agent.sock"))
+	clientB := api.NewClient(filepath.Join(work, "host-b", "agent.sock"))
 
 	var detect, decide, restore, total []time.Duration
 	for i := 0; i < *runs; i++ {
@@ -158,7 +158,7 @@ func run() error {
 		}); err != nil {
 			return fmt.Errorf("guest never answered after crash %d: %w", i, err)
 		}
-		var st agent.VMStatus
+		var st api.VMStatus
 		if err := waitFor(30*time.Second, func() bool {
 			st, _ = clientB.VM(ctx, name)
 			return !st.RestoredAt.IsZero()

@@ -1,15 +1,11 @@
-// Package arbitercli provides the "arbiter" and "certs" commands of the
-// remora CLI. Add Commands() to the root command.
-package arbitercli
+package main
 
 import (
 	"context"
 	"crypto/x509"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"os/signal"
@@ -23,11 +19,6 @@ import (
 	"github.com/remora-ha/remora/internal/pki"
 )
 
-// Commands returns the top-level commands this package provides.
-func Commands() []*cobra.Command {
-	return []*cobra.Command{arbiterCmd(), certsCmd()}
-}
-
 func arbiterCmd() *cobra.Command {
 	var configPath string
 	cmd := &cobra.Command{
@@ -39,13 +30,13 @@ then REMORA_ARBITER_* environment variables (e.g. REMORA_ARBITER_LEASE_DURATION,
 REMORA_ARBITER_TLS_CERT), then flags. Unknown keys in the file are an error.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := loadConfig(cmd, configPath)
+			cfg, err := loadArbiterConfig(cmd, configPath)
 			if err != nil {
 				return err
 			}
 			ctx, stop := signal.NotifyContext(cmdContext(cmd), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			return runServer(ctx, cfg, cmd.ErrOrStderr())
+			return runArbiter(ctx, cfg, cmd.ErrOrStderr())
 		},
 	}
 	cmd.PersistentFlags().StringVar(&configPath, "config", "", "YAML configuration file")
@@ -65,9 +56,11 @@ func cmdContext(cmd *cobra.Command) context.Context {
 	return context.Background()
 }
 
-func runServer(ctx context.Context, cfg *Config, logOut io.Writer) error {
-	level, _ := cfg.logLevel()
-	logger := slog.New(slog.NewTextHandler(logOut, &slog.HandlerOptions{Level: level}))
+func runArbiter(ctx context.Context, cfg *arbiterConfig, logOut io.Writer) error {
+	logger, err := newLogger(cfg.LogLevel, logOut)
+	if err != nil {
+		return err
+	}
 	tc, err := pki.ServerConfigFiles(cfg.TLS.Cert, cfg.TLS.Key, cfg.TLS.CA)
 	if err != nil {
 		return err
@@ -116,7 +109,7 @@ configuration (tls.cert/key/ca) to --addr, or to the configured listen
 address with an unspecified host replaced by 127.0.0.1.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := loadConfig(cmd, *configPath)
+			cfg, err := loadArbiterConfig(cmd, *configPath)
 			if err != nil {
 				return err
 			}
@@ -154,7 +147,7 @@ address with an unspecified host replaced by 127.0.0.1.`,
 				enc.SetIndent("", "  ")
 				return enc.Encode(st)
 			}
-			printStatus(cmd.OutOrStdout(), st)
+			printArbiterStatus(cmd.OutOrStdout(), st)
 			return nil
 		},
 	}
@@ -177,7 +170,7 @@ func localAddr(listen string) (string, error) {
 	return net.JoinHostPort(host, port), nil
 }
 
-func printStatus(w io.Writer, st arbiter.Status) {
+func printArbiterStatus(w io.Writer, st arbiter.Status) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "GUEST\tEPOCH\tPRIMARY\tSTANDBY\tIN SYNC\tLEASE HOLDER\tLEASE\tSERVICE\tLAST CHANGE\n")
 	for _, g := range st.Guests {
@@ -237,61 +230,4 @@ func yesNo(b bool) string {
 		return "yes"
 	}
 	return "no"
-}
-
-func certsCmd() *cobra.Command {
-	cmd := &cobra.Command{
-		Use:   "certs",
-		Short: "Manage the lab CA and component certificates for mutual TLS",
-	}
-	var force bool
-	initCmd := &cobra.Command{
-		Use:   "init DIR",
-		Short: "Create a CA (ca.crt, ca.key) in DIR",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := pki.InitCA(args[0], force); err != nil {
-				if errors.Is(err, pki.ErrCAExists) {
-					return fmt.Errorf("%w (pass --force to replace it; every issued certificate stops working)", err)
-				}
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "created CA in %s\n", args[0])
-			return nil
-		},
-	}
-	initCmd.Flags().BoolVar(&force, "force", false, "replace an existing CA")
-
-	var (
-		dir string
-		ips []string
-	)
-	issueCmd := &cobra.Command{
-		Use:   "issue NAME",
-		Short: "Issue NAME.crt/NAME.key (server and client auth) from the CA in --dir",
-		Long: `Issue a certificate whose CommonName and DNS SAN are NAME. For agents NAME
-must be the agent id; for the arbiter, add --ip for each address agents dial.`,
-		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			var parsed []net.IP
-			for _, s := range ips {
-				ip := net.ParseIP(s)
-				if ip == nil {
-					return fmt.Errorf("--ip %q is not an IP address", s)
-				}
-				parsed = append(parsed, ip)
-			}
-			if err := pki.Issue(dir, args[0], parsed...); err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "issued %s and %s\n", pki.CertPath(dir, args[0]), pki.KeyPath(dir, args[0]))
-			return nil
-		},
-	}
-	issueCmd.Flags().StringVar(&dir, "dir", "", "PKI directory holding the CA (required)")
-	issueCmd.Flags().StringSliceVar(&ips, "ip", nil, "IP SAN (repeatable or comma-separated)")
-	issueCmd.MarkFlagRequired("dir")
-
-	cmd.AddCommand(initCmd, issueCmd)
-	return cmd
 }

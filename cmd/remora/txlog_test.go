@@ -1,4 +1,4 @@
-package txlogcli
+package main
 
 import (
 	"bytes"
@@ -49,9 +49,9 @@ func buildLog(t *testing.T) string {
 	return dir
 }
 
-func run(t *testing.T, args ...string) (stdout, stderr string, err error) {
+func runTxlogCLI(t *testing.T, args ...string) (stdout, stderr string, err error) {
 	t.Helper()
-	cmd := Command()
+	cmd := newTxlogCmd()
 	var out, errb bytes.Buffer
 	cmd.SetOut(&out)
 	cmd.SetErr(&errb)
@@ -71,7 +71,7 @@ func onlySegment(t *testing.T, dir string) string {
 
 func TestDump(t *testing.T) {
 	dir := buildLog(t)
-	out, _, err := run(t, "dump", dir)
+	out, _, err := runTxlogCLI(t, "dump", dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,7 +88,7 @@ func TestDump(t *testing.T) {
 		t.Errorf("record line = %q", lines[2])
 	}
 
-	out, _, err = run(t, "dump", "--json", "--from", "5", "--limit", "5", dir)
+	out, _, err = runTxlogCLI(t, "dump", "--json", "--from", "5", "--limit", "5", dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +110,7 @@ func TestDump(t *testing.T) {
 
 func TestVerifySound(t *testing.T) {
 	dir := buildLog(t)
-	out, errOut, err := run(t, "verify", dir)
+	out, errOut, err := runTxlogCLI(t, "verify", dir)
 	if err != nil {
 		t.Fatalf("verify: %v", err)
 	}
@@ -137,7 +137,7 @@ func TestVerifyTornTailIsReadOnlyWarning(t *testing.T) {
 	if err := os.WriteFile(seg, data, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	out, errOut, err := run(t, "verify", dir)
+	out, errOut, err := runTxlogCLI(t, "verify", dir)
 	if err != nil {
 		t.Fatalf("verify with a torn tail should succeed: %v", err)
 	}
@@ -168,23 +168,23 @@ func TestVerifyMidLogCorruption(t *testing.T) {
 	if err := os.WriteFile(seg, data, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	_, _, err = run(t, "verify", dir)
+	_, _, err = runTxlogCLI(t, "verify", dir)
 	if err == nil {
 		t.Fatal("verify accepted a log with a damaged durable record")
 	}
 	if !strings.Contains(err.Error(), seg) || !strings.Contains(err.Error(), "offset ") {
 		t.Fatalf("error does not name segment and offset: %v", err)
 	}
-	if _, _, err := run(t, "dump", dir); err == nil {
+	if _, _, err := runTxlogCLI(t, "dump", dir); err == nil {
 		t.Fatal("dump of a corrupt log succeeded")
 	}
 }
 
 func TestVerifyMissingDir(t *testing.T) {
-	if _, _, err := run(t, "verify", filepath.Join(t.TempDir(), "nope")); err == nil {
+	if _, _, err := runTxlogCLI(t, "verify", filepath.Join(t.TempDir(), "nope")); err == nil {
 		t.Fatal("verify of a missing directory succeeded")
 	}
-	if _, _, err := run(t, "verify", t.TempDir()); err == nil || !strings.Contains(err.Error(), "no log segments") {
+	if _, _, err := runTxlogCLI(t, "verify", t.TempDir()); err == nil || !strings.Contains(err.Error(), "no log segments") {
 		t.Fatalf("verify of an empty directory: %v", err)
 	}
 }

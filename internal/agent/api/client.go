@@ -1,4 +1,4 @@
-package agent
+package api
 
 import (
 	"bytes"
@@ -62,7 +62,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		var e APIError
+		var e Error
 		if json.NewDecoder(resp.Body).Decode(&e) == nil && e.Error != "" {
 			return errors.New(e.Error)
 		}
@@ -88,23 +88,23 @@ func (c *Client) VM(ctx context.Context, name string) (VMStatus, error) {
 		return VMStatus{}, err
 	}
 	for _, s := range st {
-		if s.Name == name {
+		if s.Guest == name {
 			return s, nil
 		}
 	}
-	return VMStatus{}, fmt.Errorf("domain %q is not listed by the agent at %s", name, c.socket)
+	return VMStatus{}, fmt.Errorf("guest %q is not listed by the agent at %s", name, c.socket)
 }
 
-func (c *Client) Enroll(ctx context.Context, domain, standby string, probe arbiter.ProbeSpec) error {
-	return c.do(ctx, http.MethodPost, "/v1/enroll", EnrollRequest{Domain: domain, Standby: standby, Probe: probe}, nil)
+func (c *Client) Enroll(ctx context.Context, guest, standby string, probe arbiter.ProbeSpec) error {
+	return c.do(ctx, http.MethodPost, "/v1/enroll", EnrollRequest{Guest: guest, Standby: standby, Probe: probe}, nil)
 }
 
-func (c *Client) Failover(ctx context.Context, domain string, force bool) (FailoverResult, error) {
+func (c *Client) Failover(ctx context.Context, guest string, force bool) (FailoverResult, error) {
 	var out FailoverResult
-	err := c.do(ctx, http.MethodPost, "/v1/failover", DomainRequest{Domain: domain, Force: force}, &out)
+	err := c.do(ctx, http.MethodPost, "/v1/failover", GuestRequest{Guest: guest, Force: force}, &out)
 	return out, err
 }
 
-func (c *Client) Unenroll(ctx context.Context, domain string) error {
-	return c.do(ctx, http.MethodPost, "/v1/unenroll", DomainRequest{Domain: domain}, nil)
+func (c *Client) Unenroll(ctx context.Context, guest string) error {
+	return c.do(ctx, http.MethodPost, "/v1/unenroll", GuestRequest{Guest: guest}, nil)
 }

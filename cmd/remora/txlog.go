@@ -1,6 +1,7 @@
-// Package txlogcli implements the "txlog" subcommands that inspect a
-// transaction log directory without modifying it.
-package txlogcli
+package main
+
+// The "txlog" subcommands inspect a transaction log directory without
+// modifying it.
 
 import (
 	"encoding/hex"
@@ -19,9 +20,9 @@ import (
 	"github.com/remora-ha/remora/txlog"
 )
 
-// Command returns the "txlog" command with its dump and verify
+// newTxlogCmd returns the "txlog" command with its dump and verify
 // subcommands.
-func Command() *cobra.Command {
+func newTxlogCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "txlog",
 		Short: "Inspect and check a transaction log directory (read-only)",

@@ -1,4 +1,4 @@
-package arbitercli
+package main
 
 import (
 	"bytes"
@@ -20,10 +20,10 @@ import (
 )
 
 // run executes one top-level command with args and returns its output.
-func run(t *testing.T, ctx context.Context, args ...string) (string, error) {
+func runArbiterCLI(t *testing.T, ctx context.Context, args ...string) (string, error) {
 	t.Helper()
 	root := &cobra.Command{Use: "remora", SilenceUsage: true, SilenceErrors: true}
-	root.AddCommand(Commands()...)
+	root.AddCommand(arbiterCmd(), certsCmd())
 	var out bytes.Buffer
 	root.SetOut(&out)
 	root.SetErr(&out)
@@ -40,7 +40,7 @@ func writeFile(t *testing.T, path, content string) string {
 	return path
 }
 
-func load(t *testing.T, yaml string, flags ...string) (*Config, error) {
+func loadArbiter(t *testing.T, yaml string, flags ...string) (*arbiterConfig, error) {
 	t.Helper()
 	cmd := arbiterCmd()
 	if err := cmd.ParseFlags(flags); err != nil {
@@ -50,11 +50,11 @@ func load(t *testing.T, yaml string, flags ...string) (*Config, error) {
 	if yaml != "" {
 		path = writeFile(t, filepath.Join(t.TempDir(), "arbiter.yaml"), yaml)
 	}
-	return loadConfig(cmd, path)
+	return loadArbiterConfig(cmd, path)
 }
 
 func TestExampleConfig(t *testing.T) {
-	c, err := load(t, mustRead(t, "../../configs/arbiter.yaml"))
+	c, err := loadArbiter(t, mustRead(t, "../../configs/arbiter.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +84,7 @@ guests:
     service: {kind: line, address: "10.0.0.1:7000", send: PING, expect_prefix: PONG, timeout: 300ms}
   - name: web1
 `
-	c, err := load(t, yaml)
+	c, err := loadArbiter(t, yaml)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,14 +98,14 @@ guests:
 
 	t.Setenv("REMORA_ARBITER_LEASE_DURATION", "5s")
 	t.Setenv("REMORA_ARBITER_TLS_CERT", "/env/cert.pem")
-	c, err = load(t, yaml)
+	c, err = loadArbiter(t, yaml)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if c.LeaseDuration != 5*time.Second || c.TLS.Cert != "/env/cert.pem" {
 		t.Fatalf("env did not override: %+v", c)
 	}
-	c, err = load(t, yaml, "--lease-duration", "6s", "--state-dir", "/flag")
+	c, err = loadArbiter(t, yaml, "--lease-duration", "6s", "--state-dir", "/flag")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,8 +116,8 @@ guests:
 
 func TestConfigErrors(t *testing.T) {
 	cases := []struct{ yaml, want string }{
-		{"listen: a:1\nbogus_key: 1\n", "unknown key bogus_key"},
-		{"tls:\n  cert: x\n  crt: y\n", "unknown key tls.crt"},
+		{"listen: a:1\nbogus_key: 1\n", `unknown key "bogus_key"`},
+		{"tls:\n  cert: x\n  crt: y\n", `unknown key "tls.crt"`},
 		{"guests:\n  - name: g\n    service: {kind: tcp, adress: 'a:1'}\n", "adress"},
 		{"lease_duration: -1s\n", "lease_duration must be positive"},
 		{"guests:\n  - name: g\n    service: {kind: icmp, address: 'a:1'}\n", "unknown probe kind"},
@@ -126,7 +126,7 @@ func TestConfigErrors(t *testing.T) {
 		{"lease_duration: soon\n", "lease_duration"},
 	}
 	for _, c := range cases {
-		_, err := load(t, c.yaml)
+		_, err := loadArbiter(t, c.yaml)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("config %q: got %v, want error containing %q", c.yaml, err, c.want)
 		}
@@ -136,25 +136,25 @@ func TestConfigErrors(t *testing.T) {
 func TestCertsCommands(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "pki")
 	ctx := context.Background()
-	if out, err := run(t, ctx, "certs", "init", dir); err != nil || !strings.Contains(out, "created CA") {
+	if out, err := runArbiterCLI(t, ctx, "certs", "init", dir); err != nil || !strings.Contains(out, "created CA") {
 		t.Fatalf("init: %v %s", err, out)
 	}
-	if _, err := run(t, ctx, "certs", "init", dir); !errors.Is(err, pki.ErrCAExists) || !strings.Contains(err.Error(), "--force") {
+	if _, err := runArbiterCLI(t, ctx, "certs", "init", dir); !errors.Is(err, pki.ErrCAExists) || !strings.Contains(err.Error(), "--force") {
 		t.Fatalf("second init: %v", err)
 	}
-	if _, err := run(t, ctx, "certs", "init", "--force", dir); err != nil {
+	if _, err := runArbiterCLI(t, ctx, "certs", "init", "--force", dir); err != nil {
 		t.Fatalf("forced init: %v", err)
 	}
-	if _, err := run(t, ctx, "certs", "issue", "arbiter", "--dir", dir, "--ip", "127.0.0.1", "--ip", "::1"); err != nil {
+	if _, err := runArbiterCLI(t, ctx, "certs", "issue", "arbiter", "--dir", dir, "--ip", "127.0.0.1", "--ip", "::1"); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(pki.KeyPath(dir, "arbiter")); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := run(t, ctx, "certs", "issue", "x", "--dir", dir, "--ip", "not-an-ip"); err == nil {
+	if _, err := runArbiterCLI(t, ctx, "certs", "issue", "x", "--dir", dir, "--ip", "not-an-ip"); err == nil {
 		t.Fatal("bad --ip accepted")
 	}
-	if _, err := run(t, ctx, "certs", "issue", "x"); err == nil {
+	if _, err := runArbiterCLI(t, ctx, "certs", "issue", "x"); err == nil {
 		t.Fatal("issue without --dir accepted")
 	}
 }
@@ -229,7 +229,7 @@ guests:
 	done := make(chan error, 1)
 	go func() {
 		root := &cobra.Command{Use: "remora", SilenceUsage: true, SilenceErrors: true}
-		root.AddCommand(Commands()...)
+		root.AddCommand(arbiterCmd(), certsCmd())
 		root.SetOut(logs)
 		root.SetErr(logs)
 		root.SetArgs([]string{"arbiter", "--config", cfgPath, "--log-level", "debug"})
@@ -286,7 +286,7 @@ guests:
 		time.Sleep(20 * time.Millisecond)
 	}
 
-	out, err := run(t, ctx, "arbiter", "status", "--config", cfgPath)
+	out, err := runArbiterCLI(t, ctx, "arbiter", "status", "--config", cfgPath)
 	if err != nil {
 		t.Fatalf("status: %v\n%s", err, out)
 	}
@@ -296,7 +296,7 @@ guests:
 		}
 	}
 	t.Logf("status output:\n%s", out)
-	out, err = run(t, ctx, "arbiter", "status", "--config", cfgPath, "--json")
+	out, err = runArbiterCLI(t, ctx, "arbiter", "status", "--config", cfgPath, "--json")
 	if err != nil {
 		t.Fatalf("status --json: %v\n%s", err, out)
 	}

@@ -1,6 +1,4 @@
-// Package agent is the remora agent: it protects guests on its host as a
-// primary and keeps replicas of other hosts' guests as a standby.
-package agent
+package api
 
 import (
 	"fmt"
@@ -50,6 +48,17 @@ type Config struct {
 	OutputBufferBytes int64 `mapstructure:"output_buffer_bytes"`
 }
 
+// Output-commit backends (config output_commit).
+const (
+	OutputAuto = "auto" // the kernel's plug qdisc where it has one, else QEMU
+	OutputQEMU = "qemu" // filter-redirector in QEMU: no kernel feature needed
+	OutputPlug = "plug" // sch_plug on an ifb device
+	OutputOff  = "off"  // output flows at once: no Remus guarantee
+)
+
+// Log levels accepted in configuration.
+var LogLevels = []string{"debug", "info", "warn", "error"}
+
 // Defaults returns the configuration used where a key is not set.
 func Defaults() Config {
 	return Config{
@@ -70,6 +79,14 @@ func Defaults() Config {
 		OutputBufferBytes: 16 << 20,
 	}
 }
+
+// HeartbeatTimeout is the silence after which a peer is suspected.
+func (c *Config) HeartbeatTimeout() time.Duration {
+	return c.HeartbeatInterval * time.Duration(c.HeartbeatMissed)
+}
+
+// TLS reports whether mutual TLS is configured.
+func (c *Config) TLS() bool { return c.TLSCert != "" }
 
 // Validate checks the configuration and says how to fix what is wrong.
 func (c *Config) Validate() error {
@@ -97,6 +114,9 @@ func (c *Config) Validate() error {
 	}
 	if c.OutputBufferBytes < 64<<10 {
 		return fmt.Errorf("output_buffer_bytes %d too small: use at least 65536 (default 16777216)", c.OutputBufferBytes)
+	}
+	if !validLogLevel(c.LogLevel) {
+		return fmt.Errorf("log_level %q unknown: use debug, info, warn or error", c.LogLevel)
 	}
 	tlsSet := 0
 	for _, f := range []string{c.TLSCert, c.TLSKey, c.TLSCA} {
@@ -137,4 +157,13 @@ func (c *Config) Validate() error {
 		}
 	}
 	return nil
+}
+
+func validLogLevel(l string) bool {
+	for _, v := range LogLevels {
+		if l == v {
+			return true
+		}
+	}
+	return false
 }

@@ -1,28 +1,25 @@
-package arbitercli
+package main
 
 import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"regexp"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/viper"
 
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/arbiter/heartbeat"
 	"github.com/remora-ha/remora/internal/pki"
 )
 
-// EnvPrefix prefixes environment overrides: REMORA_ARBITER_LEASE_DURATION,
+// ArbiterEnvPrefix prefixes environment overrides: REMORA_ARBITER_LEASE_DURATION,
 // REMORA_ARBITER_TLS_CERT, ... (dots in keys become underscores). The
 // ARBITER part keeps them apart from the agent's REMORA_* settings.
-const EnvPrefix = "REMORA_ARBITER"
+const ArbiterEnvPrefix = "REMORA_ARBITER"
 
-// Config is the arbiter's configuration file (see configs/arbiter.yaml).
-type Config struct {
+// arbiterConfig is the arbiter's configuration file (see configs/arbiter.yaml).
+type arbiterConfig struct {
 	Listen        string          `mapstructure:"listen"`
 	StateDir      string          `mapstructure:"state_dir"`
 	TLS           TLSConfig       `mapstructure:"tls"`
@@ -64,87 +61,30 @@ type ServiceConfig struct {
 	Timeout      time.Duration `mapstructure:"timeout"`
 }
 
-var defaults = map[string]any{
-	"listen":             "0.0.0.0:7410",
-	"state_dir":          "/var/lib/remora/arbiter",
-	"tls.cert":           "/etc/remora/pki/arbiter.crt",
-	"tls.key":            "/etc/remora/pki/arbiter.key",
-	"tls.ca":             "/etc/remora/pki/ca.crt",
-	"lease_duration":     arbiter.DefaultLeaseDuration,
-	"heartbeat.interval": heartbeat.DefaultInterval,
-	"heartbeat.missed":   heartbeat.DefaultMissed,
-	"probe.interval":     arbiter.DefaultProbeInterval,
-	"probe.timeout":      arbiter.DefaultProbeTimeout,
-	"log_level":          "info",
+// arbiterDefaults is the configuration used where a key is not set.
+func arbiterDefaults() arbiterConfig {
+	return arbiterConfig{
+		Listen:        "0.0.0.0:7410",
+		StateDir:      "/var/lib/remora/arbiter",
+		TLS:           TLSConfig{Cert: "/etc/remora/pki/arbiter.crt", Key: "/etc/remora/pki/arbiter.key", CA: "/etc/remora/pki/ca.crt"},
+		LeaseDuration: arbiter.DefaultLeaseDuration,
+		Heartbeat:     HeartbeatConfig{Interval: heartbeat.DefaultInterval, Missed: heartbeat.DefaultMissed},
+		Probe:         ProbeDefaults{Interval: arbiter.DefaultProbeInterval, Timeout: arbiter.DefaultProbeTimeout},
+		LogLevel:      "info",
+	}
 }
 
-// flagKeys maps command-line flags to config keys.
-var flagKeys = map[string]string{
-	"listen":         "listen",
-	"state-dir":      "state_dir",
-	"lease-duration": "lease_duration",
-	"log-level":      "log_level",
-}
-
-// loadConfig merges, from lowest to highest precedence: defaults, the
-// YAML file named by --config, REMORA_ARBITER_* variables, and flags that
-// were set. Unknown keys in the file are an error naming the key.
-func loadConfig(cmd *cobra.Command, path string) (*Config, error) {
-	v := viper.New()
-	for k, val := range defaults {
-		v.SetDefault(k, val)
-	}
-	v.SetEnvPrefix(EnvPrefix)
-	v.SetEnvKeyReplacer(strings.NewReplacer(".", "_"))
-	v.AutomaticEnv()
-	if path != "" {
-		v.SetConfigFile(path)
-		v.SetConfigType("yaml")
-		if err := v.ReadInConfig(); err != nil {
-			return nil, fmt.Errorf("config %s: %w", path, err)
-		}
-	}
-	for flag, key := range flagKeys {
-		if f := cmd.Flags().Lookup(flag); f != nil {
-			if err := v.BindPFlag(key, f); err != nil {
-				return nil, err
-			}
-		}
-	}
-	var c Config
-	if err := v.UnmarshalExact(&c); err != nil {
-		return nil, fmt.Errorf("config %s: %s", orDefault(path, "(defaults)"), unknownKeys(err))
+// loadArbiterConfig reads the arbiter's configuration the way every
+// remora config is read (see loadConfig) and checks it.
+func loadArbiterConfig(cmd *cobra.Command, path string) (*arbiterConfig, error) {
+	c := arbiterDefaults()
+	if err := loadConfig(cmd, path, ArbiterEnvPrefix, &c); err != nil {
+		return nil, err
 	}
 	if err := c.validate(); err != nil {
 		return nil, fmt.Errorf("config %s: %w", orDefault(path, "(defaults)"), err)
 	}
 	return &c, nil
-}
-
-var invalidKeysRE = regexp.MustCompile(`'([^']*)' has invalid keys: (.*)`)
-
-// unknownKeys turns mapstructure's "'tls' has invalid keys: foo" into
-// "unknown key tls.foo".
-func unknownKeys(err error) string {
-	var out []string
-	for _, m := range invalidKeysRE.FindAllStringSubmatch(err.Error(), -1) {
-		for _, k := range strings.Split(m[2], ", ") {
-			k = strings.TrimSpace(k)
-			if m[1] != "" {
-				k = m[1] + "." + k
-			}
-			out = append(out, k)
-		}
-	}
-	if len(out) == 0 {
-		// Drop mapstructure's multi-line preamble.
-		msg := strings.TrimPrefix(err.Error(), "decoding failed due to the following error(s):")
-		return strings.Join(strings.Fields(strings.ReplaceAll(msg, "\n", " ")), " ")
-	}
-	if len(out) == 1 {
-		return "unknown key " + out[0]
-	}
-	return "unknown keys " + strings.Join(out, ", ")
 }
 
 func orDefault(s, d string) string {
@@ -154,7 +94,7 @@ func orDefault(s, d string) string {
 	return s
 }
 
-func (c *Config) validate() error {
+func (c *arbiterConfig) validate() error {
 	var errs []error
 	need := func(key, val string) {
 		if val == "" {
@@ -195,13 +135,7 @@ func (c *Config) validate() error {
 	return errors.Join(errs...)
 }
 
-func (c *Config) logLevel() (slog.Level, error) {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(c.LogLevel)); err != nil {
-		return 0, fmt.Errorf("log_level %q: want debug, info, warn or error", c.LogLevel)
-	}
-	return l, nil
-}
+func (c *arbiterConfig) logLevel() (slog.Level, error) { return parseLogLevel(c.LogLevel) }
 
 func (s ServiceConfig) spec() arbiter.ProbeSpec {
 	return arbiter.ProbeSpec{
@@ -217,7 +151,7 @@ func (s ServiceConfig) spec() arbiter.ProbeSpec {
 
 // serverConfig translates the file into an arbiter.Config (without TLS,
 // logger and clock).
-func (c *Config) serverConfig() arbiter.Config {
+func (c *arbiterConfig) serverConfig() arbiter.Config {
 	services := map[string]arbiter.ProbeSpec{}
 	for _, g := range c.Guests {
 		if g.Service.Kind != "" {

@@ -1,0 +1,25 @@
+//go:build !cgo
+
+package main
+
+import (
+	"errors"
+
+	"github.com/spf13/cobra"
+)
+
+// Without cgo there is no libvirt binding: this binary serves a machine
+// that runs no guests (the arbiter's) and talks to agents elsewhere.
+func newAgentCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the agent of this host (not in this build: it has no libvirt)",
+		Args:  cobra.NoArgs,
+		RunE: func(*cobra.Command, []string) error {
+			return errors.New("this remora binary was built without cgo, so it has no libvirt binding and cannot run the agent: " +
+				"build it on the hypervisor host with CGO_ENABLED=1 and libvirt-dev installed (make build)")
+		},
+	}
+	addAgentFlags(cmd)
+	return cmd
+}

@@ -1,0 +1,124 @@
+// Package api is the agent's admin API as `remora vm` and tests see it:
+// the configuration that says where an agent listens, the JSON types of
+// the API, and its client. It needs no libvirt, so a binary built without
+// cgo can talk to an agent.
+package api
+
+import (
+	"time"
+
+	"github.com/remora-ha/remora/arbiter"
+	"github.com/remora-ha/remora/checkpoint"
+)
+
+// Roles of a guest on an agent.
+const (
+	RolePrimary  = "primary"
+	RoleStandby  = "standby"
+	RolePromoted = "promoted" // was the standby; runs the guest since a failover
+)
+
+// VMStatus is one guest as `remora vm status` shows it.
+type VMStatus struct {
+	Guest        string                     `json:"guest"`
+	Role         string                     `json:"role"`
+	State        string                     `json:"state"`
+	Peer         string                     `json:"peer"`
+	Fence        uint64                     `json:"fence"`
+	Epoch        uint64                     `json:"epoch"`
+	AckedEpoch   uint64                     `json:"acked_epoch"`
+	Started      uint64                     `json:"started_epoch,omitempty"` // primary: newest epoch whose capture began
+	EpochsPerSec float64                    `json:"epochs_per_sec"`
+	PauseP50     time.Duration              `json:"pause_p50_ns"`
+	PauseP99     time.Duration              `json:"pause_p99_ns"`
+	DirtyPages   uint64                     `json:"dirty_pages"`
+	DirtyTotal   uint64                     `json:"dirty_total,omitempty"`
+	Incremental  uint64                     `json:"incremental,omitempty"`
+	Bytes        uint64                     `json:"bytes"` // sent (primary) or received (standby)
+	RawBytes     uint64                     `json:"raw_bytes,omitempty"`
+	Lag          time.Duration              `json:"lag_ns"`
+	Tracker      string                     `json:"tracker,omitempty"`
+	LastPause    *checkpoint.PauseBreakdown `json:"last_pause,omitempty"`
+	SyncDone     uint64                     `json:"sync_done_bytes,omitempty"`
+	SyncTotal    uint64                     `json:"sync_total_bytes,omitempty"`
+	Shell        string                     `json:"shell,omitempty"`
+	Applied      uint64                     `json:"applied_epoch,omitempty"`
+	LastError    string                     `json:"last_error,omitempty"`
+	LeaseHolder  string                     `json:"lease_holder,omitempty"`
+	LeaseValid   time.Duration              `json:"lease_valid_ns,omitempty"` // remaining, on this agent's clock
+	Heartbeat    string                     `json:"heartbeat,omitempty"`      // ok, or how long the peer has been silent
+	Probe        string                     `json:"probe,omitempty"`          // the arbiter's last check of the guest's service
+	Arbiter      string                     `json:"arbiter,omitempty"`        // the arbiter's latest answer worth showing
+	// The last automatic failover: when the primary was first suspected,
+	// when the arbiter granted promotion, when the guest ran again.
+	SuspectedAt time.Time `json:"suspected_at,omitzero"`
+	GrantedAt   time.Time `json:"granted_at,omitzero"`
+	RestoredAt  time.Time `json:"restored_at,omitzero"`
+	NextRetry   time.Time `json:"next_retry,omitzero"`
+	// Output is the guest's output commit (primary only).
+	Output *OutputStatus `json:"output,omitempty"`
+	// Disk is the guest's disk replication.
+	Disk *DiskStatus `json:"disk,omitempty"`
+}
+
+// OutputStatus is a guest's output commit as `vm status` shows it.
+type OutputStatus struct {
+	Backend         string        `json:"backend"`
+	Netdev          string        `json:"netdev,omitempty"`
+	Holding         bool          `json:"holding"` // false while unprotected (output flows)
+	HeldFrames      int           `json:"held_frames"`
+	HeldBytes       int64         `json:"held_bytes"`
+	LastCut         uint64        `json:"last_cut"`
+	LastReleased    uint64        `json:"last_released"`
+	ReleasedFrames  uint64        `json:"released_frames"`
+	ReleasedBytes   uint64        `json:"released_bytes"`
+	ForwardedFrames uint64        `json:"forwarded_frames"` // sent on unheld (before protection, or unprotected)
+	DroppedFrames   uint64        `json:"dropped_frames"`   // the buffer was full
+	DiscardedFrames uint64        `json:"discarded_frames"` // of epochs that were never acknowledged
+	ReleaseP50      time.Duration `json:"release_p50_ns"`   // how long frames were held
+	ReleaseP99      time.Duration `json:"release_p99_ns"`
+}
+
+// DiskStatus is a guest's disk replication as `vm status` shows it.
+type DiskStatus struct {
+	Devs []string `json:"devs"`
+	// Standby: the writes of the last cut epoch and what is buffered,
+	// summed over the disks.
+	LastEpochWrites int    `json:"last_epoch_writes,omitempty"`
+	LastEpochBytes  int64  `json:"last_epoch_bytes,omitempty"`
+	HeldEpochs      int    `json:"held_epochs,omitempty"` // cut, not applied yet
+	HeldBytes       int64  `json:"held_bytes,omitempty"`
+	AppliedBytes    uint64 `json:"applied_bytes,omitempty"`
+	OutOfSync       string `json:"out_of_sync,omitempty"`
+
+	State     string `json:"state"` // syncing, mirrored, resync needed
+	SyncDone  int64  `json:"sync_done_bytes,omitempty"`
+	SyncTotal int64  `json:"sync_total_bytes,omitempty"`
+	Resyncs   int    `json:"resyncs"` // full disk copies since the agent started
+}
+
+// FailoverResult says what a failover restored.
+type FailoverResult struct {
+	Guest    string        `json:"guest"`
+	Epoch    uint64        `json:"epoch"`
+	Fence    uint64        `json:"fence"`
+	Duration time.Duration `json:"duration_ns"`
+}
+
+// EnrollRequest is the body of POST /v1/enroll.
+type EnrollRequest struct {
+	Guest   string            `json:"guest"`
+	Standby string            `json:"standby"`
+	Probe   arbiter.ProbeSpec `json:"probe,omitzero"`
+}
+
+// GuestRequest names one guest.
+type GuestRequest struct {
+	Guest string `json:"guest"`
+	Force bool   `json:"force,omitempty"`
+}
+
+// Error is the body of every failed API call.
+type Error struct {
+	Error string `json:"error"`
+}
