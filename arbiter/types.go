@@ -114,7 +114,10 @@ type Lease struct {
 const DriftMargin = 0.02
 
 // Valid reports whether the lease is still valid on the local clock.
-func (l Lease) Valid() bool { return time.Now().Before(l.ValidUntil) }
+func (l Lease) Valid() bool { return l.ValidAt(time.Now()) }
+
+// ValidAt reports whether the lease is valid at t (local clock).
+func (l Lease) ValidAt(t time.Time) bool { return t.Before(l.ValidUntil) }
 
 // Registration is the answer to Register.
 type Registration struct {

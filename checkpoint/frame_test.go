@@ -227,7 +227,7 @@ func TestFrameCorruptionAnywhereIsDetected(t *testing.T) {
 
 func TestFrameVersionError(t *testing.T) {
 	wire := AppendFrame(nil, Frame{Type: FrameHello, Payload: []byte("{}")})
-	for _, v := range []byte{0, 2, ProtocolVersion + 1, 255} {
+	for _, v := range []byte{0, ProtocolVersion - 1, ProtocolVersion + 1, 255} {
 		bad := append([]byte(nil), wire...)
 		bad[4] = v
 		for api, err := range map[string]error{

@@ -27,9 +27,9 @@ type VM interface {
 // PrimaryConfig configures the capture side of one protected guest.
 type PrimaryConfig struct {
 	Agent       string        // this agent's id
-	Domain      string        // the guest's name
+	Guest       string        // the guest's name
 	DomainXML   string        // migratable XML the standby derives its shell from
-	ShellBase   string        // the standby names its shell after this (default Domain)
+	ShellBase   string        // the standby names its shell after this (default Guest)
 	Interval    time.Duration // time between checkpoints
 	MaxInFlight int           // captured epochs not yet acked before capture waits
 	Fence       uint64        // fencing epoch every frame carries
@@ -171,7 +171,7 @@ func NewPrimary(cfg PrimaryConfig, vm VM, mem []byte, tracker Tracker) *Primary 
 	_, _ = rand.Read(g[:])
 	p := &Primary{
 		cfg: cfg, vm: vm, mem: mem, pages: uint64(len(mem) / PageSize), tracker: tracker,
-		gen: hex.EncodeToString(g[:]), log: cfg.Log.With("domain", cfg.Domain),
+		gen: hex.EncodeToString(g[:]), log: cfg.Log.With("guest", cfg.Guest),
 		pauses: NewWindow(1024), epochRate: rate{span: 10 * time.Second},
 		ackCh: make(chan struct{}, 1), releaseCh: make(chan struct{}, 1),
 	}
@@ -207,6 +207,24 @@ func (p *Primary) LastAck() time.Time {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.st.LastAck
+}
+
+// Progress is the part of Status a coordinator polls many times a second.
+type Progress struct {
+	State          string
+	LastAck        time.Time
+	ConnectedSince time.Time
+	Started        uint64 // newest epoch whose capture began
+	Acked          uint64 // newest epoch the standby acknowledged
+	Standby        string // the standby agent's id, from its welcome
+}
+
+// Progress returns the replication's progress; it is cheap, unlike Status.
+func (p *Primary) Progress() Progress {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return Progress{State: p.st.State, LastAck: p.st.LastAck, ConnectedSince: p.st.ConnectedSince,
+		Started: p.st.Started, Acked: p.ackedEpoch, Standby: p.st.Standby}
 }
 
 // Status returns current figures.
@@ -298,7 +316,7 @@ func (p *Primary) session(ctx context.Context) error {
 	}()
 	go func() { <-ctx.Done(); conn.Close() }()
 
-	hello := Hello{Agent: p.cfg.Agent, Domain: p.cfg.Domain, Generation: p.gen,
+	hello := Hello{Agent: p.cfg.Agent, Guest: p.cfg.Guest, Generation: p.gen,
 		RAMBytes: int64(len(p.mem)), PageSize: PageSize, DomainXML: p.cfg.DomainXML, ShellBase: p.cfg.ShellBase, Disks: p.cfg.DiskSpecs}
 	if err := WriteJSON(conn, FrameHello, p.fence.Load(), 0, hello); err != nil {
 		return fmt.Errorf("send hello: %w", err)

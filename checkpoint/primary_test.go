@@ -605,7 +605,7 @@ func startRig(t *testing.T, o rigOpts) *rig {
 		rg.tracker = o.tracker(rg.tracker)
 	}
 	rg.p = NewPrimary(PrimaryConfig{
-		Agent: "primary-1", Domain: "vm1", DomainXML: "<domain><name>vm1</name></domain>",
+		Agent: "primary-1", Guest: "vm1", DomainXML: "<domain><name>vm1</name></domain>",
 		Interval: o.interval, MaxInFlight: o.maxInFlight, Fence: testFence,
 		Dial: func(ctx context.Context) (net.Conn, error) {
 			n := rg.dials.Add(1)
@@ -749,7 +749,7 @@ func TestPrimaryReplicatesOverTCP(t *testing.T) {
 	}
 	sess := rg.sb.session(0)
 	h := sess.hello
-	if h.Agent != "primary-1" || h.Domain != "vm1" || h.Generation != s.Generation ||
+	if h.Agent != "primary-1" || h.Guest != "vm1" || h.Generation != s.Generation ||
 		h.RAMBytes != int64(ram) || h.PageSize != PageSize || !strings.Contains(h.DomainXML, "vm1") {
 		t.Errorf("hello %+v", h)
 	}

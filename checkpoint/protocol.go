@@ -10,7 +10,7 @@ import (
 // Hello opens a replication session for one guest.
 type Hello struct {
 	Agent      string `json:"agent"`      // the primary agent's id
-	Domain     string `json:"domain"`     // the guest's name on the primary
+	Guest      string `json:"guest"`      // the guest's name on the primary
 	Generation string `json:"generation"` // changes whenever the primary's tracking restarts
 	RAMBytes   int64  `json:"ram_bytes"`
 	PageSize   int    `json:"page_size"`
@@ -33,7 +33,7 @@ type DiskSpec struct {
 // DiskHello opens a disk connection (FrameDiskNBD or FrameDiskControl).
 type DiskHello struct {
 	Agent  string `json:"agent"`
-	Domain string `json:"domain"`
+	Guest  string `json:"guest"`
 	Dev    string `json:"dev"`
 	// Reset (control only): a new mirror starts; the replica image holds
 	// no consistent state until the next full epoch commits.

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -73,7 +74,7 @@ func (e *labEnv) newStandby(name string) *standby {
 	}
 	sb := &standby{t: t, tg: tg, image: img}
 	sb.srv = NewServer(tg, labGuestName+"-"+labDiskDev)
-	sb.srv.Logf = t.Logf
+	sb.srv.Log = testLog(t)
 	if sb.nbd, err = net.Listen("tcp4", "127.0.0.1:0"); err != nil {
 		t.Fatal(err)
 	}
@@ -595,7 +596,7 @@ func labSilentStandby(t *testing.T, e *labEnv) {
 		var d net.Dialer
 		return d.DialContext(ctx, "tcp4", gt2.l.Addr().String())
 	}, timeout)
-	relay.Logf = t.Logf
+	relay.Log = testLog(t)
 	if err := os.MkdirAll(labkit.AgentRunDir, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -695,4 +696,16 @@ func labWriteCost(t *testing.T, e *labEnv) {
 			float64(a.p50)/float64(max(b.p50, 1)))
 	}
 	t.Logf("mirror vs none: %s; mirror+cuts (%d epochs) vs none: %s", ratio(mirrored, base), epochs, ratio(withCuts, base))
+}
+
+// testLog logs to t.
+func testLog(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, nil))
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
 }

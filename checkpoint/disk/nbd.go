@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"sync"
 )
@@ -138,8 +139,8 @@ type Server struct {
 	conns map[net.Conn]struct{}
 	done  bool
 	wg    sync.WaitGroup
-	// Logf, if set, reports connections and protocol errors.
-	Logf func(format string, a ...any)
+	// Log, if set, reports connections and protocol errors.
+	Log *slog.Logger
 }
 
 // NewServer returns an NBD server for t named export.
@@ -147,11 +148,14 @@ func NewServer(t *Target, export string) *Server {
 	return &Server{t: t, export: export, ls: map[net.Listener]struct{}{}, conns: map[net.Conn]struct{}{}}
 }
 
-func (s *Server) logf(format string, a ...any) {
-	if s.Logf != nil {
-		s.Logf(format, a...)
+func (s *Server) log() *slog.Logger {
+	if s.Log == nil {
+		return discard
 	}
+	return s.Log
 }
+
+var discard = slog.New(slog.DiscardHandler)
 
 // Serve accepts connections on l until Close.
 func (s *Server) Serve(l net.Listener) error {
@@ -179,7 +183,7 @@ func (s *Server) Serve(l net.Listener) error {
 		go func() {
 			defer s.wg.Done()
 			if err := s.ServeConn(c); err != nil {
-				s.logf("nbd %s: %v", c.RemoteAddr(), err)
+				s.log().Warn("nbd connection ended", "peer", c.RemoteAddr().String(), "err", err)
 			}
 		}()
 	}
@@ -227,7 +231,7 @@ func (s *Server) ServeConn(c net.Conn) error {
 	if err != nil || !ok {
 		return err
 	}
-	s.logf("nbd %s: export %q in transmission", c.RemoteAddr(), s.export)
+	s.log().Debug("nbd export in transmission", "peer", c.RemoteAddr().String(), "export", s.export)
 	clean, err := nc.transmit()
 	if !clean {
 		s.t.markOutOfSync(fmt.Sprintf("the mirror's NBD connection from %s ended without a disconnect request (%v)", c.RemoteAddr(), err))
@@ -464,7 +468,7 @@ func (c *nbdConn) transmit() (clean bool, err error) {
 			}
 			p := c.buf[:n]
 			if err := c.t.ReadAt(p, off); err != nil {
-				c.s.logf("nbd: read [%d, +%d): %v", off, n, err)
+				c.s.log().Warn("nbd read failed", "offset", off, "bytes", n, "err", err)
 				err = c.reply(req.handle, errIO, nil)
 			} else {
 				c.t.countRead(len(p))
@@ -487,7 +491,7 @@ func (c *nbdConn) transmit() (clean bool, err error) {
 		}
 		errno = 0
 		if err != nil {
-			c.s.logf("nbd: %s [%d, +%d): %v", cmdName(req.typ), off, n, err)
+			c.s.log().Warn("nbd request failed", "request", cmdName(req.typ), "offset", off, "bytes", n, "err", err)
 			errno = errnoFor(err)
 		}
 		if err := c.reply(req.handle, errno, nil); err != nil {

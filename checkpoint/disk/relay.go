@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"sync"
 	"time"
@@ -24,8 +25,8 @@ import (
 type Relay struct {
 	dial    func(ctx context.Context) (net.Conn, error)
 	timeout time.Duration
-	// Logf, if set, reports connections and breaks.
-	Logf func(format string, a ...any)
+	// Log, if set, reports connections and breaks.
+	Log *slog.Logger
 
 	mu     sync.Mutex
 	ls     map[net.Listener]struct{}
@@ -49,10 +50,11 @@ func NewRelay(dial func(ctx context.Context) (net.Conn, error), timeout time.Dur
 	return &Relay{dial: dial, timeout: timeout, ls: map[net.Listener]struct{}{}, conns: map[*relayConn]struct{}{}}
 }
 
-func (r *Relay) logf(format string, a ...any) {
-	if r.Logf != nil {
-		r.Logf(format, a...)
+func (r *Relay) log() *slog.Logger {
+	if r.Log == nil {
+		return discard
 	}
+	return r.Log
 }
 
 // Serve accepts QEMU's connections on l until Close.
@@ -145,7 +147,7 @@ func (r *Relay) serve(down net.Conn) {
 	up, err := r.dial(ctx)
 	cancel()
 	if err != nil {
-		r.logf("nbd relay: dial the standby: %v", err)
+		r.log().Warn("disk relay: cannot dial the standby", "err", err)
 		down.Close()
 		return
 	}
@@ -179,7 +181,7 @@ func (r *Relay) serve(down net.Conn) {
 	reason := rc.reason
 	rc.mu.Unlock()
 	if reason != "" {
-		r.logf("nbd relay: connection reset: %s", reason)
+		r.log().Warn("disk relay: connection reset", "why", reason)
 	}
 }
 

@@ -1,3 +1,12 @@
+// Package agent is the remora agent: it protects guests on its host as a
+// primary and keeps replicas of other hosts' guests as a standby.
+//
+// Every guest has one state machine (machine.go: pure, table-tested) and
+// one driver goroutine that feeds it what the replication engine, the
+// standby session, the arbiter and the hypervisor report, and carries out
+// what it orders (hold or release output, pause, resume, destroy, fail
+// over). The agent meets libvirt and the arbiter through the Hypervisor
+// and Coordinator interfaces.
 package agent
 
 import (
@@ -9,32 +18,66 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/remora-ha/remora/arbiter"
+	"github.com/remora-ha/remora/arbiter/heartbeat"
+	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
 )
+
+// Hypervisor is the host's libvirt as the agent uses it (migrate/virt.Conn).
+type Hypervisor interface {
+	OpenGuest(ctx context.Context, name string) (*qemu.Guest, error)
+	Guest(name string) *qemu.Guest
+	DomainXML(ctx context.Context, name string) (string, error)
+	LiveXML(ctx context.Context, name string) (string, error)
+	DomainState(ctx context.Context, name string) (string, error)
+	DomainExists(ctx context.Context, name string) (bool, error)
+	Destroy(ctx context.Context, name string) error
+	CreatePaused(ctx context.Context, xml string) error
+	FindDisk(ctx context.Context, g *qemu.Guest, dev string) (qemu.DiskNode, error)
+}
+
+// Coordinator is the arbiter as the agent uses it (arbiter.Client).
+type Coordinator interface {
+	Addr() string
+	Register(ctx context.Context, spec arbiter.GuestSpec) (arbiter.Registration, error)
+	Renew(ctx context.Context, guest, agentID string, epoch uint64) (arbiter.Lease, error)
+	RequestPromotion(ctx context.Context, guest, agentID string, epoch uint64) (arbiter.Grant, error)
+	ReportStandbyLost(ctx context.Context, guest, agentID string, epoch uint64) (arbiter.Lease, error)
+	ReportSynced(ctx context.Context, guest, agentID string, epoch uint64, standbyID string) error
+	Retire(ctx context.Context, guest, agentID string, epoch uint64) error
+	Heartbeat(ctx context.Context, agentID string, epochs map[string]uint64) ([]arbiter.Assignment, error)
+	Status(ctx context.Context) (arbiter.Status, error)
+}
 
 // Agent is one host's remora agent.
 type Agent struct {
 	cfg     api.Config
 	log     *slog.Logger
-	virt    *virt.Conn
+	virt    Hypervisor
+	arb     Coordinator // nil without an arbiter
 	store   recordStore
 	journal *journal
 	resume  map[string]failTxn // failovers the journal says were not finished
-	arb     *arbiter.Client    // nil without an arbiter
 	tlsSrv  *tls.Config
 	tlsCli  *tls.Config
 	runCtx  context.Context
 
-	mu       sync.Mutex
-	primary  map[string]*primaryGuest
-	standby  map[string]*standbyGuest
+	mu     sync.Mutex
+	guests map[string]*guest
+
+	// detector suspects the primary of a replica whose frames stopped.
+	detector *heartbeat.Detector
+
 	failover sync.Mutex // one failover at a time
 
 	// faultHook lets end-to-end tests crash the agent at a named point.
@@ -51,10 +94,14 @@ func New(cfg api.Config, log *slog.Logger) (*Agent, error) {
 			return nil, fmt.Errorf("create %s: %w", d, err)
 		}
 	}
-	a := &Agent{cfg: cfg, log: log, store: recordStore{dir: cfg.StateDir},
-		primary: map[string]*primaryGuest{}, standby: map[string]*standbyGuest{}}
+	a := &Agent{cfg: cfg, log: log, store: recordStore{dir: cfg.StateDir}, guests: map[string]*guest{},
+		detector: heartbeat.New(heartbeat.Config{Interval: cfg.HeartbeatInterval, Missed: cfg.HeartbeatMissed}, nil)}
 	a.faultHook = faultHookFromEnv(log)
 	return a, nil
+}
+
+func (a *Agent) settings() Settings {
+	return Settings{Arbiter: a.arb != nil, HeartbeatTimeout: a.cfg.HeartbeatTimeout(), RetryAfter: time.Second}
 }
 
 // Run serves until ctx ends: replication from primaries, the admin API, and
@@ -64,15 +111,20 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if a.tlsSrv, a.tlsCli, err = tlsConfigs(&a.cfg); err != nil {
 		return err
 	}
-	if err := a.dialArbiter(ctx, a.tlsCli); err != nil {
-		return err
+	if a.cfg.Arbiter != "" {
+		// The arbiter is dialled by address; its certificate is checked by chain.
+		c, err := arbiter.NewClient(a.cfg.Arbiter, a.tlsCli.Clone())
+		if err != nil {
+			return err
+		}
+		a.arb = c
 	}
-	virt, err := virt.Dial(ctx, a.cfg.LibvirtURI)
+	conn, err := virt.Dial(ctx, a.cfg.LibvirtURI)
 	if err != nil {
 		return err
 	}
-	a.virt = virt
-	defer virt.Close()
+	a.virt = conn
+	defer conn.Close()
 
 	repl, err := net.Listen("tcp", a.cfg.Listen)
 	if err != nil {
@@ -117,7 +169,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		switch r.Role {
 		case api.RolePrimary:
 			if err := a.startPrimary(ctx, r); err != nil {
-				a.log.Error("cannot resume protection; fix and re-enroll", "domain", r.Name, "err", err)
+				a.log.Error("cannot resume protection; fix and re-enroll", "guest", r.Name, "err", err)
 			}
 		case api.RoleStandby:
 			a.loadStandby(ctx, r)
@@ -127,7 +179,8 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 
 	go a.arbiterHeartbeat(ctx)
 	errc := make(chan error, 3)
-	go func() { errc <- a.serveReplication(ctx, repl) }()
+	sb := &checkpoint.Standby{Handler: standbyHandler{a}, Log: a.log}
+	go func() { errc <- sb.Serve(ctx, repl) }()
 	go func() { errc <- a.serveAPI(ctx, apiLn) }()
 	if apiTLS != nil {
 		go func() { errc <- a.serveAPI(ctx, apiTLS) }()
@@ -144,16 +197,98 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 }
 
 func (a *Agent) shutdown() {
+	for _, g := range a.guestList() {
+		g.stop()
+		if p := g.primary; p != nil {
+			// The guest runs on unprotected while the agent is down; held
+			// output would cut it off its network.
+			p.closeOutput(g.log)
+		}
+		if s := g.standby; s != nil {
+			s.closeSession()
+		}
+	}
+}
+
+// guest returns the guest named name, or nil.
+func (a *Agent) guest(name string) *guest {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	for _, p := range a.primary {
-		p.stop()
-		// The guest runs on unprotected while the agent is down; held
-		// output would cut it off its network.
-		a.closeOutput(p)
+	return a.guests[name]
+}
+
+func (a *Agent) guestList() []*guest {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]*guest, 0, len(a.guests))
+	for _, g := range a.guests {
+		out = append(out, g)
 	}
-	for _, s := range a.standby {
-		s.closeSession()
+	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })
+	return out
+}
+
+func (a *Agent) forget(g *guest) {
+	a.mu.Lock()
+	if a.guests[g.name] == g {
+		delete(a.guests, g.name)
+	}
+	a.mu.Unlock()
+}
+
+// arbiterHeartbeat tells the arbiter this agent is alive and learns epoch
+// changes it missed (e.g. while it was cut off).
+func (a *Agent) arbiterHeartbeat(ctx context.Context) {
+	if a.arb == nil {
+		return
+	}
+	tick := time.NewTicker(a.cfg.HeartbeatInterval)
+	defer tick.Stop()
+	n := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		epochs := map[string]uint64{}
+		guests := map[string]*guest{}
+		for _, g := range a.guestList() {
+			if st := g.state(); !st.Fenced {
+				epochs[g.name] = st.Fence
+				guests[g.name] = g
+			}
+		}
+		as, err := a.arb.Heartbeat(ctx, a.cfg.AgentID, epochs)
+		if err != nil {
+			continue
+		}
+		for _, as := range as {
+			g := guests[as.Guest]
+			if g == nil || as.Role != arbiter.RoleNone || as.Epoch <= epochs[as.Guest] {
+				continue
+			}
+			if st := g.state(); st.Role == Primary || st.Promoted {
+				g.post(Superseded{Fence: as.Epoch, Primary: as.Primary})
+			}
+		}
+		if n++; n%8 == 0 {
+			a.refreshProbes(ctx, guests)
+		}
+	}
+}
+
+// refreshProbes copies the arbiter's client-side probe results for status.
+func (a *Agent) refreshProbes(ctx context.Context, guests map[string]*guest) {
+	st, err := a.arb.Status(ctx)
+	if err != nil {
+		return
+	}
+	for _, s := range st.Guests {
+		if g := guests[s.Guest]; g != nil && s.Service != nil {
+			p := *s.Service
+			g.setProbe(&p)
+		}
 	}
 }
 

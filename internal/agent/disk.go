@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -108,13 +107,11 @@ func (a *Agent) newDiskSet(ctx context.Context, g *qemu.Guest, rec *Record, fenc
 			return nil, fmt.Errorf("disk %s: %w", dev, err)
 		}
 		_ = os.Chmod(pd.sock, 0o666) // QEMU may run as another user
-		hello := checkpoint.DiskHello{Agent: a.cfg.AgentID, Domain: rec.Name, Dev: dev}
+		hello := checkpoint.DiskHello{Agent: a.cfg.AgentID, Guest: rec.Name, Dev: dev}
 		pd.relay = disk.NewRelay(func(ctx context.Context) (net.Conn, error) {
 			return a.dialPeer(ctx, rec.Peer, checkpoint.FrameDiskNBD, fence(), hello)
 		}, 0)
-		pd.relay.Logf = func(format string, args ...any) {
-			a.log.Warn("disk relay: "+fmt.Sprintf(format, args...), "domain", rec.Name, "dev", dev)
-		}
+		pd.relay.Log = a.log.With("guest", rec.Name, "dev", dev)
 		go func() { _ = pd.relay.Serve(ln) }()
 		ds.disks = append(ds.disks, pd)
 	}
@@ -182,7 +179,7 @@ func (ds *diskSet) resync(ctx context.Context) error {
 	ds.setState("resetting the standby's replica")
 	for _, d := range ds.disks {
 		conn, err := ds.a.dialPeer(ctx, ds.rec.Peer, checkpoint.FrameDiskControl, ds.fence(),
-			checkpoint.DiskHello{Agent: ds.a.cfg.AgentID, Domain: ds.rec.Name, Dev: d.dev, Reset: true})
+			checkpoint.DiskHello{Agent: ds.a.cfg.AgentID, Guest: ds.rec.Name, Dev: d.dev, Reset: true})
 		if err != nil {
 			ds.setState("resync needed")
 			return fmt.Errorf("disk %s: open the cut path to the standby: %w", d.dev, err)
@@ -208,7 +205,7 @@ func (ds *diskSet) resync(ctx context.Context) error {
 			return fmt.Errorf("disk %s: initial copy to the standby: %w", d.dev, err)
 		}
 		base += d.node.Size
-		ds.a.log.Info("disk mirrored to the standby", "domain", ds.rec.Name, "dev", d.dev, "bytes", d.node.Size)
+		ds.a.log.Info("disk mirrored to the standby", "guest", ds.rec.Name, "dev", d.dev, "bytes", d.node.Size)
 	}
 	ds.mu.Lock()
 	ds.syncDone = ds.syncTotal
@@ -249,7 +246,7 @@ func (ds *diskSet) stopMirrors() {
 	for _, d := range ds.disks {
 		if d.mirror != nil {
 			if err := d.mirror.Cancel(ctx); err != nil {
-				ds.a.log.Warn("cancel disk mirror", "domain", ds.rec.Name, "dev", d.dev, "err", err)
+				ds.a.log.Warn("cancel disk mirror", "guest", ds.rec.Name, "dev", d.dev, "err", err)
 			}
 			d.mirror = nil
 		}
@@ -272,167 +269,4 @@ func (ds *diskSet) close() {
 		}
 		_ = os.Remove(d.sock)
 	}
-}
-
-// Standby side.
-
-// replicaDisk is the standby's copy of one guest disk.
-type replicaDisk struct {
-	spec   checkpoint.DiskSpec
-	target *disk.Target
-	server *disk.Server
-}
-
-func (d replicaDisk) Stage(epoch uint64, path string) error {
-	_, err := d.target.Stage(epoch, path)
-	return err
-}
-
-func (d replicaDisk) Apply(path string) error {
-	_, err := d.target.Apply(path)
-	return err
-}
-
-// diskImage is where the standby keeps the replica image of a guest disk:
-// on the state directory's file system, since its writes are fsynced.
-func (a *Agent) diskImage(guest, dev string) string {
-	return filepath.Join(a.cfg.StateDir, "images", guest, dev+".img")
-}
-
-// openReplicaDisks opens (creating where missing) the replica images of a
-// guest's disks.
-func (a *Agent) openReplicaDisks(guest string, specs []checkpoint.DiskSpec) ([]*replicaDisk, error) {
-	var out []*replicaDisk
-	fail := func(err error) ([]*replicaDisk, error) {
-		closeReplicaDisks(out)
-		return nil, err
-	}
-	for _, s := range specs {
-		if s.Dev == "" || filepath.Base(s.Dev) != s.Dev || s.Size <= 0 {
-			return fail(fmt.Errorf("bad disk %q of %d bytes in the primary's hello", s.Dev, s.Size))
-		}
-		path := a.diskImage(guest, s.Dev)
-		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-			return fail(err)
-		}
-		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-		if err != nil {
-			return fail(err)
-		}
-		fi, err := f.Stat()
-		if err == nil && fi.Size() != s.Size {
-			err = f.Truncate(s.Size) // sparse; the mirror fills it
-		}
-		f.Close()
-		if err != nil {
-			return fail(fmt.Errorf("replica image %s: %w", path, err))
-		}
-		t, err := disk.OpenTarget(path, disk.Options{})
-		if err != nil {
-			return fail(fmt.Errorf("replica image %s: %w", path, err))
-		}
-		d := &replicaDisk{spec: s, target: t, server: disk.NewServer(t, s.Dev)}
-		out = append(out, d)
-	}
-	return out, nil
-}
-
-func closeReplicaDisks(ds []*replicaDisk) {
-	for _, d := range ds {
-		d.server.Close()
-		d.target.Close()
-	}
-}
-
-// diskStatus sums the replica disks' figures (sg.mu held).
-func (sg *standbyGuest) diskStatus() *api.DiskStatus {
-	if len(sg.disks) == 0 {
-		return nil
-	}
-	st := &api.DiskStatus{State: "replica"}
-	for _, d := range sg.disks {
-		s := d.target.Stats()
-		st.Devs = append(st.Devs, d.spec.Dev)
-		st.LastEpochWrites += s.LastSealed.Writes
-		st.LastEpochBytes += s.LastSealed.Bytes
-		st.HeldEpochs = max(st.HeldEpochs, s.HeldEpochs)
-		st.HeldBytes += s.HeldBytes
-		st.AppliedBytes += s.AppliedBytes
-		if s.OutOfSync != "" {
-			st.OutOfSync, st.State = d.spec.Dev+": "+s.OutOfSync, "out of sync"
-		}
-	}
-	return st
-}
-
-func (sg *standbyGuest) disk(dev string) (*replicaDisk, error) {
-	for _, d := range sg.disks {
-		if d.spec.Dev == dev {
-			return d, nil
-		}
-	}
-	return nil, fmt.Errorf("no replicated disk %q for domain %q on this standby", dev, sg.rec.Name)
-}
-
-// handleDiskConn serves a disk connection from a primary: mirror writes
-// (NBD) or epoch cuts.
-func (a *Agent) handleDiskConn(ctx context.Context, conn net.Conn, kind checkpoint.FrameType, fence uint64, h checkpoint.DiskHello) error {
-	if err := checkPeerName(conn, h.Agent); err != nil {
-		return err
-	}
-	a.mu.Lock()
-	sg, ok := a.standby[h.Domain]
-	a.mu.Unlock()
-	if !ok {
-		return fmt.Errorf("domain %q has no replica on this standby", h.Domain)
-	}
-	sg.mu.Lock()
-	if fence < sg.rec.Fence {
-		sg.mu.Unlock()
-		return fmt.Errorf("stale fencing epoch %d: this replica is at epoch %d", fence, sg.rec.Fence)
-	}
-	if sg.rec.State != "" || sg.busy {
-		sg.mu.Unlock()
-		return fmt.Errorf("domain %q is failing or failed over on this host", h.Domain)
-	}
-	d, err := sg.disk(h.Dev)
-	if err == nil && kind == checkpoint.FrameDiskControl && h.Reset {
-		// A new mirror overwrites the image before its first cut: the
-		// replica holds no consistent checkpoint until a full epoch commits.
-		if sg.replica != nil {
-			err = sg.replica.Reset("")
-		}
-		if err == nil {
-			d.target.Reset()
-			a.log.Info("disk replica reset for a new mirror", "domain", h.Domain, "dev", h.Dev)
-		}
-	}
-	sg.mu.Unlock()
-	if err != nil {
-		return err
-	}
-	if err := checkpoint.WriteJSON(conn, checkpoint.FrameWelcome, fence, 0, checkpoint.Welcome{Agent: a.cfg.AgentID}); err != nil {
-		return err
-	}
-	_ = conn.SetDeadline(time.Time{})
-	if kind == checkpoint.FrameDiskNBD {
-		return d.server.ServeConn(conn)
-	}
-	err = disk.ServeControl(conn, d.target)
-	if errors.Is(err, net.ErrClosed) {
-		return nil
-	}
-	return err
-}
-
-// finishDisks makes the replica images hold exactly the applied epoch
-// before the shell starts from it: writes of later epochs are dropped.
-func (a *Agent) finishDisks(sg *standbyGuest, applied uint64) error {
-	for _, d := range sg.disks {
-		d.server.Close()
-		if err := d.target.Discard(applied); err != nil {
-			return fmt.Errorf("disk %s: %w", d.spec.Dev, err)
-		}
-	}
-	return nil
 }

@@ -2,244 +2,258 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/migrate"
 	"github.com/remora-ha/remora/migrate/qemu"
-	"github.com/remora-ha/remora/migrate/virt"
 	"github.com/remora-ha/remora/txlog"
 )
 
-// pauseDomain pauses a running domain through QMP; it reports success.
-func (a *Agent) pauseDomain(name string) bool {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	m := virt.NewMonitor(a.virt, name)
-	defer m.Close()
-	return qemu.Exec(ctx, m, "stop", nil, nil) == nil
-}
+// The steps of a failover, as the journal names them.
+const (
+	stepResolved = "resolved"             // in-flight epochs aborted; the last applied one is restored
+	stepPrepared = "prepared"             // the intent is durable: the old primary's frames are stale from here
+	stepRestored = "restored and started" // the shell runs the guest, the promotion is recorded: the point of no return
+)
 
-// contDomain resumes a paused domain through QMP; it reports success.
-func (a *Agent) contDomain(name string) bool {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	m := virt.NewMonitor(a.virt, name)
-	defer m.Close()
-	return qemu.Exec(ctx, m, "cont", nil, nil) == nil
-}
+// errFailedOver: the guest already runs here.
+var errFailedOver = errors.New("already failed over to this host")
+
+// retryableError is a failover error worth trying again (the shell still
+// waits for its device state).
+type retryableError struct{ error }
+
+func (e *retryableError) Unwrap() error { return e.error }
 
 // Failover resumes a replica's guest on this host from the last committed
-// epoch. Without force it refuses while the primary is still replicating.
-// The steps are recorded so that an agent that dies midway finishes the
-// failover on restart instead of leaving it half done.
+// epoch. Without force it refuses while the primary is still replicating,
+// and with an arbiter it needs the arbiter's grant, as an automatic one
+// does: that is what keeps two copies from running.
 func (a *Agent) Failover(ctx context.Context, name string, force bool) (api.FailoverResult, error) {
-	if a.arb == nil || force {
-		return a.failoverAt(ctx, name, force, 0)
+	g := a.guest(name)
+	if g == nil {
+		return api.FailoverResult{}, fmt.Errorf("guest %q: %w as a replica: see `remora vm status`", name, errNotEnrolled)
 	}
-	// With an arbiter, a manual failover needs the same grant as an
-	// automatic one: that is what keeps two copies from running.
-	a.mu.Lock()
-	sg, ok := a.standby[name]
-	a.mu.Unlock()
-	if !ok || sg.rec.State != "" {
-		return a.failoverAt(ctx, name, force, 0) // reports what is wrong
+	if g.primary != nil {
+		return api.FailoverResult{}, fmt.Errorf("guest %q runs on this host as the primary: run failover on its standby host", name)
 	}
-	sg.mu.Lock()
-	fence := sg.rec.Fence
-	sg.mu.Unlock()
-	g, err := a.arb.RequestPromotion(ctx, name, a.cfg.AgentID, fence)
-	if err != nil {
-		return api.FailoverResult{}, fmt.Errorf("the arbiter refused promotion of %q: %w (pass --force only if you know the primary is dead and fenced)", name, err)
+	st := g.state()
+	switch {
+	case st.Promoted:
+		g.mu.Lock()
+		at := g.rec.FailedOver
+		g.mu.Unlock()
+		return api.FailoverResult{}, fmt.Errorf("guest %q was already failed over to this host at %s", name, at.Format(time.RFC3339))
+	case st.FailingOver:
+		force = true // resuming our own interrupted failover
 	}
-	res, err := a.failoverAt(ctx, name, true, g.Epoch)
-	if err == nil {
-		go a.promotedCoordination(a.runCtx, sg, g.Lease)
+	s := g.standby
+	s.mu.Lock()
+	from, last, live := s.sessionFrom, s.lastFrame, s.session != nil
+	s.mu.Unlock()
+	if !force && live && time.Since(last) < 3*time.Second {
+		return api.FailoverResult{}, fmt.Errorf("the primary %s is still replicating %q (last frame %s ago): failing over now would run two copies; stop the primary first, or pass --force if you know it is dead", from, name, time.Since(last).Round(time.Millisecond))
 	}
+	fence := uint64(0)
+	if a.arb != nil && !force {
+		gr, err := a.arb.RequestPromotion(ctx, name, a.cfg.AgentID, st.Fence)
+		if err != nil {
+			return api.FailoverResult{}, fmt.Errorf("the arbiter refused promotion of %q: %w (pass --force only if you know the primary is dead and fenced)", name, err)
+		}
+		g.post(FailoverStarted{Now: time.Now(), Fence: gr.Epoch, Lease: gr.Lease})
+		fence = gr.Epoch
+	} else {
+		g.post(FailoverStarted{Now: time.Now(), Fence: st.Fence + 1})
+	}
+	res, err := a.failoverGuest(ctx, g, fence)
+	g.post(failoverOutcome(err))
 	return res, err
 }
 
-// failoverAt fails over; a non-zero fence is the epoch the arbiter granted.
-func (a *Agent) failoverAt(ctx context.Context, name string, force bool, fence uint64) (api.FailoverResult, error) {
+// failoverOutcome is the event that reports a failover's result.
+func failoverOutcome(err error) Event {
+	if err == nil || errors.Is(err, errFailedOver) {
+		return FailoverDone{Now: time.Now()}
+	}
+	var re *retryableError
+	return FailoverFailed{Now: time.Now(), Err: err, Retryable: errors.As(err, &re), RolledBack: errors.Is(err, migrate.ErrRolledBack)}
+}
+
+// failoverGuest runs (or resumes) the failover move of guest g; a non-zero
+// fence is the epoch the arbiter granted. One failover runs at a time.
+func (a *Agent) failoverGuest(ctx context.Context, g *guest, fence uint64) (api.FailoverResult, error) {
 	a.failover.Lock()
 	defer a.failover.Unlock()
 	start := time.Now()
-	a.mu.Lock()
-	sg, ok := a.standby[name]
-	_, isPrimary := a.primary[name]
-	a.mu.Unlock()
-	if !ok {
-		if isPrimary {
-			return api.FailoverResult{}, fmt.Errorf("domain %q runs on this host as the primary: run failover on its standby host", name)
-		}
-		return api.FailoverResult{}, fmt.Errorf("domain %q: %w as a replica: see `remora vm status`", name, errNotEnrolled)
+	s := g.standby
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	g.mu.Lock()
+	rec := g.rec
+	state := rec.State
+	g.mu.Unlock()
+	if state == StateFailedOver {
+		return api.FailoverResult{Guest: g.name, Fence: rec.Fence}, errFailedOver
 	}
-	sg.mu.Lock()
-	defer sg.mu.Unlock()
-	rec := sg.rec
-	switch rec.State {
-	case StateFailedOver:
-		return api.FailoverResult{}, fmt.Errorf("domain %q was already failed over to this host at %s", name, rec.FailedOver.Format(time.RFC3339))
-	case StateFailingOver:
-		force = true // resuming our own interrupted failover
-	default:
-		if sg.session != nil && time.Since(sg.lastFrame) < 3*time.Second && !force {
-			return api.FailoverResult{}, fmt.Errorf("the primary %s is still replicating %q (last frame %s ago): failing over now would run two copies; stop the primary first, or pass --force if you know it is dead", sg.sessionFrom, name, time.Since(sg.lastFrame).Round(time.Millisecond))
-		}
+	if s.session != nil {
+		s.session.Close()
+		s.session = nil
 	}
-	if sg.session != nil {
-		sg.session.Close()
-		sg.session = nil
-	}
-	if tx, resuming := a.resume[name]; resuming {
-		return a.resumeFailover(ctx, sg, tx, start)
-	}
-	if sg.replica == nil {
-		if err := a.attachShell(ctx, sg, "", 0); err != nil {
-			return api.FailoverResult{}, fmt.Errorf("no usable replica of %q: %w", name, err)
-		}
-	}
-	sg.replica.Abort() // an epoch still arriving is not committed: drop it
-	a.journal.epochAbort(name, 0)
-	epoch := sg.replica.State().Applied
-	if err := sg.replica.Consistent(); err != nil {
-		return api.FailoverResult{}, fmt.Errorf("cannot fail over %q: %w", name, err)
-	}
-	if err := a.finishDisks(sg, epoch); err != nil {
-		return api.FailoverResult{}, fmt.Errorf("cannot fail over %q: %w", name, err)
-	}
-	// One journal transaction covers the whole failover: a crash anywhere
-	// in it is resumed (or rolled back) from the journal on restart.
-	tx := failTxn{id: a.journal.newTx(), fence: max(rec.Fence+1, fence)}
-	ev := journalEvent{Kind: "failover", Guest: name, Epoch: epoch, Fence: tx.fence}
-	if err := a.journal.append(ctx, true, txlog.TypeBegin, tx.id, ev); err != nil {
-		return api.FailoverResult{}, err
-	}
-	ev.Step = "resolved" // in-flight epochs aborted; restoring the last applied one
-	if err := a.journal.append(ctx, false, txlog.TypeData, tx.id, ev); err != nil {
-		return api.FailoverResult{}, err
-	}
-	ev.Step = "prepared"
-	if err := a.journal.append(ctx, true, txlog.TypePrepare, tx.id, ev); err != nil {
-		return api.FailoverResult{}, err
-	}
-	a.resume[name] = tx
-	rec.State = StateFailingOver
-	rec.Fence = tx.fence // the old primary's frames are stale from now on
-	if err := a.store.save(rec); err != nil {
-		return api.FailoverResult{}, err
-	}
-	return a.finishFailover(ctx, sg, tx, epoch, start)
-}
+	s.busy = true
+	defer func() { s.busy = false }()
 
-// resumeFailover continues a failover the journal shows unfinished. It is
-// rolled back only if the shell is gone before the guest was started.
-func (a *Agent) resumeFailover(ctx context.Context, sg *standbyGuest, tx failTxn, start time.Time) (api.FailoverResult, error) {
-	rec := sg.rec
-	a.log.Warn("resuming an interrupted failover", "domain", rec.Name, "steps_done", tx.steps, "committed", tx.committed)
-	rec.Fence = max(rec.Fence, tx.fence)
-	exists, err := a.virt.DomainExists(ctx, rec.Shell)
+	tx, resuming := a.resume[g.name]
+	var epoch uint64
+	if resuming {
+		g.log.Warn("resuming an interrupted failover", "steps_done", tx.steps, "committed", tx.committed)
+		epoch, fence = tx.epoch, max(fence, tx.fence)
+		if !tx.committed {
+			exists, err := a.virt.DomainExists(ctx, rec.Shell)
+			if err != nil {
+				return api.FailoverResult{}, &retryableError{err}
+			}
+			if !exists {
+				m := &migrate.Move{Kind: "failover", Guest: g.name, Fence: tx.fence, Epoch: epoch}
+				err := migrate.Abort(ctx, moveJournal{a.journal}, m, tx.progress(), "shell gone")
+				delete(a.resume, g.name)
+				g.mu.Lock()
+				g.rec.State = ""
+				serr := a.store.save(g.rec)
+				g.mu.Unlock()
+				a.detachShell(g)
+				return api.FailoverResult{}, errors.Join(fmt.Errorf("failover of %q rolled back: its standby shell %q is gone, so there is nothing to resume; re-enroll the guest from a running copy: %w", g.name, rec.Shell, err), serr)
+			}
+			if s.replica == nil {
+				if st, err := qemu.Status(ctx, a.virt.Guest(rec.Shell).Mon); err == nil && st == "inmigrate" {
+					if err := a.attachShell(ctx, g, "", 0); err != nil {
+						return api.FailoverResult{}, err
+					}
+				}
+			}
+		}
+		if s.replica != nil {
+			epoch = s.replica.State().Applied
+		}
+	} else {
+		if s.replica == nil {
+			if err := a.attachShell(ctx, g, "", 0); err != nil {
+				return api.FailoverResult{}, fmt.Errorf("no usable replica of %q: %w", g.name, err)
+			}
+		}
+		epoch = s.replica.State().Applied
+		fence = max(rec.Fence+1, fence)
+	}
+	m := &migrate.Move{Kind: "failover", Guest: g.name, Fence: fence, Epoch: epoch}
+	m.Steps = []migrate.Step{
+		{Name: stepResolved, Kind: migrate.StepData, Run: func(ctx context.Context) error {
+			s.replica.Abort() // an epoch still arriving is not committed: drop it
+			a.journal.epochAbort(g.name, 0)
+			if err := s.replica.Consistent(); err != nil {
+				return err
+			}
+			return s.finishDisks(epoch)
+		}},
+		{Name: stepPrepared, Kind: migrate.StepPrepare, Run: func(context.Context) error {
+			g.mu.Lock()
+			defer g.mu.Unlock()
+			g.rec.State, g.rec.Fence = StateFailingOver, fence // the old primary's frames are stale from now on
+			g.fence.Store(max(g.fence.Load(), fence))
+			return a.store.save(g.rec)
+		}},
+		{Name: stepRestored, Kind: migrate.StepCommit, Run: func(ctx context.Context) error {
+			if err := a.restoreShell(ctx, g, rec.Shell, epoch); err != nil {
+				return err
+			}
+			return a.journal.append(ctx, true, txlog.TypePlain, 0, journalEvent{Kind: "promote", Guest: g.name, Fence: fence})
+		}},
+	}
+	if !resuming {
+		if err := s.replica.Consistent(); err != nil {
+			return api.FailoverResult{}, fmt.Errorf("cannot fail over %q: %w", g.name, err)
+		}
+	}
+	g.log.Info("failing over", "epoch", epoch, "fence", fence)
+	p, err := migrate.Run(ctx, moveJournal{a.journal}, m, tx.progress())
+	if err != nil {
+		a.resume[g.name] = failTxn{id: p.Tx, committed: p.Committed, steps: p.Done, fence: fence, epoch: epoch}
+		if exists, xerr := a.virt.DomainExists(ctx, rec.Shell); xerr == nil && !exists && !p.Committed {
+			// Nothing left to start the guest from: undo the move.
+			aerr := migrate.Abort(ctx, moveJournal{a.journal}, m, p, "shell gone")
+			delete(a.resume, g.name)
+			g.mu.Lock()
+			g.rec.State = ""
+			_ = a.store.save(g.rec)
+			g.mu.Unlock()
+			a.detachShell(g)
+			return api.FailoverResult{}, errors.Join(err, aerr)
+		}
+		return api.FailoverResult{}, err
+	}
+	delete(a.resume, g.name)
+	g.mu.Lock()
+	g.rec.State, g.rec.FailedOver = StateFailedOver, time.Now().UTC()
+	err = a.store.save(g.rec)
+	g.mu.Unlock()
 	if err != nil {
 		return api.FailoverResult{}, err
 	}
-	if !exists && !tx.committed {
-		ev := journalEvent{Kind: "failover", Guest: rec.Name, Fence: tx.fence, Step: "rolled back: shell gone"}
-		if err := a.journal.append(ctx, true, txlog.TypeAbort, tx.id, ev); err != nil {
-			return api.FailoverResult{}, err
-		}
-		delete(a.resume, rec.Name)
-		rec.State = ""
-		a.detachShell(sg)
-		if err := a.store.save(rec); err != nil {
-			return api.FailoverResult{}, err
-		}
-		return api.FailoverResult{}, fmt.Errorf("failover of %q rolled back: its standby shell %q is gone, so there is nothing to resume; re-enroll the guest from a running copy", rec.Name, rec.Shell)
-	}
-	if exists && sg.replica == nil {
-		st, err := qemu.Status(ctx, virt.NewMonitor(a.virt, rec.Shell))
-		if err != nil {
-			return api.FailoverResult{}, err
-		}
-		if st == "inmigrate" { // not restored yet: the replica is needed
-			if err := a.attachShell(ctx, sg, "", 0); err != nil {
-				return api.FailoverResult{}, err
-			}
-		}
-	}
-	var epoch uint64
-	if sg.replica != nil {
-		epoch = sg.replica.State().Applied
-	} else {
-		epoch = rec.Replica.Applied
-	}
-	return a.finishFailover(ctx, sg, tx, epoch, start)
+	s.lastError = ""
+	a.detachShell(g)
+	_ = os.RemoveAll(a.replicaDir(g.name))
+	res := api.FailoverResult{Guest: g.name, Epoch: epoch, Fence: fence, Duration: time.Since(start)}
+	g.log.Info("failover complete: guest running on this host", "shell", rec.Shell, "epoch", epoch, "fence", fence, "took", res.Duration)
+	return res, nil
 }
 
-// finishFailover restores the shell unless that was done, then records the
-// promotion and ends the journal transaction.
-func (a *Agent) finishFailover(ctx context.Context, sg *standbyGuest, tx failTxn, epoch uint64, start time.Time) (api.FailoverResult, error) {
-	rec, name := sg.rec, sg.rec.Name
-	step := func(s string, typ txlog.RecordType, durable bool) error {
-		return a.journal.append(ctx, durable, typ, tx.id, journalEvent{Kind: "failover", Guest: name, Epoch: epoch, Fence: tx.fence, Step: s})
+// restoreShell starts the shell from the applied epoch, or finds it
+// already started. A shell that is gone is an error: the guest runs
+// nowhere, which must never be reported as a failover done.
+func (a *Agent) restoreShell(ctx context.Context, g *guest, shell string, epoch uint64) error {
+	exists, err := a.virt.DomainExists(ctx, shell)
+	if err != nil {
+		return &retryableError{err}
 	}
-	a.log.Info("failing over", "domain", name, "epoch", epoch, "fence", rec.Fence)
-	if exists, err := a.virt.DomainExists(ctx, rec.Shell); err != nil {
-		return api.FailoverResult{}, err
-	} else if exists {
-		mon := virt.NewMonitor(a.virt, rec.Shell)
-		defer mon.Close()
-		st, err := qemu.Status(ctx, mon)
+	if !exists {
+		return fmt.Errorf("the standby shell %q is gone: the guest runs nowhere; restore it from the replica images by hand, or re-enroll it", shell)
+	}
+	sg := a.virt.Guest(shell)
+	st, err := qemu.Status(ctx, sg.Mon)
+	if err != nil {
+		return &retryableError{err}
+	}
+	if a.faultHook != nil {
+		a.faultHook("failover-begun", epoch)
+	}
+	switch st {
+	case "inmigrate":
+		s := g.standby
+		if s.replica == nil {
+			return fmt.Errorf("the shell waits for device state but the replica is not open")
+		}
+		f, err := os.Open(s.replica.DevStatePath())
 		if err != nil {
-			return api.FailoverResult{}, err
+			return fmt.Errorf("device state of epoch %d: %w", epoch, err)
 		}
-		if a.faultHook != nil {
-			a.faultHook("failover-begun", epoch)
+		defer f.Close()
+		if err := qemu.Restore(ctx, sg, filepath.Join(a.cfg.RuntimeDir, g.name+".incoming.sock"), f); err != nil {
+			if st, serr := qemu.Status(ctx, sg.Mon); serr == nil && st == "inmigrate" {
+				return &retryableError{fmt.Errorf("restore from epoch %d: %w", epoch, err)}
+			}
+			return fmt.Errorf("restore from epoch %d: %w", epoch, err)
 		}
-		if st == "inmigrate" {
-			f, err := os.Open(sg.replica.DevStatePath())
-			if err != nil {
-				return api.FailoverResult{}, fmt.Errorf("device state of epoch %d: %w", epoch, err)
-			}
-			shell := &qemu.Guest{Name: rec.Shell, Mon: mon}
-			err = qemu.Restore(ctx, shell, filepath.Join(a.cfg.RuntimeDir, name+".incoming.sock"), f)
-			f.Close()
-			if err != nil {
-				return api.FailoverResult{}, fmt.Errorf("restore %q from epoch %d: %w", name, epoch, err)
-			}
-		} else if st != "running" {
-			if err := qemu.Exec(ctx, mon, "cont", nil, nil); err != nil {
-				return api.FailoverResult{}, err
-			}
+	case "running":
+	default:
+		if err := qemu.Cont(ctx, sg.Mon); err != nil {
+			return &retryableError{err}
 		}
-	} else {
-		a.log.Error("the promoted guest's domain is gone", "domain", name, "shell", rec.Shell)
 	}
 	if a.faultHook != nil {
 		a.faultHook("failover-restored", epoch)
 	}
-	if !tx.committed {
-		if err := step("restored and started", txlog.TypeCommit, true); err != nil {
-			return api.FailoverResult{}, err
-		}
-		if err := a.journal.append(ctx, true, txlog.TypePlain, 0, journalEvent{Kind: "promote", Guest: name, Fence: rec.Fence}); err != nil {
-			return api.FailoverResult{}, err
-		}
-	}
-	rec.State = StateFailedOver
-	rec.FailedOver = time.Now().UTC()
-	sg.lastError = ""
-	if err := a.store.save(rec); err != nil {
-		return api.FailoverResult{}, err
-	}
-	if err := step("announced", txlog.TypeEnd, false); err != nil {
-		return api.FailoverResult{}, err
-	}
-	delete(a.resume, name)
-	a.detachShell(sg)
-	_ = os.RemoveAll(a.replicaDir(name))
-	res := api.FailoverResult{Guest: name, Epoch: epoch, Fence: rec.Fence, Duration: time.Since(start)}
-	a.log.Info("failover complete: guest running on this host", "domain", name, "shell", rec.Shell, "epoch", epoch, "took", res.Duration)
-	return res, nil
+	return nil
 }

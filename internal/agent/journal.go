@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/remora-ha/remora/migrate"
+
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/txlog"
 )
@@ -58,11 +60,22 @@ type journalState struct {
 	failovers map[string]failTxn // failovers that were not ended
 }
 
+// failTxn is a failover the journal shows unfinished.
 type failTxn struct {
 	id        uint64
 	committed bool
-	steps     []string
+	steps     []string // its steps recorded as DATA, and "prepared" once that is durable
 	fence     uint64
+	epoch     uint64
+}
+
+// progress is how far the failover got, for migrate.Run.
+func (t failTxn) progress() migrate.Progress {
+	done := append([]string(nil), t.steps...)
+	if t.committed {
+		done = append(done, stepRestored)
+	}
+	return migrate.Progress{Tx: t.id, Done: done, Committed: t.committed}
 }
 
 const checkpointEvery = 256 // committed epochs between journal checkpoints
@@ -116,8 +129,11 @@ func openJournal(dir string, lg *slog.Logger) (*journal, journalState, error) {
 				steps = append(steps, s.Step)
 			}
 		}
+		if t.State == txlog.TxnInDoubt || t.State == txlog.TxnCommitted {
+			steps = append(steps, stepPrepared)
+		}
 		if ev.Kind == "failover" {
-			st.failovers[ev.Guest] = failTxn{id: id, committed: t.State == txlog.TxnCommitted, steps: steps, fence: ev.Fence}
+			st.failovers[ev.Guest] = failTxn{id: id, committed: t.State == txlog.TxnCommitted, steps: steps, fence: ev.Fence, epoch: ev.Epoch}
 		}
 	}
 	j.nextTx = max(maxTx+1, uint64(time.Now().UnixNano()))
@@ -267,4 +283,36 @@ func (j *journal) checkpoint() {
 	} else if n > 0 {
 		j.lg.Debug("journal compacted", "segments_removed", n)
 	}
+}
+
+// moveJournal records a migrate.Move as one journal transaction: BEGIN,
+// a record per step (DATA, PREPARE or COMMIT by the step's kind), END or
+// ABORT.
+type moveJournal struct{ j *journal }
+
+func (mj moveJournal) event(m *migrate.Move, step string) journalEvent {
+	return journalEvent{Kind: m.Kind, Guest: m.Guest, Epoch: m.Epoch, Fence: m.Fence, Step: step}
+}
+
+func (mj moveJournal) Begin(ctx context.Context, m *migrate.Move) (uint64, error) {
+	tx := mj.j.newTx()
+	return tx, mj.j.append(ctx, true, txlog.TypeBegin, tx, mj.event(m, ""))
+}
+
+func (mj moveJournal) Step(ctx context.Context, tx uint64, m *migrate.Move, s migrate.Step) error {
+	switch s.Kind {
+	case migrate.StepPrepare:
+		return mj.j.append(ctx, true, txlog.TypePrepare, tx, mj.event(m, s.Name))
+	case migrate.StepCommit:
+		return mj.j.append(ctx, true, txlog.TypeCommit, tx, mj.event(m, s.Name))
+	}
+	return mj.j.append(ctx, false, txlog.TypeData, tx, mj.event(m, s.Name))
+}
+
+func (mj moveJournal) Abort(ctx context.Context, tx uint64, m *migrate.Move, why string) error {
+	return mj.j.append(ctx, true, txlog.TypeAbort, tx, mj.event(m, "rolled back: "+why))
+}
+
+func (mj moveJournal) End(ctx context.Context, tx uint64, m *migrate.Move) error {
+	return mj.j.append(ctx, false, txlog.TypeEnd, tx, mj.event(m, "announced"))
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"path/filepath"
 	"strings"
@@ -15,88 +16,92 @@ import (
 	"github.com/remora-ha/remora/migrate/qemu"
 )
 
-type primaryGuest struct {
-	coord   coordination
-	vm      *qemu.CaptureVM
-	rec     *Record
+// primaryRun is the capture side of a guest this agent protects.
+type primaryRun struct {
 	g       *qemu.Guest
-	mem     []byte
-	sink    *qemu.DeviceStateSink
-	engine  *checkpoint.Primary
-	out     outputBuffer // nil when the guest's output is not held
+	vm      *qemu.CaptureVM
+	engine  *checkpoint.Primary // nil once fenced
+	out     outputBuffer        // nil when the guest's output is not held
 	disks   *diskSet
 	outInfo api.OutputStatus
+	tracker string
 	cancel  context.CancelFunc
 	done    chan struct{}
-	err     error
 }
 
-func (p *primaryGuest) stop() {
+func (p *primaryRun) stopEngine() {
+	if p.cancel == nil {
+		return
+	}
 	p.cancel()
 	<-p.done
 }
 
-// Enroll starts protecting a running domain of this host on the standby
+// Enroll starts protecting a running guest of this host on the standby
 // agent at peer.
-func (a *Agent) Enroll(ctx context.Context, domain, peer string, probe arbiter.ProbeSpec) error {
+func (a *Agent) Enroll(ctx context.Context, name, peer string, probe arbiter.ProbeSpec) error {
 	if err := probe.Validate(); err != nil {
 		return fmt.Errorf("probe: %w", err)
 	}
 	if _, _, err := net.SplitHostPort(peer); err != nil {
 		return fmt.Errorf("standby %q: %v (want the standby agent's host:port, e.g. 10.0.0.2:7400)", peer, err)
 	}
-	a.mu.Lock()
-	_, isP := a.primary[domain]
-	_, isS := a.standby[domain]
-	a.mu.Unlock()
-	if isP {
-		return fmt.Errorf("domain %q is already enrolled on this agent: see `remora vm status`", domain)
+	if g := a.guest(name); g != nil {
+		if g.primary != nil {
+			return fmt.Errorf("guest %q is already enrolled on this agent: see `remora vm status`", name)
+		}
+		return fmt.Errorf("guest %q is a replica on this agent (this host is its standby): enroll it on its primary host", name)
 	}
-	if isS {
-		return fmt.Errorf("domain %q is a replica on this agent (this host is its standby): enroll it on its primary host", domain)
-	}
-	rec := &Record{Name: domain, Role: api.RolePrimary, Peer: peer, Probe: probe, Enrolled: time.Now().UTC()}
+	rec := &Record{Name: name, Role: api.RolePrimary, Peer: peer, Probe: probe, Enrolled: time.Now().UTC()}
 	if err := a.startPrimary(ctx, rec); err != nil {
 		return err
 	}
 	return a.store.save(rec)
 }
 
+// startPrimary opens the guest and starts protecting it.
 func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	if rec.State == StateFenced {
-		pg := &primaryGuest{rec: rec, done: make(chan struct{}), cancel: func() {}}
-		close(pg.done)
-		pg.coord.v.note = "fenced: a higher epoch runs elsewhere; unenroll this guest here"
+		g := newGuest(a, rec, NewPrimary(a.settings(), rec.Fence, false, true))
+		g.m.Note = "fenced: a higher fencing epoch runs elsewhere; unenroll this guest here"
+		g.primary = &primaryRun{}
 		a.mu.Lock()
-		a.primary[rec.Name] = pg
+		a.guests[rec.Name] = g
 		a.mu.Unlock()
 		return nil
 	}
-	g, err := a.virt.OpenGuest(ctx, rec.Name)
+	qg, err := a.virt.OpenGuest(ctx, rec.Name)
 	if err != nil {
 		return err
 	}
 	marker := filepath.Join(a.cfg.RuntimeDir, rec.Name+".capturing")
-	if resumed, err := qemu.ResumeAfterCrash(ctx, g, marker); err != nil {
+	pausedAtStart := false
+	if a.arb != nil {
+		// A guest a dead agent left paused stays paused until the arbiter
+		// confirms this host still runs it.
+		if pausedAtStart, err = qemu.LeftPaused(ctx, qg, marker); err != nil {
+			return fmt.Errorf("guest left paused by a previous agent: %w", err)
+		}
+	} else if resumed, err := qemu.ResumeAfterCrash(ctx, qg, marker); err != nil {
 		return fmt.Errorf("resume guest left paused by a previous agent: %w", err)
 	} else if resumed {
-		a.log.Warn("resumed guest that a previous agent left paused mid-checkpoint", "domain", rec.Name)
+		a.log.Warn("resumed guest that a previous agent left paused mid-checkpoint", "guest", rec.Name)
 	}
-	if err := qemu.SetIgnoreShared(ctx, g.Mon, true); err != nil {
-		return fmt.Errorf("domain %q: %w (QEMU too old for x-ignore-shared?)", rec.Name, err)
+	if err := qemu.SetIgnoreShared(ctx, qg.Mon, true); err != nil {
+		return fmt.Errorf("guest %q: %w (QEMU too old for x-ignore-shared?)", rec.Name, err)
 	}
-	if err := qemu.SetUnlimitedBandwidth(ctx, g.Mon); err != nil {
+	if err := qemu.SetUnlimitedBandwidth(ctx, qg.Mon); err != nil {
 		return err
 	}
 	xml, err := a.virt.DomainXML(ctx, rec.Name)
 	if err != nil {
 		return err
 	}
-	tracker, err := a.newTracker(g)
+	tracker, err := a.newTracker(qg)
 	if err != nil {
 		return err
 	}
-	mem, err := qemu.MapRAM(g.RAM.Path, g.RAM.Size, false)
+	mem, err := qemu.MapRAM(qg.RAM.Path, qg.RAM.Size, false)
 	if err != nil {
 		tracker.Close()
 		return err
@@ -107,15 +112,15 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		qemu.UnmapRAM(mem)
 		return err
 	}
-	out, outInfo, err := a.newOutput(ctx, g)
+	out, outInfo, err := a.newOutput(ctx, qg)
 	if err != nil {
 		sink.Close()
 		tracker.Close()
 		qemu.UnmapRAM(mem)
 		return err
 	}
-	var fenceOf func() uint64 // set once the engine exists
-	disks, err := a.newDiskSet(ctx, g, rec, func() uint64 { return fenceOf() })
+	g := newGuest(a, rec, NewPrimary(a.settings(), rec.Fence, pausedAtStart, false))
+	disks, err := a.newDiskSet(ctx, qg, rec, g.fence.Load)
 	if err != nil {
 		if out != nil {
 			_ = out.Close()
@@ -131,10 +136,11 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	} else {
 		out = nil
 	}
-	vm := &qemu.CaptureVM{G: g, Sink: sink, Marker: marker}
+	vm := &qemu.CaptureVM{G: qg, Sink: sink, Marker: marker}
+	vm.SetFenced(pausedAtStart) // checkpoints must not resume it before the arbiter answers
 	peer := rec.Peer
 	cfg := checkpoint.PrimaryConfig{
-		Agent: a.cfg.AgentID, Domain: rec.Name, DomainXML: xml, ShellBase: a.shellBase(rec.Name),
+		Agent: a.cfg.AgentID, Guest: rec.Name, DomainXML: xml, ShellBase: a.shellBase(rec.Name),
 		Interval: a.cfg.EpochInterval, MaxInFlight: a.cfg.MaxInFlight, Fence: rec.Fence,
 		Dial:       func(ctx context.Context) (net.Conn, error) { return a.dialAgent(ctx, peer) },
 		VerifyPeer: checkPeerName,
@@ -146,28 +152,93 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		cfg.Disks, cfg.DiskSpecs, cfg.PrepareSession = disks, disks.specs(), disks.prepare
 	}
 	engine := checkpoint.NewPrimary(cfg, vm, mem, tracker)
-	fenceOf = engine.Fence
-
 	runCtx, cancel := context.WithCancel(context.Background())
-	pg := &primaryGuest{rec: rec, g: g, vm: vm, mem: mem, sink: sink, engine: engine, out: out, outInfo: outInfo, disks: disks, cancel: cancel, done: make(chan struct{})}
-	go a.primaryCoordination(runCtx, pg)
-	if out != nil {
-		go a.outputCoordination(runCtx, pg)
-	}
+	p := &primaryRun{g: qg, vm: vm, engine: engine, out: out, outInfo: outInfo, disks: disks, tracker: tracker.Name(), cancel: cancel, done: make(chan struct{})}
+	g.primary = p
 	go func() {
-		defer close(pg.done)
-		pg.err = engine.Run(runCtx)
+		defer close(p.done)
+		if err := engine.Run(runCtx); err != nil {
+			g.log.Error("replication stopped", "err", err)
+		}
 		disks.close()
 		sink.Close()
 		tracker.Close()
 		qemu.UnmapRAM(mem)
 	}()
+	g.start(p.observe, 25*time.Millisecond)
 	a.mu.Lock()
-	a.primary[rec.Name] = pg
+	a.guests[rec.Name] = g
 	a.mu.Unlock()
-	a.log.Info("protecting guest", "domain", rec.Name, "standby", peer, "tracker", tracker.Name(), "output_commit", outInfo.Backend,
-		"ram_mib", g.RAM.Size>>20, "interval", a.cfg.EpochInterval)
+	a.log.Info("protecting guest", "guest", rec.Name, "standby", peer, "tracker", tracker.Name(), "output_commit", outInfo.Backend,
+		"ram_mib", qg.RAM.Size>>20, "interval", a.cfg.EpochInterval)
 	return nil
+}
+
+// observe is the primary driver's tick: what the engine and the output
+// buffer say now.
+func (p *primaryRun) observe(now time.Time) Observation {
+	o := Observation{Now: now, Engine: checkpoint.StateStopped}
+	if p.engine == nil {
+		return o
+	}
+	pr := p.engine.Progress()
+	o.Engine, o.LastAck, o.ConnectedSince, o.Started, o.Acked = pr.State, pr.LastAck, pr.ConnectedSince, pr.Started, pr.Acked
+	return o
+}
+
+// do carries out a local action of the primary's machine.
+func (p *primaryRun) do(ctx context.Context, g *guest, act Action) {
+	a := g.a
+	switch act := act.(type) {
+	case DoPause:
+		g.log.Error("self-fence: pausing the guest", "why", act.Why, "fence", g.fence.Load())
+		pctx, cancel := context.WithTimeout(ctx, a.cfg.HeartbeatTimeout())
+		err := p.vm.Fence(pctx)
+		cancel()
+		g.postNow(Paused{Err: err})
+	case DoResume:
+		g.log.Warn("resuming the guest", "why", act.Why, "fence", g.fence.Load())
+		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := p.vm.Unfence(rctx)
+		cancel()
+		g.postNow(Resumed{Err: err})
+	case DoReleaseAll:
+		if p.out == nil {
+			return
+		}
+		if err := p.out.ReleaseAll(); err != nil {
+			g.log.Error("output commit: cannot release the held output", "err", err)
+			return
+		}
+		g.log.Warn("output commit: releasing the guest's held output; it runs unprotected", "why", act.Why)
+	case DoDestroyCopy:
+		g.log.Error("guest was promoted elsewhere: destroying this stale copy", "why", act.Why)
+		dctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_ = p.vm.Fence(dctx)
+		if p.out != nil {
+			// Output of epochs the standby never acknowledged must never leave.
+			p.out.DiscardAfter(act.AckedEpoch)
+		}
+		if err := a.virt.Destroy(dctx, g.name); err != nil {
+			g.log.Error("cannot destroy the stale copy", "err", err)
+		}
+		go func() { // not from the driver's own loop: the engine may wait on it
+			p.stopEngine()
+			if p.out != nil {
+				_ = p.out.Close()
+			}
+		}()
+	}
+}
+
+// postNow queues an event from the driver's own goroutine.
+func (g *guest) postNow(ev Event) {
+	select {
+	case g.events <- ev:
+	default:
+		go g.post(ev)
+	}
 }
 
 func (a *Agent) newTracker(g *qemu.Guest) (checkpoint.Tracker, error) {
@@ -193,40 +264,55 @@ func (a *Agent) newTracker(g *qemu.Guest) (checkpoint.Tracker, error) {
 
 // unenrollPrimary stops protecting a guest (which keeps running) and tells
 // the standby to drop its replica.
-func (a *Agent) unenrollPrimary(ctx context.Context, pg *primaryGuest) error {
-	pg.stop()
-	a.closeOutput(pg)
+func (a *Agent) unenrollPrimary(ctx context.Context, g *guest) error {
+	g.stop()
+	p := g.primary
+	p.stopEngine()
+	p.closeOutput(g.log)
+	st := g.state()
 	var warn error
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	// The standby answers an unenroll with a welcome once its replica is gone.
-	conn, err := a.dialPeer(dctx, pg.rec.Peer, checkpoint.FrameUnenroll, pg.rec.Fence, checkpoint.Hello{Agent: a.cfg.AgentID, Domain: pg.rec.Name})
+	conn, err := a.dialPeer(dctx, g.rec.Peer, checkpoint.FrameUnenroll, st.Fence, checkpoint.Hello{Agent: a.cfg.AgentID, Guest: g.name})
 	if err == nil {
 		conn.Close()
 	}
 	if err != nil {
-		warn = fmt.Errorf("standby %s not told to drop its replica (%v): run `remora vm unenroll %s` on the standby host", pg.rec.Peer, err, pg.rec.Name)
+		warn = fmt.Errorf("standby %s not told to drop its replica (%v): run `remora vm unenroll %s` on the standby host", g.rec.Peer, err, g.name)
 	}
-	if a.arb != nil && pg.rec.Fence > 0 && pg.rec.State == "" {
+	if a.arb != nil && st.Fence > 0 && !st.Fenced {
 		// After the standby: a retired epoch makes its replica stale.
 		actx, acancel := context.WithTimeout(ctx, 10*time.Second)
-		aerr := a.arb.Retire(actx, pg.rec.Name, a.cfg.AgentID, pg.rec.Fence)
+		aerr := a.arb.Retire(actx, g.name, a.cfg.AgentID, st.Fence)
 		acancel()
 		if aerr != nil {
-			aerr = fmt.Errorf("arbiter %s not told (%v): it still lists the guest at epoch %d with this host as primary, so enrolling it on another host is refused: once the arbiter is reachable, enroll and unenroll it here again (or just enroll it here again)", a.arb.Addr(), aerr, pg.rec.Fence)
+			aerr = fmt.Errorf("arbiter %s not told (%v): it still lists the guest at fencing epoch %d with this host as primary, so enrolling it on another host is refused: once the arbiter is reachable, enroll and unenroll it here again (or just enroll it here again)", a.arb.Addr(), aerr, st.Fence)
 			warn = errors.Join(warn, aerr)
 		}
 	}
-	a.mu.Lock()
-	delete(a.primary, pg.rec.Name)
-	a.mu.Unlock()
-	if err := a.store.remove(pg.rec.Name); err != nil {
+	a.forget(g)
+	if err := a.store.remove(g.name); err != nil {
 		return err
 	}
 	return warn
 }
 
-// shellBase is a domain's name without this host's shell suffix: a guest
+// closeOutput removes output commit from a guest that stays running,
+// losing nothing.
+func (p *primaryRun) closeOutput(log *slog.Logger) {
+	if p.out == nil {
+		return
+	}
+	if err := p.out.ReleaseAll(); err != nil {
+		log.Warn("output commit: releasing held output before removal", "err", err)
+	}
+	if err := p.out.Close(); err != nil {
+		log.Warn("output commit: removing the filters", "err", err)
+	}
+}
+
+// shellBase is a guest's name without this host's shell suffix: a guest
 // that was promoted here and is protected back keeps its original name on
 // the other host.
 func (a *Agent) shellBase(name string) string {

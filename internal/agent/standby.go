@@ -1,12 +1,9 @@
 package agent
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -15,16 +12,16 @@ import (
 	"time"
 
 	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/checkpoint/disk"
 	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
 	"github.com/remora-ha/remora/txlog"
 )
 
-type standbyGuest struct {
-	coord   coordination
-	mu      sync.Mutex
-	rec     *Record
+// standbyRun is the replica side of a guest another host protects here.
+type standbyRun struct {
+	mu      sync.Mutex // held while a frame is applied; before guest.mu
 	shell   *qemu.Guest
 	mem     []byte
 	replica *checkpoint.Replica
@@ -38,9 +35,12 @@ type standbyGuest struct {
 	bytesIn     uint64
 	lastError   string
 	busy        bool // a failover or unenroll owns the guest
+
+	shellAlive  bool // as last checked
+	shellSeenAt time.Time
 }
 
-func (s *standbyGuest) closeSession() {
+func (s *standbyRun) closeSession() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.session != nil {
@@ -53,90 +53,193 @@ func (a *Agent) replicaDir(name string) string {
 	return filepath.Join(a.cfg.RuntimeDir, "replicas", name)
 }
 
-// loadStandby restores a replica known before a restart. A shell that
-// survived is attached lazily when the primary reconnects.
-func (a *Agent) loadStandby(ctx context.Context, rec *Record) {
-	sg := &standbyGuest{rec: rec}
+// newStandbyGuest registers a replica and starts its driver.
+func (a *Agent) newStandbyGuest(rec *Record) *guest {
+	m := NewStandby(a.settings(), rec.Fence, rec.State == StateFailedOver, rec.State == StateFailingOver)
+	g := newGuest(a, rec, m)
+	g.standby = &standbyRun{}
+	a.detector.Watch(rec.Name)
+	g.start(func(now time.Time) Observation { return g.standby.observe(g, now) }, a.cfg.HeartbeatInterval)
 	a.mu.Lock()
-	a.standby[rec.Name] = sg
+	a.guests[rec.Name] = g
 	a.mu.Unlock()
-	if rec.State == "" || rec.State == StateFailingOver {
-		go a.standbyCoordination(ctx, sg)
-	}
+	return g
+}
+
+// loadStandby restores a replica known before a restart. A shell that
+// survived is attached now; otherwise when the primary reconnects.
+func (a *Agent) loadStandby(ctx context.Context, rec *Record) {
 	a.failover.Lock()
-	_, unfinished := a.resume[rec.Name]
+	tx, unfinished := a.resume[rec.Name]
 	a.failover.Unlock()
 	if unfinished && rec.State == "" {
 		rec.State = StateFailingOver // the journal has the failover the record file missed
 	}
+	if rec.State == StateFailedOver && unfinished { // crashed between recording and ending it
+		_ = a.journal.append(ctx, false, txlog.TypeEnd, tx.id, journalEvent{Kind: "failover", Guest: rec.Name, Fence: tx.fence, Step: "announced"})
+		a.failover.Lock()
+		delete(a.resume, rec.Name)
+		a.failover.Unlock()
+	}
+	g := a.newStandbyGuest(rec)
 	switch rec.State {
 	case StateFailingOver:
-		a.log.Warn("a failover was interrupted by an agent restart; finishing it", "domain", rec.Name)
-		go func() {
-			if _, err := a.Failover(ctx, rec.Name, true); err != nil {
-				a.log.Error("resuming interrupted failover failed", "domain", rec.Name, "err", err)
-			}
-		}()
-	case StateFailedOver:
-		a.failover.Lock()
-		if tx, ok := a.resume[rec.Name]; ok { // crashed between recording and ending it
-			_ = a.journal.append(ctx, false, txlog.TypeEnd, tx.id, journalEvent{Kind: "failover", Guest: rec.Name, Fence: tx.fence, Step: "announced"})
-			delete(a.resume, rec.Name)
-		}
-		a.failover.Unlock()
-	default:
-		sg.mu.Lock()
-		err := a.attachShell(ctx, sg, "", 0)
-		sg.mu.Unlock()
+		g.log.Warn("a failover was interrupted by an agent restart; finishing it")
+	case "":
+		s := g.standby
+		s.mu.Lock()
+		err := a.attachShell(ctx, g, "", 0)
+		s.mu.Unlock()
 		if err != nil {
-			a.log.Warn("replica not attached yet; it will be rebuilt when the primary reconnects", "domain", rec.Name, "err", err)
+			g.log.Warn("replica not attached yet; it will be rebuilt when the primary reconnects", "err", err)
 		}
 	}
 }
 
-// attachShell finds or creates the shell domain and opens the replica over
-// its RAM. With xml empty it only attaches to an existing shell.
-func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, ramBytes int64) error {
-	if sg.replica != nil {
-		if ramBytes == 0 || int64(len(sg.mem)) == ramBytes {
-			return nil
+// observe is the standby driver's tick.
+func (s *standbyRun) observe(g *guest, now time.Time) Observation {
+	s.mu.Lock()
+	consistent := s.replica != nil && s.replica.Consistent() == nil
+	session := s.session != nil
+	check := consistent && now.Sub(s.shellSeenAt) > time.Second
+	shell := ""
+	if s.shell != nil {
+		shell = s.shell.Name
+	}
+	alive := s.shellAlive
+	s.mu.Unlock()
+	if check && shell != "" {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		st, err := g.a.virt.DomainState(ctx, shell)
+		cancel()
+		alive = err == nil && (st == "paused" || st == "running")
+		if err != nil && !errors.Is(err, virt.ErrNoDomain) {
+			alive = true // libvirt did not answer: no verdict
 		}
-		a.log.Warn("guest RAM size changed; rebuilding the shell", "domain", sg.rec.Name)
-		a.detachShell(sg)
-		if err := a.virt.Destroy(ctx, sg.rec.Shell); err != nil {
-			return err
+		s.mu.Lock()
+		s.shellAlive, s.shellSeenAt = alive, now
+		s.mu.Unlock()
+	}
+	return Observation{Now: now, Silent: !session || g.a.detector.Suspected(g.name), Consistent: consistent, ShellAlive: alive || !consistent}
+}
+
+// do carries out a local action of the standby's machine.
+func (s *standbyRun) do(ctx context.Context, g *guest, act Action) {
+	a := g.a
+	switch act := act.(type) {
+	case DoFailover:
+		go func() {
+			_, err := a.failoverGuest(a.runCtx, g, act.Fence)
+			if err != nil && !errors.Is(err, errFailedOver) {
+				g.log.Error("automatic failover failed", "err", err)
+			}
+			g.post(failoverOutcome(err))
+		}()
+	case DoDropShell:
+		g.log.Error("the replica is void: dropping it until the primary resyncs it", "why", act.Why)
+		s.mu.Lock()
+		if s.session != nil {
+			s.session.Close()
+			s.session = nil
+		}
+		s.lastError = act.Why
+		a.detachShell(g)
+		_ = os.RemoveAll(a.replicaDir(g.name))
+		s.mu.Unlock()
+		if err := a.journal.replicaPersist(g.name)(checkpoint.ReplicaState{}); err != nil {
+			g.log.Error("cannot record the replica reset", "err", err)
+		}
+		g.mu.Lock()
+		g.rec.Replica = checkpoint.ReplicaState{}
+		err := a.store.save(g.rec)
+		g.mu.Unlock()
+		if err != nil {
+			g.log.Error("cannot record the replica reset", "err", err)
+		}
+	case DoPause:
+		g.log.Error("self-fence: pausing the promoted guest", "why", act.Why)
+		pctx, cancel := context.WithTimeout(ctx, a.cfg.HeartbeatTimeout())
+		err := qemu.Stop(pctx, a.virt.Guest(g.shellName()).Mon)
+		cancel()
+		g.postNow(Paused{Err: err})
+	case DoResume:
+		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := qemu.Cont(rctx, a.virt.Guest(g.shellName()).Mon)
+		cancel()
+		g.postNow(Resumed{Err: err})
+	case DoDestroyCopy:
+		g.log.Error("promoted guest was replaced elsewhere: destroying it", "why", act.Why)
+		dctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		if err := a.virt.Destroy(dctx, g.shellName()); err != nil {
+			g.log.Error("cannot destroy the stale copy", "err", err)
+		}
+		cancel()
+	}
+}
+
+func (g *guest) shellName() string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.rec.Shell
+}
+
+// attachShell finds or creates the shell domain and opens the replica over
+// its RAM. With xml empty it only attaches to an existing shell (s.mu held).
+func (a *Agent) attachShell(ctx context.Context, g *guest, xml string, ramBytes int64) error {
+	s := g.standby
+	g.mu.Lock()
+	rec := *g.rec
+	g.mu.Unlock()
+	if s.replica != nil {
+		alive := false
+		if st, err := a.virt.DomainState(ctx, rec.Shell); err == nil {
+			alive = st == "paused" || st == "running"
+		}
+		switch {
+		case !alive:
+			// Epochs applied into a dead shell's RAM are lost with it.
+			g.log.Warn("the standby shell is gone; rebuilding it (full resync)", "shell", rec.Shell)
+			a.detachShell(g)
+		case ramBytes == 0 || int64(len(s.mem)) == ramBytes:
+			return nil
+		default:
+			g.log.Warn("guest RAM size changed; rebuilding the shell")
+			a.detachShell(g)
+			if err := a.virt.Destroy(ctx, rec.Shell); err != nil {
+				return err
+			}
 		}
 	}
-	if sg.rec.Shell == "" {
-		sg.rec.Shell = sg.rec.Name + a.cfg.ShellSuffix
+	if rec.Shell == "" {
+		rec.Shell = rec.Name + a.cfg.ShellSuffix
 	}
 	// The replica images exist before the shell that opens them.
-	disks, err := a.openReplicaDisksOnce(sg)
+	disks, err := a.openReplicaDisksOnce(g, rec)
 	if err != nil {
 		return err
 	}
 	fresh := false
-	exists, err := a.virt.DomainExists(ctx, sg.rec.Shell)
+	exists, err := a.virt.DomainExists(ctx, rec.Shell)
 	if err != nil {
 		return err
 	}
 	if exists {
-		st, err := qemu.Status(ctx, virt.NewMonitor(a.virt, sg.rec.Shell))
+		st, err := qemu.Status(ctx, a.virt.Guest(rec.Shell).Mon)
 		if err != nil {
 			return err
 		}
 		if st != "inmigrate" {
-			return fmt.Errorf("domain %q exists and is %s, not a standby shell waiting for a checkpoint; remora will not touch it: remove it, or set shell_suffix so the shell gets another name", sg.rec.Shell, st)
+			return fmt.Errorf("domain %q exists and is %s, not a standby shell waiting for a checkpoint; remora will not touch it: remove it, or set shell_suffix so the shell gets another name", rec.Shell, st)
 		}
 	} else {
 		if xml == "" {
-			return fmt.Errorf("standby shell %q is gone", sg.rec.Shell)
+			return fmt.Errorf("standby shell %q is gone", rec.Shell)
 		}
 		images := map[string]string{}
-		for _, d := range sg.rec.Disks {
-			images[d.Dev] = a.diskImage(sg.rec.Name, d.Dev)
+		for _, d := range rec.Disks {
+			images[d.Dev] = a.diskImage(rec.Name, d.Dev)
 		}
-		shellXML, err := virt.ShellXML(xml, virt.ShellOptions{Name: sg.rec.Shell, Images: images})
+		shellXML, err := virt.ShellXML(xml, virt.ShellOptions{Name: rec.Shell, Images: images})
 		if err != nil {
 			return err
 		}
@@ -144,18 +247,18 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 			return err
 		}
 		fresh = true
-		a.log.Info("standby shell created", "domain", sg.rec.Name, "shell", sg.rec.Shell)
+		g.log.Info("standby shell created", "shell", rec.Shell)
 	}
-	shell := a.virt.Guest(sg.rec.Shell)
+	shell := a.virt.Guest(rec.Shell)
 	if shell.RAM, err = qemu.MainRAM(ctx, shell.Mon); err != nil {
-		return fmt.Errorf("standby shell %q: %w", sg.rec.Shell, err)
+		return fmt.Errorf("standby shell %q: %w", rec.Shell, err)
 	}
 	if ramBytes != 0 && shell.RAM.Size != ramBytes {
 		if !fresh {
-			if err := a.virt.Destroy(ctx, sg.rec.Shell); err != nil {
+			if err := a.virt.Destroy(ctx, rec.Shell); err != nil {
 				return err
 			}
-			return a.attachShell(ctx, sg, xml, ramBytes)
+			return a.attachShell(ctx, g, xml, ramBytes)
 		}
 		return fmt.Errorf("standby shell has %d bytes of RAM, primary %d", shell.RAM.Size, ramBytes)
 	}
@@ -163,327 +266,231 @@ func (a *Agent) attachShell(ctx context.Context, sg *standbyGuest, xml string, r
 	if err != nil {
 		return err
 	}
-	persist := a.journal.replicaPersist(sg.rec.Name)
+	persist := a.journal.replicaPersist(rec.Name)
 	if fresh { // a new shell's RAM is empty: nothing staged or committed applies to it
-		_ = os.RemoveAll(a.replicaDir(sg.rec.Name))
+		_ = os.RemoveAll(a.replicaDir(rec.Name))
 		if err := persist(checkpoint.ReplicaState{}); err != nil {
 			qemu.UnmapRAM(mem)
 			return err
 		}
-		sg.rec.Replica = checkpoint.ReplicaState{}
+		rec.Replica = checkpoint.ReplicaState{}
 	}
-	rep, err := checkpoint.OpenReplica(a.replicaDir(sg.rec.Name), mem, sg.rec.Replica, func(st checkpoint.ReplicaState) error {
+	rep, err := checkpoint.OpenReplica(a.replicaDir(rec.Name), mem, rec.Replica, func(st checkpoint.ReplicaState) error {
 		if err := persist(st); err != nil {
 			return err
 		}
-		sg.rec.Replica = st
+		g.mu.Lock()
+		g.rec.Replica = st
+		g.mu.Unlock()
 		return nil
 	}, disks...)
 	if err != nil {
 		qemu.UnmapRAM(mem)
 		return err
 	}
-	if err := a.store.save(sg.rec); err != nil {
+	g.mu.Lock()
+	g.rec.Shell, g.rec.Replica = rec.Shell, rep.State()
+	err = a.store.save(g.rec)
+	g.mu.Unlock()
+	if err != nil {
 		qemu.UnmapRAM(mem)
 		return err
 	}
-	sg.shell, sg.mem, sg.replica = shell, mem, rep
+	s.shell, s.mem, s.replica = shell, mem, rep
+	s.shellAlive, s.shellSeenAt = true, time.Now()
 	return nil
 }
 
 // openReplicaDisksOnce opens the guest's replica disks unless open.
-func (a *Agent) openReplicaDisksOnce(sg *standbyGuest) ([]checkpoint.DiskEpochs, error) {
-	if sg.disks == nil && len(sg.rec.Disks) > 0 {
-		ds, err := a.openReplicaDisks(sg.rec.Name, sg.rec.Disks)
+func (a *Agent) openReplicaDisksOnce(g *guest, rec Record) ([]checkpoint.DiskEpochs, error) {
+	s := g.standby
+	if s.disks == nil && len(rec.Disks) > 0 {
+		ds, err := a.openReplicaDisks(rec.Name, rec.Disks)
 		if err != nil {
 			return nil, err
 		}
-		sg.disks = ds
+		s.disks = ds
 	}
 	var out []checkpoint.DiskEpochs
-	for _, d := range sg.disks {
+	for _, d := range s.disks {
 		out = append(out, d)
 	}
 	return out, nil
 }
 
-func (a *Agent) detachShell(sg *standbyGuest) {
-	if sg.replica != nil {
-		sg.replica.Abort()
+// detachShell closes the replica (s.mu held).
+func (a *Agent) detachShell(g *guest) {
+	s := g.standby
+	if s.replica != nil {
+		s.replica.Abort()
+		a.journal.epochAbort(g.name, 0)
 	}
-	closeReplicaDisks(sg.disks)
-	sg.disks = nil
-	qemu.UnmapRAM(sg.mem)
-	sg.shell, sg.mem, sg.replica = nil, nil, nil
+	closeReplicaDisks(s.disks)
+	s.disks = nil
+	qemu.UnmapRAM(s.mem)
+	s.shell, s.mem, s.replica = nil, nil, nil
 }
 
-func (a *Agent) serveReplication(ctx context.Context, ln net.Listener) error {
-	for {
-		conn, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return fmt.Errorf("replication listener: %w", err)
-		}
-		go a.handleSession(ctx, conn)
-	}
-}
+// standbyHandler is the agent's side of its replication port.
+type standbyHandler struct{ a *Agent }
 
-func sendError(conn net.Conn, fence uint64, err error, fatal bool) {
-	_ = conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	_ = checkpoint.WriteJSON(conn, checkpoint.FrameError, fence, 0, checkpoint.ErrorMsg{Error: err.Error(), Fatal: fatal})
-}
-
-func (a *Agent) handleSession(ctx context.Context, conn net.Conn) {
-	defer conn.Close()
-	peer := conn.RemoteAddr().String()
-	_ = conn.SetReadDeadline(time.Now().Add(30 * time.Second))
-	br := bufio.NewReaderSize(conn, 1<<20)
-	f, err := checkpoint.ReadFrame(br)
-	if err != nil {
-		var ve *checkpoint.VersionError
-		if errors.As(err, &ve) {
-			sendError(conn, 0, fmt.Errorf("this standby agent speaks replication protocol v%d, the primary v%d: run the same remora release on both hosts", checkpoint.ProtocolVersion, ve.Got), true)
-		}
-		if errors.Is(err, io.EOF) {
-			// Connect-and-close: the arbiter's reachability probe.
-			a.log.Debug("connection closed before a handshake", "peer", peer)
-			return
-		}
-		a.log.Warn("replication handshake failed", "peer", peer, "err", err)
-		return
+// Accept validates a Hello and readies the replica and its shell.
+func (h standbyHandler) Accept(ctx context.Context, conn net.Conn, hello checkpoint.Hello, fence uint64) (checkpoint.SessionGuest, checkpoint.Welcome, error) {
+	a := h.a
+	if err := checkPeerName(conn, hello.Agent); err != nil {
+		return nil, checkpoint.Welcome{}, checkpoint.Fatal(err)
 	}
-	if f.Type == checkpoint.FrameDiskNBD || f.Type == checkpoint.FrameDiskControl {
-		var dh checkpoint.DiskHello
-		if err := json.Unmarshal(f.Payload, &dh); err != nil || dh.Domain == "" || dh.Dev == "" {
-			sendError(conn, 0, fmt.Errorf("bad %s frame: %v", f.Type, err), true)
-			return
-		}
-		if err := a.handleDiskConn(ctx, conn, f.Type, f.Fence, dh); err != nil {
-			a.log.Warn("disk connection ended", "domain", dh.Domain, "dev", dh.Dev, "kind", f.Type, "err", err)
-			sendError(conn, 0, err, false)
-		}
-		return
-	}
-	var hello checkpoint.Hello
-	if err := json.Unmarshal(f.Payload, &hello); err != nil || hello.Domain == "" {
-		sendError(conn, 0, fmt.Errorf("bad %s frame: %v", f.Type, err), true)
-		return
-	}
-	switch f.Type {
-	case checkpoint.FrameUnenroll:
-		err := checkPeerName(conn, hello.Agent)
-		if err == nil {
-			err = a.dropReplica(ctx, hello.Domain, f.Fence, hello.Agent)
-		}
-		if err != nil {
-			a.log.Warn("unenroll refused", "domain", hello.Domain, "from", hello.Agent, "err", err)
-			sendError(conn, 0, err, true)
-			return
-		}
-		_ = checkpoint.WriteJSON(conn, checkpoint.FrameWelcome, f.Fence, 0, checkpoint.Welcome{Agent: a.cfg.AgentID})
-		return
-	case checkpoint.FrameHello:
-	default:
-		sendError(conn, 0, fmt.Errorf("protocol error: session opened with %s", f.Type), true)
-		return
-	}
-	sg, err := a.acceptPrimary(ctx, conn, hello, f.Fence)
-	if err != nil {
-		var fatal *fatalError
-		sendError(conn, f.Fence, err, errors.As(err, &fatal))
-		a.log.Warn("replication refused", "domain", hello.Domain, "primary", hello.Agent, "err", err)
-		return
-	}
-	_ = conn.SetReadDeadline(time.Time{})
-	err = a.receive(ctx, sg, conn, br, hello)
-	sg.mu.Lock()
-	if sg.replica != nil {
-		sg.replica.Abort()
-		a.journal.epochAbort(hello.Domain, 0)
-	}
-	if sg.session == conn {
-		sg.session = nil
-	}
-	if err != nil && sg.rec.State == "" {
-		sg.lastError = fmt.Sprintf("session with primary %s ended: %v", hello.Agent, err)
-	}
-	sg.mu.Unlock()
-	if err != nil && ctx.Err() == nil {
-		a.log.Warn("replication session ended", "domain", hello.Domain, "primary", hello.Agent, "err", err)
-	}
-}
-
-type fatalError struct{ error }
-
-func (e *fatalError) Unwrap() error { return e.error }
-
-// acceptPrimary validates a Hello and readies the replica and its shell.
-func (a *Agent) acceptPrimary(ctx context.Context, conn net.Conn, h checkpoint.Hello, fence uint64) (*standbyGuest, error) {
-	if err := checkPeerName(conn, h.Agent); err != nil {
-		return nil, &fatalError{err}
-	}
-	if h.PageSize != checkpoint.PageSize {
-		return nil, &fatalError{fmt.Errorf("primary uses %d-byte pages, this agent %d", h.PageSize, checkpoint.PageSize)}
-	}
-	a.mu.Lock()
-	if _, ok := a.primary[h.Domain]; ok {
-		a.mu.Unlock()
-		return nil, &fatalError{fmt.Errorf("domain %q is protected by this agent as its primary; a host cannot be its own standby", h.Domain)}
-	}
-	sg, ok := a.standby[h.Domain]
-	if !ok {
-		sg = &standbyGuest{rec: &Record{Name: h.Domain, Role: api.RoleStandby, Primary: h.Agent, Fence: fence, Enrolled: time.Now().UTC()}}
-		a.standby[h.Domain] = sg
-		go a.standbyCoordination(a.runCtx, sg)
-	}
-	a.mu.Unlock()
-
-	sg.mu.Lock()
-	defer sg.mu.Unlock()
+	g := a.guest(hello.Guest)
 	switch {
-	case sg.busy:
-		return nil, fmt.Errorf("domain %q is being failed over or unenrolled on this standby", h.Domain)
-	case sg.rec.State == StateFailedOver || sg.rec.State == StateFailingOver:
-		return nil, &fatalError{fmt.Errorf("domain %q was failed over to agent %s (fencing epoch %d); the copy on %s is stale: destroy it there (virsh destroy %s) and unenroll it", h.Domain, a.cfg.AgentID, sg.rec.Fence, h.Agent, h.Domain)}
-	case fence < sg.rec.Fence:
+	case g != nil && g.primary != nil:
+		return nil, checkpoint.Welcome{}, checkpoint.Fatal(fmt.Errorf("guest %q is protected by this agent as its primary; a host cannot be its own standby", hello.Guest))
+	case g == nil:
+		g = a.newStandbyGuest(&Record{Name: hello.Guest, Role: api.RoleStandby, Primary: hello.Agent, Fence: fence, Enrolled: time.Now().UTC()})
+	}
+	s := g.standby
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := g.state()
+	switch {
+	case s.busy:
+		return nil, checkpoint.Welcome{}, fmt.Errorf("guest %q is being failed over or unenrolled on this standby", hello.Guest)
+	case st.Promoted || st.FailingOver:
+		return nil, checkpoint.Welcome{}, checkpoint.Fatal(fmt.Errorf("guest %q was failed over to agent %s (fencing epoch %d); the copy on %s is stale: destroy it there (virsh destroy %s) and unenroll it", hello.Guest, a.cfg.AgentID, st.Fence, hello.Agent, hello.Guest))
+	case fence < st.Fence:
 		// Not fatal: a primary the arbiter moved to a newer epoch learns it
 		// and retries; one that was replaced is fenced through the arbiter.
-		return nil, fmt.Errorf("stale fencing epoch %d from %s: this replica is at epoch %d", fence, h.Agent, sg.rec.Fence)
+		return nil, checkpoint.Welcome{}, fmt.Errorf("stale fencing epoch %d from %s: this replica is at fencing epoch %d", fence, hello.Agent, st.Fence)
 	}
-	if sg.rec.Primary != h.Agent {
-		a.log.Warn("replica taken over by another primary agent", "domain", h.Domain, "was", sg.rec.Primary, "now", h.Agent)
-		sg.rec.Primary = h.Agent
+	g.mu.Lock()
+	rec := g.rec
+	if rec.Primary != hello.Agent {
+		g.log.Warn("replica taken over by another primary agent", "was", rec.Primary, "now", hello.Agent)
+		rec.Primary = hello.Agent
 	}
-	sg.rec.Fence = fence
-	if sg.rec.Shell == "" && h.ShellBase != "" {
-		sg.rec.Shell = h.ShellBase + a.cfg.ShellSuffix
+	if rec.Shell == "" && hello.ShellBase != "" {
+		rec.Shell = hello.ShellBase + a.cfg.ShellSuffix
 	}
-	if !slices.Equal(sg.rec.Disks, h.Disks) {
-		if sg.replica != nil || sg.rec.Replica.Committed != 0 {
-			return nil, &fatalError{fmt.Errorf("domain %q: its disks changed (%v, the replica has %v): unenroll it and enroll it again", h.Domain, h.Disks, sg.rec.Disks)}
-		}
-		sg.rec.Disks = h.Disks
+	disksChanged := !slices.Equal(rec.Disks, hello.Disks)
+	if disksChanged && (s.replica != nil || rec.Replica.Committed != 0) {
+		g.mu.Unlock()
+		return nil, checkpoint.Welcome{}, checkpoint.Fatal(fmt.Errorf("guest %q: its disks changed (%v, the replica has %v): unenroll it and enroll it again", hello.Guest, hello.Disks, rec.Disks))
 	}
-	if err := a.attachShell(ctx, sg, h.DomainXML, h.RAMBytes); err != nil {
-		return nil, err
+	if disksChanged {
+		rec.Disks = hello.Disks
 	}
-	if sg.session != nil {
-		sg.session.Close() // the primary reconnected; the old session is dead
+	g.mu.Unlock()
+	if fence > st.Fence {
+		g.post(FenceMoved{Fence: fence})
 	}
-	sg.session, sg.sessionFrom, sg.lastFrame, sg.lastError = conn, h.Agent, time.Now(), ""
-	st := sg.replica.State()
-	w := checkpoint.Welcome{Agent: a.cfg.AgentID, Generation: st.Generation, Committed: st.Committed}
-	if err := checkpoint.WriteJSON(conn, checkpoint.FrameWelcome, fence, 0, w); err != nil {
-		sg.session = nil
-		return nil, err
+	if err := a.attachShell(ctx, g, hello.DomainXML, hello.RAMBytes); err != nil {
+		return nil, checkpoint.Welcome{}, err
 	}
-	a.log.Info("replication session accepted", "domain", h.Domain, "primary", h.Agent, "committed", st.Committed, "synced", st.Synced)
-	return sg, nil
+	if s.session != nil {
+		s.session.Close() // the primary reconnected; the old session is dead
+	}
+	s.session, s.sessionFrom, s.lastFrame, s.lastError = conn, hello.Agent, time.Now(), ""
+	a.detector.Heartbeat(g.name)
+	rst := s.replica.State()
+	return &sessionGuest{g: g, conn: conn}, checkpoint.Welcome{Agent: a.cfg.AgentID, Generation: rst.Generation, Committed: rst.Committed}, nil
 }
 
-func (a *Agent) receive(ctx context.Context, sg *standbyGuest, conn net.Conn, br *bufio.Reader, h checkpoint.Hello) error {
-	for {
-		f, err := checkpoint.ReadFrame(br)
-		if err != nil {
-			return err
+// sessionGuest is one session's hold on a replica (checkpoint.SessionGuest).
+type sessionGuest struct {
+	g    *guest
+	conn net.Conn
+}
+
+func (sg *sessionGuest) Lock() (*checkpoint.Replica, uint64, error) {
+	s := sg.g.standby
+	s.mu.Lock()
+	if s.session != sg.conn || s.replica == nil {
+		s.mu.Unlock()
+		return nil, 0, errors.New("session replaced or closed")
+	}
+	return s.replica, sg.g.fence.Load(), nil
+}
+
+func (sg *sessionGuest) Unlock(f checkpoint.Frame, committed bool) {
+	s := sg.g.standby
+	now := time.Now()
+	// After the frame was handled: a slow apply is our own delay, not the
+	// primary's silence.
+	s.lastFrame = now
+	s.bytesIn += uint64(len(f.Payload))
+	if committed {
+		s.lastCommit = now
+		s.commits = append(s.commits, now)
+		if len(s.commits) > 256 {
+			s.commits = s.commits[len(s.commits)-256:]
 		}
-		sg.mu.Lock()
-		if sg.session != conn {
-			sg.mu.Unlock()
-			return errors.New("session replaced or closed")
-		}
-		sg.lastFrame = time.Now()
-		sg.bytesIn += uint64(len(f.Payload))
-		if f.Fence < sg.rec.Fence {
-			sg.mu.Unlock()
-			err := fmt.Errorf("stale fencing epoch %d in %s frame: this replica is at epoch %d", f.Fence, f.Type, sg.rec.Fence)
-			sendError(conn, sg.rec.Fence, err, false)
-			return err
-		}
-		rep := sg.replica
-		var ferr error
-		ack := false
-		switch f.Type {
-		case checkpoint.FrameEpochBegin:
-			var b checkpoint.EpochBegin
-			if ferr = json.Unmarshal(f.Payload, &b); ferr == nil {
-				if ferr = a.journal.epochBegin(h.Domain, f.Epoch, h.Generation, b.Full); ferr == nil {
-					ferr = rep.Begin(h.Generation, f.Epoch, b)
-				}
-			}
-		case checkpoint.FramePages:
-			ferr = rep.AddPages(f.Epoch, f.Payload)
-		case checkpoint.FrameDevState:
-			ferr = rep.AddDevState(f.Epoch, f.Payload)
-		case checkpoint.FrameDevStateLZ4:
-			ferr = rep.AddDevStateLZ4(f.Epoch, f.Payload)
-		case checkpoint.FrameEpochEnd:
-			var end checkpoint.EpochEnd
-			if end, ferr = checkpoint.UnmarshalEpochEnd(f.Payload); ferr == nil {
-				ferr = rep.End(f.Epoch, end)
-			}
-			if ferr == nil {
-				ack = true
-				now := time.Now()
-				sg.lastCommit = now
-				sg.commits = append(sg.commits, now)
-				if len(sg.commits) > 256 {
-					sg.commits = sg.commits[len(sg.commits)-256:]
-				}
-			}
-		case checkpoint.FramePing:
-		default:
-			ferr = fmt.Errorf("protocol error: unexpected %s frame", f.Type)
-		}
-		sg.mu.Unlock()
-		if ferr != nil {
-			a.journal.epochAbort(h.Domain, f.Epoch)
-			sendError(conn, f.Fence, ferr, false)
-			return ferr
-		}
-		if ack {
-			if err := checkpoint.WriteFrame(conn, checkpoint.Frame{Type: checkpoint.FrameAck, Fence: f.Fence, Epoch: f.Epoch}); err != nil {
-				return err
-			}
+	}
+	s.mu.Unlock()
+	sg.g.a.detector.Heartbeat(sg.g.name)
+}
+
+func (sg *sessionGuest) EpochBegin(epoch uint64, gen string, full bool) error {
+	return sg.g.a.journal.epochBegin(sg.g.name, epoch, gen, full)
+}
+
+func (sg *sessionGuest) EpochAbort(epoch uint64) { sg.g.a.journal.epochAbort(sg.g.name, epoch) }
+
+func (sg *sessionGuest) Ended(err error) {
+	s := sg.g.standby
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.replica != nil && s.session == sg.conn {
+		s.replica.Abort()
+		sg.g.a.journal.epochAbort(sg.g.name, 0)
+	}
+	if s.session == sg.conn {
+		s.session = nil
+		if err != nil && !sg.g.state().Promoted {
+			s.lastError = fmt.Sprintf("session with primary %s ended: %v", s.sessionFrom, err)
 		}
 	}
 }
 
-// dropReplica destroys a replica and its shell when the primary unenrolls
-// the guest (or an admin does on the standby).
+// Unenroll drops a replica when its primary unenrolls the guest.
+func (h standbyHandler) Unenroll(ctx context.Context, conn net.Conn, hello checkpoint.Hello, fence uint64) (checkpoint.Welcome, error) {
+	if err := checkPeerName(conn, hello.Agent); err != nil {
+		return checkpoint.Welcome{}, err
+	}
+	if err := h.a.dropReplica(ctx, hello.Guest, fence, hello.Agent); err != nil {
+		return checkpoint.Welcome{}, err
+	}
+	return checkpoint.Welcome{Agent: h.a.cfg.AgentID}, nil
+}
+
 // dropReplica removes a guest's replica and its shell. primary, when set,
 // is the agent asking: only the guest's own primary may.
 func (a *Agent) dropReplica(ctx context.Context, name string, fence uint64, primary string) error {
-	a.mu.Lock()
-	sg, ok := a.standby[name]
-	a.mu.Unlock()
-	if !ok {
+	g := a.guest(name)
+	if g == nil || g.standby == nil {
 		return nil
 	}
-	sg.mu.Lock()
-	defer sg.mu.Unlock()
-	if primary != "" && sg.rec.Primary != "" && primary != sg.rec.Primary {
-		return fmt.Errorf("agent %q may not unenroll domain %q: its primary is agent %q", primary, name, sg.rec.Primary)
+	s := g.standby
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := g.state()
+	g.mu.Lock()
+	recPrimary, shell := g.rec.Primary, g.rec.Shell
+	g.mu.Unlock()
+	if primary != "" && recPrimary != "" && primary != recPrimary {
+		return fmt.Errorf("agent %q may not unenroll guest %q: its primary is agent %q", primary, name, recPrimary)
 	}
-	if fence < sg.rec.Fence {
-		return fmt.Errorf("stale fencing epoch %d: this replica is at epoch %d", fence, sg.rec.Fence)
+	if fence < st.Fence {
+		return fmt.Errorf("stale fencing epoch %d: this replica is at fencing epoch %d", fence, st.Fence)
 	}
-	if sg.rec.State == StateFailedOver || sg.rec.State == StateFailingOver {
-		return fmt.Errorf("domain %q was failed over to this host; it is no longer a replica", name)
+	if st.Promoted || st.FailingOver {
+		return fmt.Errorf("guest %q was failed over to this host; it is no longer a replica", name)
 	}
-	if sg.session != nil {
-		sg.session.Close()
-		sg.session = nil
+	if s.session != nil {
+		s.session.Close()
+		s.session = nil
 	}
-	a.detachShell(sg)
-	if sg.rec.Shell != "" {
-		if err := a.virt.Destroy(ctx, sg.rec.Shell); err != nil {
+	a.detachShell(g)
+	if shell != "" {
+		if err := a.virt.Destroy(ctx, shell); err != nil {
 			return err
 		}
 	}
@@ -492,9 +499,170 @@ func (a *Agent) dropReplica(ctx context.Context, name string, fence uint64, prim
 	if err := a.journal.append(ctx, true, txlog.TypePlain, 0, journalEvent{Kind: "drop", Guest: name}); err != nil {
 		return err
 	}
-	a.mu.Lock()
-	delete(a.standby, name)
-	a.mu.Unlock()
-	a.log.Info("replica dropped", "domain", name)
+	go g.stop() // not under s.mu: the driver's tick takes it
+	a.forget(g)
+	a.detector.Forget(name)
+	g.log.Info("replica dropped")
 	return a.store.remove(name)
+}
+
+// Disk serves a disk connection from a primary: mirror writes (NBD) or
+// epoch cuts.
+func (h standbyHandler) Disk(ctx context.Context, conn net.Conn, kind checkpoint.FrameType, fence uint64, dh checkpoint.DiskHello) error {
+	a := h.a
+	if err := checkPeerName(conn, dh.Agent); err != nil {
+		return err
+	}
+	g := a.guest(dh.Guest)
+	if g == nil || g.standby == nil {
+		return fmt.Errorf("guest %q has no replica on this standby", dh.Guest)
+	}
+	s := g.standby
+	s.mu.Lock()
+	st := g.state()
+	if fence < st.Fence {
+		s.mu.Unlock()
+		return fmt.Errorf("stale fencing epoch %d: this replica is at fencing epoch %d", fence, st.Fence)
+	}
+	if st.Promoted || st.FailingOver || s.busy {
+		s.mu.Unlock()
+		return fmt.Errorf("guest %q is failing or failed over on this host", dh.Guest)
+	}
+	d, err := s.disk(g.name, dh.Dev)
+	if err == nil && kind == checkpoint.FrameDiskControl && dh.Reset {
+		// A new mirror overwrites the image before its first cut: the
+		// replica holds no consistent checkpoint until a full epoch commits.
+		if s.replica != nil {
+			err = s.replica.Reset("")
+		}
+		if err == nil {
+			d.target.Reset()
+			g.log.Info("disk replica reset for a new mirror", "dev", dh.Dev)
+		}
+	}
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := checkpoint.WriteJSON(conn, checkpoint.FrameWelcome, fence, 0, checkpoint.Welcome{Agent: a.cfg.AgentID}); err != nil {
+		return err
+	}
+	_ = conn.SetDeadline(time.Time{})
+	if kind == checkpoint.FrameDiskNBD {
+		return d.server.ServeConn(conn)
+	}
+	err = disk.ServeControl(conn, d.target)
+	if errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+// replicaDisk is the standby's copy of one guest disk.
+type replicaDisk struct {
+	spec   checkpoint.DiskSpec
+	target *disk.Target
+	server *disk.Server
+}
+
+func (d replicaDisk) Stage(epoch uint64, path string) error {
+	_, err := d.target.Stage(epoch, path)
+	return err
+}
+
+func (d replicaDisk) Apply(path string) error {
+	_, err := d.target.Apply(path)
+	return err
+}
+
+// diskImage is where the standby keeps the replica image of a guest disk:
+// on the state directory's file system, since its writes are fsynced.
+func (a *Agent) diskImage(guest, dev string) string {
+	return filepath.Join(a.cfg.StateDir, "images", guest, dev+".img")
+}
+
+// openReplicaDisks opens (creating where missing) the replica images of a
+// guest's disks.
+func (a *Agent) openReplicaDisks(guest string, specs []checkpoint.DiskSpec) ([]*replicaDisk, error) {
+	var out []*replicaDisk
+	fail := func(err error) ([]*replicaDisk, error) {
+		closeReplicaDisks(out)
+		return nil, err
+	}
+	for _, s := range specs {
+		if s.Dev == "" || filepath.Base(s.Dev) != s.Dev || s.Size <= 0 {
+			return fail(fmt.Errorf("bad disk %q of %d bytes in the primary's hello", s.Dev, s.Size))
+		}
+		path := a.diskImage(guest, s.Dev)
+		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+			return fail(err)
+		}
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return fail(err)
+		}
+		fi, err := f.Stat()
+		if err == nil && fi.Size() != s.Size {
+			err = f.Truncate(s.Size) // sparse; the mirror fills it
+		}
+		f.Close()
+		if err != nil {
+			return fail(fmt.Errorf("replica image %s: %w", path, err))
+		}
+		t, err := disk.OpenTarget(path, disk.Options{})
+		if err != nil {
+			return fail(fmt.Errorf("replica image %s: %w", path, err))
+		}
+		out = append(out, &replicaDisk{spec: s, target: t, server: disk.NewServer(t, s.Dev)})
+	}
+	return out, nil
+}
+
+func closeReplicaDisks(ds []*replicaDisk) {
+	for _, d := range ds {
+		d.server.Close()
+		d.target.Close()
+	}
+}
+
+// diskStatus sums the replica disks' figures (s.mu held).
+func (s *standbyRun) diskStatus() *api.DiskStatus {
+	if len(s.disks) == 0 {
+		return nil
+	}
+	st := &api.DiskStatus{State: "replica"}
+	for _, d := range s.disks {
+		t := d.target.Stats()
+		st.Devs = append(st.Devs, d.spec.Dev)
+		st.LastEpochWrites += t.LastSealed.Writes
+		st.LastEpochBytes += t.LastSealed.Bytes
+		st.HeldEpochs = max(st.HeldEpochs, t.HeldEpochs)
+		st.HeldBytes += t.HeldBytes
+		st.AppliedBytes += t.AppliedBytes
+		if t.OutOfSync != "" {
+			st.OutOfSync, st.State = d.spec.Dev+": "+t.OutOfSync, "out of sync"
+		}
+	}
+	return st
+}
+
+func (s *standbyRun) disk(guest, dev string) (*replicaDisk, error) {
+	for _, d := range s.disks {
+		if d.spec.Dev == dev {
+			return d, nil
+		}
+	}
+	return nil, fmt.Errorf("no replicated disk %q for guest %q on this standby", dev, guest)
+}
+
+// finishDisks makes the replica images hold exactly the applied epoch
+// before the shell starts from it: writes of later epochs are dropped.
+func (s *standbyRun) finishDisks(applied uint64) error {
+	for _, d := range s.disks {
+		d.server.Close()
+		if err := d.target.Discard(applied); err != nil {
+			return fmt.Errorf("disk %s: %w", d.spec.Dev, err)
+		}
+	}
+	return nil
 }

@@ -4,35 +4,63 @@ import (
 	"context"
 	"io"
 	"os"
-	"sync/atomic"
+	"sync"
 )
 
 // CaptureVM adapts a guest to the checkpoint engine (checkpoint.VM). A
 // marker file exists while the guest is paused for a checkpoint, so an
 // agent that dies there resumes the guest on restart instead of leaving
 // it paused.
+//
+// A fenced guest stays paused across checkpoints. Fence, Unfence and Cont
+// take one lock, so a checkpoint's cont can never resume a guest that was
+// fenced while it was paused for that checkpoint.
 type CaptureVM struct {
 	G      *Guest
 	Sink   *DeviceStateSink
 	Marker string
 
-	fenced atomic.Bool // self-fenced: checkpoints go on but never resume the guest
+	mu     sync.Mutex
+	fenced bool
 }
 
-// Fence pauses the guest and keeps it paused across checkpoints.
+// Fence pauses the guest and keeps it paused across checkpoints. It
+// counts as fenced only once QEMU confirmed the stop.
 func (v *CaptureVM) Fence(ctx context.Context) error {
-	v.fenced.Store(true)
-	return Stop(ctx, v.G.Mon)
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := Stop(ctx, v.G.Mon); err != nil {
+		return err
+	}
+	v.fenced = true
+	return nil
 }
 
 // Unfence resumes a fenced guest.
 func (v *CaptureVM) Unfence(ctx context.Context) error {
-	v.fenced.Store(false)
-	return Cont(ctx, v.G.Mon)
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := Cont(ctx, v.G.Mon); err != nil {
+		return err
+	}
+	v.fenced = false
+	return nil
+}
+
+// SetFenced marks a guest that is already paused (or must stay so) as
+// fenced, without a QMP call.
+func (v *CaptureVM) SetFenced(on bool) {
+	v.mu.Lock()
+	v.fenced = on
+	v.mu.Unlock()
 }
 
 // Fenced reports whether the guest is held paused.
-func (v *CaptureVM) Fenced() bool { return v.fenced.Load() }
+func (v *CaptureVM) Fenced() bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.fenced
+}
 
 func (v *CaptureVM) Stop(ctx context.Context) error {
 	if err := os.WriteFile(v.Marker, nil, 0o600); err != nil {
@@ -42,17 +70,33 @@ func (v *CaptureVM) Stop(ctx context.Context) error {
 }
 
 func (v *CaptureVM) Cont(ctx context.Context) error {
-	if v.fenced.Load() {
-		return os.Remove(v.Marker)
-	}
-	if err := Cont(ctx, v.G.Mon); err != nil {
-		return err
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if !v.fenced {
+		if err := Cont(ctx, v.G.Mon); err != nil {
+			return err
+		}
 	}
 	return os.Remove(v.Marker)
 }
 
 func (v *CaptureVM) SaveDeviceState(ctx context.Context, w io.Writer) (int64, error) {
 	return v.Sink.Save(ctx, v.G, w)
+}
+
+// LeftPaused reports whether a dead agent left the guest paused
+// mid-checkpoint, and cancels the migration it left behind; the guest
+// stays paused.
+func LeftPaused(ctx context.Context, g *Guest, marker string) (bool, error) {
+	if _, err := os.Stat(marker); err != nil {
+		return false, nil
+	}
+	_ = Exec(ctx, g.Mon, "migrate_cancel", nil, nil)
+	st, err := Status(ctx, g.Mon)
+	if err != nil {
+		return false, err
+	}
+	return st != "running", nil
 }
 
 // ResumeAfterCrash resumes a guest a dead agent left paused mid-checkpoint.

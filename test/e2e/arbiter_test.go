@@ -295,7 +295,7 @@ func TestArbiterStandbyCrashThenPrimaryCrash(t *testing.T) {
 		conn := tls.Client(raw, cfg)
 		defer conn.Close()
 		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-		if err := checkpoint.WriteJSON(conn, checkpoint.FrameHello, 1, 0, checkpoint.Hello{Agent: "host-a", Domain: name, PageSize: checkpoint.PageSize}); err != nil {
+		if err := checkpoint.WriteJSON(conn, checkpoint.FrameHello, 1, 0, checkpoint.Hello{Agent: "host-a", Guest: name, PageSize: checkpoint.PageSize}); err != nil {
 			t.Fatal(err)
 		}
 		var w checkpoint.Welcome
@@ -508,7 +508,7 @@ func TestAuthenticationRefused(t *testing.T) {
 		}
 		defer raw.Close()
 		_ = raw.SetDeadline(time.Now().Add(10 * time.Second))
-		_ = checkpoint.WriteJSON(raw, checkpoint.FrameHello, 0, 0, checkpoint.Hello{Agent: "host-a", Domain: "x"})
+		_ = checkpoint.WriteJSON(raw, checkpoint.FrameHello, 0, 0, checkpoint.Hello{Agent: "host-a", Guest: "x"})
 		if _, err := checkpoint.ReadFrame(raw); err == nil {
 			t.Fatal("a plain TCP peer got an answer")
 		}
@@ -529,7 +529,7 @@ func TestAuthenticationRefused(t *testing.T) {
 		conn, err := dial(cfg)
 		if err == nil {
 			// TLS 1.3 reports a refused client certificate on first read.
-			_ = checkpoint.WriteJSON(conn, checkpoint.FrameHello, 0, 0, checkpoint.Hello{Agent: "host-a", Domain: "x"})
+			_ = checkpoint.WriteJSON(conn, checkpoint.FrameHello, 0, 0, checkpoint.Hello{Agent: "host-a", Guest: "x"})
 			_, err = checkpoint.ReadFrame(conn)
 			conn.Close()
 		}
@@ -551,7 +551,7 @@ func TestAuthenticationRefused(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer conn.Close()
-		_ = checkpoint.WriteJSON(conn, checkpoint.FrameHello, 0, 0, checkpoint.Hello{Agent: "host-a", Domain: "x", PageSize: checkpoint.PageSize})
+		_ = checkpoint.WriteJSON(conn, checkpoint.FrameHello, 0, 0, checkpoint.Hello{Agent: "host-a", Guest: "x", PageSize: checkpoint.PageSize})
 		var w checkpoint.Welcome
 		_, err = checkpoint.ReadJSON(conn, checkpoint.FrameWelcome, &w)
 		if err == nil || !strings.Contains(err.Error(), "certificate is for [mallory]") {

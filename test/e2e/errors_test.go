@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -83,7 +84,7 @@ func TestClearErrors(t *testing.T) {
 		var msg checkpoint.ErrorMsg
 		_, err = checkpoint.ReadJSON(bufio.NewReader(conn), checkpoint.FrameWelcome, &msg)
 		var pe *checkpoint.PeerError
-		if !errors.As(err, &pe) || !strings.Contains(pe.Error(), "v1") || !strings.Contains(pe.Error(), "v9") || !pe.Fatal {
+		if !errors.As(err, &pe) || !strings.Contains(pe.Error(), fmt.Sprintf("v%d", checkpoint.ProtocolVersion)) || !strings.Contains(pe.Error(), "v9") || !pe.Fatal {
 			t.Fatalf("want a fatal error naming both versions, got %v", err)
 		}
 	})

@@ -96,10 +96,14 @@ log_level: debug
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		h.stop(syscall.SIGTERM)
-		if t.Failed() {
-			t.Logf("agent %s log (without debug lines):\n%s", name, h.logTail(80))
+		if !t.Failed() {
+			h.stop(syscall.SIGTERM)
+			return
 		}
+		// SIGQUIT: the agent prints its goroutines, for the saved log.
+		h.stop(syscall.SIGQUIT)
+		t.Logf("agent %s log (without debug lines):\n%s", name, h.logTail(80))
+		h.saveLog()
 	})
 	return h
 }
@@ -195,6 +199,22 @@ func (h *host) logTail(n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// saveLog keeps a failed test's whole agent log (with the goroutine dump)
+// in the temporary directory.
+func (h *host) saveLog() {
+	dir := filepath.Join(os.TempDir(), "remora-e2e-logs")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return
+	}
+	name := strings.NewReplacer("/", "_", " ", "_").Replace(h.t.Name()) + "-" + h.name + ".log"
+	h.mu.Lock()
+	b := append([]byte(nil), h.log.Bytes()...)
+	h.mu.Unlock()
+	if os.WriteFile(filepath.Join(dir, name), b, 0o644) == nil {
+		h.t.Logf("agent %s: whole log in %s", h.name, filepath.Join(dir, name))
+	}
 }
 
 func (h *host) logContains(s string) bool {

@@ -1,0 +1,253 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/internal/pki"
+)
+
+// Status lists every guest this agent knows.
+func (a *Agent) Status() []api.VMStatus {
+	var out []api.VMStatus
+	for _, g := range a.guestList() {
+		out = append(out, g.status())
+	}
+	return out
+}
+
+// status is one guest's line of `vm status`: everything comes from its
+// machine's state and the figures of its engine or replica.
+func (g *guest) status() api.VMStatus {
+	a := g.a
+	timeout := a.cfg.HeartbeatTimeout()
+	var v api.VMStatus
+	if s := g.standby; s != nil {
+		s.mu.Lock()
+		v = s.status(timeout)
+		g.mu.Lock()
+		g.fill(&v)
+		g.mu.Unlock()
+		s.mu.Unlock()
+		return v
+	}
+	p := g.primary
+	g.mu.Lock()
+	v = api.VMStatus{Role: api.RolePrimary, Peer: g.rec.Peer}
+	g.fill(&v)
+	g.mu.Unlock()
+	if p.engine == nil || v.State == string(PhaseFenced) {
+		return v
+	}
+	s := p.engine.Status()
+	v.Epoch, v.Started, v.AckedEpoch, v.EpochsPerSec = s.Epoch, s.Started, s.AckedEpoch, s.EpochsPerSec
+	v.PauseP50, v.PauseP99, v.DirtyPages, v.DirtyTotal, v.Incremental = s.PauseP50, s.PauseP99, s.DirtyPages, s.DirtyTotal, s.Incremental
+	v.Bytes, v.RawBytes, v.Lag, v.Tracker = s.BytesSent, s.RawBytes, s.Lag, s.Tracker
+	v.SyncDone, v.SyncTotal, v.LastError, v.NextRetry, v.LastPause = s.SyncDone, s.SyncTotal, s.LastError, s.NextRetry, &s.LastPause
+	v.Output = p.outputStatus(v.State != string(PhaseUnprotected))
+	v.Disk = p.disks.status()
+	if !s.LastAck.IsZero() {
+		if age := time.Since(s.LastAck); age < timeout {
+			v.Heartbeat = "ok"
+		} else {
+			v.Heartbeat = fmt.Sprintf("standby silent %s", age.Round(100*time.Millisecond))
+		}
+	}
+	return v
+}
+
+// fill adds the machine's view (g.mu held).
+func (g *guest) fill(v *api.VMStatus) {
+	st := &g.m.State
+	v.Guest, v.Fence, v.State = g.name, st.Fence, string(st.Phase())
+	if st.Role == Standby {
+		if st.Promoted {
+			v.Role = api.RolePromoted
+		}
+		if v.Peer == "" {
+			v.Peer = g.rec.Primary
+		}
+		if v.Shell == "" {
+			v.Shell = g.rec.Shell
+		}
+		if v.Epoch == 0 {
+			v.Epoch, v.AckedEpoch, v.Applied = g.rec.Replica.Committed, g.rec.Replica.Committed, g.rec.Replica.Applied
+		}
+		if st.Promoted {
+			v.Lag = 0
+		}
+	}
+	if g.a.arb == nil {
+		return
+	}
+	if !st.Lease.ValidUntil.IsZero() {
+		v.LeaseHolder = st.Lease.Holder
+		if d := time.Until(st.Lease.ValidUntil); d > 0 {
+			v.LeaseValid = d
+		}
+	}
+	if p := g.probe; p != nil && !p.At.IsZero() {
+		if p.OK {
+			v.Probe = fmt.Sprintf("ok %s (%s ago)", p.Latency.Round(time.Millisecond), time.Since(p.At).Round(time.Second))
+		} else {
+			v.Probe = fmt.Sprintf("failing x%d: %s", p.ConsecutiveFailures, p.Error)
+		}
+	}
+	v.Arbiter = st.Note
+	v.SuspectedAt, v.GrantedAt, v.RestoredAt = st.SuspectedAt, st.GrantedAt, st.RestoredAt
+}
+
+// status is the replica's figures (s.mu held).
+func (s *standbyRun) status(hbTimeout time.Duration) api.VMStatus {
+	v := api.VMStatus{Role: api.RoleStandby, Peer: s.sessionFrom, Bytes: s.bytesIn, LastError: s.lastError}
+	if s.replica != nil {
+		r := s.replica.State()
+		v.Epoch, v.AckedEpoch, v.Applied = r.Committed, r.Committed, r.Applied
+	}
+	if s.shell != nil {
+		v.Shell = s.shell.Name
+	}
+	if !s.lastCommit.IsZero() {
+		v.Lag = time.Since(s.lastCommit)
+	}
+	v.Disk = s.diskStatus()
+	if !s.lastFrame.IsZero() {
+		if age := time.Since(s.lastFrame); s.session != nil && age < hbTimeout {
+			v.Heartbeat = "ok"
+		} else {
+			v.Heartbeat = fmt.Sprintf("primary silent %s", age.Round(100*time.Millisecond))
+		}
+	}
+	// Commits are in time order: the recent ones are a suffix.
+	now := time.Now()
+	i := len(s.commits)
+	for i > 0 && now.Sub(s.commits[i-1]) < 10*time.Second {
+		i--
+	}
+	if n := len(s.commits) - i; n > 1 {
+		v.EpochsPerSec = float64(n) / now.Sub(s.commits[i]).Seconds()
+	}
+	return v
+}
+
+func listenAPI(path string) (net.Listener, error) {
+	if c, err := net.DialTimeout("unix", path, 200*time.Millisecond); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("another agent is serving %s: stop it first, or set api_socket", path)
+	}
+	_ = os.Remove(path)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	_ = os.Chmod(path, 0o600) // root only: the API can fail guests over
+	return ln, nil
+}
+
+func (a *Agent) serveAPI(ctx context.Context, ln net.Listener) error {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, a.Status())
+	})
+	mux.HandleFunc("POST /v1/enroll", func(w http.ResponseWriter, r *http.Request) {
+		var req api.EnrollRequest
+		if !readJSON(w, r, &req) {
+			return
+		}
+		if err := a.Enroll(r.Context(), req.Guest, req.Standby, req.Probe); err != nil {
+			writeJSON(w, http.StatusBadRequest, api.Error{Error: err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, a.Status())
+	})
+	mux.HandleFunc("POST /v1/failover", func(w http.ResponseWriter, r *http.Request) {
+		var req api.GuestRequest
+		if !readJSON(w, r, &req) {
+			return
+		}
+		res, err := a.Failover(r.Context(), req.Guest, req.Force)
+		if err != nil {
+			writeJSON(w, http.StatusConflict, api.Error{Error: err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, res)
+	})
+	mux.HandleFunc("POST /v1/unenroll", func(w http.ResponseWriter, r *http.Request) {
+		var req api.GuestRequest
+		if !readJSON(w, r, &req) {
+			return
+		}
+		if err := a.Unenroll(r.Context(), req.Guest); err != nil {
+			writeJSON(w, http.StatusConflict, api.Error{Error: err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, struct{}{})
+	})
+	handler := http.Handler(mux)
+	if _, isTLS := ln.Addr().(*net.TCPAddr); isTLS {
+		// Over TCP the listener is mutual TLS: every admin is named in the log.
+		handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			var who []string
+			if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+				who = pki.Names(r.TLS.PeerCertificates[0])
+			}
+			if len(who) == 0 {
+				a.log.Warn("admin API request without a client certificate refused", "peer", r.RemoteAddr)
+				writeJSON(w, http.StatusUnauthorized, api.Error{Error: "a client certificate signed by the agent's CA is required"})
+				return
+			}
+			if r.Method != http.MethodGet {
+				a.log.Info("admin API", "client", who, "peer", r.RemoteAddr, "call", r.Method+" "+r.URL.Path)
+			}
+			mux.ServeHTTP(w, r)
+		})
+	}
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
+	go func() { <-ctx.Done(); srv.Close() }()
+	err := srv.Serve(ln)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Unenroll stops protecting a guest: on the primary the guest keeps running
+// and the standby drops its replica; on the standby the replica is dropped.
+func (a *Agent) Unenroll(ctx context.Context, name string) error {
+	g := a.guest(name)
+	switch {
+	case g == nil:
+		return fmt.Errorf("guest %q: %w", name, errNotEnrolled)
+	case g.primary != nil:
+		return a.unenrollPrimary(ctx, g)
+	case g.state().Promoted:
+		// The guest runs here now; just forget the replica record.
+		g.stop()
+		a.forget(g)
+		return a.store.remove(name)
+	}
+	return a.dropReplica(ctx, name, ^uint64(0), "")
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeJSON(w, http.StatusBadRequest, api.Error{Error: "bad request: " + err.Error()})
+		return false
+	}
+	return true
+}
