@@ -32,9 +32,9 @@ type DiskSpec struct {
 
 // DiskHello opens a disk connection (FrameDiskNBD or FrameDiskControl).
 type DiskHello struct {
-	Agent  string `json:"agent"`
-	Guest  string `json:"guest"`
-	Dev    string `json:"dev"`
+	Agent string `json:"agent"`
+	Guest string `json:"guest"`
+	Dev   string `json:"dev"`
 	// Reset (control only): a new mirror starts; the replica image holds
 	// no consistent state until the next full epoch commits.
 	Reset bool `json:"reset,omitempty"`
