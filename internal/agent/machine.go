@@ -102,7 +102,6 @@ type Observation struct {
 	ConnectedSince time.Time
 	Started        uint64 // newest epoch whose capture began
 	Acked          uint64
-	LastCut        uint64 // newest epoch the output buffer cut
 	// Standby.
 	Silent     bool // the failure detector suspects the primary
 	Consistent bool
@@ -115,6 +114,8 @@ func (s *State) Phase() Phase {
 		switch {
 		case s.Fenced:
 			return PhaseFenced
+		case s.Promoted && s.SelfFenced:
+			return PhaseSelfFenced
 		case s.Promoted:
 			return PhasePromoted
 		case s.FailingOver:
@@ -233,6 +234,7 @@ type FailoverFailed struct {
 	Err        error
 	Retryable  bool // the shell still waits for its device state
 	RolledBack bool // undone: the guest is a replica again (or nothing, if its shell died)
+	Refused    bool // refused before anything changed: still a replica
 }
 
 func (Tick) event()               {}
@@ -383,17 +385,26 @@ func (m *Machine) Step(ev Event) []Action {
 		m.granted(e.Now, e.Fence, e.Lease)
 		return nil
 	case FailoverDone:
+		if !m.FailingOver {
+			return nil
+		}
 		m.FailingOver, m.Promoted, m.RestoredAt = false, true, e.Now
 		m.Note = ""
 		m.NextRenew = e.Now
 		return []Action{DoPersist{}}
 	case FailoverFailed:
+		if !m.FailingOver {
+			return nil
+		}
 		m.Note = "failover failed: " + e.Err.Error()
 		m.RetryFailover = e.Retryable
 		m.RetryAt = e.Now.Add(m.settings.RetryAfter)
-		if e.RolledBack {
+		switch {
+		case e.RolledBack:
 			m.FailingOver, m.ShellLost, m.Consistent = false, true, false
 			m.Registered = !m.settings.Arbiter
+		case e.Refused:
+			m.FailingOver = false
 		}
 		return nil
 	}
@@ -411,15 +422,16 @@ func IsCallResult(ev Event) bool {
 
 // call orders an arbiter call unless one is under way or a retry is due.
 func (m *Machine) call(a Action) []Action {
-	if !m.settings.Arbiter || m.ArbiterBusy || m.Obs.Now.Before(m.RetryAt) {
+	if a == nil || !m.settings.Arbiter || m.ArbiterBusy || m.Obs.Now.Before(m.RetryAt) {
 		return nil
 	}
 	m.ArbiterBusy = true
 	return []Action{a}
 }
 
+// adopt raises the fence; a fence never goes down.
 func (m *Machine) adopt(fence uint64) []Action {
-	if fence == m.Fence {
+	if fence <= m.Fence {
 		return nil
 	}
 	m.Fence = fence
@@ -440,7 +452,9 @@ func (m *Machine) primaryTick() []Action {
 		m.PausedAtStart = false
 	}
 	acking := m.acking()
-	if m.Obs.Engine == checkpoint.StateProtected && acking {
+	// A standby taking a (re)sync makes progress: it is not lost.
+	alive := acking || m.Obs.Engine == checkpoint.StateSyncing
+	if alive {
 		m.DownSince = time.Time{}
 	} else if m.DownSince.IsZero() {
 		m.DownSince = now
@@ -457,17 +471,20 @@ func (m *Machine) primaryTick() []Action {
 		if !m.Lease.ValidAt(now) && !m.SelfFenced && now.Sub(m.Obs.LastAck) >= m.timeout()/2 {
 			acts = append(acts, DoPause{Why: "lease expired and the standby is silent"})
 		}
-		if !now.Before(m.NextRenew) {
-			if a := m.call(DoRenew{}); a != nil {
+		var call Action
+		switch {
+		case !now.Before(m.NextRenew):
+			call = DoRenew{}
+		case m.Obs.Engine == checkpoint.StateProtected && acking && !m.OutputFree && !m.InSync:
+			call = DoReportSynced{}
+		case m.InSync && !alive && now.Sub(m.DownSince) > m.timeout():
+			call = DoReportStandbyLost{}
+		}
+		if c := m.call(call); c != nil {
+			if _, renew := call.(DoRenew); renew {
 				m.NextRenew = now.Add(max(m.LeaseDur/3, 50*time.Millisecond))
-				return append(acts, a...)
 			}
-		}
-		if m.Obs.Engine == checkpoint.StateProtected && acking && !m.OutputFree && !m.InSync {
-			return append(acts, m.call(DoReportSynced{})...)
-		}
-		if m.InSync && !acking && now.Sub(m.DownSince) > m.timeout() {
-			return append(acts, m.call(DoReportStandbyLost{})...)
+			acts = append(acts, c...)
 		}
 	}
 	// A standby that cannot be promoted (none in sync at the arbiter, or
@@ -478,7 +495,7 @@ func (m *Machine) primaryTick() []Action {
 		last = m.Obs.ConnectedSince
 	}
 	stalled := now.Sub(last) > m.timeout()
-	if !m.OutputFree && stalled && (!m.settings.Arbiter || !m.InSync) && m.Obs.LastCut > 0 {
+	if !m.OutputFree && stalled && (!m.settings.Arbiter || !m.InSync) {
 		why := "the standby is not in sync at the arbiter and stopped acknowledging"
 		if !m.settings.Arbiter {
 			why = "the standby stopped acknowledging and no arbiter is configured"
@@ -503,7 +520,8 @@ func (m *Machine) registered(e Registered) []Action {
 		m.InSync = r.InSync
 	case r.Lease != nil:
 		m.InSync = r.InSync
-		m.renewed(e.Now, *r.Lease)
+		acts = append(acts, m.renewed(e.Now, *r.Lease)...)
+		m.NextRenew = e.Now.Add(max(m.LeaseDur/3, 50*time.Millisecond))
 	}
 	return acts
 }
@@ -558,8 +576,7 @@ func (m *Machine) fenceMoved(f uint64) []Action {
 func (m *Machine) standbyLost(e StandbyLostGranted) []Action {
 	m.InSync = false
 	m.Note = ""
-	acts := m.adopt(e.Lease.Epoch)
-	m.renewed(e.Now, e.Lease)
+	acts := append(m.adopt(e.Lease.Epoch), m.renewed(e.Now, e.Lease)...)
 	return append(acts, m.releaseAll("the arbiter agreed the primary continues without its standby")...)
 }
 
