@@ -17,7 +17,7 @@ help:
 	@echo "bench      Go benchmarks and the checkpoint table on a lab guest (root)"
 	@echo "demo       protect a guest, crash its host, fail over (root)"
 	@echo "fuzz       run each fuzz target for FUZZTIME (default 30s)"
-	@echo "lint       gofmt and go vet"
+	@echo "lint       gofmt, go vet, staticcheck, and the build without cgo"
 
 build:
 	$(GO) build -o $(BIN)/remora ./cmd/remora
@@ -53,9 +53,15 @@ bench: lab build
 demo: lab build
 	test/demo.sh
 
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
+
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
+	$(GO) run $(STATICCHECK) $(PKGS)
+	@# The arbiter's machine has no libvirt: everything but the agent builds without cgo.
+	CGO_ENABLED=0 $(GO) build -o /dev/null ./cmd/remora
+	CGO_ENABLED=0 $(GO) vet ./checkpoint/... ./arbiter/... ./txlog/... ./migrate/qemu/... ./internal/agent/api/ ./cmd/remora/
 
 clean:
 	rm -rf $(BIN)

@@ -336,30 +336,6 @@ func TestDecodeBatchLZ4WithoutDataPages(t *testing.T) {
 	}
 }
 
-// lz4WithoutDataPages reports whether b parses as a batch table with no data
-// pages followed by the lz4 codec byte (the shape of the known bug above).
-func lz4WithoutDataPages(b []byte) bool {
-	if len(b) < 4 {
-		return false
-	}
-	count := int(binary.BigEndian.Uint32(b))
-	if count > MaxBatchPages {
-		return false
-	}
-	b = b[4:]
-	for range count {
-		_, n := binary.Uvarint(b)
-		if n <= 0 || len(b) < n+1 {
-			return false
-		}
-		if b[n] != pageZero {
-			return false
-		}
-		b = b[n+1:]
-	}
-	return len(b) > 0 && b[0] == batchLZ4
-}
-
 func TestDecodeBatchCallbackError(t *testing.T) {
 	var enc BatchEncoder
 	pages := []Page{{Index: 1}, {Index: 2}, {Index: 3}}

@@ -168,7 +168,7 @@ func (s *Standby) ServeConn(ctx context.Context, conn net.Conn) {
 	s.log().Info("replication session accepted", "guest", h.Guest, "primary", h.Agent, "committed", w.Committed)
 	err = receive(conn, br, g, h)
 	g.Ended(err)
-	if err != nil && ctx.Err() == nil {
+	if ctx.Err() == nil {
 		s.log().Warn("replication session ended", "guest", h.Guest, "primary", h.Agent, "err", err)
 	}
 }
@@ -178,7 +178,8 @@ func sendError(conn net.Conn, fence uint64, err error, fatal bool) {
 	_ = WriteJSON(conn, FrameError, fence, 0, ErrorMsg{Error: err.Error(), Fatal: fatal})
 }
 
-// receive applies a session's frames until it ends.
+// receive applies a session's frames until it ends; it always returns
+// why.
 func receive(conn net.Conn, br *bufio.Reader, g SessionGuest, h Hello) error {
 	for {
 		f, err := ReadFrame(br)

@@ -3,7 +3,6 @@ package txlog
 import (
 	"bytes"
 	"context"
-	"io"
 	"os"
 	"path/filepath"
 	"testing"
@@ -55,32 +54,6 @@ func segFiles(t testing.TB, dir string) []string {
 		t.Fatal(err)
 	}
 	return m
-}
-
-// copyDir copies the regular files of src into a new temporary directory.
-func copyDir(t testing.TB, src string) string {
-	t.Helper()
-	dst := t.TempDir()
-	ents, err := os.ReadDir(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range ents {
-		in, err := os.Open(filepath.Join(src, e.Name()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		out, err := os.Create(filepath.Join(dst, e.Name()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.Copy(out, in); err != nil {
-			t.Fatal(err)
-		}
-		in.Close()
-		out.Close()
-	}
-	return dst
 }
 
 // dirSnapshot maps file names to contents, to prove read-only opens leave

@@ -467,15 +467,16 @@ func (c *nbdConn) transmit() (clean bool, err error) {
 				c.buf = make([]byte, n)
 			}
 			p := c.buf[:n]
+			var rerr error
 			if err := c.t.ReadAt(p, off); err != nil {
 				c.s.log().Warn("nbd read failed", "offset", off, "bytes", n, "err", err)
-				err = c.reply(req.handle, errIO, nil)
+				rerr = c.reply(req.handle, errIO, nil)
 			} else {
 				c.t.countRead(len(p))
-				err = c.reply(req.handle, 0, p)
+				rerr = c.reply(req.handle, 0, p)
 			}
-			if err != nil {
-				return false, err
+			if rerr != nil {
+				return false, rerr
 			}
 			continue
 		case cmdWrite:

@@ -105,11 +105,6 @@ func (a *attrs) add(typ uint16, data []byte) {
 }
 
 func (a *attrs) str(typ uint16, s string) { a.add(typ, append([]byte(s), 0)) }
-func (a *attrs) u32(typ uint16, v uint32) {
-	var b [4]byte
-	binary.NativeEndian.PutUint32(b[:], v)
-	a.add(typ, b[:])
-}
 func (a *attrs) nest(typ uint16, f func(*attrs)) {
 	var in attrs
 	f(&in)

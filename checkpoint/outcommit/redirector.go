@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/unixsock"
 	"github.com/remora-ha/remora/migrate/qemu"
 )
 
@@ -176,8 +177,8 @@ func newRedirector(ctx context.Context, mon qmp.Monitor, guest, dir string, opts
 	}
 	outPath := filepath.Join(dir, guest+".oc-out.sock")
 	inPath := filepath.Join(dir, guest+".oc-in.sock")
-	if len(outPath) > 107 {
-		return nil, fmt.Errorf("outcommit: guest %s: socket path %s is longer than a unix socket address allows (107 bytes): use a shorter directory", guest, outPath)
+	if len(outPath) > unixsock.MaxPath {
+		return nil, fmt.Errorf("outcommit: guest %s: socket path %s is longer than a unix socket address allows (%d bytes): use a shorter directory", guest, outPath, unixsock.MaxPath)
 	}
 
 	deadline := time.Now().Add(opts.Timeout)
@@ -224,15 +225,11 @@ func newRedirector(ctx context.Context, mon qmp.Monitor, guest, dir string, opts
 
 // connect listens on path, has QEMU connect a chardev to it and accepts.
 func (r *Redirector) connect(ctx context.Context, path, id string, deadline time.Time) (*net.UnixConn, error) {
-	_ = os.Remove(path)
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	ln, err := unixsock.Listen(path, 0o666) // QEMU may run as another user
 	if err != nil {
 		return nil, fmt.Errorf("outcommit: guest %s: %w", r.guest, err)
 	}
 	defer ln.Close() // also removes the socket file: QEMU does not reconnect
-	if err := os.Chmod(path, 0o666); err != nil {
-		return nil, fmt.Errorf("outcommit: guest %s: %w", r.guest, err)
-	}
 	if err := qemu.AddSocketChardev(ctx, r.mon, id, path); err != nil {
 		return nil, fmt.Errorf("outcommit: guest %s: QEMU chardev %s to %s: %w", r.guest, id, path, err)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/checkpoint/disk"
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/internal/unixsock"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
 )
@@ -92,21 +93,11 @@ func (a *Agent) newDiskSet(ctx context.Context, g *qemu.Guest, rec *Record, fenc
 			return nil, fmt.Errorf("disk %s: %w", dev, err)
 		}
 		pd := &primaryDisk{dev: dev, node: node, sock: filepath.Join(a.cfg.RuntimeDir, "disk", g.Name+"."+dev+".nbd.sock")}
-		if len(pd.sock) > 107 {
-			ds.close()
-			return nil, fmt.Errorf("disk %s: socket path %s too long for a unix socket: use a shorter runtime_dir", dev, pd.sock)
-		}
-		if err := os.MkdirAll(filepath.Dir(pd.sock), 0o755); err != nil {
-			ds.close()
-			return nil, err
-		}
-		_ = os.Remove(pd.sock)
-		ln, err := net.Listen("unix", pd.sock)
+		ln, err := unixsock.Listen(pd.sock, 0o666) // QEMU may run as another user
 		if err != nil {
 			ds.close()
 			return nil, fmt.Errorf("disk %s: %w", dev, err)
 		}
-		_ = os.Chmod(pd.sock, 0o666) // QEMU may run as another user
 		hello := checkpoint.DiskHello{Agent: a.cfg.AgentID, Guest: rec.Name, Dev: dev}
 		pd.relay = disk.NewRelay(func(ctx context.Context) (net.Conn, error) {
 			return a.dialPeer(ctx, rec.Peer, checkpoint.FrameDiskNBD, fence(), hello)
@@ -230,14 +221,6 @@ func (ds *diskSet) Cut(ctx context.Context, epoch uint64) error {
 		}
 	}
 	return nil
-}
-
-// breakLinks drops the NBD connections at once (the standby is lost), so
-// a silent standby cannot hold the guest's writes.
-func (ds *diskSet) breakLinks() {
-	for _, d := range ds.disks {
-		d.relay.Break()
-	}
 }
 
 func (ds *diskSet) stopMirrors() {

@@ -7,11 +7,11 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"time"
 
 	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/internal/pki"
+	"github.com/remora-ha/remora/internal/unixsock"
 )
 
 // Status lists every guest this agent knows.
@@ -138,17 +138,11 @@ func (s *standbyRun) status(hbTimeout time.Duration) api.VMStatus {
 }
 
 func listenAPI(path string) (net.Listener, error) {
-	if c, err := net.DialTimeout("unix", path, 200*time.Millisecond); err == nil {
-		c.Close()
+	ln, err := unixsock.Listen(path, 0o600) // root only: the API can fail guests over
+	if errors.Is(err, unixsock.ErrInUse) {
 		return nil, fmt.Errorf("another agent is serving %s: stop it first, or set api_socket", path)
 	}
-	_ = os.Remove(path)
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", path, err)
-	}
-	_ = os.Chmod(path, 0o600) // root only: the API can fail guests over
-	return ln, nil
+	return ln, err
 }
 
 func (a *Agent) serveAPI(ctx context.Context, ln net.Listener) error {

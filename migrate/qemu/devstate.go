@@ -8,6 +8,8 @@ import (
 	"net"
 	"os"
 	"time"
+
+	"github.com/remora-ha/remora/internal/unixsock"
 )
 
 // DeviceStateSink receives QEMU's migration stream on a unix socket. With
@@ -20,25 +22,13 @@ type DeviceStateSink struct {
 
 // ListenDeviceState listens at path; QEMU must be able to connect to it.
 func ListenDeviceState(path string) (*DeviceStateSink, error) {
-	if len(path) > maxUnixPath {
-		return nil, fmt.Errorf("listen for device state: socket path %s is %d bytes, longer than a unix socket address allows (%d): use a shorter runtime_dir or domain name", path, len(path), maxUnixPath)
-	}
-	_ = os.Remove(path)
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	// QEMU may run as another user than the agent.
+	ln, err := unixsock.Listen(path, 0o666)
 	if err != nil {
 		return nil, fmt.Errorf("listen for device state: %w", err)
 	}
-	// QEMU may run as another user than the agent.
-	if err := os.Chmod(path, 0o666); err != nil {
-		ln.Close()
-		return nil, err
-	}
 	return &DeviceStateSink{path: path, ln: ln}, nil
 }
-
-// maxUnixPath is the longest path a unix socket address holds (sun_path
-// is 108 bytes with its terminating NUL).
-const maxUnixPath = 107
 
 // Close stops listening and removes the socket.
 func (s *DeviceStateSink) Close() error {

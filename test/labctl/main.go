@@ -25,7 +25,7 @@ func main() {
 
 func run(args []string) error {
 	if len(args) < 2 {
-		return fmt.Errorf("usage: labctl boot NAME INDEX [RATE] | do ADDR CMD... | destroy NAME...")
+		return fmt.Errorf("usage: labctl boot NAME INDEX [RATE] | do ADDR CMD... | destroy NAME")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()

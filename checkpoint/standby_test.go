@@ -1,0 +1,215 @@
+package checkpoint
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// handlerRig is a Standby serving one replica, as an agent would plug it in.
+type handlerRig struct {
+	t       *testing.T
+	ram     []byte
+	r       *Replica
+	fence   uint64
+	refuse  error // Accept refuses with it when set
+	mu      sync.Mutex
+	locked  bool
+	ended   []error
+	begins  int
+	aborts  int
+	commits int
+	ln      net.Listener
+}
+
+func startHandlerRig(t *testing.T, pages int) *handlerRig {
+	h := &handlerRig{t: t, ram: make([]byte, pages*PageSize), fence: testFence}
+	store := newAgentStore(t)
+	var err error
+	if h.r, err = OpenReplica(filepath.Join(t.TempDir(), "replica"), h.ram, ReplicaState{}, store.persist); err != nil {
+		t.Fatal(err)
+	}
+	if h.ln, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	sb := &Standby{Handler: h, Log: testLogger(t), HandshakeTimeout: 5 * time.Second}
+	done := make(chan struct{})
+	go func() { defer close(done); _ = sb.Serve(ctx, h.ln) }()
+	t.Cleanup(func() { cancel(); h.ln.Close(); <-done })
+	return h
+}
+
+func (h *handlerRig) Accept(ctx context.Context, conn net.Conn, hello Hello, fence uint64) (SessionGuest, Welcome, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.refuse != nil {
+		return nil, Welcome{}, h.refuse
+	}
+	if fence < h.fence {
+		return nil, Welcome{}, errors.New("stale fence")
+	}
+	st := h.r.State()
+	return h, Welcome{Agent: "standby-1", Generation: st.Generation, Committed: st.Committed}, nil
+}
+
+func (h *handlerRig) Unenroll(ctx context.Context, conn net.Conn, hello Hello, fence uint64) (Welcome, error) {
+	return Welcome{}, errors.New("not here")
+}
+
+func (h *handlerRig) Disk(ctx context.Context, conn net.Conn, kind FrameType, fence uint64, dh DiskHello) error {
+	return errors.New("no disks")
+}
+
+func (h *handlerRig) Lock() (*Replica, uint64, error) {
+	h.mu.Lock()
+	if h.locked {
+		h.t.Error("Lock while locked")
+	}
+	h.locked = true
+	return h.r, h.fence, nil
+}
+
+func (h *handlerRig) Unlock(f Frame, committed bool) {
+	if committed {
+		h.commits++
+	}
+	h.locked = false
+	h.mu.Unlock()
+}
+
+func (h *handlerRig) EpochBegin(epoch uint64, gen string, full bool) error { h.begins++; return nil }
+func (h *handlerRig) EpochAbort(epoch uint64)                              { h.aborts++ }
+func (h *handlerRig) Ended(err error) {
+	h.mu.Lock()
+	h.ended = append(h.ended, err)
+	h.mu.Unlock()
+}
+
+func (h *handlerRig) state() (ReplicaState, int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.r.State(), h.commits
+}
+
+// A real Primary replicating to a real Standby converges: the replica's
+// RAM and device state are the guest's as of the last committed epoch.
+func TestStandbyServesPrimary(t *testing.T) {
+	const pages = 1024
+	h := startHandlerRig(t, pages)
+	mem := make([]byte, pages*PageSize)
+	vm := newFakeVM(t, mem)
+	addr := h.ln.Addr().String()
+	p := NewPrimary(PrimaryConfig{Agent: "primary-1", Guest: "vm1", Interval: 20 * time.Millisecond, Fence: testFence,
+		Dial: func(ctx context.Context) (net.Conn, error) { var d net.Dialer; return d.DialContext(ctx, "tcp", addr) },
+		Log:  testLogger(t), Hook: vm.hook}, vm, mem, NewScanTracker(len(mem)))
+	w := startGuestWriter(vm, 3)
+	ctx, cancel := context.WithCancel(context.Background())
+	runErr := make(chan error, 1)
+	go func() { runErr <- p.Run(ctx) }()
+	wait(t, 15*time.Second, "10 commits", func() bool { _, n := h.state(); return n >= 10 })
+	cancel()
+	if err := <-runErr; err != nil {
+		t.Fatal(err)
+	}
+	vm.settle(t)
+	w.halt()
+	wait(t, 5*time.Second, "the session to end", func() bool { h.mu.Lock(); defer h.mu.Unlock(); return len(h.ended) == 1 })
+	st, commits := h.state()
+	if st.Committed == 0 || st.Applied != st.Committed || !st.Synced || p.Progress().Acked > st.Committed {
+		t.Fatalf("replica %+v, primary acked %d", st, p.Progress().Acked)
+	}
+	snap, dev := vm.snapshot(st.Committed)
+	if !bytes.Equal(h.ram, snap) {
+		t.Fatalf("replica RAM differs from the guest at epoch %d in %d pages", st.Committed, diffPages(h.ram, snap))
+	}
+	if got, err := os.ReadFile(h.r.DevStatePath()); err != nil || !bytes.Equal(got, dev) {
+		t.Fatalf("device state differs (%v)", err)
+	}
+	if h.begins < commits {
+		t.Fatalf("%d epochs journaled for %d commits", h.begins, commits)
+	}
+}
+
+// dialHandshake opens a connection to the rig and sends one frame.
+func dialSend(t *testing.T, h *handlerRig, f Frame) (*bufio.Reader, net.Conn) {
+	t.Helper()
+	c, err := net.Dial("tcp", h.ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := WriteFrame(c, f); err != nil {
+		t.Fatal(err)
+	}
+	return bufio.NewReader(c), c
+}
+
+// Hostile or confused peers get a clear refusal and change nothing.
+func TestStandbyRefusesBadSessions(t *testing.T) {
+	h := startHandlerRig(t, 16)
+	hello := func(fence uint64, pageSize int) Frame {
+		var buf bytes.Buffer
+		_ = WriteJSON(&buf, FrameHello, fence, 0, Hello{Agent: "p", Guest: "g", PageSize: pageSize, RAMBytes: 16 * PageSize})
+		f, _, err := DecodeFrame(buf.Bytes())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	for _, c := range []struct {
+		name  string
+		frame Frame
+		want  string
+		fatal bool
+	}{
+		{"first frame not a hello", Frame{Type: FramePages, Fence: testFence, Epoch: 1, Payload: []byte{1, 2}}, "session opened with pages", true},
+		{"hello without a guest", Frame{Type: FrameHello, Fence: testFence, Payload: []byte(`{"agent":"p"}`)}, "bad hello frame", true},
+		{"other page size", hello(testFence, 8192), "8192-byte pages", true},
+		{"stale fence", hello(testFence-1, PageSize), "stale fence", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			br, _ := dialSend(t, h, c.frame)
+			var w Welcome
+			_, err := ReadJSON(br, FrameWelcome, &w)
+			var pe *PeerError
+			if !errors.As(err, &pe) || !strings.Contains(pe.Error(), c.want) || pe.Fatal != c.fatal {
+				t.Fatalf("got %v, want a refusal naming %q (fatal %v)", err, c.want, c.fatal)
+			}
+		})
+	}
+	// A frame of an older fence in an open session aborts the epoch and
+	// ends the session; the replica is untouched.
+	br, conn := dialSend(t, h, hello(testFence, PageSize))
+	var w Welcome
+	if _, err := ReadJSON(br, FrameWelcome, &w); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteJSON(conn, FrameEpochBegin, testFence, 1, EpochBegin{Full: true, Pages: 16}); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteFrame(conn, Frame{Type: FramePing, Fence: testFence - 1}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := ReadJSON(br, FrameAck, &w)
+	var pe *PeerError
+	if !errors.As(err, &pe) || !strings.Contains(pe.Error(), "stale fencing epoch") {
+		t.Fatalf("stale frame: %v", err)
+	}
+	wait(t, 5*time.Second, "the session to end", func() bool { h.mu.Lock(); defer h.mu.Unlock(); return len(h.ended) == 1 })
+	if st, _ := h.state(); st != (ReplicaState{}) {
+		t.Fatalf("replica changed: %+v", st)
+	}
+	if h.aborts == 0 {
+		t.Fatal("the staged epoch was not aborted in the journal")
+	}
+}
