@@ -153,7 +153,7 @@ func Open(cfg Config) (*Server, error) {
 		if r.Standby != "" {
 			s.hb.Watch(r.Standby)
 		}
-		s.log.Info("arbiter: loaded guest", "guest", r.Guest, "epoch", r.Epoch, "primary", r.Primary,
+		s.log.Info("arbiter: loaded guest", "guest", r.Guest, "fence", r.Epoch, "primary", r.Primary,
 			"standby", r.Standby, "in_sync", r.InSync, "lease_holder", r.LeaseHolder, "lease_until", r.leaseExpiry.Round(0))
 	}
 	s.reconcileProbesLocked()
@@ -374,7 +374,7 @@ func (s *Server) dispatch(req *request, resp *response) error {
 		err := s.m.release(s.clock.Now(), req.Guest, req.Agent, req.Epoch)
 		s.mu.Unlock()
 		if err == nil {
-			s.log.Info("arbiter: lease released", "guest", req.Guest, "agent", req.Agent, "epoch", req.Epoch)
+			s.log.Info("arbiter: lease released", "guest", req.Guest, "agent", req.Agent, "fence", req.Epoch)
 		}
 		return err
 	case opPromote:
@@ -397,7 +397,7 @@ func (s *Server) dispatch(req *request, resp *response) error {
 		}
 		s.mu.Unlock()
 		if err == nil {
-			s.log.Info("arbiter: guest unenrolled", "guest", req.Guest, "primary", req.Agent, "epoch", req.Epoch)
+			s.log.Info("arbiter: guest unenrolled", "guest", req.Guest, "primary", req.Agent, "fence", req.Epoch)
 		}
 		return err
 	case opSynced:
@@ -408,7 +408,7 @@ func (s *Server) dispatch(req *request, resp *response) error {
 		err := s.m.synced(s.clock.Now(), req.Guest, req.Agent, req.Epoch, req.Standby)
 		s.mu.Unlock()
 		if err == nil {
-			s.log.Info("arbiter: standby in sync", "guest", req.Guest, "primary", req.Agent, "standby", req.Standby, "epoch", req.Epoch)
+			s.log.Info("arbiter: standby in sync", "guest", req.Guest, "primary", req.Agent, "standby", req.Standby, "fence", req.Epoch)
 		}
 		return err
 	}
@@ -447,7 +447,7 @@ func (s *Server) register(req *request) (Registration, error) {
 	}
 	s.hb.Watch(spec.AgentID)
 	s.reconcileProbesLocked()
-	s.log.Info("arbiter: registered", "guest", spec.Guest, "agent", spec.AgentID, "role", reg.Role, "epoch", reg.Epoch)
+	s.log.Info("arbiter: registered", "guest", spec.Guest, "agent", spec.AgentID, "role", reg.Role, "fence", reg.Epoch)
 	return reg, nil
 }
 
@@ -459,7 +459,7 @@ func (s *Server) promote(req *request) (Grant, error) {
 	_, err := s.m.promote(s.clock.Now(), req.Guest, req.Agent, req.Epoch, s.observeLocked(req.Guest, nil), true)
 	s.mu.Unlock()
 	if err != nil {
-		s.log.Info("arbiter: promotion refused", "guest", req.Guest, "agent", req.Agent, "epoch", req.Epoch, "reason", err)
+		s.log.Info("arbiter: promotion refused", "guest", req.Guest, "agent", req.Agent, "fence", req.Epoch, "reason", err)
 		return Grant{}, err
 	}
 	freshRes := map[string]ProbeStatus{}
@@ -471,12 +471,12 @@ func (s *Server) promote(req *request) (Grant, error) {
 	defer s.mu.Unlock()
 	g, err := s.m.promote(s.clock.Now(), req.Guest, req.Agent, req.Epoch, s.observeLocked(req.Guest, freshRes), false)
 	if err != nil {
-		s.log.Info("arbiter: promotion refused", "guest", req.Guest, "agent", req.Agent, "epoch", req.Epoch, "reason", err)
+		s.log.Info("arbiter: promotion refused", "guest", req.Guest, "agent", req.Agent, "fence", req.Epoch, "reason", err)
 		return Grant{}, err
 	}
 	s.reconcileProbesLocked()
 	s.log.Info("arbiter: promotion granted", "guest", req.Guest, "new_primary", req.Agent,
-		"old_primary", g.PreviousPrimary, "epoch", g.Epoch, "previous_epoch", g.PreviousEpoch)
+		"old_primary", g.PreviousPrimary, "fence", g.Epoch, "previous_fence", g.PreviousEpoch)
 	return g, nil
 }
 
@@ -489,7 +489,7 @@ func (s *Server) standbyLost(req *request) (Lease, error) {
 	}
 	s.mu.Unlock()
 	if err != nil {
-		s.log.Info("arbiter: standby-lost refused", "guest", req.Guest, "agent", req.Agent, "epoch", req.Epoch, "reason", err)
+		s.log.Info("arbiter: standby-lost refused", "guest", req.Guest, "agent", req.Agent, "fence", req.Epoch, "reason", err)
 		return Lease{}, err
 	}
 	// Probe afresh: the grant records what the arbiter sees of the standby.
@@ -504,11 +504,11 @@ func (s *Server) standbyLost(req *request) (Lease, error) {
 	before := s.m.guests[req.Guest].Epoch
 	l, err := s.m.standbyLost(s.clock.Now(), req.Guest, req.Agent, req.Epoch, s.observeLocked(req.Guest, freshRes), false)
 	if err != nil {
-		s.log.Info("arbiter: standby-lost refused", "guest", req.Guest, "agent", req.Agent, "epoch", req.Epoch, "reason", err)
+		s.log.Info("arbiter: standby-lost refused", "guest", req.Guest, "agent", req.Agent, "fence", req.Epoch, "reason", err)
 		return Lease{}, err
 	}
 	if l.Epoch != before {
-		s.log.Info("arbiter: primary continues unprotected", "guest", req.Guest, "primary", req.Agent, "epoch", l.Epoch, "previous_epoch", before,
+		s.log.Info("arbiter: primary continues unprotected", "guest", req.Guest, "primary", req.Agent, "fence", l.Epoch, "previous_fence", before,
 			"detail", s.m.guests[req.Guest].Last.Detail)
 	}
 	return l, nil

@@ -189,7 +189,7 @@ type ProbeStatus struct {
 // GuestStatus is one guest in Status.
 type GuestStatus struct {
 	Guest            string        `json:"guest"`
-	Epoch            uint64        `json:"epoch"`
+	Epoch            uint64        `json:"fence"`
 	Primary          string        `json:"primary"`
 	Standby          string        `json:"standby,omitempty"`
 	InSync           bool          `json:"in_sync"`

@@ -45,7 +45,7 @@ func newVMCmd() *cobra.Command {
 	vm.PersistentFlags().String("agent", "", "a remote agent's admin API (host:port of its api_listen), over mutual TLS")
 
 	enroll := &cobra.Command{
-		Use:   "enroll DOMAIN --standby HOST:PORT",
+		Use:   "enroll GUEST --standby HOST:PORT",
 		Short: "Protect a running guest of this host on a standby host",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -103,7 +103,7 @@ func newVMCmd() *cobra.Command {
 	status.Flags().Bool("json", false, "print JSON")
 
 	failover := &cobra.Command{
-		Use:   "failover DOMAIN",
+		Use:   "failover GUEST",
 		Short: "On the standby host: resume the guest from its last acknowledged epoch",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -123,7 +123,7 @@ func newVMCmd() *cobra.Command {
 	failover.Flags().Bool("force", false, "fail over even though the primary still replicates (it must be dead or fenced)")
 
 	unenroll := &cobra.Command{
-		Use:   "unenroll DOMAIN",
+		Use:   "unenroll GUEST",
 		Short: "Stop protecting a guest (it keeps running); the standby drops its replica",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -223,7 +223,7 @@ func printStatus(st []api.VMStatus) {
 		return
 	}
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "DOMAIN\tROLE\tSTATE\tFENCE\tEPOCH\tACKED\tEPOCHS/S\tPAUSE P50/P99\tDIRTY\tBYTES\tLAG\tPEER")
+	fmt.Fprintln(w, "GUEST\tROLE\tSTATE\tFENCE\tEPOCH\tACKED\tEPOCHS/S\tPAUSE P50/P99\tDIRTY\tBYTES\tLAG\tPEER")
 	var notes []string
 	for _, s := range st {
 		pause := "-"

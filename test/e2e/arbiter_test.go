@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/pki"
 	"github.com/remora-ha/remora/test/labkit"
@@ -135,19 +136,13 @@ func (l *arbLab) arbiterEpoch(guest string) (uint64, error) {
 	return ep, err
 }
 
-// arbiterGuest reads a guest's epoch and sync state from `remora arbiter status`.
+// arbiterGuest reads a guest's fencing epoch and sync state from `remora arbiter status`.
 func (l *arbLab) arbiterGuest(guest string) (uint64, bool, error) {
 	out, err := exec.Command("ip", "netns", "exec", labkit.NetnsArbiter, remoraBin, "arbiter", "status", "--json", "--config", l.arbCfg, "--addr", l.arbAddr).Output()
 	if err != nil {
 		return 0, false, err
 	}
-	var st struct {
-		Guests []struct {
-			Guest  string `json:"guest"`
-			Epoch  uint64 `json:"epoch"`
-			InSync bool   `json:"in_sync"`
-		} `json:"guests"`
-	}
+	var st arbiter.Status
 	if err := json.Unmarshal(out, &st); err != nil {
 		return 0, false, err
 	}
