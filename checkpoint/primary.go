@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/remora-ha/remora/internal/stats"
 )
 
 // VM is what the capture loop needs from the hypervisor for one guest.
@@ -148,8 +150,8 @@ type Primary struct {
 
 	mu          sync.Mutex
 	st          PrimaryStatus
-	pauses      *Window
-	epochRate   rate
+	pauses      *stats.Window
+	epochRate   stats.Rate
 	retained    []*capturedEpoch // captured, not yet acked: their bitmaps allow resume
 	ackedEpoch  uint64
 	ackCh       chan struct{}
@@ -172,7 +174,7 @@ func NewPrimary(cfg PrimaryConfig, vm VM, mem []byte, tracker Tracker) *Primary 
 	p := &Primary{
 		cfg: cfg, vm: vm, mem: mem, pages: uint64(len(mem) / PageSize), tracker: tracker,
 		gen: hex.EncodeToString(g[:]), log: cfg.Log.With("guest", cfg.Guest),
-		pauses: NewWindow(1024), epochRate: rate{span: 10 * time.Second},
+		pauses: stats.NewWindow(1024), epochRate: stats.Rate{Span: 10 * time.Second},
 		ackCh: make(chan struct{}, 1), releaseCh: make(chan struct{}, 1),
 	}
 	p.dirtyWork = NewBitmap(p.pages)
@@ -234,9 +236,9 @@ func (p *Primary) Status() PrimaryStatus {
 	s := p.st
 	s.AckedEpoch = p.ackedEpoch
 	now := time.Now()
-	s.EpochsPerSec = p.epochRate.perSecond(now)
+	s.EpochsPerSec = p.epochRate.PerSecond(now)
 	ps := p.pauses.Samples()
-	s.PauseP50, s.PauseP99 = Percentile(ps, 50), Percentile(ps, 99)
+	s.PauseP50, s.PauseP99 = stats.Percentile(ps, 50), stats.Percentile(ps, 99)
 	if len(p.retained) > 0 {
 		s.Lag = now.Sub(p.retained[0].at)
 	}
@@ -541,7 +543,7 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 		p.st.DirtyTotal += n
 		p.st.Incremental++
 	}
-	p.epochRate.add(start)
+	p.epochRate.Add(start)
 	p.st.Epoch = ep.epoch
 	p.st.DirtyPages = n
 	p.st.LastPause = bd

@@ -19,7 +19,7 @@ import (
 
 	"github.com/zeebo/xxh3"
 
-	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/stats"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
 	"github.com/remora-ha/remora/test/labkit"
@@ -308,7 +308,7 @@ func labReplicaEqualsSourceAtEveryCut(t *testing.T, e *labEnv) {
 	const epochs = 80
 	ctx := context.Background()
 	atCut := map[uint64]xxh3.Uint128{}
-	checks, cuts, pauses := checkpoint.NewWindow(epochs), checkpoint.NewWindow(epochs), checkpoint.NewWindow(epochs)
+	checks, cuts, pauses := stats.NewWindow(epochs), stats.NewWindow(epochs), stats.NewWindow(epochs)
 	var pending []uint64 // cut, not applied yet
 	var writes, maxWrites int
 	before := e.figures()
@@ -376,9 +376,9 @@ func labReplicaEqualsSourceAtEveryCut(t *testing.T, e *labEnv) {
 	e.diskcheck()
 }
 
-func percentiles(w *checkpoint.Window) (p50, p99 time.Duration, n int) {
+func percentiles(w *stats.Window) (p50, p99 time.Duration, n int) {
 	s := w.Samples()
-	return checkpoint.Percentile(s, 50).Round(time.Microsecond), checkpoint.Percentile(s, 99).Round(time.Microsecond), len(s)
+	return stats.Percentile(s, 50).Round(time.Microsecond), stats.Percentile(s, 99).Round(time.Microsecond), len(s)
 }
 
 // The standby dies (its NBD server and connections close) while the

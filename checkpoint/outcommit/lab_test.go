@@ -20,7 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/stats"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/test/labkit"
 )
@@ -713,7 +713,7 @@ func labRoundTripLatency(t *testing.T, e *labEnv) {
 	// measure fails with what went wrong: a reply that never came is
 	// usually the epoch loop having stopped (its error is in epochErr).
 	measure := func(lc *lineConn, n int, epochErr func() error) (p50, p99 time.Duration) {
-		lat := checkpoint.NewWindow(n)
+		lat := stats.NewWindow(n)
 		for i := range n {
 			start := time.Now()
 			if err := lc.send("get"); err != nil {
@@ -746,7 +746,7 @@ func labRoundTripLatency(t *testing.T, e *labEnv) {
 		e.epoch(r, 0) // hold from here on
 		stop := make(chan struct{})
 		done := make(chan error, 1)
-		cuts, pauses := checkpoint.NewWindow(4096), checkpoint.NewWindow(4096)
+		cuts, pauses := stats.NewWindow(4096), stats.NewWindow(4096)
 		var epochs atomic.Int64
 		var slow slowest
 		loopStart := time.Now()
@@ -860,7 +860,7 @@ func (s *slowest) String() string {
 	return out
 }
 
-func percentiles(w *checkpoint.Window) (p50, p99 time.Duration, n int) {
+func percentiles(w *stats.Window) (p50, p99 time.Duration, n int) {
 	s := w.Samples()
-	return checkpoint.Percentile(s, 50), checkpoint.Percentile(s, 99), len(s)
+	return stats.Percentile(s, 50), stats.Percentile(s, 99), len(s)
 }

@@ -14,9 +14,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/remora-ha/remora/internal/stats"
 	"golang.org/x/sys/unix"
-
-	"github.com/remora-ha/remora/checkpoint"
 )
 
 // Plug is the kernel backend of Buffer, as in Xen's Remus: no QEMU
@@ -110,7 +109,7 @@ type Plug struct {
 	released, forwarded, discarded pos
 	dropsBase                      uint64 // drops of replaced plug qdiscs
 	lastStats                      qdiscStats
-	lat                            *checkpoint.Window
+	lat                            *stats.Window
 
 	closed   bool
 	closeErr error
@@ -213,7 +212,7 @@ func NewPlug(ctx context.Context, tapName string, opts PlugOptions) (_ *Plug, er
 		limit:  uint32(min(opts.MaxBytes, math.MaxUint32)),
 		log:    opts.Logger.With("tap", tapName, "component", "outcommit-plug"),
 		handle: 0x00010000,
-		lat:    checkpoint.NewWindow(8192),
+		lat:    stats.NewWindow(8192),
 	}
 	wrap := func(e error) error { return fmt.Errorf("outcommit: plug on %s: %w", tapName, e) }
 	if err := ctx.Err(); err != nil {
@@ -576,7 +575,7 @@ func (p *Plug) Stats() Stats {
 		}
 	}
 	lat := p.lat.Samples()
-	st.ReleaseP50, st.ReleaseP99, st.LatencySamples = checkpoint.Percentile(lat, 50), checkpoint.Percentile(lat, 99), len(lat)
+	st.ReleaseP50, st.ReleaseP99, st.LatencySamples = stats.Percentile(lat, 50), stats.Percentile(lat, 99), len(lat)
 	return st
 }
 

@@ -19,7 +19,7 @@ import (
 	"github.com/digitalocean/go-qemu/qmp"
 	"golang.org/x/sys/unix"
 
-	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/stats"
 	"github.com/remora-ha/remora/internal/unixsock"
 	"github.com/remora-ha/remora/migrate/qemu"
 )
@@ -86,7 +86,7 @@ type Redirector struct {
 	readErr  error // the reader stopped (EOF, error, corrupt stream)
 	written  uint64
 	writeErr error
-	lat      *checkpoint.Window
+	lat      *stats.Window
 	closing  bool // Close has begun
 	stopping bool // the writer may exit once out is empty
 	closed   bool
@@ -165,7 +165,7 @@ func newRedirector(ctx context.Context, mon qmp.Monitor, guest, dir string, opts
 		ids:   defaultIDs,
 		q:     newQueue(opts.MaxBytes, opts.HoldFromStart),
 		p:     parser{vnetHdr: true},
-		lat:   checkpoint.NewWindow(8192),
+		lat:   stats.NewWindow(8192),
 	}
 	r.cond = sync.NewCond(&r.mu)
 
@@ -523,7 +523,7 @@ func (r *Redirector) Stats() Stats {
 		MisalignedFrames: q.misalignedFrames,
 	}
 	lat := r.lat.Samples()
-	s.ReleaseP50, s.ReleaseP99, s.LatencySamples = checkpoint.Percentile(lat, 50), checkpoint.Percentile(lat, 99), len(lat)
+	s.ReleaseP50, s.ReleaseP99, s.LatencySamples = stats.Percentile(lat, 50), stats.Percentile(lat, 99), len(lat)
 	return s
 }
 

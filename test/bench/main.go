@@ -19,6 +19,7 @@ import (
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/internal/stats"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
 	"github.com/remora-ha/remora/test/labkit"
@@ -196,7 +197,7 @@ func roundTrips(ctx context.Context, wl *labkit.Client, d time.Duration) (latenc
 		}
 		rtts = append(rtts, time.Since(t))
 	}
-	return latency{checkpoint.Percentile(rtts, 50), checkpoint.Percentile(rtts, 99)}, nil
+	return latency{stats.Percentile(rtts, 50), stats.Percentile(rtts, 99)}, nil
 }
 
 func measureOne(ctx context.Context, bin, work string, wl *labkit.Client, iv time.Duration, rate int) (result, error) {
@@ -327,7 +328,7 @@ func baseline(ctx context.Context, wl *labkit.Client) (baseResult, error) {
 		}
 		pauses = append(pauses, time.Since(start))
 	}
-	return baseResult{p50: checkpoint.Percentile(pauses, 50), p99: checkpoint.Percentile(pauses, 99), bytes: n}, nil
+	return baseResult{p50: stats.Percentile(pauses, 50), p99: stats.Percentile(pauses, 99), bytes: n}, nil
 }
 
 type proc struct {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/internal/stats"
 	"github.com/remora-ha/remora/test/labkit"
 )
 
@@ -183,7 +184,7 @@ func run() error {
 		name string
 		d    []time.Duration
 	}{{"detection", detect}, {"decision", decide}, {"restore", restore}, {"total", total}} {
-		fmt.Printf("%-10s %10s %10s\n", r.name, checkpoint.Percentile(r.d, 50).Round(time.Millisecond), checkpoint.Percentile(r.d, 99).Round(time.Millisecond))
+		fmt.Printf("%-10s %10s %10s\n", r.name, stats.Percentile(r.d, 50).Round(time.Millisecond), stats.Percentile(r.d, 99).Round(time.Millisecond))
 	}
 	fmt.Println("\ndecision waits for the primary's lease to run out: the lease bounds failover time.")
 	return nil

@@ -1,4 +1,4 @@
-package checkpoint
+package stats
 
 import (
 	"testing"

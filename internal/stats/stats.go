@@ -1,4 +1,6 @@
-package checkpoint
+// Package stats keeps the figures remora reports: a window of recent
+// durations and its percentiles, and a rate over a sliding span.
+package stats
 
 import (
 	"slices"
@@ -45,29 +47,31 @@ func Percentile(ds []time.Duration, p float64) time.Duration {
 	return s[i]
 }
 
-// rate counts events over a sliding time span.
-type rate struct {
+// Rate counts events over a sliding time span.
+type Rate struct {
 	mu    sync.Mutex
 	times []time.Time
-	span  time.Duration
+	Span  time.Duration
 }
 
-func (r *rate) add(t time.Time) {
+// Add records an event at t.
+func (r *Rate) Add(t time.Time) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.times = append(r.times, t)
 	r.trim(t)
 }
 
-func (r *rate) trim(now time.Time) {
+func (r *Rate) trim(now time.Time) {
 	i := 0
-	for i < len(r.times) && now.Sub(r.times[i]) > r.span {
+	for i < len(r.times) && now.Sub(r.times[i]) > r.Span {
 		i++
 	}
 	r.times = r.times[i:]
 }
 
-func (r *rate) perSecond(now time.Time) float64 {
+// PerSecond is the rate over the span ending at now.
+func (r *Rate) PerSecond(now time.Time) float64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.trim(now)
