@@ -1,0 +1,135 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-qemu/qmp"
+
+	"github.com/remora-ha/remora/arbiter"
+	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/migrate/qemu"
+)
+
+// fakeArbiter answers every call with err (or success when nil).
+type fakeArbiter struct {
+	err   error
+	calls []string
+}
+
+func (f *fakeArbiter) Addr() string { return "arbiter:7410" }
+func (f *fakeArbiter) Register(_ context.Context, s arbiter.GuestSpec) (arbiter.Registration, error) {
+	f.calls = append(f.calls, "register")
+	return arbiter.Registration{Epoch: s.Epoch + 1, Role: s.Role}, f.err
+}
+func (f *fakeArbiter) Renew(_ context.Context, g, a string, e uint64) (arbiter.Lease, error) {
+	f.calls = append(f.calls, "renew")
+	return arbiter.Lease{Epoch: e}, f.err
+}
+func (f *fakeArbiter) RequestPromotion(_ context.Context, g, a string, e uint64) (arbiter.Grant, error) {
+	f.calls = append(f.calls, "promotion")
+	return arbiter.Grant{Epoch: e + 1}, f.err
+}
+func (f *fakeArbiter) ReportStandbyLost(_ context.Context, g, a string, e uint64) (arbiter.Lease, error) {
+	f.calls = append(f.calls, "standby lost")
+	return arbiter.Lease{Epoch: e + 1}, f.err
+}
+func (f *fakeArbiter) ReportSynced(_ context.Context, g, a string, e uint64, s string) error {
+	f.calls = append(f.calls, "synced")
+	return f.err
+}
+func (f *fakeArbiter) Retire(context.Context, string, string, uint64) error { return f.err }
+func (f *fakeArbiter) Heartbeat(context.Context, string, map[string]uint64) ([]arbiter.Assignment, error) {
+	return nil, f.err
+}
+func (f *fakeArbiter) Status(context.Context) (arbiter.Status, error) { return arbiter.Status{}, f.err }
+
+func testGuest(arb Coordinator, role Role) *guest {
+	a := &Agent{cfg: api.Defaults(), log: quietLog(), arb: arb}
+	a.cfg.AgentID = "host-a"
+	rec := &Record{Name: "g1", Role: api.RolePrimary}
+	m := NewPrimary(a.settings(), 3, false, false)
+	if role == Standby {
+		rec.Role = api.RoleStandby
+		m = NewStandby(a.settings(), 3, false, false)
+	}
+	return newGuest(a, rec, m)
+}
+
+// The driver turns the arbiter's answers into the machine's events: a
+// stale epoch with no role is a superseded copy, one with a role is a
+// fence to adopt, anything else a failure to retry.
+func TestDriverMapsArbiterAnswers(t *testing.T) {
+	stale := func(role arbiter.Role) error {
+		return &arbiter.Error{Code: arbiter.CodeStaleEpoch, CurrentEpoch: 7, Primary: "host-b", Role: role}
+	}
+	for _, c := range []struct {
+		name string
+		role Role
+		act  Action
+		err  error
+		want Event
+	}{
+		{"renewed", Primary, DoRenew{}, nil, Renewed{}},
+		{"replaced primary", Primary, DoRenew{}, stale(arbiter.RoleNone), Superseded{Fence: 7, Primary: "host-b"}},
+		{"fence moved", Primary, DoReportSynced{}, stale(arbiter.RolePrimary), FenceMoved{Fence: 7}},
+		{"standby at a stale fence", Standby, DoRequestPromotion{}, stale(arbiter.RoleNone), FenceMoved{Fence: 7}},
+		{"unreachable", Primary, DoRegister{}, errors.New("dial tcp: i/o timeout"), ArbiterFailed{}},
+		{"lease valid", Standby, DoRequestPromotion{}, &arbiter.Error{Code: arbiter.CodeLeaseValid}, ArbiterFailed{}},
+		{"granted", Standby, DoRequestPromotion{}, nil, PromotionGranted{}},
+		{"standby lost", Primary, DoReportStandbyLost{}, nil, StandbyLostGranted{}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			g := testGuest(&fakeArbiter{err: c.err}, c.role)
+			ev := g.call(context.Background(), c.act)
+			switch want := c.want.(type) {
+			case Superseded, FenceMoved:
+				if ev != want {
+					t.Fatalf("got %#v, want %#v", ev, want)
+				}
+			default:
+				if typeName(ev) != typeName(want) {
+					t.Fatalf("got %#v, want a %T", ev, want)
+				}
+			}
+		})
+	}
+}
+
+func typeName(v any) string { return fmt.Sprintf("%T", v) }
+
+// failingMonitor fails every QMP command.
+type failingMonitor struct{}
+
+func (failingMonitor) Connect() error    { return nil }
+func (failingMonitor) Disconnect() error { return nil }
+func (failingMonitor) Run([]byte) ([]byte, error) {
+	return nil, errors.New("monitor gone")
+}
+func (failingMonitor) Events(context.Context) (<-chan qmp.Event, error) {
+	return nil, errors.New("none")
+}
+
+// A pause the driver could not carry out is reported as failed, so the
+// machine orders it again rather than count the guest as fenced.
+func TestDriverReportsFailedPause(t *testing.T) {
+	g := testGuest(nil, Primary)
+	g.a.cfg.HeartbeatInterval = 10 * time.Millisecond
+	p := &primaryRun{vm: &qemu.CaptureVM{G: &qemu.Guest{Name: "g1", Mon: failingMonitor{}}}}
+	g.primary = p
+	p.do(context.Background(), g, DoPause{Why: "test"})
+	select {
+	case ev := <-g.events:
+		if pe, ok := ev.(Paused); !ok || pe.Err == nil {
+			t.Fatalf("got %#v, want a failed Paused", ev)
+		}
+	default:
+		t.Fatal("no event")
+	}
+	if p.vm.Fenced() {
+		t.Fatal("the guest counts as fenced though QEMU never stopped it")
+	}
+}
