@@ -27,7 +27,9 @@ const (
 	kindData       = 1
 	kindZero       = 2
 	kindEnd        = 0xff
-	maxRecordLen   = 1 << 30
+	// maxDataLen bounds a data record (it is read into memory); a zero
+	// record may cover any u32 length, as an NBD TRIM or WRITE_ZEROES can.
+	maxDataLen = 1 << 30
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -180,7 +182,7 @@ func parseRedo(b []byte, size int64) (ApplyInfo, []redoRecord, error) {
 		kind := p[0]
 		r := redoRecord{off: int64(binary.BigEndian.Uint64(p[1:])), n: int64(binary.BigEndian.Uint32(p[9:]))}
 		p = p[redoRecordLen:]
-		if r.off < 0 || r.n > maxRecordLen || r.off > size || r.n > size-r.off {
+		if r.off < 0 || (kind == kindData && r.n > maxDataLen) || r.off > size || r.n > size-r.off {
 			return bad("record %d: range [%d, +%d) outside the image", len(recs), r.off, r.n)
 		}
 		switch kind {
@@ -211,11 +213,7 @@ func applyRedo(img Image, size int64, path string) (ApplyInfo, error) {
 		if r.data != nil {
 			_, err = img.WriteAt(r.data, r.off)
 		} else {
-			for done := int64(0); done < r.n && err == nil; {
-				c := min(r.n-done, int64(len(zeroBlock)))
-				_, err = img.WriteAt(zeroBlock[:c], r.off+done)
-				done += c
-			}
+			err = zeroRange(img, r.off, r.n)
 		}
 		if err != nil {
 			return info, fmt.Errorf("apply %s: write the image: %w", path, err)

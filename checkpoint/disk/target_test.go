@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // memImage is an in-memory Image; failSync makes Sync fail.
@@ -366,5 +368,48 @@ func TestOpenTargetOnAFile(t *testing.T) {
 	b, _ := os.ReadFile(p)
 	if !bytes.Equal(b[512:1536], pattern(1024, 5)) {
 		t.Fatal("ApplyRedo did not write the file")
+	}
+}
+
+// A TRIM of gigabytes (NBD allows up to 4 GiB - 1 per request) is staged,
+// applied and reads as zeroes; the image stays sparse.
+func TestHugeTrimIsAppliable(t *testing.T) {
+	const size = 5 << 30
+	p := filepath.Join(t.TempDir(), "img")
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(pattern(8192, 3), 3<<30); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	tg, err := OpenTarget(p, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tg.Close()
+	tg.Cut(1)
+	const trim = 4<<30 - 4096
+	if err := tg.WriteZeroes(1<<20, trim); err != nil {
+		t.Fatal(err)
+	}
+	tg.Cut(2)
+	redo := p + ".redo"
+	if _, err := tg.Stage(2, redo); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tg.Apply(redo); err != nil {
+		t.Fatalf("a 4 GiB trim made the replica unappliable: %v", err)
+	}
+	if got := mustRead(t, tg, 3<<30, 8192); !bytes.Equal(got, make([]byte, 8192)) {
+		t.Fatal("trimmed range does not read as zeroes")
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(p, &st); err != nil || st.Blocks*512 > 64<<20 {
+		t.Fatalf("image uses %d bytes after the trim (%v): zeroes were written, not punched", st.Blocks*512, err)
 	}
 }

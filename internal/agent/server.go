@@ -80,8 +80,8 @@ func (g *guest) fill(v *api.VMStatus) {
 		if v.Epoch == 0 {
 			v.Epoch, v.AckedEpoch, v.Applied = g.rec.Replica.Committed, g.rec.Replica.Committed, g.rec.Replica.Applied
 		}
-		if st.Promoted {
-			v.Lag = 0
+		if st.Promoted { // the replication figures ended with the failover
+			v.Lag, v.Heartbeat, v.EpochsPerSec = 0, "", 0
 		}
 	}
 	if g.a.arb == nil {
