@@ -51,6 +51,12 @@ type PrimaryConfig struct {
 	Disks DiskCutter
 	// DiskSpecs tell the standby which disks to keep replica images of.
 	DiskSpecs []DiskSpec
+	// PeerTimeout bounds what waits on the standby while the guest is
+	// paused (the disk cut, and QMP stop, which drains the guest's writes
+	// to the standby's mirror), so a silent standby cannot hold the guest
+	// paused longer than the failure detector takes to suspect it.
+	// Default 30 s.
+	PeerTimeout time.Duration
 	// PrepareSession runs once a session's handshake is done, before
 	// anything is captured (to bring the disk mirrors up to date). resync
 	// says it reset the standby's replica: the session starts with a full
@@ -168,6 +174,9 @@ func NewPrimary(cfg PrimaryConfig, vm VM, mem []byte, tracker Tracker) *Primary 
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
+	}
+	if cfg.PeerTimeout <= 0 {
+		cfg.PeerTimeout = 30 * time.Second
 	}
 	var g [8]byte
 	_, _ = rand.Read(g[:])
@@ -454,7 +463,9 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 	p.st.Started = ep.epoch
 	p.mu.Unlock()
 	start := time.Now()
-	if err := p.vm.Stop(cctx); err != nil {
+	peerCtx, peerCancel := context.WithTimeout(cctx, p.cfg.PeerTimeout)
+	defer peerCancel()
+	if err := p.vm.Stop(peerCtx); err != nil {
 		return nil, fmt.Errorf("pause guest: %w", err)
 	}
 	resumed := false
@@ -474,7 +485,7 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 	if p.cfg.Disks != nil {
 		// stop drained the guest's I/O and every mirrored write was
 		// acknowledged before the guest saw it complete: the cut is exact.
-		if err := p.cfg.Disks.Cut(cctx, ep.epoch); err != nil {
+		if err := p.cfg.Disks.Cut(peerCtx, ep.epoch); err != nil {
 			return nil, fmt.Errorf("disk: cut epoch %d: %w", ep.epoch, err)
 		}
 	}

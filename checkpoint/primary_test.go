@@ -42,6 +42,8 @@ type fakeVM struct {
 	violations []string
 	lastSnap   []byte
 	lastDev    []byte
+	stoppedAt  time.Time
+	longest    time.Duration // the longest pause so far
 	snaps      map[uint64][]byte // epoch -> guest RAM at its cut
 	devs       map[uint64][]byte // epoch -> device state
 	// Failure injection: return an error for the n-th call (from 1).
@@ -77,6 +79,7 @@ func (v *fakeVM) Stop(ctx context.Context) error {
 
 	v.mu.Lock()
 	v.running = false
+	v.stoppedAt = time.Now()
 	v.stops++
 	v.lastSnap = bytes.Clone(v.mem)
 	v.lastDev = devstateFor(uint64(v.stops), testDevLen)
@@ -102,8 +105,15 @@ func (v *fakeVM) Cont(ctx context.Context) error {
 		return nil
 	}
 	v.running = true
+	v.longest = max(v.longest, time.Since(v.stoppedAt))
 	v.gate.Unlock()
 	return nil
+}
+
+func (v *fakeVM) longestPause() time.Duration {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.longest
 }
 
 func (v *fakeVM) SaveDeviceState(ctx context.Context, w io.Writer) (int64, error) {
@@ -1245,4 +1255,34 @@ func TestPrimaryAcked(t *testing.T) {
 	if s := p.Status(); s.AckedEpoch != 5 || p.inFlight() != 0 || s.Lag != 0 {
 		t.Fatalf("after ack 5: acked %d in flight %d lag %v", s.AckedEpoch, p.inFlight(), s.Lag)
 	}
+}
+
+// silentCutter is a standby that stops answering disk cuts.
+type silentCutter struct{ silent atomic.Bool }
+
+func (c *silentCutter) Cut(ctx context.Context, epoch uint64) error {
+	if !c.silent.Load() {
+		return nil
+	}
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// A standby that stops answering the disk cut holds the guest paused for
+// PeerTimeout at most, then the guest runs again.
+func TestSilentStandbyBoundsThePause(t *testing.T) {
+	cut := &silentCutter{}
+	rg := startRig(t, rigOpts{pages: 1024, interval: 20 * time.Millisecond})
+	rg.p.cfg.Disks = cut
+	rg.p.cfg.PeerTimeout = 100 * time.Millisecond
+	wait(t, 15*time.Second, "protection", func() bool { return rg.sb.lastCommitted() >= 2 })
+	cut.silent.Store(true)
+	start := time.Now()
+	wait(t, 10*time.Second, "a capture to fail", func() bool { return strings.Contains(rg.p.Status().LastError, "disk: cut") })
+	if longest := rg.vm.longestPause(); longest > 2*time.Second {
+		t.Fatalf("the guest stayed paused %v behind a silent standby (bound %v)", longest, rg.p.cfg.PeerTimeout)
+	}
+	t.Logf("capture failed %v after the standby fell silent; longest pause %v", time.Since(start).Round(time.Millisecond), rg.vm.longestPause())
+	cut.silent.Store(false)
+	rg.checkConverged()
 }

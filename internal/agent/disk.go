@@ -101,7 +101,7 @@ func (a *Agent) newDiskSet(ctx context.Context, g *qemu.Guest, rec *Record, fenc
 		hello := checkpoint.DiskHello{Agent: a.cfg.AgentID, Guest: rec.Name, Dev: dev}
 		pd.relay = disk.NewRelay(func(ctx context.Context) (net.Conn, error) {
 			return a.dialPeer(ctx, rec.Peer, checkpoint.FrameDiskNBD, fence(), hello)
-		}, 0)
+		}, a.cfg.HeartbeatTimeout()) // a silent standby must not hold the guest's writes (and a pause) longer
 		pd.relay.Log = a.log.With("guest", rec.Name, "dev", dev)
 		go func() { _ = pd.relay.Serve(ln) }()
 		ds.disks = append(ds.disks, pd)
