@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
@@ -24,6 +25,7 @@ import (
 type journal struct {
 	log *txlog.Log
 	lg  *slog.Logger
+	dir string
 
 	// mu orders appends: a record's LSN order is the order its event is
 	// applied to guests, so a checkpoint of guests covers exactly the
@@ -80,20 +82,33 @@ func (t failTxn) progress() migrate.Progress {
 
 const checkpointEvery = 256 // committed epochs between journal checkpoints
 
+// journalSegmentSize is the size of a journal segment file (tests shrink it).
+var journalSegmentSize int64 = 8 << 20
+
 func openJournal(dir string, lg *slog.Logger) (*journal, journalState, error) {
-	l, rec, err := txlog.Open(filepath.Join(dir, "journal"), txlog.Options{SegmentSize: 8 << 20})
+	j := &journal{lg: lg, dir: filepath.Join(dir, "journal")}
+	st, err := j.open()
 	if err != nil {
-		return nil, journalState{}, fmt.Errorf("open the agent journal: %w (inspect it with `remora txlog verify %s`)", err, filepath.Join(dir, "journal"))
+		return nil, st, err
+	}
+	return j, st, nil
+}
+
+// open opens the log and rebuilds the guests' states from it (j.mu held,
+// or before anyone else has j).
+func (j *journal) open() (journalState, error) {
+	st := journalState{guests: map[string]journalGuest{}, epochTx: map[string]uint64{}, failovers: map[string]failTxn{}}
+	l, rec, err := txlog.Open(j.dir, txlog.Options{SegmentSize: journalSegmentSize})
+	if err != nil {
+		return st, fmt.Errorf("open the agent journal: %w (inspect it with `remora txlog verify %s`)", err, j.dir)
 	}
 	if rec.Torn != nil {
-		lg.Warn("journal had a torn tail (a write cut by a crash); cut and kept aside", "file", rec.Torn.SavedAs, "bytes", rec.Torn.Bytes)
+		j.lg.Warn("journal had a torn tail (a write cut by a crash); cut and kept aside", "file", rec.Torn.SavedAs, "bytes", rec.Torn.Bytes)
 	}
-	j := &journal{log: l, lg: lg, epochTx: map[string]uint64{}, fence: rec.MaxEpoch}
-	st := journalState{guests: map[string]journalGuest{}, epochTx: map[string]uint64{}, failovers: map[string]failTxn{}}
 	if rec.Checkpoint != nil && len(rec.Checkpoint.Data) > 0 {
 		if err := json.Unmarshal(rec.Checkpoint.Data, &st.guests); err != nil {
 			l.Close()
-			return nil, st, fmt.Errorf("journal checkpoint at LSN %d is unreadable: %w", rec.Checkpoint.LSN, err)
+			return st, fmt.Errorf("journal checkpoint at LSN %d is unreadable: %w", rec.Checkpoint.LSN, err)
 		}
 	}
 	var maxTx uint64
@@ -136,15 +151,35 @@ func openJournal(dir string, lg *slog.Logger) (*journal, journalState, error) {
 			st.failovers[ev.Guest] = failTxn{id: id, committed: t.State == txlog.TxnCommitted, steps: steps, fence: ev.Fence, epoch: ev.Epoch}
 		}
 	}
-	j.nextTx = max(maxTx+1, uint64(time.Now().UnixNano()))
-	j.guests = map[string]journalGuest{}
+	j.log, j.fence = l, max(j.fence, rec.MaxEpoch)
+	j.nextTx = max(j.nextTx, maxTx+1, uint64(time.Now().UnixNano()))
+	j.guests, j.epochTx = map[string]journalGuest{}, map[string]uint64{}
 	for g, v := range st.guests {
 		j.guests[g] = v
 	}
 	for g, tx := range st.epochTx {
 		j.epochTx[g] = tx
 	}
-	return j, st, nil
+	return st, nil
+}
+
+// reopen replaces a log that refuses writes (a failed write or fsync: a
+// full or failing disk) with a fresh open of what is durable, so the agent
+// recovers by itself once the disk does (j.mu held).
+func (j *journal) reopen() error {
+	_ = j.log.Close()
+	if _, err := j.open(); err != nil {
+		return err
+	}
+	j.lg.Warn("journal reopened after a write failure; records that were not durable are gone")
+	return nil
+}
+
+// retryable reports whether err is the log's own failure (worth a reopen),
+// not a refusal of the record.
+func retryable(err error) bool {
+	return err != nil && !errors.Is(err, txlog.ErrTxnState) && !errors.Is(err, txlog.ErrStaleEpoch) &&
+		!errors.Is(err, txlog.ErrInvalidRecord) && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded)
 }
 
 // applyEvent folds one journal record into the guests' states.
@@ -181,6 +216,26 @@ func (j *journal) newTx() uint64 {
 }
 
 func (j *journal) append(ctx context.Context, durable bool, typ txlog.RecordType, tx uint64, ev journalEvent) error {
+	err := j.appendOnce(ctx, durable, typ, tx, ev)
+	if retryable(err) {
+		j.mu.Lock()
+		rerr := j.reopen()
+		j.mu.Unlock()
+		if rerr == nil {
+			if err2 := j.appendOnce(ctx, durable, typ, tx, ev); err2 == nil {
+				err = nil
+			} else {
+				err = fmt.Errorf("%w (after reopening the journal: %v)", err, err2)
+			}
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("journal %s %s of %s: %w", typ, ev.Kind, ev.Guest, err)
+	}
+	return nil
+}
+
+func (j *journal) appendOnce(ctx context.Context, durable bool, typ txlog.RecordType, tx uint64, ev journalEvent) error {
 	b, _ := json.Marshal(ev)
 	j.mu.Lock()
 	j.fence = max(j.fence, ev.Fence)
@@ -188,14 +243,12 @@ func (j *journal) append(ctx context.Context, durable bool, typ txlog.RecordType
 	if err == nil {
 		applyEvent(j.guests, typ, ev)
 	}
+	l := j.log
 	j.mu.Unlock()
 	if err == nil && durable {
-		err = j.log.Sync(ctx) // shared fdatasync with concurrent appenders
+		err = l.Sync(ctx) // shared fdatasync with concurrent appenders
 	}
-	if err != nil {
-		return fmt.Errorf("journal %s %s of %s: %w", typ, ev.Kind, ev.Guest, err)
-	}
-	return nil
+	return err
 }
 
 // epochBegin records that an epoch started to arrive.

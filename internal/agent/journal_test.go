@@ -4,6 +4,9 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"testing"
 
 	"github.com/remora-ha/remora/checkpoint"
@@ -126,5 +129,66 @@ func TestJournalFailoverInDoubt(t *testing.T) {
 	// A record with an older fencing epoch than the log has seen is refused.
 	if _, err := j2.log.Append(ctx, txlog.Record{Type: txlog.TypePlain, Epoch: 1}); err == nil {
 		t.Fatal("stale fencing epoch accepted by the journal")
+	}
+}
+
+// A full disk under state_dir makes journal writes fail, and the journal
+// recovers by itself once space is back: no agent restart needed.
+func TestJournalRecoversFromAFullDisk(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount a small tmpfs")
+	}
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("mount tmpfs: %v %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", "-l", dir).Run() })
+	journalSegmentSize = 64 << 10 // full segments come quickly
+	t.Cleanup(func() { journalSegmentSize = 8 << 20 })
+	j, _, err := openJournal(dir, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.close()
+	persist := j.replicaPersist("g1")
+	commit := func(epoch uint64) error {
+		if err := j.epochBegin("g1", epoch, "gen1", epoch == 1); err != nil {
+			return err
+		}
+		return persist(checkpoint.ReplicaState{Generation: "gen1", Committed: epoch, Synced: true})
+	}
+	if err := commit(1); err != nil {
+		t.Fatal(err)
+	}
+	filler := filepath.Join(dir, "filler")
+	fill := exec.Command("dd", "if=/dev/zero", "of="+filler, "bs=1M", "count=64")
+	_ = fill.Run() // fails with ENOSPC once the tmpfs is full: that is the point
+	var failed error
+	for e := uint64(2); e < 2000 && failed == nil; e++ {
+		failed = commit(e)
+	}
+	if failed == nil {
+		t.Fatal("no journal write failed on a full disk")
+	}
+	t.Logf("on a full disk: %v", failed)
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	if err := commit(5000); err != nil {
+		t.Fatalf("journal still refuses after space came back: %v", err)
+	}
+	st, _ := j.state("g1")
+	if st.Replica.Committed != 5000 {
+		t.Fatalf("state %+v after recovery", st.Replica)
+	}
+	// What is on disk agrees with what the journal says.
+	j.close()
+	j2, jst, err := openJournal(dir, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j2.close()
+	if jst.guests["g1"].Replica.Committed != 5000 {
+		t.Fatalf("reopened: %+v", jst.guests["g1"])
 	}
 }
