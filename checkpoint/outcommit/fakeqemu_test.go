@@ -28,9 +28,10 @@ type fakeQEMU struct {
 	mu       sync.Mutex
 	chardevs map[string]net.Conn
 	filters  map[string]map[string]any
-	tap      []int // frame ids that reached the tap, in order
-	nextID   int   // next frame of a numbered sequence
-	gone     bool  // QEMU exited: every command fails
+	order    []string // filter ids from the head (nearest the tap) to the tail
+	tap      []int    // frame ids that reached the tap, in order
+	nextID   int      // next frame of a numbered sequence
+	gone     bool     // QEMU exited: every command fails
 	log      []string
 	tapCond  *sync.Cond
 }
@@ -108,9 +109,10 @@ func (f *fakeQEMU) Run(cmd []byte) ([]byte, error) {
 			if !found {
 				return qmpErr("DeviceNotFound", "IN Device '"+in+"' not found")
 			}
-			go f.releaseReader(conn)
+			go f.releaseReader(conn, id)
 		}
 		f.filters[id] = a
+		f.insert(id, a)
 		return ok, nil
 	case "object-del":
 		id := a["id"].(string)
@@ -118,8 +120,24 @@ func (f *fakeQEMU) Run(cmd []byte) ([]byte, error) {
 			return qmpErr("GenericError", "object '"+id+"' not found")
 		}
 		delete(f.filters, id)
+		f.order = slices.DeleteFunc(f.order, func(x string) bool { return x == id })
 		return ok, nil
+	case "query-chardev":
+		var out []map[string]string
+		for id := range f.chardevs {
+			out = append(out, map[string]string{"label": id, "filename": "unix:"})
+		}
+		b, _ := json.Marshal(map[string]any{"return": out})
+		return b, nil
 	case "qom-list":
+		if a["path"] == "/objects" {
+			var out []map[string]string
+			for _, id := range f.order {
+				out = append(out, map[string]string{"name": id, "type": "child<filter-redirector>"})
+			}
+			b, _ := json.Marshal(map[string]any{"return": out})
+			return b, nil
+		}
 		if a["path"] == "/machine/peripheral" {
 			return []byte(`{"return":[{"name":"type","type":"string"},{"name":"net0","type":"child<virtio-net-pci>"}]}`), nil
 		}
@@ -133,15 +151,49 @@ func (f *fakeQEMU) Run(cmd []byte) ([]byte, error) {
 	return qmpErr("CommandNotFound", "The command "+c.Execute+" has not been found")
 }
 
-// releaseReader parses what the agent writes to the release chardev.
-func (f *fakeQEMU) releaseReader(c net.Conn) {
+// insert places filter id in the chain as QEMU does for its position
+// ("head", "tail" or "id=X") and insert ("before" or "behind" X).
+func (f *fakeQEMU) insert(id string, a map[string]any) {
+	pos, _ := a["position"].(string)
+	switch {
+	case pos == "head":
+		f.order = append([]string{id}, f.order...)
+	case strings.HasPrefix(pos, "id="):
+		at := slices.Index(f.order, strings.TrimPrefix(pos, "id="))
+		if ins, _ := a["insert"].(string); ins != "before" {
+			at++
+		}
+		f.order = slices.Insert(f.order, at, id)
+	default:
+		f.order = append(f.order, id)
+	}
+}
+
+// passFrom sends a frame on from chain index i towards the head: the first
+// capture filter takes it, else it reaches the tap.
+func (f *fakeQEMU) passFrom(i, id int) {
+	for ; i >= 0; i-- {
+		if out, _ := f.filters[f.order[i]]["outdev"].(string); out != "" {
+			rec := appendRecord(nil, testFrame(id, 60+id%200), true, 12)
+			if c := f.chardevs[out]; c != nil {
+				c.Write(rec) // a failed write drops the frame, as QEMU does
+			}
+			return
+		}
+	}
+	f.tap = append(f.tap, id)
+	f.tapCond.Broadcast()
+}
+
+// releaseReader parses what the agent writes to filter's release chardev.
+func (f *fakeQEMU) releaseReader(c net.Conn, filter string) {
 	p := parser{vnetHdr: true}
 	buf := make([]byte, 64<<10)
 	for {
 		n, err := c.Read(buf)
 		if n > 0 {
 			f.mu.Lock()
-			perr := p.feed(buf[:n], func(r record) { f.tap = append(f.tap, frameID(r)) })
+			perr := p.feed(buf[:n], func(r record) { f.passFrom(slices.Index(f.order, filter)-1, frameID(r)) })
 			f.tapCond.Broadcast()
 			f.mu.Unlock()
 			if perr != nil {
@@ -163,20 +215,7 @@ func (f *fakeQEMU) send(id int) {
 	f.sendLocked(id)
 }
 
-func (f *fakeQEMU) sendLocked(id int) {
-	for _, fl := range f.filters {
-		if out, _ := fl["outdev"].(string); out != "" {
-			frame := testFrame(id, 60+id%200)
-			rec := appendRecord(nil, frame, true, 12)
-			if c := f.chardevs[out]; c != nil {
-				c.Write(rec) // a failed write drops the frame, as QEMU does
-			}
-			return
-		}
-	}
-	f.tap = append(f.tap, id)
-	f.tapCond.Broadcast()
-}
+func (f *fakeQEMU) sendLocked(id int) { f.passFrom(len(f.order)-1, id) }
 
 func (f *fakeQEMU) tapFrames() []int {
 	f.mu.Lock()
@@ -455,22 +494,66 @@ func TestFakeNetdevNotFound(t *testing.T) {
 	}
 }
 
-func TestFakeStaleObjectsRemoved(t *testing.T) {
+// A restarted agent takes over the filters a stopped (Detach) or dead one
+// left: while the guest sends through the takeover, nothing reaches the
+// tap unheld, and afterwards only the old objects are gone.
+func TestFakeTakeoverLeaksNothing(t *testing.T) {
 	f := newFakeQEMU(t)
-	r1, err := newRedirector(context.Background(), f, "fake", t.TempDir(), Options{})
+	r1, err := newRedirector(context.Background(), f, "fake", t.TempDir(), Options{HoldFromStart: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The agent dies without Close: its sockets close, objects stay.
-	r1.out.Close()
-	r1.in.Close()
-	r2 := newFakeRedirector(t, f, Options{HoldFromStart: true})
 	f.send(1)
-	r2.Cut(1)
+	r1.Detach() // a graceful stop: the filters stay
+	r0 := r1
+	stop := make(chan struct{})
+	sent := make(chan int)
+	go func() {
+		i := 100
+		for {
+			select {
+			case <-stop:
+				sent <- i
+				return
+			default:
+			}
+			f.send(i)
+			i++
+			time.Sleep(20 * time.Microsecond)
+		}
+	}()
+	r2 := newFakeRedirector(t, f, Options{HoldFromStart: true})
+	close(stop)
+	<-sent
+	if got := f.tapFrames(); len(got) != 0 {
+		t.Fatalf("frames %v reached the tap unheld during the takeover", got)
+	}
+	f.mu.Lock()
+	for id := range f.filters {
+		if id == r0.ids.capture || id == r0.ids.release {
+			t.Errorf("old filter %s left in QEMU", id)
+		}
+	}
+	for id := range f.chardevs {
+		if id == r0.ids.chrOut || id == r0.ids.chrIn {
+			t.Errorf("old chardev %s left in QEMU", id)
+		}
+	}
+	f.mu.Unlock()
+	f.send(5000)
+	if err := r2.Cut(1); err != nil {
+		t.Fatal(err)
+	}
 	if err := r2.Release(1); err != nil {
 		t.Fatal(err)
 	}
-	f.waitTap(t, 1)
+	got := f.waitTap(t, 1)
+	if slices.Contains(got, 1) {
+		t.Fatalf("a frame held by the stopped agent was sent: %v", got)
+	}
+	if !slices.Contains(got, 5000) {
+		t.Fatalf("the frame sent after the takeover was not released: %v", got)
+	}
 }
 
 func TestFakeCloseWhenQEMUGone(t *testing.T) {
@@ -499,7 +582,7 @@ func TestFakeQEMUExitBreaksCut(t *testing.T) {
 	f := newFakeQEMU(t)
 	r := newFakeRedirector(t, f, Options{HoldFromStart: true})
 	f.mu.Lock()
-	f.chardevs["remora-oc-out"].Close()
+	f.chardevs[r.ids.chrOut].Close()
 	f.mu.Unlock()
 	deadline := time.Now().Add(2 * time.Second)
 	var err error
@@ -535,7 +618,7 @@ func BenchmarkFakeEpoch(b *testing.B) {
 		for j := range perEpoch {
 			f.mu.Lock()
 			rec := appendRecord(nil, testFrame(i*perEpoch+j, 1024), true, 12)
-			c := f.chardevs["remora-oc-out"]
+			c := f.chardevs[r.ids.chrOut]
 			c.Write(rec)
 			f.mu.Unlock()
 		}

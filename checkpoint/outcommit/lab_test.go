@@ -232,6 +232,7 @@ func TestLab(t *testing.T) {
 		{"WithDeviceStateCheckpoints", labWithDeviceStateCheckpoints},
 		{"CloseRestoresNetwork", labCloseRestoresNetwork},
 		{"ReleaseAllThenClose", labReleaseAllThenClose},
+		{"DetachThenTakeover", labDetachThenTakeover},
 		{"NetdevNotFound", labNetdevNotFound},
 		{"RoundTripLatency", labRoundTripLatency},
 	} {
@@ -275,6 +276,39 @@ func assertNoObjects(t *testing.T, g *qemu.Guest) {
 
 // A reply is not seen while the epoch in which the guest sent it is not
 // released; Release of the epoch before does not let it out either.
+// An agent that stops on purpose detaches: the guest's output stays held
+// (dropped, never sent) while no agent runs, and the next agent takes the
+// filters over without letting a frame through; the guest's TCP sends the
+// reply again, and it goes out once its epoch is released.
+func labDetachThenTakeover(t *testing.T, e *labEnv) {
+	lc := e.dial()
+	r1 := e.redirector(Options{HoldFromStart: true})
+	e.epoch(r1, 1)
+	r1.Detach()
+	w := watchTap(t, e.tap)
+	if err := lc.send("inc"); err != nil {
+		t.Fatal(err)
+	}
+	if s, ok, err := lc.reply(1500 * time.Millisecond); ok || err != nil {
+		t.Fatalf("reply %q arrived with no agent holding the output (err %v)", s, err)
+	}
+	r2 := e.redirector(Options{HoldFromStart: true})
+	if s, ok, err := lc.reply(1500 * time.Millisecond); ok || err != nil {
+		t.Fatalf("reply %q arrived during the takeover (err %v)", s, err)
+	}
+	if n := len(w.frames()); n != 0 {
+		t.Fatalf("the tap saw %d frames from the guest before any release", n)
+	}
+	waitOpenFrames(t, r2)
+	e.epoch(r2, 1)
+	if err := r2.Release(1); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := lc.reply(30 * time.Second); err != nil || !ok {
+		t.Fatalf("no reply after the new agent released its epoch: %v", err)
+	}
+}
+
 func labHeldUntilReleased(t *testing.T, e *labEnv) {
 	lc := e.dial()
 	if err := lc.send("get"); err != nil {

@@ -88,6 +88,7 @@ type Plug struct {
 	tap, ifb string
 	tapIndex int
 	ifbIndex int
+	prio     uint16 // of the redirect filter: one of plugFilterPrios
 	opts     PlugOptions
 	limit    uint32
 	log      *slog.Logger
@@ -119,8 +120,9 @@ var _ Buffer = (*Plug)(nil)
 
 // PlugOptions configure a Plug.
 type PlugOptions struct {
-	// IfbName names the ifb device. Default "ifb-<tap>", or "ifb-" and a
-	// hash of the tap's name when that is longer than a link name allows.
+	// IfbName names the ifb device (and, with a "b" added, the one a Plug
+	// taking over uses). Default "ifb-<tap>", or "ifb-" and a hash of the
+	// tap's name when that is longer than a link name allows.
 	IfbName string
 	// MaxBytes bounds the bytes the plug holds; frames that come while it
 	// is full are dropped by the kernel and counted. Default 16 MiB.
@@ -136,10 +138,11 @@ type PlugOptions struct {
 
 func (o PlugOptions) withDefaults(tap string) PlugOptions {
 	if o.IfbName == "" {
+		// One byte is left for the name's alternate (see ifbNames).
 		o.IfbName = "ifb-" + tap
-		if len(o.IfbName) > unix.IFNAMSIZ-1 {
+		if len(o.IfbName) > unix.IFNAMSIZ-2 {
 			h := sha256.Sum256([]byte(tap))
-			o.IfbName = "ifb-" + hex.EncodeToString(h[:])[:10]
+			o.IfbName = "ifb-" + hex.EncodeToString(h[:])[:9]
 		}
 	}
 	if o.MaxBytes <= 0 {
@@ -159,8 +162,16 @@ func (o PlugOptions) withDefaults(tap string) PlugOptions {
 var ErrPlugUnsupported = errors.New("kernel feature missing")
 
 // plugFilterPrio is the prio of the redirect filter on the tap's ingress:
-// first, so that no other filter passes a frame around the plug.
+// first, so that no other filter passes a frame around the plug. A Plug
+// taking over from a dead agent's puts its filter at the other prio of
+// plugFilterPrios (and its ifb under the other name) before it removes the
+// old one, so every frame always meets one of them.
 const plugFilterPrio = 1
+
+var plugFilterPrios = [2]uint16{1, 2}
+
+// ifbNames are the two names a tap's ifb alternates between, one per prio.
+func ifbNames(base string) [2]string { return [2]string{base, base + "b"} }
 
 // pos is a position in the stream of frames the plug qdisc has enqueued
 // since it was created: enqueued = dequeued + queued, from its counters.
@@ -218,8 +229,8 @@ func NewPlug(ctx context.Context, tapName string, opts PlugOptions) (_ *Plug, er
 	if err := ctx.Err(); err != nil {
 		return nil, wrap(err)
 	}
-	if len(p.ifb) > unix.IFNAMSIZ-1 {
-		return nil, wrap(fmt.Errorf("ifb name %q is longer than %d bytes", p.ifb, unix.IFNAMSIZ-1))
+	if len(p.ifb)+1 > unix.IFNAMSIZ-1 {
+		return nil, wrap(fmt.Errorf("ifb name %q is longer than %d bytes", p.ifb, unix.IFNAMSIZ-2))
 	}
 	if p.nl, err = openNetlink(); err != nil {
 		return nil, wrap(err)
@@ -233,9 +244,13 @@ func NewPlug(ctx context.Context, tapName string, opts PlugOptions) (_ *Plug, er
 	if p.tapIndex, err = p.nl.linkIndex(tapName); err != nil {
 		return nil, wrap(fmt.Errorf("no device %s: %w", tapName, err))
 	}
-	if n := p.removeStale(); n > 0 {
-		p.log.Warn("removed output-commit objects left by an earlier agent (the guest's output was held or dropped since it died)", "objects", n)
+	// Ours goes beside what a dead agent left: the other name and prio.
+	names, other := ifbNames(opts.IfbName), 1
+	p.ifb, p.prio = names[0], plugFilterPrios[0]
+	if _, err := p.nl.linkIndex(names[0]); err == nil {
+		p.ifb, p.prio, other = names[1], plugFilterPrios[1], 0
 	}
+	p.removeLeftover(p.ifb, p.prio) // an older generation still: it holds nothing the filter sends
 	if err = step("create ifb "+p.ifb, "ifb", p.nl.addLink(p.ifb, "ifb")); err != nil {
 		return nil, wrap(err)
 	}
@@ -264,22 +279,40 @@ func NewPlug(ctx context.Context, tapName string, opts PlugOptions) (_ *Plug, er
 		return nil, wrap(step("add ingress qdisc on "+tapName, "sch_ingress", ierr))
 	}
 	if err = step(fmt.Sprintf("add redirect filter on %s to %s", tapName, p.ifb), "cls_matchall or act_mirred",
-		p.nl.addRedirect(p.tapIndex, plugFilterPrio, p.ifbIndex)); err != nil {
+		p.nl.addRedirect(p.tapIndex, p.prio, p.ifbIndex)); err != nil {
 		return nil, wrap(err)
+	}
+	// Now the dead agent's filter and plug can go: its frames, of epochs
+	// never acknowledged, are dropped with its ifb.
+	if n := p.removeLeftover(names[other], plugFilterPrios[other]); n > 0 {
+		p.log.Warn("took over from the output-commit plug an earlier agent left (the guest's output was held or dropped while no agent ran)", "objects", n)
 	}
 	return p, nil
 }
 
-// removeStale removes an ifb of our name and our filter on the tap.
-func (p *Plug) removeStale() int {
+// removeLeftover removes a filter at prio on the tap and the ifb named ifb.
+func (p *Plug) removeLeftover(ifb string, prio uint16) int {
 	n := 0
-	if p.nl.delFilter(p.tapIndex, plugFilterPrio) == nil {
+	if p.nl.delFilter(p.tapIndex, prio) == nil {
 		n++
 	}
-	if idx, err := p.nl.linkIndex(p.ifb); err == nil && p.nl.delLink(idx) == nil {
+	if idx, err := p.nl.linkIndex(ifb); err == nil && p.nl.delLink(idx) == nil {
 		n++
 	}
 	return n
+}
+
+// Detach lets go of the tap without removing the filter and the plug: the
+// agent is stopping (an upgrade, a restart) and the guest's output must
+// stay held. The next Plug on the tap takes over (see NewPlug).
+func (p *Plug) Detach() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return
+	}
+	p.closed = true
+	p.nl.Close()
 }
 
 // teardown removes what NewPlug made; safe on a partial set-up.
@@ -290,7 +323,7 @@ func (p *Plug) teardown() error {
 		if p.ownIngress {
 			err = p.nl.delIngress(p.tapIndex)
 		} else {
-			err = p.nl.delFilter(p.tapIndex, plugFilterPrio)
+			err = p.nl.delFilter(p.tapIndex, p.prio)
 		}
 		if err != nil && !isNotExist(err) {
 			errs = append(errs, fmt.Errorf("remove the redirect from %s: %w", p.tap, err))
@@ -598,7 +631,7 @@ func (p *Plug) Close() error {
 	if p.ownIngress {
 		err = p.nl.delIngress(p.tapIndex)
 	} else {
-		err = p.nl.delFilter(p.tapIndex, plugFilterPrio)
+		err = p.nl.delFilter(p.tapIndex, p.prio)
 	}
 	if err != nil && !isNotExist(err) {
 		errs = append(errs, fmt.Errorf("remove the redirect from %s: %w", p.tap, err))

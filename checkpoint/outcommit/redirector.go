@@ -4,6 +4,8 @@ package outcommit
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -140,17 +142,29 @@ type objectIDs struct {
 	chrOut, chrIn, capture, release string
 }
 
-var defaultIDs = objectIDs{
-	chrOut:  "remora-oc-out",
-	chrIn:   "remora-oc-in",
-	capture: "remora-oc-capture",
-	release: "remora-oc-release",
+// objectPrefix starts the id of every QEMU object a Redirector adds.
+const objectPrefix = "remora-oc-"
+
+// newObjectIDs names one Redirector's objects apart from those of an
+// earlier one, which may still be in QEMU when this one starts.
+func newObjectIDs() objectIDs {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	sfx := hex.EncodeToString(b[:])
+	return objectIDs{
+		chrOut:  objectPrefix + "out-" + sfx,
+		chrIn:   objectPrefix + "in-" + sfx,
+		capture: objectPrefix + "capture-" + sfx,
+		release: objectPrefix + "release-" + sfx,
+	}
 }
 
 // NewRedirector sets output commit up on guest g: see Redirector. dir is
 // where the agent's two sockets are created (it is created if missing; the
 // sockets are removed once QEMU has connected). Objects a previous
-// Redirector left in QEMU (an agent that died) are removed first.
+// Redirector left in QEMU (an agent that died, or stopped with Detach) are
+// taken over without a gap: this one's capture filter is in place before
+// theirs goes, so no frame of the guest ever reaches the tap unheld.
 func NewRedirector(ctx context.Context, g *qemu.Guest, dir string, opts Options) (*Redirector, error) {
 	return newRedirector(ctx, g.Mon, g.Name, dir, opts)
 }
@@ -162,15 +176,16 @@ func newRedirector(ctx context.Context, mon qmp.Monitor, guest, dir string, opts
 		guest: guest,
 		opts:  opts,
 		log:   opts.Logger.With("guest", guest, "component", "outcommit"),
-		ids:   defaultIDs,
+		ids:   newObjectIDs(),
 		q:     newQueue(opts.MaxBytes, opts.HoldFromStart),
 		p:     parser{vnetHdr: true},
 		lat:   stats.NewWindow(8192),
 	}
 	r.cond = sync.NewCond(&r.mu)
 
-	if n := r.removeObjects(ctx); n > 0 {
-		r.log.Warn("removed output-commit objects left in QEMU by an earlier agent (the guest's output was dropped since it died)", "objects", n)
+	stale, err := staleObjects(ctx, mon)
+	if err != nil {
+		return nil, fmt.Errorf("outcommit: guest %s: list QEMU's objects: %w", guest, err)
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("outcommit: guest %s: %w", guest, err)
@@ -203,8 +218,10 @@ func newRedirector(ctx context.Context, mon qmp.Monitor, guest, dir string, opts
 		return nil, err
 	}
 
-	// Release filter first, so that there is never a capture without a way
-	// back.
+	// Release filter first, at the head (nearest the tap), so that there
+	// is never a capture without a way back and released frames pass no
+	// other filter; the capture filter at the tail, so it takes the guest's
+	// frames before any an earlier agent left.
 	if err = qemu.AddFilterRedirector(ctx, mon, qemu.FilterRedirector{
 		ID: r.ids.release, Netdev: opts.Netdev, Queue: "rx", Indev: r.ids.chrIn,
 		Position: "head", VnetHdr: true,
@@ -216,11 +233,69 @@ func newRedirector(ctx context.Context, mon qmp.Monitor, guest, dir string, opts
 	go r.writeLoop()
 	if err = qemu.AddFilterRedirector(ctx, mon, qemu.FilterRedirector{
 		ID: r.ids.capture, Netdev: opts.Netdev, Queue: "rx", Outdev: r.ids.chrOut,
-		Position: "id=" + r.ids.release, Insert: "behind", VnetHdr: true,
+		Position: "tail", VnetHdr: true,
 	}); err != nil {
 		return nil, r.filterError(ctx, err)
 	}
+	if n := removeObjects(ctx, mon, stale); n > 0 {
+		r.log.Warn("took over from output-commit objects an earlier agent left in QEMU (the guest's output was dropped while no agent ran)", "objects", n)
+	}
 	return r, nil
+}
+
+// qemuObjects are a Redirector's objects found in QEMU.
+type qemuObjects struct {
+	captures, releases, chardevs []string
+}
+
+// staleObjects finds the objects earlier Redirectors left in QEMU.
+func staleObjects(ctx context.Context, mon qmp.Monitor) (qemuObjects, error) {
+	var o qemuObjects
+	var objs []struct {
+		Name string `json:"name"`
+		Type string `json:"type"`
+	}
+	if err := qemu.Exec(ctx, mon, "qom-list", map[string]string{"path": "/objects"}, &objs); err != nil {
+		return o, err
+	}
+	for _, ob := range objs {
+		switch {
+		case !strings.HasPrefix(ob.Name, objectPrefix):
+		case strings.HasPrefix(ob.Name, objectPrefix+"capture"):
+			o.captures = append(o.captures, ob.Name)
+		default:
+			o.releases = append(o.releases, ob.Name)
+		}
+	}
+	var chrs []struct {
+		Label string `json:"label"`
+	}
+	if err := qemu.Exec(ctx, mon, "query-chardev", nil, &chrs); err != nil {
+		return o, err
+	}
+	for _, c := range chrs {
+		if strings.HasPrefix(c.Label, objectPrefix) {
+			o.chardevs = append(o.chardevs, c.Label)
+		}
+	}
+	return o, nil
+}
+
+// removeObjects removes o from QEMU, captures first (the new capture is in
+// place), and returns how many it removed.
+func removeObjects(ctx context.Context, mon qmp.Monitor, o qemuObjects) int {
+	n := 0
+	for _, id := range append(o.captures, o.releases...) {
+		if qemu.DeleteObject(ctx, mon, id) == nil {
+			n++
+		}
+	}
+	for _, id := range o.chardevs {
+		if qemu.RemoveChardev(ctx, mon, id) == nil {
+			n++
+		}
+	}
+	return n
 }
 
 // connect listens on path, has QEMU connect a chardev to it and accepts.
@@ -552,6 +627,26 @@ func (r *Redirector) Close() error {
 	return err
 }
 
+// Detach lets go of the guest without removing the filters: the agent is
+// stopping (an upgrade, a restart) and the guest's output must stay held.
+// QEMU's capture filter keeps taking the guest's frames and drops them
+// (its chardev has no reader) until the next Redirector takes over; held
+// frames, of epochs the standby may not have, are dropped too.
+func (r *Redirector) Detach() {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return
+	}
+	r.closed, r.closing, r.stopping = true, true, true
+	r.q.dropAll()
+	r.cond.Broadcast()
+	r.mu.Unlock()
+	r.out.Close()
+	r.in.Close()
+	r.wg.Wait()
+}
+
 // teardown undoes NewRedirector; drain says whether the sockets carry a
 // stream worth finishing.
 func (r *Redirector) teardown(drain bool) error {
@@ -621,21 +716,4 @@ func (r *Redirector) teardown(drain bool) error {
 	}
 	r.wg.Wait()
 	return errors.Join(errs...)
-}
-
-// removeObjects removes our objects from QEMU, if there (a previous agent's
-// leftovers), and returns how many it removed.
-func (r *Redirector) removeObjects(ctx context.Context) int {
-	n := 0
-	for _, id := range []string{r.ids.capture, r.ids.release} {
-		if qemu.DeleteObject(ctx, r.mon, id) == nil {
-			n++
-		}
-	}
-	for _, id := range []string{r.ids.chrOut, r.ids.chrIn} {
-		if qemu.RemoveChardev(ctx, r.mon, id) == nil {
-			n++
-		}
-	}
-	return n
 }
