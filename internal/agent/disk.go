@@ -85,6 +85,15 @@ func (a *Agent) newDiskSet(ctx context.Context, g *qemu.Guest, rec *Record, fenc
 	if err != nil {
 		return nil, err
 	}
+	if len(devs) > 0 {
+		n, err := qemu.RemoveStaleMirrors(ctx, g.Mon)
+		if err != nil {
+			return nil, fmt.Errorf("remove the disk mirrors a previous agent left: %w", err)
+		}
+		if n > 0 {
+			a.log.Warn("removed disk mirrors a previous agent left in QEMU; the disks are resynced", "guest", g.Name, "objects", n)
+		}
+	}
 	ds := &diskSet{a: a, g: g, rec: rec, fence: fence, state: "not mirrored yet"}
 	for _, dev := range devs {
 		node, err := a.virt.FindDisk(ctx, g, dev)

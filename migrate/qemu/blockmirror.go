@@ -328,3 +328,42 @@ func isNodeGone(err error) bool {
 	var qe *QMPError
 	return errors.As(err, &qe) && (strings.Contains(qe.Desc, "Failed to find node") || strings.Contains(qe.Desc, "Cannot find node"))
 }
+
+// RemoveStaleMirrors cancels the mirror jobs and removes the NBD nodes a
+// previous agent left in QEMU (it died, or stopped, with its mirrors
+// running; their connections to the standby died with it), so that new
+// mirrors of the same disks can start. It returns how many it removed.
+func RemoveStaleMirrors(ctx context.Context, m qmp.Monitor) (int, error) {
+	var jobs []struct {
+		Device string `json:"device"`
+	}
+	if err := Exec(ctx, m, "query-block-jobs", nil, &jobs); err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, j := range jobs {
+		if !strings.HasPrefix(j.Device, "remora-mirror-") {
+			continue
+		}
+		mr := &Mirror{mon: m, JobID: j.Device, TargetNode: "remora-nbd-" + strings.TrimPrefix(j.Device, "remora-mirror-")}
+		if err := mr.Cancel(ctx); err != nil {
+			return n, err
+		}
+		n++
+	}
+	var nodes []struct {
+		NodeName string `json:"node-name"`
+	}
+	if err := Exec(ctx, m, "query-named-block-nodes", map[string]any{"flat": true}, &nodes); err != nil {
+		return n, err
+	}
+	for _, nd := range nodes {
+		if strings.HasPrefix(nd.NodeName, "remora-nbd-") {
+			if err := Exec(ctx, m, "blockdev-del", map[string]any{"node-name": nd.NodeName}, nil); err != nil && !isNodeGone(err) {
+				return n, fmt.Errorf("remove the stale NBD node %s: %w", nd.NodeName, err)
+			}
+			n++
+		}
+	}
+	return n, nil
+}

@@ -21,6 +21,7 @@ type fakeBlockQEMU struct {
 	log      []string
 	args     map[string]map[string]any
 	jobs     string // query-block-jobs reply
+	nodes    string // query-named-block-nodes reply
 	failNext map[string]string
 	onCancel func(*fakeBlockQEMU)
 }
@@ -55,6 +56,8 @@ func (f *fakeBlockQEMU) Run(cmd []byte) ([]byte, error) {
 		return []byte(mirrorTestQueryBlock), nil
 	case "query-block-jobs":
 		return []byte(`{"return":[` + f.jobs + `]}`), nil
+	case "query-named-block-nodes":
+		return []byte(`{"return":[` + f.nodes + `]}`), nil
 	case "block-job-cancel":
 		if f.onCancel != nil {
 			f.onCancel(f)
@@ -174,5 +177,29 @@ func TestMirrorCancel(t *testing.T) {
 	mr.mon = f
 	if err := mr.Cancel(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A restarted agent finds the mirrors its predecessor left: their jobs
+// are cancelled and dismissed, their NBD nodes removed; the guest's own
+// nodes and other jobs are left alone.
+func TestRemoveStaleMirrors(t *testing.T) {
+	f := &fakeBlockQEMU{
+		jobs:  `{"device":"remora-mirror-vda","status":"concluded","error":"Input/output error"},{"device":"backup-0","status":"running"}`,
+		nodes: `{"node-name":"remora-nbd-vdb"},{"node-name":"libvirt-1-format"}`,
+	}
+	f.onCancel = func(f *fakeBlockQEMU) { f.jobs = `{"device":"backup-0","status":"running"}` }
+	n, err := RemoveStaleMirrors(context.Background(), f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 2 {
+		t.Fatalf("removed %d, want the job and the node", n)
+	}
+	if f.args["block-job-cancel"]["device"] != "remora-mirror-vda" || f.args["blockdev-del"]["node-name"] != "remora-nbd-vdb" {
+		t.Fatalf("commands %v args %v", f.log, f.args)
+	}
+	if strings.Contains(strings.Join(f.log, ","), "backup") {
+		t.Fatal("touched a job that is not ours")
 	}
 }
