@@ -16,7 +16,7 @@ help:
 	@echo "test-kernel  Plug (sch_plug) and soft-dirty tests in Debian's kernel under QEMU (TCG); fetches the kernel once"
 	@echo "bench      Go benchmarks and the checkpoint table on a lab guest (root)"
 	@echo "demo       protect a guest, crash its host, fail over (root)"
-	@echo "fuzz       run each fuzz target for FUZZTIME (default 30s)"
+	@echo "fuzz       run every fuzz target of every package for FUZZTIME each (default 30s)"
 	@echo "lint       gofmt, go vet, staticcheck, and the build without cgo"
 
 build:
@@ -38,11 +38,26 @@ test: lint test-unit test-kernel test-e2e
 test-kernel:
 	GO=$(GO) test/kernelvm/run.sh
 
+# Every fuzz target of every package, FUZZTIME each. A package is fuzzed
+# when one of its test files (as go list selects them) declares a Fuzz
+# function, so packages such as test/e2e, whose TestMain needs the lab, are
+# never built; go test -list names the targets, so a new one runs without
+# editing this. A failing target fails the run once all have had a turn.
 FUZZTIME ?= 30s
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzDecodeFrame$$' -fuzztime $(FUZZTIME) ./checkpoint
-	$(GO) test -run '^$$' -fuzz '^FuzzDecodeBatch$$' -fuzztime $(FUZZTIME) ./checkpoint
-	$(GO) test -run '^$$' -fuzz '^FuzzDecodeDevStateLZ4$$' -fuzztime $(FUZZTIME) ./checkpoint
+	@listing=$$($(GO) list -f '{{$$d := .Dir}}{{.ImportPath}}{{range .TestGoFiles}} {{$$d}}/{{.}}{{end}}{{range .XTestGoFiles}} {{$$d}}/{{.}}{{end}}' $(PKGS)) || exit 1; \
+	pkgs=$$(echo "$$listing" | while read -r pkg files; do [ -z "$$files" ] || ! grep -q '^func Fuzz' $$files || echo $$pkg; done); \
+	failed=; n=0; \
+	for pkg in $$pkgs; do \
+		list=$$($(GO) test -list '^Fuzz' $$pkg) || { echo "$$list"; exit 1; }; \
+		for fz in $$(echo "$$list" | grep '^Fuzz'); do \
+			n=$$((n+1)); echo "== $$pkg $$fz ($(FUZZTIME))"; \
+			$(GO) test -run '^$$' -fuzz "^$$fz\$$" -fuzztime $(FUZZTIME) $$pkg || failed="$$failed $$pkg.$$fz"; \
+		done; \
+	done; \
+	if [ $$n -eq 0 ]; then echo "fuzz: no fuzz targets found"; exit 1; fi; \
+	if [ -n "$$failed" ]; then echo "fuzz: failed:$$failed"; exit 1; fi; \
+	echo "fuzz: $$n targets passed"
 
 bench: lab build
 	$(GO) test -run '^$$' -bench . -benchtime 20x ./checkpoint

@@ -3,9 +3,11 @@
 //
 // A PKI directory holds:
 //
-//	ca.crt, ca.key        the CA (ECDSA P-256); the key is mode 0600
-//	NAME.crt, NAME.key    one leaf per component, usable as TLS server and
-//	                      TLS client; CommonName and DNS SAN are NAME
+//	ca.crt, ca.key          the CA (ECDSA P-256); the key is mode 0600 and
+//	                        is needed nowhere but here
+//	NAME.crt, NAME.key      one leaf per component, usable as TLS server and
+//	                        TLS client; CommonName and DNS SAN are NAME
+//	NAME.crt.old, .key.old  the pair the last Renew replaced
 //
 // The identity of a peer is its certificate name, so NAME must be the agent
 // id (or "arbiter") that the component uses on the wire.
@@ -22,11 +24,13 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"time"
 )
 
@@ -34,12 +38,21 @@ const (
 	CACertFile = "ca.crt"
 	CAKeyFile  = "ca.key"
 
-	caValidity   = 10 * 365 * 24 * time.Hour
-	leafValidity = 2 * 365 * 24 * time.Hour
+	caValidity = 10 * 365 * 24 * time.Hour
 	// Backdate certificates so small clock skew between hosts does not make
 	// a freshly issued certificate "not yet valid".
 	backdate = 5 * time.Minute
 )
+
+// LeafLifetime is how long Issue and Renew make a component certificate
+// valid (capped at the CA's own expiry). Two years: long enough that a lab
+// cluster is not broken by a forgotten renewal, short enough that a lost
+// key does not stay trusted for the CA's whole decade.
+const LeafLifetime = 2 * 365 * 24 * time.Hour
+
+// WarnBefore is how long before expiry ExpiryWarning starts to warn: a
+// month leaves time to renew and restart every component.
+const WarnBefore = 30 * 24 * time.Hour
 
 // ErrCAExists is returned by InitCA when the directory already holds a CA
 // and force was not given.
@@ -109,8 +122,23 @@ func InitCA(dir string, force bool) error {
 // CA in dir. The certificate is valid for both server and client auth, with
 // CommonName and DNS SAN equal to name, plus the given IP SANs.
 func Issue(dir, name string, ips ...net.IP) error {
-	if !ValidName(name) {
-		return fmt.Errorf("pki: invalid certificate name %q", name)
+	return IssueLeaf(dir, Leaf{Name: name, IPs: ips})
+}
+
+// Leaf is what IssueLeaf puts in a component certificate.
+type Leaf struct {
+	Name     string   // CommonName and first DNS SAN; the file name
+	DNSNames []string // further DNS SANs (Renew carries them over)
+	IPs      []net.IP
+	// Lifetime from now; zero means LeafLifetime. Tests of expiry use
+	// short ones, and a negative one for a certificate already expired.
+	Lifetime time.Duration
+}
+
+// IssueLeaf is Issue with every field of the certificate given.
+func IssueLeaf(dir string, l Leaf) error {
+	if !ValidName(l.Name) {
+		return fmt.Errorf("pki: invalid certificate name %q (1-63 letters, digits, '.', '_' or '-', not \"ca\")", l.Name)
 	}
 	caCert, caKey, err := loadCA(dir)
 	if err != nil {
@@ -124,29 +152,154 @@ func Issue(dir, name string, ips ...net.IP) error {
 	if err != nil {
 		return err
 	}
+	lifetime := l.Lifetime
+	if lifetime == 0 {
+		lifetime = LeafLifetime
+	}
 	now := time.Now()
-	notAfter := now.Add(leafValidity)
+	notAfter := now.Add(lifetime)
 	if notAfter.After(caCert.NotAfter) {
 		notAfter = caCert.NotAfter
 	}
+	notBefore := now
+	if notAfter.Before(now) {
+		notBefore = notAfter // an expired test certificate still starts before it ends
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber: serial,
-		Subject:      pkix.Name{CommonName: name, Organization: []string{"remora"}},
-		NotBefore:    now.Add(-backdate),
+		Subject:      pkix.Name{CommonName: l.Name, Organization: []string{"remora"}},
+		NotBefore:    notBefore.Add(-backdate),
 		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		DNSNames:     []string{name},
-		IPAddresses:  ips,
+		DNSNames:     dnsNames(l),
+		IPAddresses:  l.IPs,
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
 	if err != nil {
-		return fmt.Errorf("pki: issue %s: %w", name, err)
+		return fmt.Errorf("pki: issue %s: %w", l.Name, err)
 	}
-	if err := writeKey(KeyPath(dir, name), key); err != nil {
+	if err := writeKey(KeyPath(dir, l.Name), key); err != nil {
 		return err
 	}
-	return writePEM(CertPath(dir, name), "CERTIFICATE", der, 0o644)
+	return writePEM(CertPath(dir, l.Name), "CERTIFICATE", der, 0o644)
+}
+
+// dnsNames is l.Name followed by l.DNSNames, without duplicates.
+func dnsNames(l Leaf) []string {
+	out := []string{l.Name}
+	for _, n := range l.DNSNames {
+		if !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// Renew reissues NAME with the names and IPs of its current certificate
+// and a fresh LeafLifetime, keeping the old files as NAME.crt.old and
+// NAME.key.old.
+func Renew(dir, name string) error {
+	if name == "ca" {
+		return fmt.Errorf("pki: the CA is not renewed in place: create a new one with `remora certs init --force %s`, then renew every certificate", dir)
+	}
+	old, err := ReadCert(CertPath(dir, name))
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("pki: no certificate %s in %s: issue it with `remora certs issue %s --dir %s`", name, dir, name, dir)
+	}
+	if err != nil {
+		return err
+	}
+	// Copies, not renames: until the new pair is written the old one
+	// stays in place and working.
+	for _, path := range []string{CertPath(dir, name), KeyPath(dir, name)} {
+		if err := backup(path); err != nil {
+			return err
+		}
+	}
+	return IssueLeaf(dir, Leaf{Name: name, DNSNames: old.DNSNames, IPs: old.IPAddresses})
+}
+
+// backup copies path to path.old with the same mode.
+func backup(path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("pki: %w", err)
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("pki: %w", err)
+	}
+	return writeFile(path+".old", b, st.Mode().Perm())
+}
+
+// ReadCert reads the first certificate of a PEM file: the leaf of a
+// chain.
+func ReadCert(path string) (*x509.Certificate, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("pki: %w", err)
+	}
+	for {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			return nil, fmt.Errorf("pki: %s holds no PEM certificate", path)
+		}
+		if blk.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("pki: %s: %w", path, err)
+		}
+		return c, nil
+	}
+}
+
+// DaysLeft is the number of days until cert expires, rounded up: 0 or
+// less once it has expired.
+func DaysLeft(cert *x509.Certificate, now time.Time) int {
+	return int(math.Ceil(cert.NotAfter.Sub(now).Hours() / 24))
+}
+
+// Expired reports whether cert is past its NotAfter at now.
+func Expired(cert *x509.Certificate, now time.Time) bool {
+	return now.After(cert.NotAfter)
+}
+
+// ExpiryWarning returns "" while cert has more than WarnBefore left, else
+// a sentence saying when it expires and how to renew it. DIR in the
+// sentence stands for the PKI directory; ExpiryWarningIn names it.
+func ExpiryWarning(cert *x509.Certificate, now time.Time) string {
+	return ExpiryWarningIn("DIR", cert, now)
+}
+
+// ExpiryWarningIn is ExpiryWarning naming dir in the renew command.
+func ExpiryWarningIn(dir string, cert *x509.Certificate, now time.Time) string {
+	if cert.NotAfter.Sub(now) > WarnBefore {
+		return ""
+	}
+	name := cert.Subject.CommonName
+	if names := Names(cert); len(names) > 0 {
+		name = names[0]
+	}
+	what := "certificate " + name
+	fix := fmt.Sprintf("renew it with `remora certs renew %s %s`", dir, name)
+	if cert.IsCA {
+		what = "the CA certificate"
+		fix = fmt.Sprintf("every certificate it signed stops working with it; create a new CA with `remora certs init --force %s`, then renew every certificate", dir)
+	}
+	date := cert.NotAfter.UTC().Format(time.DateOnly)
+	if Expired(cert, now) {
+		return fmt.Sprintf("%s expired on %s: %s", what, date, fix)
+	}
+	days := DaysLeft(cert, now)
+	unit := "days"
+	if days == 1 {
+		unit = "day"
+	}
+	return fmt.Sprintf("%s expires in %d %s (%s): %s", what, days, unit, date, fix)
 }
 
 // ServerConfig returns a TLS 1.3 server config presenting NAME's
@@ -230,21 +383,16 @@ func loadPair(certFile, keyFile, caFile string) (tls.Certificate, *x509.CertPool
 }
 
 func loadCA(dir string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
-	certPEM, err := os.ReadFile(filepath.Join(dir, CACertFile))
+	cert, err := ReadCert(filepath.Join(dir, CACertFile))
 	if err != nil {
-		return nil, nil, fmt.Errorf("pki: load CA: %w", err)
+		return nil, nil, fmt.Errorf("pki: load CA (create one with `remora certs init %s`): %w", dir, err)
+	}
+	if !cert.IsCA {
+		return nil, nil, fmt.Errorf("pki: %s is not a CA certificate", CACertFile)
 	}
 	keyPEM, err := os.ReadFile(filepath.Join(dir, CAKeyFile))
 	if err != nil {
 		return nil, nil, fmt.Errorf("pki: load CA: %w", err)
-	}
-	cb, _ := pem.Decode(certPEM)
-	if cb == nil || cb.Type != "CERTIFICATE" {
-		return nil, nil, fmt.Errorf("pki: %s: no certificate", CACertFile)
-	}
-	cert, err := x509.ParseCertificate(cb.Bytes)
-	if err != nil {
-		return nil, nil, fmt.Errorf("pki: %s: %w", CACertFile, err)
 	}
 	kb, _ := pem.Decode(keyPEM)
 	if kb == nil {
@@ -257,9 +405,6 @@ func loadCA(dir string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
 	key, ok := k.(*ecdsa.PrivateKey)
 	if !ok {
 		return nil, nil, fmt.Errorf("pki: %s: not an ECDSA key", CAKeyFile)
-	}
-	if !cert.IsCA {
-		return nil, nil, fmt.Errorf("pki: %s is not a CA certificate", CACertFile)
 	}
 	return cert, key, nil
 }
@@ -280,10 +425,14 @@ func writeKey(path string, key *ecdsa.PrivateKey) error {
 	return writePEM(path, "PRIVATE KEY", der, 0o600)
 }
 
-// writePEM replaces path atomically so a crash never leaves a truncated
+func writePEM(path, typ string, der []byte, mode os.FileMode) error {
+	return writeFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), mode)
+}
+
+// writeFile replaces path atomically so a crash never leaves a truncated
 // key or certificate behind. The temp file is created 0600 and only then
 // given its final mode, so a key is never readable by others.
-func writePEM(path, typ string, der []byte, mode os.FileMode) error {
+func writeFile(path string, data []byte, mode os.FileMode) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, ".tmp-"+filepath.Base(path)+"-*")
 	if err != nil {
@@ -297,7 +446,7 @@ func writePEM(path, typ string, der []byte, mode os.FileMode) error {
 			os.Remove(tmp)
 		}
 	}()
-	if err := pem.Encode(f, &pem.Block{Type: typ, Bytes: der}); err != nil {
+	if _, err := f.Write(data); err != nil {
 		return fmt.Errorf("pki: write %s: %w", path, err)
 	}
 	if err := f.Chmod(mode); err != nil {
