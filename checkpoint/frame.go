@@ -43,6 +43,12 @@ const (
 	FrameDiskControl FrameType = 12
 	// FrameDevStateLZ4 is FrameDevState compressed (see EncodeDevState).
 	FrameDevStateLZ4 FrameType = 13
+	// FramePageHashes: standby -> primary after a welcome that announced
+	// hashes: be64 page hashes, in page order.
+	FramePageHashes FrameType = 14
+	// FrameRestarting opens a connection with JSON Restarting: the
+	// primary's agent stops on purpose and comes back within a grace.
+	FrameRestarting FrameType = 15
 )
 
 func (t FrameType) String() string {
@@ -73,6 +79,10 @@ func (t FrameType) String() string {
 		return "disk-control"
 	case FrameDevStateLZ4:
 		return "devstate-lz4"
+	case FramePageHashes:
+		return "page-hashes"
+	case FrameRestarting:
+		return "restarting"
 	}
 	return fmt.Sprintf("frame-type-%d", uint8(t))
 }

@@ -102,7 +102,8 @@ type PrimaryStatus struct {
 	DirtyPages     uint64         `json:"dirty_pages"`     // in the last epoch
 	DirtyTotal     uint64         `json:"dirty_total"`     // pages sent in incremental epochs, all sessions
 	Incremental    uint64         `json:"incremental"`     // incremental epochs captured
-	SyncPause      time.Duration  `json:"sync_pause_ns"`   // pause of the last full sync (not in the percentiles)
+	SyncPause      time.Duration  `json:"sync_pause_ns"`   // pause of the last full sync or resync (not in the percentiles)
+	SyncPages      uint64         `json:"sync_pages"`      // pages the last (re)sync sent: all, or those that differed
 	DevStateBytes  int64          `json:"devstate_bytes"`  // in the last epoch
 	BytesSent      uint64         `json:"bytes_sent"`      // on the wire, all sessions
 	RawBytes       uint64         `json:"raw_bytes"`       // page and device data before encoding
@@ -130,6 +131,7 @@ type PauseBreakdown struct {
 type capturedEpoch struct {
 	epoch    uint64
 	full     bool
+	base     bool // the pages differing from the replica's hashes
 	dirty    *Bitmap
 	data     []byte // dirty pages in bitmap order
 	devstate []byte
@@ -333,8 +335,13 @@ func (p *Primary) session(ctx context.Context) error {
 		return fmt.Errorf("send hello: %w", err)
 	}
 	_ = conn.SetReadDeadline(time.Now().Add(2 * time.Minute)) // the standby may be creating its shell
+	br := bufio.NewReaderSize(conn, 1<<20)
 	var w Welcome
-	if _, err := ReadJSON(conn, FrameWelcome, &w); err != nil {
+	if _, err := ReadJSON(br, FrameWelcome, &w); err != nil {
+		return fmt.Errorf("handshake: %w", err)
+	}
+	hashes, err := readPageHashes(br, w.Hashes, p.pages)
+	if err != nil {
 		return fmt.Errorf("handshake: %w", err)
 	}
 	_ = conn.SetReadDeadline(time.Time{})
@@ -350,14 +357,15 @@ func (p *Primary) session(ctx context.Context) error {
 			return err
 		}
 		if resync {
-			w.Generation, w.Committed = "", 0 // the standby's replica was reset
+			// The standby's replica was reset: nothing to resync against.
+			w.Generation, w.Committed, hashes = "", 0, nil
 		}
 	}
-	resend, full := p.resumePlan(w)
-	p.log.Info("replication session open", "standby", w.Agent, "full_sync", full, "standby_committed", w.Committed)
+	plan := p.resumePlan(w, hashes)
+	p.log.Info("replication session open", "standby", w.Agent, "full_sync", plan.full, "resync_against_replica", plan.base != nil, "standby_committed", w.Committed)
 	p.setState(func(s *PrimaryStatus) {
 		s.ConnectedSince, s.LastError, s.NextRetry, s.Standby = time.Now(), "", time.Time{}, w.Agent
-		if full {
+		if plan.full || plan.base != nil {
 			s.State = StateSyncing
 		}
 	})
@@ -367,8 +375,8 @@ func (p *Primary) session(ctx context.Context) error {
 	var wg sync.WaitGroup
 	for _, loop := range []func() error{
 		func() error { return p.sendLoop(ctx, conn, queue) },
-		func() error { return p.ackLoop(ctx, conn) },
-		func() error { return p.captureLoop(ctx, queue, resend, full) },
+		func() error { return p.ackLoop(ctx, br) },
+		func() error { return p.captureLoop(ctx, queue, plan) },
 	} {
 		wg.Add(1)
 		go func() { defer wg.Done(); errc <- loop() }()
@@ -382,19 +390,57 @@ func (p *Primary) session(ctx context.Context) error {
 	return err
 }
 
-// resumePlan decides what the first epoch of a session must carry.
-func (p *Primary) resumePlan(w Welcome) (*Bitmap, bool) {
+// readPageHashes reads the page hashes a welcome announced.
+func readPageHashes(r io.Reader, n, pages uint64) ([]uint64, error) {
+	if n == 0 {
+		return nil, nil
+	}
+	if n != pages {
+		return nil, fmt.Errorf("protocol error: the standby offers %d page hashes, the guest has %d pages", n, pages)
+	}
+	hashes := make([]uint64, 0, n)
+	for uint64(len(hashes)) < n {
+		f, err := ReadFrame(r)
+		if err != nil {
+			return nil, err
+		}
+		if f.Type != FramePageHashes {
+			return nil, fmt.Errorf("protocol error: got %s frame, want page hashes", f.Type)
+		}
+		if hashes, err = DecodePageHashes(hashes, f.Payload); err != nil {
+			return nil, err
+		}
+	}
+	if uint64(len(hashes)) != n {
+		return nil, fmt.Errorf("protocol error: %d page hashes, announced %d", len(hashes), n)
+	}
+	return hashes, nil
+}
+
+// sessionPlan is what the first epoch of a session carries.
+type sessionPlan struct {
+	resend *Bitmap  // pages to send again on top of the tracker's (incremental)
+	full   bool     // every page
+	base   []uint64 // the pages that differ from these hashes of the replica
+}
+
+// resumePlan decides what the first epoch of a session must carry. hashes
+// are the standby's replica page hashes, when it offered them.
+func (p *Primary) resumePlan(w Welcome, hashes []uint64) sessionPlan {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if w.Generation != p.gen || !p.everSent || w.Committed < p.ackedEpoch {
 		p.retained = nil
 		// Epoch numbers only grow on the standby, across our restarts too.
 		p.captured = max(p.captured, w.Committed)
-		return nil, true
+		if hashes != nil {
+			return sessionPlan{base: hashes}
+		}
+		return sessionPlan{full: true}
 	}
 	if w.Committed == 0 {
 		p.retained = nil // the standby holds nothing of ours (it was reset)
-		return nil, true
+		return sessionPlan{full: true}
 	}
 	// Unacknowledged epochs are folded into the carry bitmap, which the
 	// next successful capture sends (current contents) and only then clears.
@@ -410,10 +456,10 @@ func (p *Primary) resumePlan(w Welcome) (*Bitmap, bool) {
 		p.ackedEpoch = w.Committed
 		p.wakeReleaser()
 	}
-	return resend, false
+	return sessionPlan{resend: resend}
 }
 
-func (p *Primary) captureLoop(ctx context.Context, queue chan<- *capturedEpoch, resend *Bitmap, full bool) error {
+func (p *Primary) captureLoop(ctx context.Context, queue chan<- *capturedEpoch, plan sessionPlan) error {
 	t := time.NewTicker(p.cfg.Interval)
 	defer t.Stop()
 	for first := true; ; first = false {
@@ -432,11 +478,11 @@ func (p *Primary) captureLoop(ctx context.Context, queue chan<- *capturedEpoch, 
 			case <-p.ackCh:
 			}
 		}
-		ep, err := p.capture(ctx, full && first, resend)
+		ep, err := p.capture(ctx, plan)
 		if err != nil {
 			return err
 		}
-		resend = nil
+		plan = sessionPlan{} // incremental from here on
 		select {
 		case queue <- ep:
 		case <-ctx.Done():
@@ -453,9 +499,10 @@ func (p *Primary) inFlight() int {
 
 // capture takes one checkpoint: the guest is paused only while its dirty
 // pages are copied and its device state is saved.
-func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*capturedEpoch, error) {
+func (p *Primary) capture(ctx context.Context, plan sessionPlan) (*capturedEpoch, error) {
 	p.captured++
-	ep := &capturedEpoch{epoch: p.captured, full: full}
+	full, extra := plan.full, plan.resend
+	ep := &capturedEpoch{epoch: p.captured, full: full, base: plan.base != nil}
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 
@@ -504,7 +551,12 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 
 	dirty := p.dirtyWork
 	dirty.Clear()
-	trackErr := p.tracker.Dirty(p.mem, dirty)
+	var trackErr error
+	if plan.base != nil {
+		trackErr = p.trackAgainst(plan.base, dirty)
+	} else {
+		trackErr = p.tracker.Dirty(p.mem, dirty)
+	}
 	if full {
 		dirty.SetAll()
 	}
@@ -547,8 +599,10 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 	ep.at = start
 	p.mu.Lock()
 	p.retained = append(p.retained, ep)
-	if full {
+	sync := full || ep.base
+	if sync {
 		p.st.SyncPause = pause
+		p.st.SyncPages = n
 	} else {
 		p.pauses.Add(pause)
 		p.st.DirtyTotal += n
@@ -559,11 +613,29 @@ func (p *Primary) capture(ctx context.Context, full bool, extra *Bitmap) (*captu
 	p.st.DirtyPages = n
 	p.st.LastPause = bd
 	p.st.DevStateBytes = int64(len(ep.devstate))
-	if full {
+	if sync {
 		p.st.SyncDone, p.st.SyncTotal = 0, uint64(len(ep.data)+len(ep.devstate))
 	}
 	p.mu.Unlock()
 	return ep, nil
+}
+
+// trackAgainst marks the pages that differ from base (the standby's page
+// hashes) and restarts the tracker at this cut.
+func (p *Primary) trackAgainst(base []uint64, dirty *Bitmap) error {
+	if s, ok := p.tracker.(Seeder); ok {
+		s.Seed(base)
+		return p.tracker.Dirty(p.mem, dirty)
+	}
+	if err := p.tracker.Dirty(p.mem, NewBitmap(p.pages)); err != nil {
+		return err
+	}
+	for i, h := range PageHashes(p.mem) {
+		if h != base[i] {
+			dirty.Set(uint64(i))
+		}
+	}
+	return nil
 }
 
 type sliceWriter struct{ b []byte }
@@ -624,7 +696,7 @@ func (p *Primary) sendLoop(ctx context.Context, conn net.Conn, queue <-chan *cap
 func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, ep *capturedEpoch) error {
 	fence := p.fence.Load()
 	npages := uint64(len(ep.data) / PageSize)
-	if err := WriteJSON(w, FrameEpochBegin, fence, ep.epoch, EpochBegin{Full: ep.full, Pages: npages, DevStateLen: uint64(len(ep.devstate))}); err != nil {
+	if err := WriteJSON(w, FrameEpochBegin, fence, ep.epoch, EpochBegin{Full: ep.full, Base: ep.base, Pages: npages, DevStateLen: uint64(len(ep.devstate))}); err != nil {
 		return err
 	}
 	crc := uint32(0)
@@ -647,7 +719,7 @@ func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, ep 
 			return err
 		}
 		end.Batches++
-		if ep.full {
+		if ep.full || ep.base {
 			p.setState(func(s *PrimaryStatus) { s.SyncDone = uint64(min(off+MaxBatchPages, len(indices))) * PageSize })
 		}
 		if p.cfg.Hook != nil && off <= half && half < off+MaxBatchPages {
@@ -676,8 +748,7 @@ func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, ep 
 	return nil
 }
 
-func (p *Primary) ackLoop(ctx context.Context, conn net.Conn) error {
-	r := bufio.NewReader(conn)
+func (p *Primary) ackLoop(ctx context.Context, r *bufio.Reader) error {
 	for {
 		f, err := ReadFrame(r)
 		if err != nil {

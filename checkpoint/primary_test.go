@@ -43,7 +43,7 @@ type fakeVM struct {
 	lastSnap   []byte
 	lastDev    []byte
 	stoppedAt  time.Time
-	longest    time.Duration // the longest pause so far
+	longest    time.Duration     // the longest pause so far
 	snaps      map[uint64][]byte // epoch -> guest RAM at its cut
 	devs       map[uint64][]byte // epoch -> device state
 	// Failure injection: return an error for the n-th call (from 1).
@@ -1178,38 +1178,45 @@ func TestPrimaryResumePlan(t *testing.T) {
 		p := newP()
 		p.everSent, p.captured, p.ackedEpoch = true, 7, 5
 		p.retained = []*capturedEpoch{ep(6, 1), ep(7, 2)}
-		resend, full := p.resumePlan(Welcome{Generation: "someone-else", Committed: 40})
-		if !full || resend != nil || p.retained != nil {
-			t.Fatalf("full=%v resend=%v retained=%d", full, resend, len(p.retained))
+		plan := p.resumePlan(Welcome{Generation: "someone-else", Committed: 40}, nil)
+		if !plan.full || plan.resend != nil || p.retained != nil {
+			t.Fatalf("plan %+v retained=%d", plan, len(p.retained))
 		}
 		if p.captured != 40 {
 			t.Fatalf("captured %d: the next epoch must be numbered after the standby's 40", p.captured)
 		}
 	})
+	t.Run("other generation with the replica's hashes", func(t *testing.T) {
+		p := newP()
+		hashes := make([]uint64, 128)
+		plan := p.resumePlan(Welcome{Generation: "someone-else", Committed: 40, Hashes: 128}, hashes)
+		if plan.full || plan.base == nil || p.captured != 40 {
+			t.Fatalf("plan %+v captured %d: want a resync against the replica", plan, p.captured)
+		}
+	})
 	t.Run("never sent", func(t *testing.T) {
 		p := newP()
 		p.captured = 3
-		_, full := p.resumePlan(Welcome{Generation: p.gen, Committed: 0})
-		if !full || p.captured != 3 {
-			t.Fatalf("full=%v captured=%d", full, p.captured)
+		plan := p.resumePlan(Welcome{Generation: p.gen, Committed: 0}, nil)
+		if !plan.full || p.captured != 3 {
+			t.Fatalf("plan %+v captured=%d", plan, p.captured)
 		}
 	})
 	t.Run("standby lost epochs", func(t *testing.T) {
 		p := newP()
 		p.everSent, p.captured, p.ackedEpoch = true, 9, 8
 		p.retained = []*capturedEpoch{ep(9, 1)}
-		_, full := p.resumePlan(Welcome{Generation: p.gen, Committed: 5})
-		if !full || p.retained != nil {
-			t.Fatalf("full=%v retained=%d", full, len(p.retained))
+		plan := p.resumePlan(Welcome{Generation: p.gen, Committed: 5}, nil)
+		if !plan.full || p.retained != nil {
+			t.Fatalf("plan %+v retained=%d", plan, len(p.retained))
 		}
 	})
 	t.Run("resume", func(t *testing.T) {
 		p := newP()
 		p.everSent, p.captured, p.ackedEpoch = true, 9, 5
 		p.retained = []*capturedEpoch{ep(6, 1, 2), ep(7, 3), ep(8, 4, 100), ep(9, 127)}
-		_, full := p.resumePlan(Welcome{Generation: p.gen, Committed: 7})
-		if full {
-			t.Fatal("resumed with a full resync")
+		if plan := p.resumePlan(Welcome{Generation: p.gen, Committed: 7}, nil); plan.full || plan.base != nil {
+			t.Fatal("resumed with a resync")
 		}
 		// Kept in the carry, which only a successful capture clears.
 		if got := bitmapIndices(p.carry); fmt.Sprint(got) != "[4 100 127]" {

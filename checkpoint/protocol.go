@@ -1,6 +1,7 @@
 package checkpoint
 
 import (
+	"time"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -40,12 +41,50 @@ type DiskHello struct {
 	Reset bool `json:"reset,omitempty"`
 }
 
+// Restarting tells a standby that the guest's primary agent is stopping
+// on purpose (an upgrade, a restart) and will be back within Grace: the
+// silence that follows is not a failure to promote on. The guest's output
+// stays held meanwhile.
+type Restarting struct {
+	Agent string        `json:"agent"`
+	Guest string        `json:"guest"`
+	Grace time.Duration `json:"grace_ns"`
+}
+
 // Welcome answers Hello with what the standby already holds, so a
 // reconnect can resume instead of copying all RAM again.
 type Welcome struct {
 	Agent      string `json:"agent"`
 	Generation string `json:"generation"`
 	Committed  uint64 `json:"committed"`
+	// Hashes, when not zero, is the number of page hashes (PageHash of
+	// every page of the replica's RAM) the standby sends next, in
+	// FramePageHashes frames: its replica is a complete checkpoint of
+	// another primary generation (the primary's agent restarted), and the
+	// first epoch need only carry the pages that differ (EpochBegin.Base).
+	Hashes uint64 `json:"hashes,omitempty"`
+}
+
+// MaxHashesPerFrame bounds the page hashes in one FramePageHashes frame.
+const MaxHashesPerFrame = MaxFramePayload / 8 / 2
+
+// AppendPageHashes encodes hashes as a FramePageHashes payload.
+func AppendPageHashes(b []byte, hashes []uint64) []byte {
+	for _, h := range hashes {
+		b = binary.BigEndian.AppendUint64(b, h)
+	}
+	return b
+}
+
+// DecodePageHashes decodes a FramePageHashes payload onto into.
+func DecodePageHashes(into []uint64, payload []byte) ([]uint64, error) {
+	if len(payload)%8 != 0 {
+		return into, fmt.Errorf("protocol error: page hashes frame of %d bytes, not a multiple of 8", len(payload))
+	}
+	for i := 0; i < len(payload); i += 8 {
+		into = append(into, binary.BigEndian.Uint64(payload[i:]))
+	}
+	return into, nil
 }
 
 // ErrorMsg is sent before closing a session the peer must not retry as is.
@@ -56,7 +95,11 @@ type ErrorMsg struct {
 
 // EpochBegin announces an epoch's contents.
 type EpochBegin struct {
-	Full        bool   `json:"full"` // every page of guest RAM follows
+	Full bool `json:"full"` // every page of guest RAM follows
+	// Base: the pages that differ from the replica's RAM as its hashes
+	// said follow (a new primary generation resyncing): a complete
+	// checkpoint once applied, like a full epoch.
+	Base        bool   `json:"base,omitempty"`
 	Pages       uint64 `json:"pages"`
 	DevStateLen uint64 `json:"devstate_len"`
 }

@@ -125,7 +125,10 @@ func (r *Replica) Begin(gen string, epoch uint64, b EpochBegin) error {
 	if epoch <= r.state.Committed {
 		return fmt.Errorf("epoch %d is not newer than committed epoch %d", epoch, r.state.Committed)
 	}
-	if !b.Full && (!r.state.Synced || gen != r.state.Generation) {
+	switch {
+	case b.Base && (!r.state.Synced || r.state.Applied != r.state.Committed):
+		return fmt.Errorf("epoch %d resyncs against the replica's RAM, but the replica holds no complete checkpoint: %w", epoch, ErrNotConsistent)
+	case !b.Full && !b.Base && (!r.state.Synced || gen != r.state.Generation):
 		return fmt.Errorf("epoch %d is incremental but the replica holds no full copy of generation %s: %w", epoch, gen, ErrNotConsistent)
 	}
 	st, err := os.Create(filepath.Join(r.dir, "stage.pages"))
@@ -361,6 +364,10 @@ func (r *Replica) Reset(generation string) error {
 	r.state = next
 	return nil
 }
+
+// PageHashes returns the hash of every page of the replica's RAM, for a
+// primary of a new generation to resync against (Welcome.Hashes).
+func (r *Replica) PageHashes() []uint64 { return PageHashes(r.mem) }
 
 // Consistent reports whether the RAM holds a whole checkpoint and its
 // device state is on hand.

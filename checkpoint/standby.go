@@ -31,13 +31,24 @@ type StandbyHandler interface {
 	// Accept readies the replica of guest h.Guest for a session opened by
 	// the primary on conn at fence. Its error is sent to the primary,
 	// which gives up when the error is a *FatalError and retries
-	// otherwise. The welcome says what the replica holds.
-	Accept(ctx context.Context, conn net.Conn, h Hello, fence uint64) (SessionGuest, Welcome, error)
+	// otherwise.
+	Accept(ctx context.Context, conn net.Conn, h Hello, fence uint64) (Accepted, error)
 	// Unenroll drops a replica on the primary's request.
 	Unenroll(ctx context.Context, conn net.Conn, h Hello, fence uint64) (Welcome, error)
+	// Restarting takes note that the guest's primary agent is restarting.
+	Restarting(ctx context.Context, conn net.Conn, r Restarting, fence uint64) error
 	// Disk serves a disk connection (FrameDiskNBD or FrameDiskControl)
 	// until it ends; it writes the welcome itself.
 	Disk(ctx context.Context, conn net.Conn, kind FrameType, fence uint64, h DiskHello) error
+}
+
+// Accepted is a session the handler took on.
+type Accepted struct {
+	Guest   SessionGuest
+	Welcome Welcome // what the replica holds
+	// PageHashes, when set, follow the welcome (Welcome.Hashes counts
+	// them): the replica is a complete checkpoint of another generation.
+	PageHashes []uint64
 }
 
 // SessionGuest is one guest's replica as one session feeds it.
@@ -129,6 +140,19 @@ func (s *Standby) ServeConn(ctx context.Context, conn net.Conn) {
 			sendError(conn, 0, err, false)
 		}
 		return
+	case FrameRestarting:
+		var r Restarting
+		if err := json.Unmarshal(f.Payload, &r); err != nil || r.Guest == "" || r.Grace <= 0 {
+			sendError(conn, 0, fmt.Errorf("bad %s frame: %v", f.Type, err), true)
+			return
+		}
+		if err := s.Handler.Restarting(ctx, conn, r, f.Fence); err != nil {
+			s.log().Warn("restart notice refused", "guest", r.Guest, "from", r.Agent, "err", err)
+			sendError(conn, 0, err, true)
+			return
+		}
+		_ = WriteJSON(conn, FrameWelcome, f.Fence, 0, Welcome{})
+		return
 	case FrameHello, FrameUnenroll:
 	default:
 		sendError(conn, 0, fmt.Errorf("protocol error: session opened with %s", f.Type), true)
@@ -153,14 +177,16 @@ func (s *Standby) ServeConn(ctx context.Context, conn net.Conn) {
 		sendError(conn, f.Fence, fmt.Errorf("primary uses %d-byte pages, this agent %d", h.PageSize, PageSize), true)
 		return
 	}
-	g, w, err := s.Handler.Accept(ctx, conn, h, f.Fence)
+	acc, err := s.Handler.Accept(ctx, conn, h, f.Fence)
 	if err != nil {
 		var fatal *FatalError
 		sendError(conn, f.Fence, err, errors.As(err, &fatal))
 		s.log().Warn("replication refused", "guest", h.Guest, "primary", h.Agent, "err", err)
 		return
 	}
-	if err := WriteJSON(conn, FrameWelcome, f.Fence, 0, w); err != nil {
+	g, w := acc.Guest, acc.Welcome
+	w.Hashes = uint64(len(acc.PageHashes))
+	if err := writeWelcome(conn, f.Fence, w, acc.PageHashes); err != nil {
 		g.Ended(err)
 		return
 	}
@@ -171,6 +197,22 @@ func (s *Standby) ServeConn(ctx context.Context, conn net.Conn) {
 	if ctx.Err() == nil {
 		s.log().Warn("replication session ended", "guest", h.Guest, "primary", h.Agent, "err", err)
 	}
+}
+
+// writeWelcome sends the welcome and the page hashes it announces.
+func writeWelcome(conn net.Conn, fence uint64, w Welcome, hashes []uint64) error {
+	bw := bufio.NewWriterSize(conn, 1<<20)
+	if err := WriteJSON(bw, FrameWelcome, fence, 0, w); err != nil {
+		return err
+	}
+	var buf []byte
+	for off := 0; off < len(hashes); off += MaxHashesPerFrame {
+		buf = AppendPageHashes(buf[:0], hashes[off:min(off+MaxHashesPerFrame, len(hashes))])
+		if err := WriteFrame(bw, Frame{Type: FramePageHashes, Fence: fence, Payload: buf}); err != nil {
+			return err
+		}
+	}
+	return bw.Flush()
 }
 
 func sendError(conn net.Conn, fence uint64, err error, fatal bool) {

@@ -21,6 +21,8 @@ type handlerRig struct {
 	r       *Replica
 	fence   uint64
 	refuse  error // Accept refuses with it when set
+	// offerHashes: a replica of another generation offers its page hashes.
+	offerHashes bool
 	mu      sync.Mutex
 	locked  bool
 	ended   []error
@@ -48,21 +50,29 @@ func startHandlerRig(t *testing.T, pages int) *handlerRig {
 	return h
 }
 
-func (h *handlerRig) Accept(ctx context.Context, conn net.Conn, hello Hello, fence uint64) (SessionGuest, Welcome, error) {
+func (h *handlerRig) Accept(ctx context.Context, conn net.Conn, hello Hello, fence uint64) (Accepted, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.refuse != nil {
-		return nil, Welcome{}, h.refuse
+		return Accepted{}, h.refuse
 	}
 	if fence < h.fence {
-		return nil, Welcome{}, errors.New("stale fence")
+		return Accepted{}, errors.New("stale fence")
 	}
 	st := h.r.State()
-	return h, Welcome{Agent: "standby-1", Generation: st.Generation, Committed: st.Committed}, nil
+	acc := Accepted{Guest: h, Welcome: Welcome{Agent: "standby-1", Generation: st.Generation, Committed: st.Committed}}
+	if h.offerHashes && st.Generation != hello.Generation && h.r.Consistent() == nil {
+		acc.PageHashes = h.r.PageHashes()
+	}
+	return acc, nil
 }
 
 func (h *handlerRig) Unenroll(ctx context.Context, conn net.Conn, hello Hello, fence uint64) (Welcome, error) {
 	return Welcome{}, errors.New("not here")
+}
+
+func (h *handlerRig) Restarting(context.Context, net.Conn, Restarting, uint64) error {
+	return errors.New("not here")
 }
 
 func (h *handlerRig) Disk(ctx context.Context, conn net.Conn, kind FrameType, fence uint64, dh DiskHello) error {
@@ -211,5 +221,70 @@ func TestStandbyRefusesBadSessions(t *testing.T) {
 	}
 	if h.aborts == 0 {
 		t.Fatal("the staged epoch was not aborted in the journal")
+	}
+}
+
+// hideSeed is a tracker without Seed, like the soft-dirty one.
+type hideSeed struct{ Tracker }
+
+// A primary of a new generation (its agent restarted) resyncs against the
+// replica's page hashes: its first epoch carries only the pages that
+// differ, and the replica converges to the guest.
+func TestStandbyResyncAgainstReplicaHashes(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		tracker func(int) Tracker
+	}{
+		{"scan tracker seeded", func(n int) Tracker { return NewScanTracker(n) }},
+		{"tracker without seed", func(n int) Tracker { return hideSeed{NewScanTracker(n)} }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			const pages = 2048
+			h := startHandlerRig(t, pages)
+			h.offerHashes = true
+			mem := make([]byte, pages*PageSize)
+			r := newRand(5)
+			for p := 0; p < pages; p += 3 {
+				fillText(r, mem[p*PageSize:(p+1)*PageSize])
+			}
+			vm := newFakeVM(t, mem)
+			addr := h.ln.Addr().String()
+			run := func(until func() bool) *Primary {
+				p := NewPrimary(PrimaryConfig{Agent: "primary-1", Guest: "vm1", Interval: 20 * time.Millisecond, Fence: testFence,
+					Dial: func(ctx context.Context) (net.Conn, error) { var d net.Dialer; return d.DialContext(ctx, "tcp", addr) },
+					Log:  testLogger(t), Hook: vm.hook}, vm, mem, c.tracker(len(mem)))
+				w := startGuestWriter(vm, 11)
+				ctx, cancel := context.WithCancel(context.Background())
+				done := make(chan error, 1)
+				go func() { done <- p.Run(ctx) }()
+				wait(t, 15*time.Second, "the epochs", until)
+				cancel()
+				if err := <-done; err != nil {
+					t.Fatal(err)
+				}
+				vm.settle(t)
+				w.halt()
+				return p
+			}
+			run(func() bool { _, n := h.state(); return n >= 5 })
+			before, _ := h.state()
+			wait(t, 5*time.Second, "the first session to end", func() bool { h.mu.Lock(); defer h.mu.Unlock(); return len(h.ended) == 1 })
+			// The agent restarts: a new generation.
+			p2 := run(func() bool { st, _ := h.state(); return st.Committed >= before.Committed+5 })
+			st := p2.Status()
+			if st.SyncPages == 0 || st.SyncPages >= pages/2 {
+				t.Fatalf("the resync sent %d of %d pages; want only those that differ", st.SyncPages, pages)
+			}
+			wait(t, 5*time.Second, "the second session to end", func() bool { h.mu.Lock(); defer h.mu.Unlock(); return len(h.ended) == 2 })
+			rs, _ := h.state()
+			if rs.Generation != st.Generation || !rs.Synced || rs.Applied != rs.Committed {
+				t.Fatalf("replica %+v after the resync (primary generation %s)", rs, st.Generation)
+			}
+			snap, _ := vm.snapshot(rs.Committed)
+			if !bytes.Equal(h.ram, snap) {
+				t.Fatalf("replica RAM differs from the guest at epoch %d in %d pages", rs.Committed, diffPages(h.ram, snap))
+			}
+			t.Logf("resync sent %d of %d pages", st.SyncPages, pages)
+		})
 	}
 }

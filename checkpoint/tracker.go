@@ -38,6 +38,43 @@ func NewScanTracker(ramBytes int) *ScanTracker {
 	return &ScanTracker{hashes: make([]uint64, ramBytes/PageSize), workers: runtime.GOMAXPROCS(0)}
 }
 
+// Seed makes the next Dirty report the pages that differ from base (page
+// hashes of the standby's replica, from PageHashes): a restarted primary
+// resyncs what changed, not all of RAM.
+func (t *ScanTracker) Seed(base []uint64) {
+	copy(t.hashes, base)
+	t.primed = true
+}
+
+// Seeder is a Tracker that can start from page hashes (ScanTracker).
+type Seeder interface {
+	Seed(base []uint64)
+}
+
+// PageHash is the hash a replica's page is compared by.
+func PageHash(page []byte) uint64 { return xxh3.Hash(page) }
+
+// PageHashes returns PageHash of every page of mem, in parallel.
+func PageHashes(mem []byte) []uint64 {
+	pages := len(mem) / PageSize
+	out := make([]uint64, pages)
+	workers := runtime.GOMAXPROCS(0)
+	per := (pages + workers - 1) / workers
+	var wg sync.WaitGroup
+	for lo := 0; lo < pages; lo += per {
+		hi := min(lo+per, pages)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for p := lo; p < hi; p++ {
+				out[p] = PageHash(mem[p*PageSize : (p+1)*PageSize])
+			}
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
 func (t *ScanTracker) Name() string { return TrackerScan }
 func (t *ScanTracker) Close() error { return nil }
 
@@ -59,7 +96,7 @@ func (t *ScanTracker) Dirty(mem []byte, into *Bitmap) error {
 		go func(lo, hi int) {
 			defer wg.Done()
 			for p := lo * 64; p < min(hi*64, pages); p++ {
-				h := xxh3.Hash(mem[p*PageSize : (p+1)*PageSize])
+				h := PageHash(mem[p*PageSize : (p+1)*PageSize])
 				if !t.primed || h != t.hashes[p] {
 					t.hashes[p] = h
 					into.Set(uint64(p))

@@ -79,3 +79,4 @@ func (Passthrough) DiscardAfter(uint64)  {}
 func (Passthrough) Stats() Stats         { return Stats{} }
 func (Passthrough) ReleaseAll() error    { return nil }
 func (Passthrough) Close() error         { return nil }
+func (Passthrough) Detach()              {}

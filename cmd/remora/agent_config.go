@@ -33,6 +33,7 @@ var agentFlagUsage = map[string]string{
 	"api_listen":          "also serve the admin API over TCP with mutual TLS (host:port)",
 	"output_commit":       "hold guest output until its epoch is acknowledged: auto, qemu, plug or off",
 	"output_buffer_bytes": "output held per guest before frames are dropped",
+	"restart_grace":       "how long the standby and arbiter wait for an agent that stops on purpose (an upgrade) before failing its guests over",
 }
 
 // addAgentFlags gives cmd a flag for every agent config key, defaulting to

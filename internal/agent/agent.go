@@ -196,18 +196,63 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	return err
 }
 
+// shutdown stops the agent on purpose (SIGTERM: an upgrade, a restart).
+// Protection pauses, it does not end: each protected guest's output stays
+// held (and is dropped while no agent runs: fail closed), and its standby
+// and the arbiter are told the primary is back within restart_grace, so
+// they do not fail it over meanwhile. The restarted agent resumes from
+// what the standby holds.
 func (a *Agent) shutdown() {
+	var wg sync.WaitGroup
 	for _, g := range a.guestList() {
-		g.stop()
-		if p := g.primary; p != nil {
-			// The guest runs on unprotected while the agent is down; held
-			// output would cut it off its network.
-			p.closeOutput(g.log)
-		}
-		if s := g.standby; s != nil {
-			s.closeSession()
-		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			g.stop()
+			switch {
+			case g.primary != nil:
+				a.handOver(g)
+			case g.standby != nil:
+				g.standby.closeSession()
+			}
+		}()
 	}
+	wg.Wait()
+}
+
+// handOver tells a protected guest's standby and the arbiter that its
+// agent restarts, then lets go of the guest without releasing its output.
+func (a *Agent) handOver(g *guest) {
+	p, st := g.primary, g.state()
+	if st.Fenced || p.engine == nil {
+		return
+	}
+	grace := a.cfg.RestartGrace
+	if grace > 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		conn, err := a.dialPeer(ctx, g.rec.Peer, checkpoint.FrameRestarting, st.Fence, checkpoint.Restarting{Agent: a.cfg.AgentID, Guest: g.name, Grace: grace})
+		if err == nil {
+			conn.Close()
+		} else {
+			g.log.Warn("could not tell the standby this agent restarts; it may fail the guest over", "err", err)
+		}
+		if s, ok := a.arb.(suspender); ok && a.arb != nil {
+			if _, err := s.Suspend(ctx, g.name, a.cfg.AgentID, st.Fence, grace); err != nil {
+				g.log.Warn("could not tell the arbiter this agent restarts; the standby may be promoted once the lease runs out", "err", err)
+			}
+		}
+		cancel()
+	}
+	p.stopEngine()
+	if p.out != nil {
+		p.out.Detach()
+	}
+	g.log.Info("agent stopping: the guest runs on with its output held until the agent is back", "grace", grace)
+}
+
+// suspender is an arbiter that can hold a restarting primary's lease.
+type suspender interface {
+	Suspend(ctx context.Context, guest, agentID string, epoch uint64, d time.Duration) (arbiter.Lease, error)
 }
 
 // guest returns the guest named name, or nil.

@@ -84,7 +84,8 @@ type State struct {
 	GrantedAt   time.Time
 	RestoredAt  time.Time
 
-	RetryFailover bool // a restore failed and may be tried again
+	RetryFailover bool      // a restore failed and may be tried again
+	RestartUntil  time.Time // the primary's agent restarts on purpose: its silence is expected until then
 
 	// What the engine or session said last (primary: about the standby;
 	// standby: about the primary).
@@ -209,6 +210,10 @@ type StandbyLostGranted struct {
 	Lease arbiter.Lease
 }
 
+// PrimaryRestarting: the primary's agent said it stops on purpose and is
+// back before Until (standby).
+type PrimaryRestarting struct{ Until time.Time }
+
 // Paused / Resumed report a pause or resume the machine ordered.
 type Paused struct{ Err error }
 type Resumed struct{ Err error }
@@ -247,6 +252,7 @@ func (SyncedReported) event()     {}
 func (CallDone) event()           {}
 func (StandbyLostGranted) event() {}
 func (Paused) event()             {}
+func (PrimaryRestarting) event()  {}
 func (Resumed) event()            {}
 func (PromotionGranted) event()   {}
 func (FailoverStarted) event()    {}
@@ -378,6 +384,9 @@ func (m *Machine) Step(ev Event) []Action {
 			return nil
 		}
 		m.SelfFenced, m.PausedAtStart = false, false
+		return nil
+	case PrimaryRestarting:
+		m.RestartUntil = e.Until
 		return nil
 	case PromotionGranted:
 		return m.granted(e.Now, e.Grant.Epoch, e.Grant.Lease)
@@ -623,6 +632,13 @@ func (m *Machine) standbyTick() []Action {
 	}
 	if !m.Obs.Silent || !m.Consistent {
 		m.SuspectedAt = time.Time{}
+		if !m.Obs.Silent {
+			m.RestartUntil = time.Time{} // back
+		}
+		return nil
+	}
+	if now.Before(m.RestartUntil) {
+		m.Note = "the primary's agent is restarting: no promotion before " + m.RestartUntil.Format(time.RFC3339)
 		return nil
 	}
 	if m.SuspectedAt.IsZero() {

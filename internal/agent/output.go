@@ -18,6 +18,8 @@ type outputBuffer interface {
 	// ReleaseAll sends everything held and holds nothing until the next
 	// cut: the guest runs unprotected.
 	ReleaseAll() error
+	// Detach lets go of the guest with its output held (agent stopping).
+	Detach()
 }
 
 // newOutput sets up output commit for a guest about to be protected.

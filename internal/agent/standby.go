@@ -335,15 +335,23 @@ func (a *Agent) detachShell(g *guest) {
 type standbyHandler struct{ a *Agent }
 
 // Accept validates a Hello and readies the replica and its shell.
-func (h standbyHandler) Accept(ctx context.Context, conn net.Conn, hello checkpoint.Hello, fence uint64) (checkpoint.SessionGuest, checkpoint.Welcome, error) {
+func (h standbyHandler) Accept(ctx context.Context, conn net.Conn, hello checkpoint.Hello, fence uint64) (checkpoint.Accepted, error) {
+	g, w, hashes, err := h.accept(ctx, conn, hello, fence)
+	if err != nil {
+		return checkpoint.Accepted{}, err
+	}
+	return checkpoint.Accepted{Guest: g, Welcome: w, PageHashes: hashes}, nil
+}
+
+func (h standbyHandler) accept(ctx context.Context, conn net.Conn, hello checkpoint.Hello, fence uint64) (checkpoint.SessionGuest, checkpoint.Welcome, []uint64, error) {
 	a := h.a
 	if err := checkPeerName(conn, hello.Agent); err != nil {
-		return nil, checkpoint.Welcome{}, checkpoint.Fatal(err)
+		return nil, checkpoint.Welcome{}, nil, checkpoint.Fatal(err)
 	}
 	g := a.guest(hello.Guest)
 	switch {
 	case g != nil && g.primary != nil:
-		return nil, checkpoint.Welcome{}, checkpoint.Fatal(fmt.Errorf("guest %q is protected by this agent as its primary; a host cannot be its own standby", hello.Guest))
+		return nil, checkpoint.Welcome{}, nil, checkpoint.Fatal(fmt.Errorf("guest %q is protected by this agent as its primary; a host cannot be its own standby", hello.Guest))
 	case g == nil:
 		g = a.newStandbyGuest(&Record{Name: hello.Guest, Role: api.RoleStandby, Primary: hello.Agent, Fence: fence, Enrolled: time.Now().UTC()})
 	}
@@ -353,13 +361,13 @@ func (h standbyHandler) Accept(ctx context.Context, conn net.Conn, hello checkpo
 	st := g.state()
 	switch {
 	case s.busy:
-		return nil, checkpoint.Welcome{}, fmt.Errorf("guest %q is being failed over or unenrolled on this standby", hello.Guest)
+		return nil, checkpoint.Welcome{}, nil, fmt.Errorf("guest %q is being failed over or unenrolled on this standby", hello.Guest)
 	case st.Promoted || st.FailingOver:
-		return nil, checkpoint.Welcome{}, checkpoint.Fatal(fmt.Errorf("guest %q was failed over to agent %s (fencing epoch %d); the copy on %s is stale: destroy it there (virsh destroy %s) and unenroll it", hello.Guest, a.cfg.AgentID, st.Fence, hello.Agent, hello.Guest))
+		return nil, checkpoint.Welcome{}, nil, checkpoint.Fatal(fmt.Errorf("guest %q was failed over to agent %s (fencing epoch %d); the copy on %s is stale: destroy it there (virsh destroy %s) and unenroll it", hello.Guest, a.cfg.AgentID, st.Fence, hello.Agent, hello.Guest))
 	case fence < st.Fence:
 		// Not fatal: a primary the arbiter moved to a newer epoch learns it
 		// and retries; one that was replaced is fenced through the arbiter.
-		return nil, checkpoint.Welcome{}, fmt.Errorf("stale fencing epoch %d from %s: this replica is at fencing epoch %d", fence, hello.Agent, st.Fence)
+		return nil, checkpoint.Welcome{}, nil, fmt.Errorf("stale fencing epoch %d from %s: this replica is at fencing epoch %d", fence, hello.Agent, st.Fence)
 	}
 	g.mu.Lock()
 	rec := g.rec
@@ -373,7 +381,7 @@ func (h standbyHandler) Accept(ctx context.Context, conn net.Conn, hello checkpo
 	disksChanged := !slices.Equal(rec.Disks, hello.Disks)
 	if disksChanged && (s.replica != nil || rec.Replica.Committed != 0) {
 		g.mu.Unlock()
-		return nil, checkpoint.Welcome{}, checkpoint.Fatal(fmt.Errorf("guest %q: its disks changed (%v, the replica has %v): unenroll it and enroll it again", hello.Guest, hello.Disks, rec.Disks))
+		return nil, checkpoint.Welcome{}, nil, checkpoint.Fatal(fmt.Errorf("guest %q: its disks changed (%v, the replica has %v): unenroll it and enroll it again", hello.Guest, hello.Disks, rec.Disks))
 	}
 	if disksChanged {
 		rec.Disks = hello.Disks
@@ -383,7 +391,7 @@ func (h standbyHandler) Accept(ctx context.Context, conn net.Conn, hello checkpo
 		g.post(FenceMoved{Fence: fence})
 	}
 	if err := a.attachShell(ctx, g, hello.DomainXML, hello.RAMBytes); err != nil {
-		return nil, checkpoint.Welcome{}, err
+		return nil, checkpoint.Welcome{}, nil, err
 	}
 	if s.session != nil {
 		s.session.Close() // the primary reconnected; the old session is dead
@@ -391,7 +399,13 @@ func (h standbyHandler) Accept(ctx context.Context, conn net.Conn, hello checkpo
 	s.session, s.sessionFrom, s.lastFrame, s.lastError = conn, hello.Agent, time.Now(), ""
 	a.detector.Heartbeat(g.name)
 	rst := s.replica.State()
-	return &sessionGuest{g: g, conn: conn}, checkpoint.Welcome{Agent: a.cfg.AgentID, Generation: rst.Generation, Committed: rst.Committed}, nil
+	var hashes []uint64
+	if rst.Generation != hello.Generation && s.replica.Consistent() == nil {
+		// A primary of a new generation (its agent restarted): it resyncs
+		// against what this replica holds instead of copying all of RAM.
+		hashes = s.replica.PageHashes()
+	}
+	return &sessionGuest{g: g, conn: conn}, checkpoint.Welcome{Agent: a.cfg.AgentID, Generation: rst.Generation, Committed: rst.Committed}, hashes, nil
 }
 
 // sessionGuest is one session's hold on a replica (checkpoint.SessionGuest).
@@ -459,6 +473,28 @@ func (h standbyHandler) Unenroll(ctx context.Context, conn net.Conn, hello check
 		return checkpoint.Welcome{}, err
 	}
 	return checkpoint.Welcome{Agent: h.a.cfg.AgentID}, nil
+}
+
+// Restarting notes that a replica's primary agent is restarting on
+// purpose: the standby asks for no promotion until the grace runs out.
+func (h standbyHandler) Restarting(ctx context.Context, conn net.Conn, r checkpoint.Restarting, fence uint64) error {
+	if err := checkPeerName(conn, r.Agent); err != nil {
+		return err
+	}
+	g := h.a.guest(r.Guest)
+	if g == nil || g.standby == nil {
+		return fmt.Errorf("guest %q has no replica on this standby", r.Guest)
+	}
+	g.mu.Lock()
+	primary := g.rec.Primary
+	g.mu.Unlock()
+	if st := g.state(); r.Agent != primary || fence < st.Fence {
+		return fmt.Errorf("agent %q at fencing epoch %d is not guest %q's primary (%s at %d)", r.Agent, fence, r.Guest, primary, st.Fence)
+	}
+	grace := min(r.Grace, 5*time.Minute)
+	g.log.Info("the primary's agent is restarting on purpose: no promotion meanwhile", "primary", r.Agent, "grace", grace)
+	g.post(PrimaryRestarting{Until: time.Now().Add(grace)})
+	return nil
 }
 
 // dropReplica removes a guest's replica and its shell. primary, when set,

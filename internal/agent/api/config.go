@@ -46,6 +46,11 @@ type Config struct {
 	// OutputBufferBytes bounds the output held per guest; frames beyond it
 	// are dropped (the guest's TCP sends them again).
 	OutputBufferBytes int64 `mapstructure:"output_buffer_bytes"`
+	// RestartGrace is how long a standby and the arbiter wait for a
+	// primary's agent that stops on purpose (SIGTERM: an upgrade) before
+	// they treat its silence as a failure. A host that dies within it is
+	// failed over only once it has run out.
+	RestartGrace time.Duration `mapstructure:"restart_grace"`
 }
 
 // Output-commit backends (config output_commit).
@@ -77,6 +82,7 @@ func Defaults() Config {
 
 		OutputCommit:      OutputAuto,
 		OutputBufferBytes: 16 << 20,
+		RestartGrace:      30 * time.Second,
 	}
 }
 
@@ -114,6 +120,9 @@ func (c *Config) Validate() error {
 	}
 	if c.OutputBufferBytes < 64<<10 {
 		return fmt.Errorf("output_buffer_bytes %d too small: use at least 65536 (default 16777216)", c.OutputBufferBytes)
+	}
+	if c.RestartGrace < 0 || c.RestartGrace > 5*time.Minute {
+		return fmt.Errorf("restart_grace %s out of range: use 0 (no grace: a stopping agent's guests fail over) to 5m", c.RestartGrace)
 	}
 	if !validLogLevel(c.LogLevel) {
 		return fmt.Errorf("log_level %q unknown: use debug, info, warn or error", c.LogLevel)
