@@ -169,7 +169,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		switch r.Role {
 		case api.RolePrimary:
 			if err := a.startPrimary(ctx, r); err != nil {
-				a.log.Error("cannot resume protection; fix and re-enroll", "guest", r.Name, "err", err)
+				a.notResumed(ctx, r, err)
 			}
 		case api.RoleStandby:
 			a.loadStandby(ctx, r)
@@ -253,6 +253,46 @@ func (a *Agent) handOver(g *guest) {
 // suspender is an arbiter that can hold a restarting primary's lease.
 type suspender interface {
 	Suspend(ctx context.Context, guest, agentID string, epoch uint64, d time.Duration) (arbiter.Lease, error)
+}
+
+// notResumed explains a protected guest this restarted agent could not
+// take up again. A guest that is not running here may run elsewhere since
+// a failover: the arbiter says which, so that nobody starts a superseded
+// copy on this agent's advice.
+func (a *Agent) notResumed(ctx context.Context, r *Record, err error) {
+	log := a.log.With("guest", r.Name)
+	gone := errors.Is(err, virt.ErrNotRunning) || errors.Is(err, virt.ErrNoDomain)
+	if !gone {
+		log.Error("cannot resume protection; fix and re-enroll", "err", err)
+		return
+	}
+	if a.arb == nil {
+		log.Error("the guest is not running here; if it was failed over to its standby, do not start this copy: unenroll it here", "err", err)
+		return
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	_, rerr := a.arb.Register(cctx, arbiter.GuestSpec{Guest: r.Name, AgentID: a.cfg.AgentID, Role: arbiter.RolePrimary, Epoch: r.Fence, AgentAddr: a.cfg.Advertise})
+	var ae *arbiter.Error
+	switch {
+	case errors.As(rerr, &ae) && errors.Is(rerr, arbiter.ErrStaleEpoch) && ae.Role == arbiter.RoleNone:
+		note := fmt.Sprintf("superseded: running on %s since fencing epoch %d; this copy must not be started", ae.Primary, ae.CurrentEpoch)
+		log.Warn(note)
+		r.State, r.Fence = StateFenced, max(r.Fence, ae.CurrentEpoch)
+		if err := a.store.save(r); err != nil {
+			log.Error("cannot record the guest as superseded", "err", err)
+		}
+		g := newGuest(a, r, NewPrimary(a.settings(), r.Fence, false, true))
+		g.m.Note = note
+		g.primary = &primaryRun{}
+		a.mu.Lock()
+		a.guests[r.Name] = g
+		a.mu.Unlock()
+	case rerr == nil:
+		log.Error("the guest is not running here and the arbiter still has this host as its primary: start it (virsh start) to resume protection", "err", err)
+	default:
+		log.Error("the guest is not running here and the arbiter cannot say whether it runs elsewhere: do not start it before `remora arbiter status` shows this host as its primary", "err", err, "arbiter_err", rerr)
+	}
 }
 
 // guest returns the guest named name, or nil.

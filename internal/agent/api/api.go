@@ -39,6 +39,7 @@ type VMStatus struct {
 	Lag          time.Duration              `json:"lag_ns"`
 	Tracker      string                     `json:"tracker,omitempty"`
 	LastPause    *checkpoint.PauseBreakdown `json:"last_pause,omitempty"`
+	SyncPages    uint64                     `json:"sync_pages,omitempty"` // pages the last (re)sync sent
 	SyncDone     uint64                     `json:"sync_done_bytes,omitempty"`
 	SyncTotal    uint64                     `json:"sync_total_bytes,omitempty"`
 	Shell        string                     `json:"shell,omitempty"`
