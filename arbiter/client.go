@@ -222,6 +222,16 @@ func (c *Client) Renew(ctx context.Context, guest, agentID string, epoch uint64)
 	return c.leaseCall(ctx, &request{Op: opRenew, Agent: agentID, Guest: guest, Epoch: epoch})
 }
 
+// Suspend asks the arbiter to hold off promotion for d (at most the
+// arbiter's MaxSuspend) because the primary's agent is about to restart
+// on purpose, for an upgrade, while its guest keeps running. The epoch
+// rules are those of Renew. The returned lease is a normal one for the
+// caller (use ValidUntil as after Renew); Lease.Expires is when the
+// arbiter's hold ends. Registering or renewing again ends the hold.
+func (c *Client) Suspend(ctx context.Context, guest, agentID string, epoch uint64, d time.Duration) (Lease, error) {
+	return c.leaseCall(ctx, &request{Op: opSuspend, Agent: agentID, Guest: guest, Epoch: epoch, Duration: d})
+}
+
 // Release gives up the primary's lease early (planned switchover), so the
 // standby can be promoted without waiting for expiry. Call it only after
 // the guest has stopped.

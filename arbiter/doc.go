@@ -19,6 +19,8 @@
 //   - Register with Fresh (a new enrollment by a primary holding no
 //     epoch) of a retired guest, or of one whose primary is the caller:
 //     epoch+1 with no standby. Another agent's guest is refused.
+//   - Recovery of a guest whose record was lost (see below): the highest
+//     claimed epoch+1.
 //
 // Each requires the caller's epoch to be current (or supersedes it), so
 // for any epoch at most one of them is ever granted; the loser gets
@@ -34,7 +36,14 @@
 // computes Lease.ValidUntil from the moment the request was sent, minus
 // DriftMargin, so the primary's own view of its lease always ends before
 // the arbiter's. After a restart the arbiter assumes any lease it had
-// granted runs for a full lease duration from the restart.
+// granted runs for a full lease duration (or suspension) from the restart.
+//
+// Suspend(d) holds off promotion for d (at most Config.MaxSuspend,
+// default 30 s) while the primary's agent restarts on purpose and its
+// guest keeps running. It follows Renew's epoch rules, is persisted, and
+// ends early when the primary renews or registers again. The caller itself
+// gets a normal lease, so ending the hold early never cuts a lease any
+// agent relies on.
 //
 // # Contract for agents
 //
@@ -65,6 +74,9 @@
 //     concurrent call advanced the epoch, or it restarted and lost its
 //     epoch); adopt Error.CurrentEpoch.
 //  6. Release before a planned switchover, after the guest has stopped.
+//  7. Before restarting the agent on purpose with the guest left running,
+//     Suspend for a bound on the restart; the restarted agent registers
+//     with the epoch it persisted.
 //
 // Standby, per guest:
 //
@@ -85,12 +97,40 @@
 // Every operation is idempotent for the same epoch: a retry after a lost
 // reply gets the same grant rather than ErrStaleEpoch. The client retries
 // once on a fresh connection by itself; further retries are the caller's.
+// ErrRecovering (see below) is answered to every role: retry after
+// Error.RetryAfter.
 //
 // A cut replication link with both agents reachable from the arbiter: the
 // standby is refused (ErrLeaseValid, the primary renews), the primary's
 // report is granted with a new epoch, which fences the standby, and the
 // guest goes on serving unprotected until the standby is back in sync.
 // Holding its output until the link heals would cut it off its clients.
+//
+// # Recovery from a lost state
+//
+// An arbiter that lost its state directory knows no epochs, so the first
+// agent to speak must not decide: a stale primary, replaced at a higher
+// epoch before the loss, would be made primary again. When agents hold
+// epochs for a guest the arbiter has no record of (Register without
+// Fresh naming an epoch, or a Heartbeat naming it), the guest is
+// recovering: for 2 x LeaseDuration from the first claim (never ending
+// before 2 x LeaseDuration after the arbiter started, so every lease the
+// lost state granted has run out) the arbiter collects claims (agent, role
+// claimed, epoch) from registrations, renewals and heartbeats (which claim
+// no role) and grants nothing: every request about the guest gets
+// ErrRecovering with the time left. Then the single claimant of the
+// primary role at the highest claimed epoch becomes primary at that
+// epoch+1, so no epoch is reissued and every claim is stale; a single
+// standby claimant at that epoch stays its standby, out of sync. Its next
+// registration repeating its claim is answered with the new epoch;
+// everyone else is told ErrStaleEpoch (Role RoleNone for a stale primary).
+// If no claimant, or more than one, claims the primary role at the highest
+// epoch, nothing is decided (it is logged, and shown in Status) until a
+// new claim settles it, or until a fresh enrollment gives up the claimed
+// epochs and starts above them. A fresh enrollment of a guest nobody
+// claims is immediate, as is a primary registering with epoch 0. The
+// decision and its claims are logged. Claims live in memory only: an
+// arbiter restarted during a recovery collects them anew.
 //
 // # Probes
 //
@@ -100,12 +140,19 @@
 // gets a TCP-connect reachability probe. Latest result, time, latency and
 // consecutive failures show in Status. Decisions that depend on a probe
 // (promotion, standby lost) re-run it first rather than trust a cached
-// result.
+// result. Probe intervals lie within 100 ms..1 h and timeouts within
+// 10 ms..interval (see ValidateProbeTiming); specs outside are refused.
+//
+// # Limits
+//
+// The arbiter tracks at most Config.MaxGuests guests (default 1024;
+// unenrolled and recovering ones count) and refuses new ones beyond with
+// ErrLimit, as it does a Suspend longer than Config.MaxSuspend.
 //
 // # Wire protocol
 //
 // Each message is a 4-byte big-endian length followed by that many bytes
-// of JSON (at most MaxFrame). Requests carry {"v": ProtocolVersion, "id",
+// of JSON (at most MaxFrame, 1 MiB). Requests carry {"v": ProtocolVersion, "id",
 // "op", "agent", "guest", "epoch", ...}; the response carries the same v
 // and id and either a result or {"error": {"code", "message",
 // "current_epoch", "role", "retry_after"}}. A request of another version
@@ -116,7 +163,8 @@
 // # State directory
 //
 // StateDir/guests/<guest>.json holds one record per guest, replaced by
-// write-temp, fsync, rename, fsync of the directory. StateDir/LOCK is held
+// write-temp, fsync, rename, fsync of the directory. Directories the
+// arbiter creates are fsynced with their parent. StateDir/LOCK is held
 // (flock) while a server runs. A corrupt record stops the arbiter from
 // starting instead of silently forgetting an epoch.
 package arbiter

@@ -24,6 +24,8 @@ const (
 	CodeVersion      Code = "version"
 	CodeInternal     Code = "internal"
 	CodeUnavailable  Code = "unavailable"
+	CodeRecovering   Code = "recovering"
+	CodeLimit        Code = "limit"
 )
 
 // Error is every error the arbiter or the client library returns for a
@@ -42,7 +44,8 @@ type Error struct {
 	Role         Role   `json:"role,omitempty"`
 
 	// RetryAfter is a hint for refusals that time may resolve, such as
-	// the remaining lease for CodeLeaseValid.
+	// the remaining lease for CodeLeaseValid or the rest of the recovery
+	// window for CodeRecovering.
 	RetryAfter time.Duration `json:"retry_after,omitempty"`
 
 	cause error
@@ -104,6 +107,14 @@ var (
 	// failed mid-request; the outcome is unknown (retrying is safe: every
 	// request is idempotent for the same epoch).
 	ErrUnavailable = &Error{Code: CodeUnavailable}
+	// ErrRecovering: the arbiter has no record of the guest while agents
+	// hold epochs for it (its state was lost) and is collecting their
+	// claims; nothing is granted until it has decided. Retry after
+	// Error.RetryAfter.
+	ErrRecovering = &Error{Code: CodeRecovering}
+	// ErrLimit: a configured limit (max_guests, max_suspend) refuses the
+	// request; the message names it.
+	ErrLimit = &Error{Code: CodeLimit}
 )
 
 func errorf(code Code, format string, args ...any) *Error {

@@ -2,6 +2,7 @@ package arbiter
 
 import (
 	"fmt"
+	"log/slog"
 	"sort"
 	"time"
 )
@@ -11,9 +12,30 @@ import (
 // writes the new record before it replaces the in-memory one and before it
 // returns, so nothing is ever granted that a restart could forget.
 type machine struct {
-	st       *store
-	leaseDur time.Duration
-	guests   map[string]*guestRecord
+	st         *store
+	log        *slog.Logger
+	leaseDur   time.Duration
+	maxSuspend time.Duration
+	maxGuests  int
+	guests     map[string]*guestRecord
+
+	// Guests without a record that agents hold epochs for, see recovery.go.
+	recovering map[string]*recovery
+	// recoverFor is how long claims are collected, counted from the first
+	// claim but never from before started.
+	recoverFor time.Duration
+	started    time.Time
+	// onRecover, when set, is called with each record recreated from
+	// claims (the server watches its agents and starts its probes).
+	onRecover func(*guestRecord)
+}
+
+// machineConfig is what a machine takes from Config.
+type machineConfig struct {
+	leaseDur   time.Duration
+	maxSuspend time.Duration
+	maxGuests  int
+	log        *slog.Logger
 }
 
 // observation is what the arbiter's probes and heartbeats say right now.
@@ -24,16 +46,26 @@ type observation struct {
 	standbyDetail    string
 }
 
-func newMachine(st *store, recs map[string]*guestRecord, leaseDur time.Duration, now time.Time) *machine {
-	m := &machine{st: st, leaseDur: leaseDur, guests: recs}
+func newMachine(st *store, recs map[string]*guestRecord, cfg machineConfig, now time.Time) *machine {
+	m := &machine{
+		st:         st,
+		log:        cfg.log,
+		leaseDur:   cfg.leaseDur,
+		maxSuspend: cfg.maxSuspend,
+		maxGuests:  cfg.maxGuests,
+		guests:     recs,
+		recovering: map[string]*recovery{},
+		recoverFor: 2 * cfg.leaseDur,
+		started:    now,
+	}
 	for _, r := range recs {
 		if r.LeaseHolder == "" {
 			continue
 		}
 		// A lease granted just before the restart may still be held, and
 		// renewals were not persisted: assume the longest lease ever
-		// granted runs in full from now.
-		d := max(r.LeaseDuration, leaseDur)
+		// granted (or suspension) runs in full from now.
+		d := max(r.LeaseDuration, cfg.leaseDur, r.SuspendedFor)
 		r.leaseExpiry = now.Add(d)
 	}
 	return m
@@ -84,7 +116,12 @@ func checkEpoch(r *guestRecord, agent string, epoch uint64) error {
 	return nil
 }
 
-func (m *machine) get(guest string) (*guestRecord, error) {
+// get returns the guest's record, deciding its recovery first if that is
+// due; ErrRecovering while it is not decided.
+func (m *machine) get(now time.Time, guest string) (*guestRecord, error) {
+	if err := m.pending(now, guest); err != nil {
+		return nil, err
+	}
 	r, ok := m.guests[guest]
 	if !ok {
 		return nil, errorf(CodeUnknownGuest, "unknown guest %q", guest)
@@ -109,10 +146,11 @@ func (m *machine) lease(r *guestRecord) Lease {
 	}
 }
 
-// grantLease gives the lease to the primary from now on. It reports
-// whether the change must be persisted (holder or duration changed).
+// grantLease gives the lease to the primary from now on, ending any
+// suspension. It reports whether the change must be persisted (holder,
+// duration or suspension changed).
 func (m *machine) grantLease(r *guestRecord, now time.Time) bool {
-	persist := r.LeaseHolder != r.Primary || r.LeaseDuration < m.leaseDur
+	persist := r.LeaseHolder != r.Primary || r.LeaseDuration < m.leaseDur || r.SuspendedFor != 0
 	if r.LeaseHolder != r.Primary {
 		r.LeaseGranted = now.Round(0).UTC()
 		r.LeaseDuration = m.leaseDur
@@ -121,6 +159,9 @@ func (m *machine) grantLease(r *guestRecord, now time.Time) bool {
 	if r.LeaseDuration < m.leaseDur {
 		r.LeaseDuration = m.leaseDur
 	}
+	// Ending a suspension early is safe: the holder was only ever given a
+	// normal lease (see suspend), which this one outlasts.
+	r.SuspendedFor = 0
 	r.leaseExpiry = now.Add(m.leaseDur)
 	return persist
 }
@@ -144,91 +185,118 @@ func (m *machine) registration(r *guestRecord, agent string) Registration {
 }
 
 func (m *machine) register(now time.Time, spec GuestSpec, service ProbeSpec) (Registration, error) {
+	if spec.Role != RolePrimary && spec.Role != RoleStandby {
+		return Registration{}, errorf(CodeBadRequest, "role must be %q or %q, not %q", RolePrimary, RoleStandby, spec.Role)
+	}
+	if err := m.awaitRecovery(now, spec, service); err != nil {
+		return Registration{}, err
+	}
+	if spec.Role == RolePrimary {
+		return m.registerPrimary(now, spec, service)
+	}
+	return m.registerStandby(now, spec)
+}
+
+func (m *machine) registerPrimary(now time.Time, spec GuestSpec, service ProbeSpec) (Registration, error) {
 	r, known := m.guests[spec.Guest]
-	switch spec.Role {
-	case RolePrimary:
-		if known && spec.Fresh && !r.Retired && spec.AgentID != r.Primary {
-			return Registration{}, errorf(CodeConflict, "guest %s is enrolled with primary %s at epoch %d: unenroll it there first (or fail it over here)", r.Guest, r.Primary, r.Epoch)
-		}
-		if !known || r.Retired || spec.Fresh {
-			// Start above any epoch the caller already saw and any this
-			// arbiter issued, so an epoch is never reissued: not after the
-			// arbiter lost its state, not to a new enrollment.
-			from := spec.Epoch
-			if known {
-				from = max(from, r.Epoch)
-			}
-			next := &guestRecord{
-				Guest:            spec.Guest,
-				Epoch:            from + 1,
-				Primary:          spec.AgentID,
-				PrimaryAddr:      spec.AgentAddr,
-				UnprotectedSince: now.Round(0).UTC(),
-				Service:          service,
-				Last:             &Transition{Kind: TransitionCreated, From: from, To: from + 1, Agent: spec.AgentID, At: now.Round(0).UTC()},
-			}
-			m.grantLease(next, now)
-			if err := m.commit(next); err != nil {
-				return Registration{}, err
-			}
-			return m.registration(next, spec.AgentID), nil
-		}
-		if err := checkEpoch(r, spec.AgentID, spec.Epoch); err != nil {
+	if known && spec.Fresh && !r.Retired && spec.AgentID != r.Primary {
+		return Registration{}, errorf(CodeConflict, "guest %s is enrolled with primary %s at epoch %d: unenroll it there first (or fail it over here)", r.Guest, r.Primary, r.Epoch)
+	}
+	if !known || r.Retired || spec.Fresh {
+		if err := m.admit(spec.Guest); err != nil {
 			return Registration{}, err
 		}
-		if spec.AgentID != r.Primary {
-			return Registration{}, errorf(CodeConflict, "guest %s already has primary %s at epoch %d", r.Guest, r.Primary, r.Epoch)
+		// Start above any epoch the caller already saw, any this
+		// arbiter issued and any an agent claimed in a recovery this
+		// enrollment ends, so an epoch is never reissued: not after
+		// the arbiter lost its state, not to a new enrollment.
+		from := max(spec.Epoch, m.claimedTop(spec.Guest))
+		if known {
+			from = max(from, r.Epoch)
 		}
-		next := *r
-		persist := m.grantLease(&next, now)
-		if next.PrimaryAddr != spec.AgentAddr || next.Service != service {
-			next.PrimaryAddr, next.Service = spec.AgentAddr, service
-			persist = true
+		next := &guestRecord{
+			Guest:            spec.Guest,
+			Epoch:            from + 1,
+			Primary:          spec.AgentID,
+			PrimaryAddr:      spec.AgentAddr,
+			UnprotectedSince: now.Round(0).UTC(),
+			Service:          service,
+			Last:             &Transition{Kind: TransitionCreated, From: from, To: from + 1, Agent: spec.AgentID, At: now.Round(0).UTC()},
 		}
-		if persist {
-			if err := m.commit(&next); err != nil {
-				return Registration{}, err
-			}
-		} else {
-			m.guests[r.Guest] = &next
+		m.grantLease(next, now)
+		if err := m.commit(next); err != nil {
+			return Registration{}, err
 		}
-		return m.registration(&next, spec.AgentID), nil
-
-	case RoleStandby:
-		if !known || r.Retired {
-			return Registration{}, errorf(CodeUnknownGuest, "unknown guest %q: the primary must register first", spec.Guest)
-		}
-		if spec.Epoch != 0 {
-			if err := checkEpoch(r, spec.AgentID, spec.Epoch); err != nil {
-				return Registration{}, err
-			}
-		}
-		if spec.AgentID == r.Primary {
-			return Registration{}, errorf(CodeConflict, "guest %s: %s is the primary at epoch %d and cannot also be its standby", r.Guest, r.Primary, r.Epoch)
-		}
-		if r.Standby != spec.AgentID && r.Standby != "" && r.StandbyEpoch == r.Epoch && r.InSync {
-			return Registration{}, errorf(CodeConflict, "guest %s already has standby %s in sync", r.Guest, r.Standby)
-		}
-		next := *r
-		next.Standby, next.StandbyAddr, next.StandbyEpoch = spec.AgentID, spec.AgentAddr, r.Epoch
-		// A (re-)registering standby may have lost its copy: it is not
-		// protecting the guest until the primary reports it synced.
-		if next.InSync {
-			next.InSync = false
-			next.UnprotectedSince = now.Round(0).UTC()
-		}
+		m.abandonRecovery(spec.Guest, spec.AgentID, next.Epoch)
+		return m.registration(next, spec.AgentID), nil
+	}
+	if err := checkEpoch(r, spec.AgentID, registeredEpoch(r, spec)); err != nil {
+		return Registration{}, err
+	}
+	if spec.AgentID != r.Primary {
+		return Registration{}, errorf(CodeConflict, "guest %s already has primary %s at epoch %d", r.Guest, r.Primary, r.Epoch)
+	}
+	next := *r
+	persist := m.grantLease(&next, now)
+	if next.PrimaryAddr != spec.AgentAddr || next.Service != service {
+		next.PrimaryAddr, next.Service = spec.AgentAddr, service
+		persist = true
+	}
+	if persist {
 		if err := m.commit(&next); err != nil {
 			return Registration{}, err
 		}
-		return m.registration(&next, spec.AgentID), nil
+	} else {
+		m.guests[r.Guest] = &next
 	}
-	return Registration{}, errorf(CodeBadRequest, "role must be %q or %q, not %q", RolePrimary, RoleStandby, spec.Role)
+	return m.registration(&next, spec.AgentID), nil
+}
+
+func (m *machine) registerStandby(now time.Time, spec GuestSpec) (Registration, error) {
+	r, known := m.guests[spec.Guest]
+	if !known || r.Retired {
+		return Registration{}, errorf(CodeUnknownGuest, "unknown guest %q: the primary must register first", spec.Guest)
+	}
+	if spec.Epoch != 0 {
+		if err := checkEpoch(r, spec.AgentID, registeredEpoch(r, spec)); err != nil {
+			return Registration{}, err
+		}
+	}
+	if spec.AgentID == r.Primary {
+		return Registration{}, errorf(CodeConflict, "guest %s: %s is the primary at epoch %d and cannot also be its standby", r.Guest, r.Primary, r.Epoch)
+	}
+	if r.Standby != spec.AgentID && r.Standby != "" && r.StandbyEpoch == r.Epoch && r.InSync {
+		return Registration{}, errorf(CodeConflict, "guest %s already has standby %s in sync", r.Guest, r.Standby)
+	}
+	next := *r
+	next.Standby, next.StandbyAddr, next.StandbyEpoch = spec.AgentID, spec.AgentAddr, r.Epoch
+	// A (re-)registering standby may have lost its copy: it is not
+	// protecting the guest until the primary reports it synced.
+	if next.InSync {
+		next.InSync = false
+		next.UnprotectedSince = now.Round(0).UTC()
+	}
+	if err := m.commit(&next); err != nil {
+		return Registration{}, err
+	}
+	return m.registration(&next, spec.AgentID), nil
+}
+
+// registeredEpoch is the epoch a registration counts with. A recovery
+// recreated the guest one above the claims; the registration repeating
+// the claim of its primary or standby is answered as if it knew the new
+// epoch, like the replay of any grant whose reply was lost.
+func registeredEpoch(r *guestRecord, spec GuestSpec) uint64 {
+	if l := r.Last; l != nil && l.Kind == TransitionRecovered && l.From == spec.Epoch && l.To == r.Epoch && roleOf(r, spec.AgentID) == spec.Role {
+		return r.Epoch
+	}
+	return spec.Epoch
 }
 
 // primaryRecord returns the guest's record if agent is its primary at
 // epoch.
-func (m *machine) primaryRecord(guest, agent string, epoch uint64) (*guestRecord, error) {
-	r, err := m.get(guest)
+func (m *machine) primaryRecord(now time.Time, guest, agent string, epoch uint64) (*guestRecord, error) {
+	r, err := m.get(now, guest)
 	if err != nil {
 		return nil, err
 	}
@@ -242,7 +310,8 @@ func (m *machine) primaryRecord(guest, agent string, epoch uint64) (*guestRecord
 }
 
 func (m *machine) renew(now time.Time, guest, agent string, epoch uint64) (Lease, error) {
-	r, err := m.primaryRecord(guest, agent, epoch)
+	m.claimPrimary(guest, agent, epoch)
+	r, err := m.primaryRecord(now, guest, agent, epoch)
 	if err != nil {
 		return Lease{}, err
 	}
@@ -259,8 +328,41 @@ func (m *machine) renew(now time.Time, guest, agent string, epoch uint64) (Lease
 	return m.lease(&next), nil
 }
 
+// suspend holds off promotion until now+d for a primary whose agent is
+// about to restart on purpose. The caller itself gets a normal lease (its
+// ValidUntil is as after Renew): so ending the suspension early when it
+// renews or registers again never cuts a lease it relies on.
+func (m *machine) suspend(now time.Time, guest, agent string, epoch uint64, d time.Duration) (Lease, error) {
+	switch {
+	case d <= 0:
+		return Lease{}, errorf(CodeBadRequest, "guest %s: suspend for %v: the duration must be positive", guest, d)
+	case d > m.maxSuspend:
+		return Lease{}, errorf(CodeLimit, "guest %s: suspend for %v exceeds max_suspend (%v): suspend for less, or raise max_suspend in the arbiter's configuration", guest, d, m.maxSuspend)
+	}
+	m.claimPrimary(guest, agent, epoch)
+	r, err := m.primaryRecord(now, guest, agent, epoch)
+	if err != nil {
+		return Lease{}, err
+	}
+	next := *r
+	m.grantLease(&next, now)
+	next.leaseExpiry = later(next.leaseExpiry, now.Add(d))
+	next.SuspendedFor = d
+	if err := m.commit(&next); err != nil {
+		return Lease{}, err
+	}
+	return m.lease(&next), nil
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
 func (m *machine) release(now time.Time, guest, agent string, epoch uint64) error {
-	r, err := m.primaryRecord(guest, agent, epoch)
+	r, err := m.primaryRecord(now, guest, agent, epoch)
 	if err != nil {
 		return err
 	}
@@ -269,6 +371,7 @@ func (m *machine) release(now time.Time, guest, agent string, epoch uint64) erro
 	}
 	next := *r
 	next.LeaseHolder = ""
+	next.SuspendedFor = 0
 	next.leaseExpiry = now
 	next.LeaseExpires = now.Round(0).UTC()
 	return m.commit(&next)
@@ -278,7 +381,7 @@ func (m *machine) release(now time.Time, guest, agent string, epoch uint64) erro
 // does not need a fresh service probe (the lease check included) and
 // changes nothing; the server then probes the service and calls again.
 func (m *machine) promote(now time.Time, guest, agent string, epoch uint64, obs observation, dryRun bool) (Grant, error) {
-	r, err := m.get(guest)
+	r, err := m.get(now, guest)
 	if err != nil {
 		return Grant{}, err
 	}
@@ -306,6 +409,9 @@ func (m *machine) promote(now time.Time, guest, agent string, epoch uint64, obs 
 	if m.leaseValid(r, now) {
 		left := r.leaseExpiry.Sub(now)
 		msg := fmt.Sprintf("guest %s: primary %s holds a valid lease for another %v", guest, r.LeaseHolder, left.Round(time.Millisecond))
+		if r.SuspendedFor != 0 {
+			msg += " (suspended while its agent restarts)"
+		}
 		if obs.serviceAnswering {
 			msg += " and the guest service still answers from the arbiter (" + obs.serviceDetail + "); no failover"
 		}
@@ -340,7 +446,7 @@ func (m *machine) promote(now time.Time, guest, agent string, epoch uint64, obs 
 // one of "standby promotes" and "primary continues alone" is granted.
 // dryRun works as for promote.
 func (m *machine) standbyLost(now time.Time, guest, agent string, epoch uint64, obs observation, dryRun bool) (Lease, error) {
-	r, err := m.get(guest)
+	r, err := m.get(now, guest)
 	if err != nil {
 		return Lease{}, err
 	}
@@ -385,7 +491,7 @@ func (m *machine) standbyLost(now time.Time, guest, agent string, epoch uint64, 
 }
 
 func (m *machine) synced(now time.Time, guest, agent string, epoch uint64, standby string) error {
-	r, err := m.primaryRecord(guest, agent, epoch)
+	r, err := m.primaryRecord(now, guest, agent, epoch)
 	if err != nil {
 		return err
 	}
@@ -405,6 +511,9 @@ func (m *machine) synced(now time.Time, guest, agent string, epoch uint64, stand
 // The record stays, one epoch on, so that copies left from the enrollment
 // are stale and a later enrollment starts above it.
 func (m *machine) retire(now time.Time, guest, agent string, epoch uint64) error {
+	if err := m.pending(now, guest); err != nil {
+		return err
+	}
 	r, ok := m.guests[guest]
 	if !ok {
 		return nil // never registered: nothing to forget
@@ -412,7 +521,7 @@ func (m *machine) retire(now time.Time, guest, agent string, epoch uint64) error
 	if l := r.Last; r.Retired && l != nil && l.Kind == TransitionRetired && l.Agent == agent && l.From == epoch {
 		return nil // a retry whose answer was lost
 	}
-	r, err := m.primaryRecord(guest, agent, epoch)
+	r, err := m.primaryRecord(now, guest, agent, epoch)
 	if err != nil {
 		return err
 	}
@@ -424,6 +533,24 @@ func (m *machine) retire(now time.Time, guest, agent string, epoch uint64) error
 		Last:             &Transition{Kind: TransitionRetired, From: r.Epoch, To: r.Epoch + 1, Agent: agent, Previous: r.Standby, At: now.Round(0).UTC()},
 	}
 	return m.commit(next)
+}
+
+// heartbeat takes the epochs an agent reports as claims for guests
+// without a record, then lists its assignments.
+func (m *machine) heartbeat(now time.Time, agent string, epochs map[string]uint64) []Assignment {
+	for guest, epoch := range epochs {
+		if _, known := m.guests[guest]; known || epoch == 0 || validName("guest", guest) != nil {
+			continue
+		}
+		if err := m.claim(now, guest, Claim{Agent: agent, Role: RoleNone, Epoch: epoch}); err != nil {
+			m.log.Debug("arbiter: heartbeat claim ignored", "guest", guest, "agent", agent, "fence", epoch, "reason", err)
+			continue
+		}
+		if err := m.settle(now, guest); err != nil {
+			m.log.Error("arbiter: cannot record a recovered guest", "guest", guest, "err", err)
+		}
+	}
+	return m.assignments(agent, epochs)
 }
 
 // assignments lists the guests agent is involved in, plus any it asked
@@ -446,9 +573,13 @@ func (m *machine) assignments(agent string, epochs map[string]uint64) []Assignme
 	return out
 }
 
+// names lists the guests with a record or being recovered, sorted.
 func (m *machine) names() []string {
-	out := make([]string, 0, len(m.guests))
+	out := make([]string, 0, len(m.guests)+len(m.recovering))
 	for n := range m.guests {
+		out = append(out, n)
+	}
+	for n := range m.recovering {
 		out = append(out, n)
 	}
 	sort.Strings(out)

@@ -2,6 +2,7 @@ package arbiter
 
 import (
 	"errors"
+	"log/slog"
 	"math/rand"
 	"os"
 	"path/filepath"
@@ -34,12 +35,21 @@ const testLease = 3 * time.Second
 
 func openMachine(t *testing.T, dir string, lease time.Duration, now time.Time) *machine {
 	t.Helper()
+	return openMachineWith(t, dir, testConfig(lease), now)
+}
+
+func testConfig(lease time.Duration) machineConfig {
+	return machineConfig{leaseDur: lease, maxSuspend: DefaultMaxSuspend, maxGuests: DefaultMaxGuests, log: slog.New(slog.DiscardHandler)}
+}
+
+func openMachineWith(t *testing.T, dir string, cfg machineConfig, now time.Time) *machine {
+	t.Helper()
 	st, recs, err := openStore(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.close() })
-	return newMachine(st, recs, lease, now)
+	return newMachine(st, recs, cfg, now)
 }
 
 func closeMachine(m *machine) { m.st.close() }
@@ -343,7 +353,7 @@ func TestRandomInterleavings(t *testing.T) {
 			ag := agents[rng.Intn(len(agents))]
 			obs := obsChoices[rng.Intn(len(obsChoices))]
 			now := clk.Now()
-			switch rng.Intn(7) {
+			switch rng.Intn(8) {
 			case 0:
 				reg, err := m.register(now, GuestSpec{Guest: "g", AgentID: ag, Role: RoleStandby, Epoch: known[ag]}, ProbeSpec{})
 				learn(ag, err)
@@ -376,6 +386,9 @@ func TestRandomInterleavings(t *testing.T) {
 				// Restart from disk.
 				closeMachine(m)
 				m = openMachine(t, dir, testLease, clk.Now())
+			case 7:
+				_, err := m.suspend(now, "g", ag, known[ag], time.Duration(1+rng.Intn(5000))*time.Millisecond)
+				learn(ag, err)
 			}
 			r := m.guests["g"]
 			if r.Epoch < last {
@@ -404,8 +417,10 @@ func TestRegisterRules(t *testing.T) {
 	mustCode(t, err, ErrBadRequest)
 
 	// An agent that already saw epoch 7 (arbiter state lost) gets a
-	// higher one, never a reissued one.
-	reg, err := m.register(now, GuestSpec{Guest: "h", AgentID: "a", Role: RolePrimary, Epoch: 7}, ProbeSpec{})
+	// higher one, never a reissued one, once the recovery window is over.
+	_, err = m.register(now, GuestSpec{Guest: "h", AgentID: "a", Role: RolePrimary, Epoch: 7}, ProbeSpec{})
+	mustCode(t, err, ErrRecovering)
+	reg, err := m.register(now.Add(2*testLease), GuestSpec{Guest: "h", AgentID: "a", Role: RolePrimary, Epoch: 7}, ProbeSpec{})
 	ok(t, err)
 	if reg.Epoch != 8 {
 		t.Fatalf("epoch after known 7: %d", reg.Epoch)

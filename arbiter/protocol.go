@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"time"
 )
 
 // ProtocolVersion is carried in every request and response. A server
@@ -19,6 +20,7 @@ const MaxFrame = 1 << 20
 const (
 	opRegister    = "register"
 	opRenew       = "renew"
+	opSuspend     = "suspend"
 	opRelease     = "release"
 	opPromote     = "promote"
 	opStandbyLost = "standby_lost"
@@ -31,15 +33,16 @@ const (
 // request is one frame from client to server. Agent is the identity the
 // caller claims; the server checks it against the TLS certificate.
 type request struct {
-	V       int               `json:"v"`
-	ID      uint64            `json:"id"`
-	Op      string            `json:"op"`
-	Agent   string            `json:"agent,omitempty"`
-	Guest   string            `json:"guest,omitempty"`
-	Epoch   uint64            `json:"epoch"`
-	Spec    *GuestSpec        `json:"spec,omitempty"`
-	Standby string            `json:"standby,omitempty"`
-	Epochs  map[string]uint64 `json:"epochs,omitempty"`
+	V        int               `json:"v"`
+	ID       uint64            `json:"id"`
+	Op       string            `json:"op"`
+	Agent    string            `json:"agent,omitempty"`
+	Guest    string            `json:"guest,omitempty"`
+	Epoch    uint64            `json:"epoch"`
+	Spec     *GuestSpec        `json:"spec,omitempty"`
+	Standby  string            `json:"standby,omitempty"`
+	Epochs   map[string]uint64 `json:"epochs,omitempty"`
+	Duration time.Duration     `json:"duration,omitempty"` // suspend
 }
 
 // response answers the request with the same ID; Err is set on refusal.
@@ -82,6 +85,9 @@ func readFrame(r io.Reader) ([]byte, error) {
 	}
 	body := make([]byte, n)
 	if _, err := io.ReadFull(r, body); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF // a header without its body is a cut frame, not a clean close
+		}
 		return nil, err
 	}
 	return body, nil

@@ -34,6 +34,8 @@ const (
 	DefaultProbeTimeout     = 500 * time.Millisecond
 	DefaultHandshakeTimeout = 10 * time.Second
 	DefaultIdleTimeout      = 5 * time.Minute
+	DefaultMaxSuspend       = 30 * time.Second
+	DefaultMaxGuests        = 1024
 )
 
 // ErrServerClosed is returned by Serve after Close.
@@ -52,9 +54,16 @@ type Config struct {
 	// Heartbeat.Timeout() counts as lost for ReportStandbyLost.
 	Heartbeat heartbeat.Config
 	// ProbeInterval and ProbeTimeout apply to agent reachability probes
-	// and to service probes that do not set their own.
+	// and to service probes that do not set their own; see
+	// ValidateProbeTiming for their bounds.
 	ProbeInterval time.Duration
 	ProbeTimeout  time.Duration
+	// MaxSuspend bounds the d of Client.Suspend; default 30 s.
+	MaxSuspend time.Duration
+	// MaxGuests bounds the guests the arbiter tracks (unenrolled ones kept
+	// for their epochs and ones being recovered included); registrations
+	// of new guests beyond it are refused. Default 1024.
+	MaxGuests int
 	// Services configures the client-side check per guest. It takes
 	// precedence over the ProbeSpec an agent sends when registering.
 	Services map[string]ProbeSpec
@@ -112,17 +121,26 @@ func Open(cfg Config) (*Server, error) {
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = DefaultIdleTimeout
 	}
+	if cfg.MaxSuspend <= 0 {
+		cfg.MaxSuspend = DefaultMaxSuspend
+	}
+	if cfg.MaxGuests <= 0 {
+		cfg.MaxGuests = DefaultMaxGuests
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
 	if cfg.Clock == nil {
 		cfg.Clock = realClock{}
 	}
+	if err := ValidateProbeTiming(cfg.ProbeInterval, cfg.ProbeTimeout); err != nil {
+		return nil, fmt.Errorf("arbiter: default probe timing: %w", err)
+	}
 	for g, spec := range cfg.Services {
 		if err := validName("guest", g); err != nil {
 			return nil, err
 		}
-		if err := spec.Validate(); err != nil {
+		if err := validateService(spec, cfg); err != nil {
 			return nil, fmt.Errorf("arbiter: service probe for guest %s: %w", g, err)
 		}
 	}
@@ -143,22 +161,49 @@ func Open(cfg Config) (*Server, error) {
 		probes:    newProbeRunner(ctx),
 		ctx:       ctx,
 		cancel:    cancel,
-		m:         newMachine(st, recs, cfg.LeaseDuration, cfg.Clock.Now()),
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[net.Conn]struct{}{},
 	}
+	mc := machineConfig{leaseDur: cfg.LeaseDuration, maxSuspend: cfg.MaxSuspend, maxGuests: cfg.MaxGuests, log: cfg.Logger}
+	s.m = newMachine(st, recs, mc, cfg.Clock.Now())
+	s.m.onRecover = func(r *guestRecord) {
+		s.watchLocked(r)
+		s.reconcileProbesLocked()
+	}
 	s.mu.Lock()
 	for _, r := range recs {
-		s.hb.Watch(r.Primary)
-		if r.Standby != "" {
-			s.hb.Watch(r.Standby)
+		if err := validateService(r.Service, cfg); err != nil {
+			// Recorded before probe timing was bounded: keep the check,
+			// not its timing, until the primary registers again.
+			s.log.Warn("arbiter: stored service probe out of bounds; using the default timing", "guest", r.Guest, "reason", err)
+			r.Service.Interval, r.Service.Timeout = 0, 0
 		}
+		s.watchLocked(r)
 		s.log.Info("arbiter: loaded guest", "guest", r.Guest, "fence", r.Epoch, "primary", r.Primary,
-			"standby", r.Standby, "in_sync", r.InSync, "lease_holder", r.LeaseHolder, "lease_until", r.leaseExpiry.Round(0))
+			"standby", r.Standby, "in_sync", r.InSync, "lease_holder", r.LeaseHolder, "lease_until", r.leaseExpiry.Round(0),
+			"suspended", r.SuspendedFor != 0)
 	}
 	s.reconcileProbesLocked()
 	s.mu.Unlock()
 	return s, nil
+}
+
+// validateService checks a service probe as it will run, with the
+// arbiter's default timing filled in.
+func validateService(spec ProbeSpec, cfg Config) error {
+	if err := spec.Validate(); err != nil || spec.Kind == ProbeNone {
+		return err
+	}
+	eff := spec.WithDefaults(cfg.ProbeInterval, cfg.ProbeTimeout)
+	return ValidateProbeTiming(eff.Interval, eff.Timeout)
+}
+
+// watchLocked starts heartbeat tracking of a record's agents.
+func (s *Server) watchLocked(r *guestRecord) {
+	s.hb.Watch(r.Primary)
+	if r.Standby != "" {
+		s.hb.Watch(r.Standby)
+	}
 }
 
 // ListenAndServe listens on addr (TCP) and serves until Close.
@@ -347,7 +392,7 @@ func (s *Server) dispatch(req *request, resp *response) error {
 	case opHeartbeat:
 		s.hb.Heartbeat(req.Agent)
 		s.mu.Lock()
-		resp.Assignments = s.m.assignments(req.Agent, req.Epochs)
+		resp.Assignments = s.m.heartbeat(s.clock.Now(), req.Agent, req.Epochs)
 		s.mu.Unlock()
 		return nil
 	case opRegister:
@@ -369,6 +414,17 @@ func (s *Server) dispatch(req *request, resp *response) error {
 			resp.Lease = &l
 		}
 		return err
+	case opSuspend:
+		s.mu.Lock()
+		l, err := s.m.suspend(s.clock.Now(), req.Guest, req.Agent, req.Epoch, req.Duration)
+		s.mu.Unlock()
+		if err != nil {
+			s.log.Info("arbiter: suspension refused", "guest", req.Guest, "agent", req.Agent, "fence", req.Epoch, "reason", err)
+			return err
+		}
+		s.log.Info("arbiter: lease suspended for a planned agent restart", "guest", req.Guest, "agent", req.Agent, "fence", req.Epoch, "until", l.Expires)
+		resp.Lease = &l
+		return nil
 	case opRelease:
 		s.mu.Lock()
 		err := s.m.release(s.clock.Now(), req.Guest, req.Agent, req.Epoch)
@@ -433,7 +489,7 @@ func (s *Server) register(req *request) (Registration, error) {
 	}
 	service := ProbeSpec{}
 	if spec.Role == RolePrimary {
-		if err := spec.Service.Validate(); err != nil {
+		if err := validateService(spec.Service, s.cfg); err != nil {
 			return Registration{}, errorf(CodeBadRequest, "service probe: %v", err)
 		}
 		service = spec.Service
@@ -563,13 +619,7 @@ func (s *Server) serviceSpecLocked(r *guestRecord) ProbeSpec {
 	if !ok {
 		spec = r.Service
 	}
-	if spec.Interval <= 0 {
-		spec.Interval = s.cfg.ProbeInterval
-	}
-	if spec.Timeout <= 0 {
-		spec.Timeout = s.cfg.ProbeTimeout
-	}
-	return spec
+	return spec.WithDefaults(s.cfg.ProbeInterval, s.cfg.ProbeTimeout)
 }
 
 func (s *Server) reconcileProbesLocked() {
@@ -607,6 +657,10 @@ func (s *Server) Status() Status {
 	type agentAddr struct{ id, addr string }
 	agents := map[agentAddr]bool{}
 	for _, name := range s.m.names() {
+		if rc, ok := s.m.recovering[name]; ok {
+			st.Guests = append(st.Guests, GuestStatus{Guest: name, Recovering: rc.status()})
+			continue
+		}
 		r := s.m.guests[name]
 		g := GuestStatus{
 			Guest:            r.Guest,
@@ -622,6 +676,9 @@ func (s *Server) Status() Status {
 		if r.LeaseHolder != "" {
 			g.LeaseExpires = r.leaseExpiry.Round(0).UTC()
 			g.LeaseRemaining = max(0, r.leaseExpiry.Sub(now))
+		}
+		if r.SuspendedFor != 0 {
+			g.SuspendedUntil = g.LeaseExpires
 		}
 		if ps, _, ok := s.probes.status(serviceKey(name)); ok {
 			g.Service = &ps

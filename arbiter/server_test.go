@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -66,8 +68,8 @@ func newEnv(t *testing.T, clk Clock, lease time.Duration) *env {
 		TLS:           tc,
 		LeaseDuration: lease,
 		Heartbeat:     heartbeat.Config{Interval: 100 * time.Millisecond, Missed: 3},
-		ProbeInterval: 50 * time.Millisecond,
-		ProbeTimeout:  200 * time.Millisecond,
+		ProbeInterval: 100 * time.Millisecond,
+		ProbeTimeout:  100 * time.Millisecond,
 		Logger:        slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Clock:         clk,
 	}
@@ -612,5 +614,175 @@ func TestClientConcurrentUse(t *testing.T) {
 	ok(t, err)
 	if len(st.Guests) != 8 {
 		t.Fatalf("%d guests", len(st.Guests))
+	}
+}
+
+// TestRecoveryAfterLostState: b was promoted over a, then the arbiter lost
+// its state directory. The stale a registers first. With the recovery
+// window a is told it is stale and b keeps the guest at a new epoch; the
+// control (no window, as before) makes a primary again, which the same
+// check catches.
+func TestRecoveryAfterLostState(t *testing.T) {
+	for _, control := range []bool{false, true} {
+		t.Run(fmt.Sprintf("control=%v", control), func(t *testing.T) {
+			clk := newFakeClock()
+			e := newEnv(t, clk, 3*time.Second)
+			a := e.client("host-a")
+			b := e.client("host-b")
+			_, err := a.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-a", Role: RolePrimary})
+			ok(t, err)
+			_, err = b.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-b", Role: RoleStandby})
+			ok(t, err)
+			ok(t, a.ReportSynced(ctx(t), "g", "host-a", 1, "host-b"))
+			clk.Advance(3 * time.Second) // a is cut off; its lease runs out
+			_, err = b.RequestPromotion(ctx(t), "g", "host-b", 1)
+			ok(t, err)
+
+			e.stop()
+			ok(t, os.RemoveAll(filepath.Join(e.stateDir, "guests")))
+			e.start()
+			if control {
+				e.srv.mu.Lock()
+				e.srv.m.recoverFor = 0
+				e.srv.mu.Unlock()
+			}
+			// a still believes in epoch 1 and registers first.
+			regA, errA := a.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-a", Role: RolePrimary, Epoch: 1})
+			if control {
+				ok(t, errA)
+				if regA.Role == RolePrimary && regA.Epoch == 2 {
+					return // the stale primary holds b's epoch again: caught
+				}
+				t.Fatalf("control: the old behaviour did not show: %+v", regA)
+			}
+			if re := mustCode(t, errA, ErrRecovering); re.RetryAfter != 6*time.Second {
+				t.Fatalf("recovering error %+v", re)
+			}
+			_, err = b.Heartbeat(ctx(t), "host-b", map[string]uint64{"g": 2})
+			ok(t, err)
+			_, err = b.Renew(ctx(t), "g", "host-b", 2)
+			mustCode(t, err, ErrRecovering)
+			g := guestStatus(t, a, "g")
+			if g.Recovering == nil || len(g.Recovering.Claims) != 2 || g.Recovering.Claims[1] != (Claim{Agent: "host-b", Role: RolePrimary, Epoch: 2}) {
+				t.Fatalf("status during recovery %+v", g.Recovering)
+			}
+
+			clk.Advance(6 * time.Second)
+			_, err = a.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-a", Role: RolePrimary, Epoch: 1})
+			if se := mustCode(t, err, ErrStaleEpoch); se.Role != RoleNone || se.CurrentEpoch != 3 || se.Primary != "host-b" {
+				t.Fatalf("stale primary told %+v", se)
+			}
+			_, err = b.Renew(ctx(t), "g", "host-b", 2)
+			if se := mustCode(t, err, ErrStaleEpoch); se.Role != RolePrimary || se.CurrentEpoch != 3 {
+				t.Fatalf("recovered primary told %+v", se)
+			}
+			_, err = b.Renew(ctx(t), "g", "host-b", 3)
+			ok(t, err)
+			if g := guestStatus(t, a, "g"); g.Primary != "host-b" || g.Epoch != 3 || g.Last.Kind != TransitionRecovered {
+				t.Fatalf("status after recovery %+v", g)
+			}
+			if logs := e.logs.String(); !strings.Contains(logs, "recovered guest") || !strings.Contains(logs, "stale=[host-a]") {
+				t.Fatalf("recovery not logged:\n%s", logs)
+			}
+		})
+	}
+}
+
+// TestSuspendOverTheWire: a suspended guest is not failed over until the
+// suspension runs out; the control guest, not suspended, is.
+func TestSuspendOverTheWire(t *testing.T) {
+	clk := newFakeClock()
+	e := newEnv(t, clk, 3*time.Second)
+	a := e.client("host-a")
+	b := e.client("host-b")
+	for _, g := range []string{"g", "control"} {
+		_, err := a.Register(ctx(t), GuestSpec{Guest: g, AgentID: "host-a", Role: RolePrimary})
+		ok(t, err)
+		_, err = b.Register(ctx(t), GuestSpec{Guest: g, AgentID: "host-b", Role: RoleStandby})
+		ok(t, err)
+		ok(t, a.ReportSynced(ctx(t), g, "host-a", 1, "host-b"))
+	}
+	_, err := a.Suspend(ctx(t), "g", "host-a", 1, 31*time.Second)
+	if le := mustCode(t, err, ErrLimit); !strings.Contains(le.Message, "max_suspend (30s)") {
+		t.Fatalf("limit message %q", le.Message)
+	}
+	before := time.Now()
+	l, err := a.Suspend(ctx(t), "g", "host-a", 1, 10*time.Second)
+	ok(t, err)
+	if l.Duration != 3*time.Second || l.ValidUntil.After(time.Now().Add(3*time.Second)) || l.ValidUntil.Before(before.Add(2*time.Second)) ||
+		!l.Expires.Equal(clk.Now().Add(10*time.Second)) {
+		t.Fatalf("suspended lease %+v", l)
+	}
+	if g := guestStatus(t, a, "g"); !g.SuspendedUntil.Equal(clk.Now().Add(10*time.Second)) || g.LeaseRemaining != 10*time.Second {
+		t.Fatalf("status %+v", g)
+	}
+	clk.Advance(10*time.Second - time.Millisecond)
+	_, err = b.RequestPromotion(ctx(t), "g", "host-b", 1)
+	mustCode(t, err, ErrLeaseValid)
+	_, err = b.RequestPromotion(ctx(t), "control", "host-b", 1)
+	ok(t, err)
+	clk.Advance(time.Millisecond)
+	_, err = b.RequestPromotion(ctx(t), "g", "host-b", 1)
+	ok(t, err)
+	if !strings.Contains(e.logs.String(), "lease suspended") {
+		t.Fatal("suspension not logged")
+	}
+}
+
+func TestProbeBoundsEnforced(t *testing.T) {
+	e := newEnv(t, nil, 3*time.Second)
+	a := e.client("host-a")
+	cases := []struct {
+		svc  ProbeSpec
+		want string
+	}{
+		{ProbeSpec{Kind: ProbeTCP, Address: "127.0.0.1:1", Interval: time.Nanosecond}, "probe interval 1ns is below the minimum of 100ms"},
+		// The default interval here is 100ms.
+		{ProbeSpec{Kind: ProbeTCP, Address: "127.0.0.1:1", Timeout: time.Second}, "probe timeout 1s exceeds the probe interval 100ms"},
+	}
+	for _, c := range cases {
+		_, err := a.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-a", Role: RolePrimary, Service: c.svc})
+		if be := mustCode(t, err, ErrBadRequest); !strings.Contains(be.Message, c.want) {
+			t.Errorf("%+v: %q lacks %q", c.svc, be.Message, c.want)
+		}
+	}
+
+	for _, c := range []struct {
+		cfg  func(*Config)
+		want string
+	}{
+		{func(c *Config) { c.ProbeInterval = time.Nanosecond }, "default probe timing: probe interval 1ns is below the minimum of 100ms"},
+		{func(c *Config) { c.ProbeTimeout = time.Second }, "default probe timing: probe timeout 1s exceeds the probe interval 100ms"},
+		{func(c *Config) {
+			c.Services = map[string]ProbeSpec{"db": {Kind: ProbeTCP, Address: "a:1", Timeout: time.Second}}
+		}, "service probe for guest db: probe timeout 1s exceeds the probe interval 100ms"},
+	} {
+		cfg := e.cfg
+		cfg.StateDir = t.TempDir()
+		c.cfg(&cfg)
+		if srv, err := Open(cfg); err == nil || !strings.Contains(err.Error(), c.want) {
+			if srv != nil {
+				srv.Close()
+			}
+			t.Errorf("Open: %v, want %q", err, c.want)
+		}
+	}
+}
+
+// TestStoredProbeTimingReset: a record written before probe timing was
+// bounded keeps its check at the default timing, so it cannot busy-loop.
+func TestStoredProbeTimingReset(t *testing.T) {
+	e := newEnv(t, nil, 3*time.Second)
+	e.stop()
+	rec := `{"format": 1, "guest": "g", "epoch": 1, "primary": "host-a",
+		"service": {"kind": "tcp", "address": "127.0.0.1:1", "interval": 1, "timeout": 1}}`
+	ok(t, os.WriteFile(filepath.Join(e.stateDir, "guests", "g.json"), []byte(rec), 0o600))
+	e.start()
+	_, spec, found := e.srv.probes.status(serviceKey("g"))
+	if !found || spec.Interval != e.cfg.ProbeInterval || spec.Timeout != e.cfg.ProbeTimeout {
+		t.Fatalf("probe %v %+v", found, spec)
+	}
+	if !strings.Contains(e.logs.String(), "stored service probe out of bounds") {
+		t.Fatal("reset not logged")
 	}
 }

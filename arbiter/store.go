@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -40,6 +41,10 @@ type guestRecord struct {
 	LeaseGranted  time.Time     `json:"lease_granted"`
 	// LeaseExpires is the expiry at the last write; diagnostic only.
 	LeaseExpires time.Time `json:"lease_expires"`
+	// SuspendedFor is set by Suspend until the primary renews or registers
+	// again. A restart in between assumes the suspension runs in full from
+	// the restart, as it does for leases: it never ends before LeaseExpires.
+	SuspendedFor time.Duration `json:"suspended_for,omitempty"`
 
 	Service ProbeSpec   `json:"service,omitempty"`
 	Last    *Transition `json:"last_transition,omitempty"`
@@ -64,7 +69,7 @@ func openStore(dir string) (*store, map[string]*guestRecord, error) {
 		return nil, nil, errors.New("arbiter: state dir not set")
 	}
 	gdir := filepath.Join(dir, "guests")
-	if err := os.MkdirAll(gdir, 0o700); err != nil {
+	if err := mkdirDurable(gdir); err != nil {
 		return nil, nil, fmt.Errorf("arbiter: state dir: %w", err)
 	}
 	lock, err := lockFile(filepath.Join(dir, "LOCK"))
@@ -78,6 +83,42 @@ func openStore(dir string) (*store, map[string]*guestRecord, error) {
 		return nil, nil, err
 	}
 	return s, recs, nil
+}
+
+// mkdirDurable is os.MkdirAll that fsyncs every directory it creates and
+// that directory's parent, so a crash cannot lose the directory and with
+// it the records later written (and fsynced) into it.
+func mkdirDurable(dir string) error {
+	fi, err := os.Stat(dir)
+	switch {
+	case err == nil && fi.IsDir():
+		return nil
+	case err == nil:
+		return fmt.Errorf("%s is not a directory", dir)
+	case !errors.Is(err, fs.ErrNotExist):
+		return err
+	}
+	parent := filepath.Dir(dir)
+	if err := mkdirDurable(parent); err != nil {
+		return err
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	if err := syncDir(dir); err != nil {
+		return err
+	}
+	return syncDir(parent)
+}
+
+// syncDir fsyncs a directory; a variable so tests can see the calls.
+var syncDir = func(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 func (s *store) guestDir() string { return filepath.Join(s.dir, "guests") }

@@ -40,7 +40,59 @@ type ProbeSpec struct {
 	ExpectPrefix string        `json:"expect_prefix,omitempty"`
 	ExpectRegexp string        `json:"expect_regexp,omitempty"`
 	Interval     time.Duration `json:"interval,omitempty"` // 0: arbiter default
-	Timeout      time.Duration `json:"timeout,omitempty"`  // 0: arbiter default
+	Timeout      time.Duration `json:"timeout,omitempty"`  // 0: arbiter default, at most Interval
+}
+
+// Bounds on probe timing: a shorter interval busy-loops the prober, a
+// longer one leaves decisions on stale results, and a timeout must end
+// before the next probe is due.
+const (
+	MinProbeInterval = 100 * time.Millisecond
+	MaxProbeInterval = time.Hour
+	MinProbeTimeout  = 10 * time.Millisecond
+)
+
+// ValidateProbeTiming checks an effective (defaults applied) probe
+// interval and timeout against the bounds.
+func ValidateProbeTiming(interval, timeout time.Duration) error {
+	if err := checkProbeInterval(interval); err != nil {
+		return err
+	}
+	return checkProbeTimeout(timeout, interval)
+}
+
+func checkProbeInterval(d time.Duration) error {
+	switch {
+	case d < MinProbeInterval:
+		return fmt.Errorf("probe interval %v is below the minimum of %v", d, MinProbeInterval)
+	case d > MaxProbeInterval:
+		return fmt.Errorf("probe interval %v exceeds the maximum of %v", d, MaxProbeInterval)
+	}
+	return nil
+}
+
+// checkProbeTimeout checks timeout against its minimum and, when interval
+// is known (non-zero), against the interval.
+func checkProbeTimeout(timeout, interval time.Duration) error {
+	switch {
+	case timeout < MinProbeTimeout:
+		return fmt.Errorf("probe timeout %v is below the minimum of %v", timeout, MinProbeTimeout)
+	case interval != 0 && timeout > interval:
+		return fmt.Errorf("probe timeout %v exceeds the probe interval %v", timeout, interval)
+	}
+	return nil
+}
+
+// WithDefaults fills in an unset Interval and Timeout. A default timeout
+// longer than the interval is cut to the interval.
+func (p ProbeSpec) WithDefaults(interval, timeout time.Duration) ProbeSpec {
+	if p.Interval == 0 {
+		p.Interval = interval
+	}
+	if p.Timeout == 0 {
+		p.Timeout = min(timeout, p.Interval)
+	}
+	return p
 }
 
 // Validate checks the spec for obvious mistakes.
@@ -65,6 +117,14 @@ func (p ProbeSpec) Validate() error {
 	}
 	if p.Interval < 0 || p.Timeout < 0 {
 		return fmt.Errorf("probe interval and timeout must not be negative")
+	}
+	if p.Interval != 0 {
+		if err := checkProbeInterval(p.Interval); err != nil {
+			return err
+		}
+	}
+	if p.Timeout != 0 {
+		return checkProbeTimeout(p.Timeout, p.Interval)
 	}
 	return nil
 }
@@ -98,7 +158,8 @@ type Lease struct {
 	Holder   string        `json:"holder"`
 	Duration time.Duration `json:"duration"`
 	// Expires is the arbiter's own notion of expiry, on its clock. Shown
-	// for diagnostics only; agents must use ValidUntil.
+	// for diagnostics only; agents must use ValidUntil. After Suspend it is
+	// the end of the suspension, which Duration does not cover.
 	Expires time.Time `json:"expires"`
 	// ValidUntil is computed by the client library on the local monotonic
 	// clock: the moment the request was sent, plus Duration, minus a clock
@@ -156,7 +217,7 @@ type Assignment struct {
 
 // Transition records the latest epoch-changing grant for a guest.
 type Transition struct {
-	Kind     string    `json:"kind"` // TransitionCreated, TransitionPromotion, TransitionStandbyLost, TransitionRetired
+	Kind     string    `json:"kind"` // TransitionCreated, TransitionPromotion, TransitionStandbyLost, TransitionRetired, TransitionRecovered
 	From     uint64    `json:"from"`
 	To       uint64    `json:"to"`
 	Agent    string    `json:"agent"`              // who received the grant
@@ -170,7 +231,31 @@ const (
 	TransitionPromotion   = "promotion"
 	TransitionStandbyLost = "standby_lost"
 	TransitionRetired     = "retired"
+	// TransitionRecovered: the guest was recreated from the agents' claims
+	// after the arbiter lost its record; From is the highest claimed epoch.
+	TransitionRecovered = "recovered"
 )
+
+// Claim is what one agent said of a guest the arbiter had no record of:
+// the role it claims (RoleNone when only a heartbeat named the guest) and
+// the epoch it holds.
+type Claim struct {
+	Agent string `json:"agent"`
+	Role  Role   `json:"role"`
+	Epoch uint64 `json:"fence"`
+
+	addr    string    // the agent's AgentAddr, from a registration
+	service ProbeSpec // the primary's service check, from a registration
+}
+
+// RecoveryStatus describes a guest whose record the arbiter lost, while
+// it collects the agents' claims (see the package documentation).
+type RecoveryStatus struct {
+	Until  time.Time `json:"until"` // no decision before this
+	Claims []Claim   `json:"claims"`
+	// Stuck says why no decision could be made once Until passed.
+	Stuck string `json:"stuck,omitempty"`
+}
 
 // ProbeStatus is the latest result of one probe.
 type ProbeStatus struct {
@@ -197,9 +282,15 @@ type GuestStatus struct {
 	LeaseHolder      string        `json:"lease_holder,omitempty"`
 	LeaseExpires     time.Time     `json:"lease_expires"`
 	LeaseRemaining   time.Duration `json:"lease_remaining"`
-	Last             *Transition   `json:"last_transition,omitempty"`
-	Service          *ProbeStatus  `json:"service,omitempty"`
-	Retired          bool          `json:"retired,omitempty"` // unenrolled; kept for its epoch
+	// SuspendedUntil is set while the primary's lease is suspended (see
+	// Client.Suspend): no promotion before it.
+	SuspendedUntil time.Time    `json:"suspended_until,omitzero"`
+	Last           *Transition  `json:"last_transition,omitempty"`
+	Service        *ProbeStatus `json:"service,omitempty"`
+	Retired        bool         `json:"retired,omitempty"` // unenrolled; kept for its epoch
+	// Recovering is set, and every other field but Guest empty, while the
+	// arbiter recovers the guest's lost record from the agents' claims.
+	Recovering *RecoveryStatus `json:"recovering,omitempty"`
 }
 
 // AgentStatus is one agent in Status.

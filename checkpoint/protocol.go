@@ -1,11 +1,11 @@
 package checkpoint
 
 import (
-	"time"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
+	"time"
 )
 
 // Hello opens a replication session for one guest.

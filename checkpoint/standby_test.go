@@ -16,20 +16,20 @@ import (
 
 // handlerRig is a Standby serving one replica, as an agent would plug it in.
 type handlerRig struct {
-	t       *testing.T
-	ram     []byte
-	r       *Replica
-	fence   uint64
-	refuse  error // Accept refuses with it when set
+	t      *testing.T
+	ram    []byte
+	r      *Replica
+	fence  uint64
+	refuse error // Accept refuses with it when set
 	// offerHashes: a replica of another generation offers its page hashes.
 	offerHashes bool
-	mu      sync.Mutex
-	locked  bool
-	ended   []error
-	begins  int
-	aborts  int
-	commits int
-	ln      net.Listener
+	mu          sync.Mutex
+	locked      bool
+	ended       []error
+	begins      int
+	aborts      int
+	commits     int
+	ln          net.Listener
 }
 
 func startHandlerRig(t *testing.T, pages int) *handlerRig {

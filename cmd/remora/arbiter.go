@@ -174,20 +174,16 @@ func printArbiterStatus(w io.Writer, st arbiter.Status) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "GUEST\tEPOCH\tPRIMARY\tSTANDBY\tIN SYNC\tLEASE HOLDER\tLEASE\tSERVICE\tLAST CHANGE\n")
 	for _, g := range st.Guests {
-		lease := "-"
-		if g.LeaseHolder != "" {
-			if g.LeaseRemaining > 0 {
-				lease = fmt.Sprintf("%v left (until %s)", g.LeaseRemaining.Round(10*time.Millisecond), g.LeaseExpires.Local().Format("15:04:05.000"))
-			} else {
-				lease = "expired " + g.LeaseExpires.Local().Format("15:04:05.000")
-			}
+		if g.Recovering != nil {
+			fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t-\t-\t-\t%s\n", g.Guest, recoveryText(g.Recovering))
+			continue
 		}
 		last := "-"
 		if g.Last != nil {
 			last = fmt.Sprintf("%s %d->%d %s", g.Last.Kind, g.Last.From, g.Last.To, g.Last.At.Local().Format(time.DateTime))
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
-			g.Guest, g.Epoch, dash(g.Primary), dash(g.Standby), yesNo(g.InSync), dash(g.LeaseHolder), lease, probeText(g.Service), last)
+			g.Guest, g.Epoch, dash(g.Primary), dash(g.Standby), yesNo(g.InSync), dash(g.LeaseHolder), leaseText(g), probeText(g.Service), last)
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
@@ -204,6 +200,27 @@ func printArbiterStatus(w io.Writer, st arbiter.Status) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", a.Agent, dash(a.Addr), hb, probeText(a.Reachability))
 	}
 	tw.Flush()
+}
+
+func leaseText(g arbiter.GuestStatus) string {
+	switch {
+	case g.LeaseHolder == "":
+		return "-"
+	case g.LeaseRemaining <= 0:
+		return "expired " + g.LeaseExpires.Local().Format("15:04:05.000")
+	}
+	text := fmt.Sprintf("%v left (until %s)", g.LeaseRemaining.Round(10*time.Millisecond), g.LeaseExpires.Local().Format("15:04:05.000"))
+	if !g.SuspendedUntil.IsZero() {
+		text = "suspended, " + text
+	}
+	return text
+}
+
+func recoveryText(r *arbiter.RecoveryStatus) string {
+	if r.Stuck != "" {
+		return "recovery stuck: " + r.Stuck
+	}
+	return fmt.Sprintf("recovering until %s (%d claims)", r.Until.Local().Format("15:04:05"), len(r.Claims))
 }
 
 func probeText(p *arbiter.ProbeStatus) string {

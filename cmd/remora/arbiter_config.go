@@ -26,6 +26,8 @@ type arbiterConfig struct {
 	LeaseDuration time.Duration   `mapstructure:"lease_duration"`
 	Heartbeat     HeartbeatConfig `mapstructure:"heartbeat"`
 	Probe         ProbeDefaults   `mapstructure:"probe"`
+	MaxSuspend    time.Duration   `mapstructure:"max_suspend"`
+	MaxGuests     int             `mapstructure:"max_guests"`
 	Guests        []GuestConfig   `mapstructure:"guests"`
 	LogLevel      string          `mapstructure:"log_level"`
 }
@@ -70,6 +72,8 @@ func arbiterDefaults() arbiterConfig {
 		LeaseDuration: arbiter.DefaultLeaseDuration,
 		Heartbeat:     HeartbeatConfig{Interval: heartbeat.DefaultInterval, Missed: heartbeat.DefaultMissed},
 		Probe:         ProbeDefaults{Interval: arbiter.DefaultProbeInterval, Timeout: arbiter.DefaultProbeTimeout},
+		MaxSuspend:    arbiter.DefaultMaxSuspend,
+		MaxGuests:     arbiter.DefaultMaxGuests,
 		LogLevel:      "info",
 	}
 }
@@ -112,8 +116,14 @@ func (c *arbiterConfig) validate() error {
 	if c.Heartbeat.Interval <= 0 || c.Heartbeat.Missed <= 0 {
 		errs = append(errs, errors.New("heartbeat.interval and heartbeat.missed must be positive"))
 	}
-	if c.Probe.Interval <= 0 || c.Probe.Timeout <= 0 {
-		errs = append(errs, errors.New("probe.interval and probe.timeout must be positive"))
+	if err := arbiter.ValidateProbeTiming(c.Probe.Interval, c.Probe.Timeout); err != nil {
+		errs = append(errs, err)
+	}
+	if c.MaxSuspend <= 0 {
+		errs = append(errs, errors.New("max_suspend must be positive"))
+	}
+	if c.MaxGuests <= 0 {
+		errs = append(errs, errors.New("max_guests must be positive"))
 	}
 	if _, err := c.logLevel(); err != nil {
 		errs = append(errs, err)
@@ -164,6 +174,8 @@ func (c *arbiterConfig) serverConfig() arbiter.Config {
 		Heartbeat:     heartbeat.Config{Interval: c.Heartbeat.Interval, Missed: c.Heartbeat.Missed},
 		ProbeInterval: c.Probe.Interval,
 		ProbeTimeout:  c.Probe.Timeout,
+		MaxSuspend:    c.MaxSuspend,
+		MaxGuests:     c.MaxGuests,
 		Services:      services,
 	}
 }

@@ -59,7 +59,8 @@ func TestExampleConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.Listen != "0.0.0.0:7410" || c.LeaseDuration != 3*time.Second || c.Heartbeat.Interval != 250*time.Millisecond ||
-		c.Heartbeat.Missed != 4 || c.Probe.Timeout != 500*time.Millisecond || c.TLS.CA != "/etc/remora/pki/ca.crt" {
+		c.Heartbeat.Missed != 4 || c.Probe.Timeout != 500*time.Millisecond || c.TLS.CA != "/etc/remora/pki/ca.crt" ||
+		c.MaxSuspend != 30*time.Second || c.MaxGuests != 1024 {
 		t.Fatalf("example config decoded as %+v", c)
 	}
 }
@@ -79,6 +80,8 @@ listen: 127.0.0.1:9000
 state_dir: /tmp/x
 lease_duration: 4s
 probe: {interval: 2s}
+max_suspend: 10s
+max_guests: 5
 guests:
   - name: db1
     service: {kind: line, address: "10.0.0.1:7000", send: PING, expect_prefix: PONG, timeout: 300ms}
@@ -95,14 +98,18 @@ guests:
 	if len(sc.Services) != 1 || sc.Services["db1"].ExpectPrefix != "PONG" || sc.Services["db1"].Timeout != 300*time.Millisecond {
 		t.Fatalf("services: %+v", sc.Services)
 	}
+	if sc.MaxSuspend != 10*time.Second || sc.MaxGuests != 5 {
+		t.Fatalf("limits: max_suspend %v, max_guests %d", sc.MaxSuspend, sc.MaxGuests)
+	}
 
 	t.Setenv("REMORA_ARBITER_LEASE_DURATION", "5s")
 	t.Setenv("REMORA_ARBITER_TLS_CERT", "/env/cert.pem")
+	t.Setenv("REMORA_ARBITER_MAX_GUESTS", "7")
 	c, err = loadArbiter(t, yaml)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.LeaseDuration != 5*time.Second || c.TLS.Cert != "/env/cert.pem" {
+	if c.LeaseDuration != 5*time.Second || c.TLS.Cert != "/env/cert.pem" || c.MaxGuests != 7 {
 		t.Fatalf("env did not override: %+v", c)
 	}
 	c, err = loadArbiter(t, yaml, "--lease-duration", "6s", "--state-dir", "/flag")
@@ -124,6 +131,14 @@ func TestConfigErrors(t *testing.T) {
 		{"guests:\n  - name: g\n  - name: g\n", "listed twice"},
 		{"log_level: loud\n", "log_level"},
 		{"lease_duration: soon\n", "lease_duration"},
+		{"probe: {interval: 1ns}\n", "probe interval 1ns is below the minimum of 100ms"},
+		{"probe: {interval: 2h}\n", "probe interval 2h0m0s exceeds the maximum of 1h0m0s"},
+		{"probe: {interval: 1s, timeout: 1ms}\n", "probe timeout 1ms is below the minimum of 10ms"},
+		{"probe: {interval: 1s, timeout: 2s}\n", "probe timeout 2s exceeds the probe interval 1s"},
+		{"guests:\n  - name: g\n    service: {kind: tcp, address: 'a:1', interval: 1ns}\n", "guests[0] (g): probe interval 1ns is below the minimum of 100ms"},
+		{"max_suspend: 0s\n", "max_suspend must be positive"},
+		{"max_guests: -1\n", "max_guests must be positive"},
+		{"max_guests: many\n", "max_guests"},
 	}
 	for _, c := range cases {
 		_, err := loadArbiter(t, c.yaml)
@@ -218,7 +233,7 @@ tls:
   key: `+pki.KeyPath(pkiDir, "arbiter")+`
   ca: `+filepath.Join(pkiDir, "ca.crt")+`
 lease_duration: 2s
-probe: {interval: 50ms, timeout: 200ms}
+probe: {interval: 100ms, timeout: 100ms}
 guests:
   - name: web1
     service: {kind: tcp, address: "`+svc.Addr().String()+`"}
@@ -309,5 +324,22 @@ guests:
 	}
 	if !strings.Contains(logs.String(), "arbiter: listening") {
 		t.Errorf("no startup log:\n%s", logs.String())
+	}
+}
+
+func TestPrintArbiterStatus(t *testing.T) {
+	now := time.Date(2030, 1, 1, 12, 0, 0, 0, time.Local)
+	st := arbiter.Status{Now: now, Guests: []arbiter.GuestStatus{
+		{Guest: "held", Epoch: 4, Primary: "host-a", LeaseHolder: "host-a", LeaseExpires: now.Add(20 * time.Second),
+			LeaseRemaining: 20 * time.Second, SuspendedUntil: now.Add(20 * time.Second)},
+		{Guest: "lost", Recovering: &arbiter.RecoveryStatus{Until: now.Add(6 * time.Second), Claims: make([]arbiter.Claim, 2)}},
+		{Guest: "stuck", Recovering: &arbiter.RecoveryStatus{Until: now, Stuck: "no agent claims the primary role"}},
+	}}
+	var out bytes.Buffer
+	printArbiterStatus(&out, st)
+	for _, want := range []string{"suspended, 20s left (until 12:00:20.000)", "recovering until 12:00:06 (2 claims)", "recovery stuck: no agent claims the primary role"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("status output lacks %q:\n%s", want, out.String())
+		}
 	}
 }

@@ -57,6 +57,8 @@ type Coordinator interface {
 	Retire(ctx context.Context, guest, agentID string, epoch uint64) error
 	Heartbeat(ctx context.Context, agentID string, epochs map[string]uint64) ([]arbiter.Assignment, error)
 	Status(ctx context.Context) (arbiter.Status, error)
+	// Suspend holds a restarting primary's lease for d (no promotion).
+	Suspend(ctx context.Context, guest, agentID string, epoch uint64, d time.Duration) (arbiter.Lease, error)
 }
 
 // Agent is one host's remora agent.
@@ -236,8 +238,8 @@ func (a *Agent) handOver(g *guest) {
 		} else {
 			g.log.Warn("could not tell the standby this agent restarts; it may fail the guest over", "err", err)
 		}
-		if s, ok := a.arb.(suspender); ok && a.arb != nil {
-			if _, err := s.Suspend(ctx, g.name, a.cfg.AgentID, st.Fence, grace); err != nil {
+		if a.arb != nil {
+			if _, err := a.arb.Suspend(ctx, g.name, a.cfg.AgentID, st.Fence, grace); err != nil {
 				g.log.Warn("could not tell the arbiter this agent restarts; the standby may be promoted once the lease runs out", "err", err)
 			}
 		}
@@ -248,11 +250,6 @@ func (a *Agent) handOver(g *guest) {
 		p.out.Detach()
 	}
 	g.log.Info("agent stopping: the guest runs on with its output held until the agent is back", "grace", grace)
-}
-
-// suspender is an arbiter that can hold a restarting primary's lease.
-type suspender interface {
-	Suspend(ctx context.Context, guest, agentID string, epoch uint64, d time.Duration) (arbiter.Lease, error)
 }
 
 // notResumed explains a protected guest this restarted agent could not

@@ -46,6 +46,10 @@ func (f *fakeArbiter) Heartbeat(context.Context, string, map[string]uint64) ([]a
 	return nil, f.err
 }
 func (f *fakeArbiter) Status(context.Context) (arbiter.Status, error) { return arbiter.Status{}, f.err }
+func (f *fakeArbiter) Suspend(_ context.Context, g, a string, e uint64, d time.Duration) (arbiter.Lease, error) {
+	f.calls = append(f.calls, "suspend")
+	return arbiter.Lease{Epoch: e}, f.err
+}
 
 func testGuest(arb Coordinator, role Role) *guest {
 	a := &Agent{cfg: api.Defaults(), log: quietLog(), arb: arb}

@@ -203,7 +203,11 @@ func (g *guest) call(ctx context.Context, act Action) Event {
 			return FenceMoved{Fence: ae.CurrentEpoch}
 		}
 	}
-	return ArbiterFailed{Now: now, Call: name, Err: err}
+	f := ArbiterFailed{Now: now, Call: name, Err: err, Unregistered: errors.Is(err, arbiter.ErrUnknownGuest)}
+	if errors.As(err, &ae) && ae.RetryAfter > 0 {
+		f.RetryAfter = ae.RetryAfter // the arbiter recovers its state, or a lease runs
+	}
+	return f
 }
 
 // do carries out one local action.

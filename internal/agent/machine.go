@@ -196,6 +196,11 @@ type ArbiterFailed struct {
 	Now  time.Time
 	Call string
 	Err  error
+	// RetryAfter is when the arbiter said to ask again (0: the default).
+	RetryAfter time.Duration
+	// Unregistered: the arbiter does not know the guest (it lost its
+	// state): register again.
+	Unregistered bool
 }
 
 // SyncedReported: the arbiter counts the standby as in sync.
@@ -362,6 +367,12 @@ func (m *Machine) Step(ev Event) []Action {
 	case ArbiterFailed:
 		m.Note = e.Call + ": " + e.Err.Error()
 		m.RetryAt = e.Now.Add(m.settings.RetryAfter)
+		if e.RetryAfter > 0 {
+			m.RetryAt = e.Now.Add(min(e.RetryAfter, time.Minute))
+		}
+		if e.Unregistered && m.settings.Arbiter {
+			m.Registered = false
+		}
 		return nil
 	case CallDone:
 		return nil

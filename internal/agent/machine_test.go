@@ -687,3 +687,19 @@ func TestResyncIsNotALostStandby(t *testing.T) {
 		t.Fatalf("negative control: a silent standby not syncing must be reported (got %s)", s)
 	}
 }
+
+// An arbiter that lost its state answers "unknown guest" or "recovering":
+// the agent registers again, no sooner than the arbiter said.
+func TestArbiterLostStateReregisters(t *testing.T) {
+	m := primaryIn(PhaseProtected)
+	steps(m, ArbiterFailed{Now: t0, Call: "renew", Err: errors.New("unknown guest"), Unregistered: true, RetryAfter: 2 * time.Second})
+	if m.Phase() != PhaseStarting {
+		t.Fatalf("phase %s, want starting (registering again, output held)", m.Phase())
+	}
+	if got := steps(m, tick(m, time.Second, nil)); got != "-" {
+		t.Fatalf("asked again before the arbiter's retry hint: %s", got)
+	}
+	if got := steps(m, tick(m, 2500*time.Millisecond, nil)); got != "Register" {
+		t.Fatalf("after the hint: %s, want Register", got)
+	}
+}
