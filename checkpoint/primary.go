@@ -99,6 +99,7 @@ type PrimaryStatus struct {
 	EpochsPerSec   float64        `json:"epochs_per_sec"`
 	PauseP50       time.Duration  `json:"pause_p50_ns"`
 	PauseP99       time.Duration  `json:"pause_p99_ns"`
+	PauseMax       time.Duration  `json:"pause_max_ns"`    // the longest pause of an incremental epoch so far
 	DirtyPages     uint64         `json:"dirty_pages"`     // in the last epoch
 	DirtyTotal     uint64         `json:"dirty_total"`     // pages sent in incremental epochs, all sessions
 	Incremental    uint64         `json:"incremental"`     // incremental epochs captured
@@ -605,6 +606,7 @@ func (p *Primary) capture(ctx context.Context, plan sessionPlan) (*capturedEpoch
 		p.st.SyncPages = n
 	} else {
 		p.pauses.Add(pause)
+		p.st.PauseMax = max(p.st.PauseMax, pause)
 		p.st.DirtyTotal += n
 		p.st.Incremental++
 	}

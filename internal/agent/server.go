@@ -48,7 +48,7 @@ func (g *guest) status() api.VMStatus {
 	}
 	s := p.engine.Status()
 	v.Epoch, v.Started, v.AckedEpoch, v.EpochsPerSec = s.Epoch, s.Started, s.AckedEpoch, s.EpochsPerSec
-	v.PauseP50, v.PauseP99, v.DirtyPages, v.DirtyTotal, v.Incremental = s.PauseP50, s.PauseP99, s.DirtyPages, s.DirtyTotal, s.Incremental
+	v.PauseP50, v.PauseP99, v.PauseMax, v.DirtyPages, v.DirtyTotal, v.Incremental = s.PauseP50, s.PauseP99, s.PauseMax, s.DirtyPages, s.DirtyTotal, s.Incremental
 	v.Bytes, v.RawBytes, v.Lag, v.Tracker = s.BytesSent, s.RawBytes, s.Lag, s.Tracker
 	v.SyncPages, v.SyncDone, v.SyncTotal, v.LastError, v.NextRetry, v.LastPause = s.SyncPages, s.SyncDone, s.SyncTotal, s.LastError, s.NextRetry, &s.LastPause
 	v.Output = p.outputStatus(v.State != string(PhaseUnprotected))

@@ -250,6 +250,24 @@ func (d *DiskWriter) WriteNext() error {
 	return nil
 }
 
+// Discard trims (or, where the disk cannot, zeroes) n bytes of the device
+// past the records' area, as an fstrim of free space does; the records
+// must survive it.
+func (d *DiskWriter) Discard(n uint64) (string, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	start := d.slots * RecordSize
+	size, err := d.f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return "", err
+	}
+	n = min(n, uint64(size)-start)
+	if n == 0 {
+		return "", fmt.Errorf("no room past the %d records of %s", d.slots, d.path)
+	}
+	return discardRange(d.f, start, n)
+}
+
 // Check reads the device and checks it against the count.
 func (d *DiskWriter) Check() (n uint64, extra int, err error) {
 	d.mu.Lock()

@@ -82,6 +82,22 @@ func (s *Server) Handle(line string) string {
 		s.disk.SetRate(rate)
 		s.disk.ResetLatency() // figures from here on are of this rate
 		return "ok"
+	case "discard":
+		if s.disk == nil {
+			return "err no disk (remora.disk=)"
+		}
+		if len(f) != 2 {
+			return "err usage: discard MIB"
+		}
+		mib, err := strconv.ParseUint(f[1], 10, 64)
+		if err != nil || mib == 0 {
+			return fmt.Sprintf("err bad size %q", f[1])
+		}
+		what, err := s.disk.Discard(mib << 20)
+		if err != nil {
+			return "fail " + err.Error()
+		}
+		return "ok " + what
 	case "diskcheck":
 		if s.disk == nil {
 			return "err no disk (remora.disk=)"
@@ -107,7 +123,7 @@ func (s *Server) Handle(line string) string {
 		}
 		return line
 	default:
-		return fmt.Sprintf("err unknown command %q (inc, get, check, writer N, disk N, diskcheck, stats)", cmd)
+		return fmt.Sprintf("err unknown command %q (inc, get, check, writer N, disk N, discard MIB, diskcheck, stats)", cmd)
 	}
 }
 

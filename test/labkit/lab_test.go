@@ -2,6 +2,7 @@ package labkit
 
 import (
 	"context"
+	"net"
 	"os"
 	"strings"
 	"testing"
@@ -114,5 +115,52 @@ func TestLabGuest(t *testing.T) {
 
 	if con := g.Console(); !strings.Contains(con, "remora-init: starting workload") {
 		t.Errorf("console log %s lacks the init's messages", g.ConsoleLog)
+	}
+}
+
+// Netem delays the traffic between two lab hosts by its delay each way,
+// and lets it flow at once again after Stop.
+func TestNetemDelays(t *testing.T) {
+	RequireLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var ln net.Listener
+	if err := InNetns(NetnsClient, func() error {
+		var err error
+		ln, err = net.Listen("tcp", IPClient+":0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	connect := func() time.Duration {
+		start := time.Now()
+		c, err := DialTCPNetns(ctx, NetnsA, ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		return time.Since(start)
+	}
+	base := connect()
+	n, err := StartNetem(NetnsA, IPClient, 100*time.Millisecond, 0, 0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slow := connect()
+	n.Stop()
+	after := connect()
+	t.Logf("connect: %v plain, %v with 100 ms each way, %v after", base, slow, after)
+	if slow < 190*time.Millisecond || after > slow/2 {
+		t.Fatalf("connect took %v with netem (want >= 200 ms), %v after", slow, after)
 	}
 }

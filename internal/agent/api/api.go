@@ -31,6 +31,7 @@ type VMStatus struct {
 	EpochsPerSec float64                    `json:"epochs_per_sec"`
 	PauseP50     time.Duration              `json:"pause_p50_ns"`
 	PauseP99     time.Duration              `json:"pause_p99_ns"`
+	PauseMax     time.Duration              `json:"pause_max_ns,omitempty"` // the longest incremental pause since the agent started
 	DirtyPages   uint64                     `json:"dirty_pages"`
 	DirtyTotal   uint64                     `json:"dirty_total,omitempty"`
 	Incremental  uint64                     `json:"incremental,omitempty"`
