@@ -160,6 +160,21 @@ func (h *host) stop(sig syscall.Signal) {
 	h.mu.Unlock()
 }
 
+// running reports whether the agent process runs.
+func (h *host) running() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.cmd == nil {
+		return false
+	}
+	select {
+	case <-h.done:
+		return false
+	default:
+		return true
+	}
+}
+
 // exited reports whether the agent process has exited on its own.
 func (h *host) exited() <-chan struct{} {
 	h.mu.Lock()
