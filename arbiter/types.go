@@ -6,7 +6,7 @@ import (
 	"regexp"
 	"time"
 
-	"github.com/remora-ha/remora/internal/pki"
+	"github.com/remora-ha/remora/internal/names"
 )
 
 // Role is an agent's role for one guest.
@@ -311,9 +311,15 @@ type Status struct {
 	Agents          []AgentStatus `json:"agents"`
 }
 
+// validName checks a name from the wire with the one validator remora has
+// (internal/names): guests by the guest rule, agents by the agent rule.
 func validName(kind, name string) error {
-	if !pki.ValidName(name) {
-		return errorf(CodeBadRequest, "invalid %s name %q", kind, name)
+	err := names.Agent(kind, name)
+	if kind == "guest" {
+		err = names.Guest(kind, name)
+	}
+	if err != nil {
+		return errorf(CodeBadRequest, "%v", err)
 	}
 	return nil
 }

@@ -134,7 +134,11 @@ func WriteFrame(w io.Writer, f Frame) error {
 }
 
 // ReadFrame reads and verifies one frame. The payload is freshly allocated.
-func ReadFrame(r io.Reader) (Frame, error) {
+func ReadFrame(r io.Reader) (Frame, error) { return ReadFrameMax(r, MaxFramePayload) }
+
+// ReadFrameMax is ReadFrame refusing, before it allocates, a payload
+// longer than max.
+func ReadFrameMax(r io.Reader, max int) (Frame, error) {
 	var hdr [frameHeaderLen]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return Frame{}, err
@@ -142,6 +146,9 @@ func ReadFrame(r io.Reader) (Frame, error) {
 	f, n, err := parseHeader(hdr[:])
 	if err != nil {
 		return Frame{}, err
+	}
+	if n > max {
+		return Frame{}, fmt.Errorf("%w: %s frame of %d bytes where at most %d are expected", ErrFrameLarge, f.Type, n, max)
 	}
 	body := make([]byte, n+4)
 	if _, err := io.ReadFull(r, body); err != nil {

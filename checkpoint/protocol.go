@@ -3,9 +3,12 @@ package checkpoint
 import (
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"time"
+
+	"github.com/remora-ha/remora/internal/names"
 )
 
 // Hello opens a replication session for one guest.
@@ -23,6 +26,44 @@ type Hello struct {
 	// Disks are the guest disks mirrored to the standby, which keeps a
 	// replica image of each and gives it to the shell.
 	Disks []DiskSpec `json:"disks,omitempty"`
+}
+
+// MaxDisks bounds the disks of one guest a standby replicates.
+const MaxDisks = 32
+
+// validate checks every name in h against the one validator of wire
+// names: they become file names on the standby.
+func (h *Hello) validate() error {
+	errs := []error{names.Agent("agent", h.Agent), names.Guest("guest", h.Guest)}
+	if h.ShellBase != "" {
+		errs = append(errs, names.Guest("shell name", h.ShellBase))
+	}
+	if len(h.Disks) > MaxDisks {
+		errs = append(errs, fmt.Errorf("%d disks: a standby replicates at most %d per guest", len(h.Disks), MaxDisks))
+	}
+	seen := map[string]bool{}
+	for _, d := range h.Disks {
+		errs = append(errs, names.Dev("disk", d.Dev))
+		if d.Size <= 0 || d.Size > 64<<40 {
+			errs = append(errs, fmt.Errorf("disk %q: size %d out of range (1 byte to 64 TiB)", d.Dev, d.Size))
+		}
+		if seen[d.Dev] {
+			errs = append(errs, fmt.Errorf("disk %q listed twice", d.Dev))
+		}
+		seen[d.Dev] = true
+	}
+	if h.RAMBytes < 0 || h.RAMBytes > 16<<40 {
+		errs = append(errs, fmt.Errorf("ram_bytes %d out of range", h.RAMBytes))
+	}
+	return errors.Join(errs...)
+}
+
+func (d *DiskHello) validate() error {
+	return errors.Join(names.Agent("agent", d.Agent), names.Guest("guest", d.Guest), names.Dev("disk", d.Dev))
+}
+
+func (r *Restarting) validate() error {
+	return errors.Join(names.Agent("agent", r.Agent), names.Guest("guest", r.Guest))
 }
 
 // DiskSpec is one replicated guest disk.

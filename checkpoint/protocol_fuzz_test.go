@@ -7,6 +7,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"reflect"
 	"testing"
 	"time"
@@ -100,9 +101,12 @@ func FuzzStandbyHello(f *testing.F) {
 		f.Add(uint8(i), hello)
 		f.Add(uint8(i), disk)
 	}
-	f.Add(uint8(0), []byte(`{"guest":"vm1","page_size":8192}`))
-	f.Add(uint8(0), []byte(`{"guest":"vm1","page_size":4096,"disks":[]}`))
-	f.Add(uint8(2), []byte(`{"guest":"vm1"}`))
+	f.Add(uint8(0), []byte(`{"agent":"a","guest":"vm1","page_size":8192}`))
+	f.Add(uint8(0), []byte(`{"agent":"a","guest":"vm1","page_size":4096,"disks":[]}`))
+	f.Add(uint8(2), []byte(`{"agent":"a","guest":"vm1"}`))
+	f.Add(uint8(0), []byte(`{"agent":"a","guest":"../../etc","page_size":4096}`))
+	f.Add(uint8(2), []byte(`{"agent":"a","guest":"vm1","dev":"../vda"}`))
+	f.Add(uint8(0), []byte(`{"agent":"a","guest":"vm1","page_size":4096,"disks":[{"dev":"vda","size":-1}]}`))
 	f.Add(uint8(1), []byte(`{"guest":""}`))
 	f.Add(uint8(3), []byte(`null`))
 	f.Add(uint8(0), []byte(`{"guest":"vm1","ram_bytes":"x"}`))
@@ -112,21 +116,26 @@ func FuzzStandbyHello(f *testing.F) {
 		var usable bool
 		if kind == FrameDiskNBD || kind == FrameDiskControl {
 			var want DiskHello
-			usable = json.Unmarshal(payload, &want) == nil && want.Guest != "" && want.Dev != ""
+			usable = json.Unmarshal(payload, &want) == nil && want.validate() == nil
 			if rec.hello != nil || usable != (rec.disk != nil) {
 				t.Fatalf("%s %q: usable %v, handler got hello %v disk %v", kind, payload, usable, rec.hello, rec.disk)
 			}
 			if usable {
+				checkOneComponent(t, want.Guest, want.Dev)
 				checkSame(t, *rec.disk, want)
 				checkJSONRoundTrip(t, *rec.disk)
 			}
 		} else {
 			var want Hello
-			usable = json.Unmarshal(payload, &want) == nil && want.Guest != "" && (kind == FrameUnenroll || want.PageSize == PageSize)
+			usable = json.Unmarshal(payload, &want) == nil && want.validate() == nil && (kind == FrameUnenroll || want.PageSize == PageSize)
 			if rec.disk != nil || usable != (rec.hello != nil) {
 				t.Fatalf("%s %q: usable %v, handler got hello %v disk %v", kind, payload, usable, rec.hello, rec.disk)
 			}
 			if usable {
+				checkOneComponent(t, want.Guest, want.ShellBase)
+				for _, d := range want.Disks {
+					checkOneComponent(t, d.Dev)
+				}
 				checkSame(t, *rec.hello, want)
 				checkJSONRoundTrip(t, normalHello(*rec.hello))
 			}
@@ -139,6 +148,17 @@ func FuzzStandbyHello(f *testing.F) {
 			t.Fatalf("%s %q: unusable hello refused as retryable: %q", kind, payload, msg.Error)
 		}
 	})
+}
+
+// checkOneComponent fails when a name the handler gets could reach
+// outside the directory it is joined to.
+func checkOneComponent(t *testing.T, names ...string) {
+	t.Helper()
+	for _, n := range names {
+		if n != "" && filepath.Join("/state", n) != "/state/"+n {
+			t.Fatalf("name %q handed to the handler leaves its directory", n)
+		}
+	}
 }
 
 func checkSame[T any](t *testing.T, got, want T) {
@@ -171,11 +191,11 @@ func checkJSONRoundTrip[T any](t *testing.T, v T) {
 
 // The fuzz seeds are valid hellos: check they reach the handler at all.
 func TestStandbyHelloSeedsReachTheHandler(t *testing.T) {
-	h, _ := json.Marshal(Hello{Guest: "vm1", PageSize: PageSize})
+	h, _ := json.Marshal(Hello{Agent: "host-a", Guest: "vm1", PageSize: PageSize})
 	if rec, _ := serveFirstFrame(t, Frame{Type: FrameHello, Payload: h}); rec.hello == nil || rec.hello.Guest != "vm1" {
 		t.Fatalf("valid hello not handed over: %+v", rec.hello)
 	}
-	d, _ := json.Marshal(DiskHello{Guest: "vm1", Dev: "vda"})
+	d, _ := json.Marshal(DiskHello{Agent: "host-a", Guest: "vm1", Dev: "vda"})
 	if rec, _ := serveFirstFrame(t, Frame{Type: FrameDiskControl, Payload: d}); rec.disk == nil || rec.disk.Dev != "vda" {
 		t.Fatalf("valid disk hello not handed over: %+v", rec.disk)
 	}

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"sync"
 	"time"
 )
 
@@ -24,7 +25,19 @@ type Standby struct {
 	// HandshakeTimeout bounds reading the first frame and the handler's
 	// Accept (which may create a shell domain); default 2 minutes.
 	HandshakeTimeout time.Duration
+	// MaxHandshakes bounds connections that have not finished their first
+	// frame (default 64); more are closed at once, so a flood of idle
+	// connections costs neither memory nor goroutines.
+	MaxHandshakes int
+
+	once       sync.Once
+	handshakes chan struct{}
 }
+
+// MaxHandshakePayload bounds the first frame of a connection, read before
+// the handler has vetted the peer: a Hello with its domain XML is a few
+// kilobytes.
+const MaxHandshakePayload = 1 << 20
 
 // StandbyHandler is what an agent supplies to a Standby.
 type StandbyHandler interface {
@@ -79,6 +92,17 @@ func (e *FatalError) Unwrap() error { return e.Err }
 // Fatal wraps err as a refusal that retrying will not cure.
 func Fatal(err error) error { return &FatalError{err} }
 
+func (s *Standby) handshakeSlots() chan struct{} {
+	s.once.Do(func() {
+		n := s.MaxHandshakes
+		if n <= 0 {
+			n = 64
+		}
+		s.handshakes = make(chan struct{}, n)
+	})
+	return s.handshakes
+}
+
 // Serve accepts connections on ln until ctx ends or ln fails.
 func (s *Standby) Serve(ctx context.Context, ln net.Listener) error {
 	for {
@@ -93,7 +117,12 @@ func (s *Standby) Serve(ctx context.Context, ln net.Listener) error {
 			}
 			return fmt.Errorf("replication listener: %w", err)
 		}
-		go s.ServeConn(ctx, conn)
+		// The slot is taken here, in accept order, so a flood never
+		// costs a goroutine.
+		if !s.takeSlot(conn) {
+			continue
+		}
+		go s.serveConn(ctx, conn)
 	}
 }
 
@@ -104,8 +133,29 @@ func (s *Standby) log() *slog.Logger {
 	return s.Log
 }
 
+// takeSlot takes a handshake slot for conn, or closes it when none is
+// free.
+func (s *Standby) takeSlot(conn net.Conn) bool {
+	slots := s.handshakeSlots()
+	select {
+	case slots <- struct{}{}:
+		return true
+	default:
+		s.log().Warn("too many connections in their handshake: closing one", "peer", conn.RemoteAddr().String(), "max", cap(slots))
+		conn.Close()
+		return false
+	}
+}
+
 // ServeConn serves one connection to the replication port and closes it.
 func (s *Standby) ServeConn(ctx context.Context, conn net.Conn) {
+	if s.takeSlot(conn) {
+		s.serveConn(ctx, conn)
+	}
+}
+
+// serveConn is ServeConn with the handshake slot taken.
+func (s *Standby) serveConn(ctx context.Context, conn net.Conn) {
 	defer conn.Close()
 	peer := conn.RemoteAddr().String()
 	timeout := s.HandshakeTimeout
@@ -113,8 +163,17 @@ func (s *Standby) ServeConn(ctx context.Context, conn net.Conn) {
 		timeout = 2 * time.Minute
 	}
 	_ = conn.SetDeadline(time.Now().Add(timeout))
-	br := bufio.NewReaderSize(conn, 1<<20)
-	f, err := ReadFrame(br)
+	slots := s.handshakeSlots()
+	handshaking := true
+	endHandshake := func() {
+		if handshaking {
+			handshaking = false
+			<-slots
+		}
+	}
+	defer endHandshake()
+	br := bufio.NewReaderSize(conn, 64<<10)
+	f, err := ReadFrameMax(br, MaxHandshakePayload)
 	if err != nil {
 		var ve *VersionError
 		switch {
@@ -131,10 +190,16 @@ func (s *Standby) ServeConn(ctx context.Context, conn net.Conn) {
 	switch f.Type {
 	case FrameDiskNBD, FrameDiskControl:
 		var dh DiskHello
-		if err := json.Unmarshal(f.Payload, &dh); err != nil || dh.Guest == "" || dh.Dev == "" {
+		if err := json.Unmarshal(f.Payload, &dh); err != nil {
 			sendError(conn, 0, fmt.Errorf("bad %s frame: %v", f.Type, err), true)
 			return
 		}
+		if err := dh.validate(); err != nil {
+			s.log().Warn("disk connection refused", "peer", peer, "err", err)
+			sendError(conn, 0, fmt.Errorf("bad %s frame: %w", f.Type, err), true)
+			return
+		}
+		endHandshake()
 		if err := s.Handler.Disk(ctx, conn, f.Type, f.Fence, dh); err != nil {
 			s.log().Warn("disk connection ended", "guest", dh.Guest, "dev", dh.Dev, "kind", f.Type, "err", err)
 			sendError(conn, 0, err, false)
@@ -142,8 +207,13 @@ func (s *Standby) ServeConn(ctx context.Context, conn net.Conn) {
 		return
 	case FrameRestarting:
 		var r Restarting
-		if err := json.Unmarshal(f.Payload, &r); err != nil || r.Guest == "" || r.Grace <= 0 {
+		if err := json.Unmarshal(f.Payload, &r); err != nil || r.Grace <= 0 {
 			sendError(conn, 0, fmt.Errorf("bad %s frame: %v", f.Type, err), true)
+			return
+		}
+		if err := r.validate(); err != nil {
+			s.log().Warn("restart notice refused", "peer", peer, "err", err)
+			sendError(conn, 0, fmt.Errorf("bad %s frame: %w", f.Type, err), true)
 			return
 		}
 		if err := s.Handler.Restarting(ctx, conn, r, f.Fence); err != nil {
@@ -159,8 +229,13 @@ func (s *Standby) ServeConn(ctx context.Context, conn net.Conn) {
 		return
 	}
 	var h Hello
-	if err := json.Unmarshal(f.Payload, &h); err != nil || h.Guest == "" {
+	if err := json.Unmarshal(f.Payload, &h); err != nil {
 		sendError(conn, 0, fmt.Errorf("bad %s frame: %v", f.Type, err), true)
+		return
+	}
+	if err := h.validate(); err != nil {
+		s.log().Warn("replication refused", "peer", peer, "err", err)
+		sendError(conn, 0, fmt.Errorf("bad %s frame: %w", f.Type, err), true)
 		return
 	}
 	if f.Type == FrameUnenroll {
@@ -191,8 +266,9 @@ func (s *Standby) ServeConn(ctx context.Context, conn net.Conn) {
 		return
 	}
 	_ = conn.SetDeadline(time.Time{})
+	endHandshake()
 	s.log().Info("replication session accepted", "guest", h.Guest, "primary", h.Agent, "committed", w.Committed)
-	err = receive(conn, br, g, h)
+	err = receive(conn, br, g, h, f.Fence)
 	g.Ended(err)
 	if ctx.Err() == nil {
 		s.log().Warn("replication session ended", "guest", h.Guest, "primary", h.Agent, "err", err)
@@ -222,10 +298,17 @@ func sendError(conn net.Conn, fence uint64, err error, fatal bool) {
 
 // receive applies a session's frames until it ends; it always returns
 // why.
-func receive(conn net.Conn, br *bufio.Reader, g SessionGuest, h Hello) error {
+func receive(conn net.Conn, br *bufio.Reader, g SessionGuest, h Hello, helloFence uint64) error {
 	for {
 		f, err := ReadFrame(br)
 		if err != nil {
+			return err
+		}
+		if f.Fence > helloFence {
+			// A fence is vetted by the handler with the hello only: the
+			// primary reconnects to present its new one.
+			err := fmt.Errorf("fencing epoch %d in a %s frame of a session opened at %d: reconnect to present it", f.Fence, f.Type, helloFence)
+			sendError(conn, f.Fence, err, false)
 			return err
 		}
 		rep, fence, err := g.Lock()

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -186,6 +187,10 @@ func TestStandbyRefusesBadSessions(t *testing.T) {
 		{"hello without a guest", Frame{Type: FrameHello, Fence: testFence, Payload: []byte(`{"agent":"p"}`)}, "bad hello frame", true},
 		{"other page size", hello(testFence, 8192), "8192-byte pages", true},
 		{"stale fence", hello(testFence-1, PageSize), "stale fence", false},
+		{"path traversal guest", Frame{Type: FrameHello, Fence: testFence, Payload: []byte(`{"agent":"p","guest":"../../../../tmp/x","page_size":4096}`)}, "is not a valid name", true},
+		{"path traversal disk", Frame{Type: FrameDiskNBD, Fence: testFence, Payload: []byte(`{"agent":"p","guest":"g","dev":"../../etc/passwd"}`)}, "is not a valid name", true},
+		{"agent name with a slash", Frame{Type: FrameUnenroll, Fence: testFence, Payload: []byte(`{"agent":"a/b","guest":"g"}`)}, "is not a valid name", true},
+		{"negative disk size", Frame{Type: FrameHello, Fence: testFence, Payload: []byte(`{"agent":"p","guest":"g","page_size":4096,"disks":[{"dev":"vda","size":-5}]}`)}, "out of range", true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			br, _ := dialSend(t, h, c.frame)
@@ -222,6 +227,82 @@ func TestStandbyRefusesBadSessions(t *testing.T) {
 	if h.aborts == 0 {
 		t.Fatal("the staged epoch was not aborted in the journal")
 	}
+}
+
+// A first frame longer than a hello is refused from its header, before its
+// payload is allocated; a frame of a newer fence than the session's
+// hello ends the session (the fence is vetted with the hello only).
+func TestStandbyHandshakeLimits(t *testing.T) {
+	h := startHandlerRig(t, 16)
+	c, err := net.Dial("tcp", h.ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	// A header announcing 16 MiB, and no payload: the standby must not
+	// wait for it.
+	big := AppendFrame(nil, Frame{Type: FrameHello, Fence: testFence, Payload: make([]byte, MaxHandshakePayload+1)})
+	if _, err := c.Write(big[:frameHeaderLen]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadAll(c); err != nil {
+		t.Fatalf("the standby did not close an oversized handshake at once: %v", err)
+	}
+
+	var buf bytes.Buffer
+	_ = WriteJSON(&buf, FrameHello, testFence, 0, Hello{Agent: "p", Guest: "g", PageSize: PageSize, RAMBytes: 16 * PageSize})
+	f, _, _ := DecodeFrame(buf.Bytes())
+	br, conn := dialSend(t, h, f)
+	var w Welcome
+	if _, err := ReadJSON(br, FrameWelcome, &w); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteFrame(conn, Frame{Type: FramePing, Fence: testFence + 1}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = ReadJSON(br, FrameAck, &w)
+	var pe *PeerError
+	if !errors.As(err, &pe) || !strings.Contains(pe.Error(), "reconnect to present it") {
+		t.Fatalf("a newer fence mid-session: %v", err)
+	}
+}
+
+// Connections that never finish their handshake hold at most
+// MaxHandshakes slots; the next is closed at once, and a slot frees when
+// one ends.
+func TestStandbyHandshakeFlood(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	sb := &Standby{Handler: &helloRecorder{}, Log: testLogger(t), HandshakeTimeout: time.Minute, MaxHandshakes: 4}
+	done := make(chan struct{})
+	go func() { defer close(done); _ = sb.Serve(ctx, ln) }()
+	defer func() { cancel(); ln.Close(); <-done }()
+	var idle []net.Conn
+	for range 4 {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		idle = append(idle, c)
+	}
+	closedAtOnce := func() bool {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		_, err = c.Read(make([]byte, 1))
+		return err == io.EOF
+	}
+	wait(t, 5*time.Second, "a fifth idle connection to be closed", closedAtOnce)
+	idle[0].Close()
+	wait(t, 5*time.Second, "a freed slot", func() bool { return !closedAtOnce() })
 }
 
 // hideSeed is a tracker without Seed, like the soft-dirty one.

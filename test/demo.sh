@@ -32,6 +32,9 @@ state_dir: $WORK/$1/state
 runtime_dir: $WORK/$1/run
 epoch_interval: 100ms
 shell_suffix: "-$1"
+tls_cert: $WORK/pki/host-$1.crt
+tls_key: $WORK/pki/host-$1.key
+tls_ca: $WORK/pki/ca.crt
 CFG
 }
 start_agent() { # name netns
@@ -45,6 +48,9 @@ b() { ip netns exec rm-b "$REMORA" --config "$WORK/b/agent.yaml" "$@"; }
 
 step "Booting guest '$GUEST' on host A (TCG, 256 MiB, RAM in a shared file)"
 "$LABCTL" boot "$GUEST" 10 2000
+
+step "Certificates for the cluster: a CA, each agent (mutual TLS on every port)"
+"$REMORA" certs cluster "$WORK/pki" --agent host-a=10.77.0.2 --agent host-b=10.77.0.3 | grep -E '^(created|issued)'
 
 step "Starting the agents: host A (10.77.0.2) and host B (10.77.0.3), each in its own network namespace"
 agent_config a 10.77.0.2

@@ -176,9 +176,18 @@ func OpenTarget(path string, opts Options) (*Target, error) {
 	if err != nil {
 		return nil, err
 	}
-	fi, err := f.Stat()
+	t, err := NewFileTarget(f, opts)
 	if err != nil {
 		f.Close()
+	}
+	return t, err
+}
+
+// NewFileTarget is a Target on an open image file of the guest disk's
+// size; Close closes f.
+func NewFileTarget(f *os.File, opts Options) (*Target, error) {
+	fi, err := f.Stat()
+	if err != nil {
 		return nil, err
 	}
 	t := NewTarget(f, fi.Size(), opts)

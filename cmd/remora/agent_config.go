@@ -34,6 +34,13 @@ var agentFlagUsage = map[string]string{
 	"output_commit":       "hold guest output until its epoch is acknowledged: auto, qemu, plug or off",
 	"output_buffer_bytes": "output held per guest before frames are dropped",
 	"restart_grace":       "how long the standby and arbiter wait for an agent that stops on purpose (an upgrade) before failing its guests over",
+	"insecure_plaintext":  "run without TLS: every port unauthenticated (a closed lab only)",
+	"arbiter_name":        "the name the arbiter's certificate must carry",
+	"accept_primaries":    "primary agents (certificate names) this agent keeps replicas for; empty: any agent of the CA",
+	"accept_guests":       "guest name patterns this agent keeps replicas of; empty: any",
+	"max_replicas":        "most replicas this agent keeps as a standby",
+	"api_group":           "a group whose members may use the admin socket besides root",
+	"api_admins":          "certificate names the TCP admin API obeys",
 }
 
 // addAgentFlags gives cmd a flag for every agent config key, defaulting to
@@ -58,6 +65,10 @@ func addAgentFlags(cmd *cobra.Command) {
 			f.Int(name, v, usage)
 		case int64:
 			f.Int64(name, v, usage)
+		case bool:
+			f.Bool(name, v, usage)
+		case []string:
+			f.StringSlice(name, v, usage)
 		default:
 			panic(fmt.Sprintf("agent config key %s: no flag for %T", key, v))
 		}

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/remora-ha/remora/internal/agent/api"
 )
 
 func loadFrom(t *testing.T, yaml string, env map[string]string, flags ...string) (string, error) {
@@ -109,5 +111,64 @@ func TestEveryAgentKeyHasAFlag(t *testing.T) {
 	got, err := loadFrom(t, "agent_id: a\n", nil, "--output-commit", "off")
 	if err != nil || got == "" {
 		t.Fatal(got, err)
+	}
+}
+
+func loadConfigFile(t *testing.T, p string, flags ...string) (api.Config, error) {
+	t.Helper()
+	cmd := newAgentCmd()
+	cmd.Flags().String("config", "", "")
+	cmd.Flags().String("socket", "", "")
+	if err := cmd.Flags().Parse(append([]string{"--config", p}, flags...)); err != nil {
+		t.Fatal(err)
+	}
+	return loadAgentConfig(cmd)
+}
+
+func TestAgentRequiresTLS(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "agent.yaml")
+	if err := os.WriteFile(p, []byte("agent_id: host-a\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := loadConfigFile(t, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = cfg.Validate()
+	if err == nil || !strings.Contains(err.Error(), "remora certs cluster") || !strings.Contains(err.Error(), "insecure_plaintext: true") {
+		t.Fatalf("an agent without TLS: %v", err)
+	}
+	cfg, err = loadConfigFile(t, p, "--insecure-plaintext")
+	if err != nil || cfg.Validate() != nil {
+		t.Fatalf("insecure_plaintext opts out: %v %v", err, cfg.Validate())
+	}
+	for _, bad := range []string{"--agent-id=../x", "--arbiter-name=a/b", "--accept-primaries=host-b,..", "--accept-guests=[", "--max-replicas=0"} {
+		cfg, err := loadConfigFile(t, p, "--insecure-plaintext", bad)
+		if err == nil {
+			err = cfg.Validate()
+		}
+		if err == nil {
+			t.Errorf("%s accepted", bad)
+		}
+	}
+}
+
+// The shipped example is a valid configuration and lists are flags too.
+func TestShippedAgentConfig(t *testing.T) {
+	cfg, err := loadConfigFile(t, "../../configs/agent.yaml", "--accept-primaries", "host-b,host-c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.TLS() || cfg.InsecurePlaintext || len(cfg.APIAdmins) != 1 || len(cfg.AcceptPrimaries) != 2 {
+		t.Fatalf("configs/agent.yaml: %+v", cfg)
+	}
+	if err := cfg.AcceptsPrimary("host-c", "web1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.AcceptsPrimary("host-d", "web1"); err == nil || !strings.Contains(err.Error(), "accept_primaries") {
+		t.Fatalf("host-d: %v", err)
 	}
 }

@@ -29,6 +29,7 @@ import (
 	"github.com/remora-ha/remora/arbiter/heartbeat"
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/internal/pki"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
 )
@@ -80,7 +81,8 @@ type Agent struct {
 	// detector suspects the primary of a replica whose frames stopped.
 	detector *heartbeat.Detector
 
-	failover sync.Mutex // one failover at a time
+	failover   sync.Mutex // one failover at a time
+	standbyNew sync.Mutex // one replica record created at a time
 
 	// faultHook lets end-to-end tests crash the agent at a named point.
 	faultHook func(point string, epoch uint64)
@@ -113,9 +115,16 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if a.tlsSrv, a.tlsCli, err = tlsConfigs(&a.cfg); err != nil {
 		return err
 	}
+	if a.cfg.TLS() {
+		go a.watchCertificates(ctx)
+	}
+	if a.cfg.InsecurePlaintext {
+		a.log.Warn("INSECURE: insecure_plaintext is set: the replication port takes any peer unauthenticated; set up TLS with `remora certs cluster` for anything but a closed lab")
+	}
 	if a.cfg.Arbiter != "" {
-		// The arbiter is dialled by address; its certificate is checked by chain.
-		c, err := arbiter.NewClient(a.cfg.Arbiter, a.tlsCli.Clone())
+		// The arbiter is dialled by address; its certificate is checked by
+		// chain and name.
+		c, err := arbiter.NewClient(a.cfg.Arbiter, arbiterTLS(a.tlsCli, a.cfg.ArbiterName))
 		if err != nil {
 			return err
 		}
@@ -395,3 +404,25 @@ func faultHookFromEnv(log *slog.Logger) func(string, uint64) {
 }
 
 var errNotEnrolled = errors.New("not enrolled on this agent")
+
+// watchCertificates logs, at start and daily, a warning for every
+// certificate of this agent within pki.WarnBefore of expiry.
+func (a *Agent) watchCertificates(ctx context.Context) {
+	for {
+		for _, p := range []string{a.cfg.TLSCert, a.cfg.TLSCA} {
+			cert, err := pki.ReadCert(p)
+			if err != nil {
+				a.log.Warn("cannot read certificate", "path", p, "err", err)
+				continue
+			}
+			if w := pki.ExpiryWarningIn(filepath.Dir(p), cert, time.Now()); w != "" {
+				a.log.Warn(w, "path", p)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(24 * time.Hour):
+		}
+	}
+}

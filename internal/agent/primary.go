@@ -13,6 +13,7 @@ import (
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/internal/names"
 	"github.com/remora-ha/remora/migrate/qemu"
 )
 
@@ -40,6 +41,9 @@ func (p *primaryRun) stopEngine() {
 // Enroll starts protecting a running guest of this host on the standby
 // agent at peer.
 func (a *Agent) Enroll(ctx context.Context, name, peer string, probe arbiter.ProbeSpec) error {
+	if err := names.Guest("guest", name); err != nil {
+		return fmt.Errorf("%w: rename the domain (virsh domrename) to protect it", err)
+	}
 	if err := probe.Validate(); err != nil {
 		return fmt.Errorf("probe: %w", err)
 	}
@@ -143,7 +147,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		Agent: a.cfg.AgentID, Guest: rec.Name, DomainXML: xml, ShellBase: a.shellBase(rec.Name),
 		Interval: a.cfg.EpochInterval, MaxInFlight: a.cfg.MaxInFlight, Fence: rec.Fence, PeerTimeout: a.cfg.HeartbeatTimeout(),
 		Dial:       func(ctx context.Context) (net.Conn, error) { return a.dialAgent(ctx, peer) },
-		VerifyPeer: checkPeerName,
+		VerifyPeer: func(conn net.Conn, claimed string) error { return a.verifyStandby(g, conn, claimed) },
 		Log:        a.log,
 		Hook:       a.faultHook,
 		Output:     engineOut,
@@ -320,4 +324,28 @@ func (a *Agent) shellBase(name string) string {
 		return base
 	}
 	return name
+}
+
+// verifyStandby checks a standby's certificate against the agent id it
+// claims, and that id against the one pinned for the guest (the first
+// standby it reached, kept in its record).
+func (a *Agent) verifyStandby(g *guest, conn net.Conn, claimed string) error {
+	if err := checkPeerName(conn, claimed); err != nil {
+		return err
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	switch g.rec.StandbyAgent {
+	case claimed:
+		return nil
+	case "":
+		g.rec.StandbyAgent = claimed
+		if err := a.store.save(g.rec); err != nil {
+			return fmt.Errorf("pin standby agent %s: %w", claimed, err)
+		}
+		g.log.Info("standby agent pinned", "standby", claimed, "peer", g.rec.Peer)
+		return nil
+	default:
+		return (fmt.Errorf("the standby at %s is agent %s, but guest %q was protected onto agent %s: check the address, or unenroll and enroll the guest with its new standby", g.rec.Peer, claimed, g.name, g.rec.StandbyAgent))
+	}
 }

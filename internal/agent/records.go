@@ -23,18 +23,21 @@ const (
 
 // Record is the durable knowledge about one guest on this agent.
 type Record struct {
-	Name       string                  `json:"name"`
-	Role       string                  `json:"role"`
-	Peer       string                  `json:"peer,omitempty"`    // primary: the standby's replication address
-	Primary    string                  `json:"primary,omitempty"` // standby: the primary agent's id
-	Shell      string                  `json:"shell,omitempty"`   // standby: the shell domain's name
-	Fence      uint64                  `json:"fence"`
-	State      string                  `json:"state,omitempty"` // failing-over, failed-over; empty while replicating
-	Enrolled   time.Time               `json:"enrolled"`
-	FailedOver time.Time               `json:"failed_over,omitzero"`
-	Replica    checkpoint.ReplicaState `json:"replica"`
-	Probe      arbiter.ProbeSpec       `json:"probe,omitzero"`  // how clients reach the guest, for the arbiter
-	Disks      []checkpoint.DiskSpec   `json:"disks,omitempty"` // standby: the replicated disks
+	Name string `json:"name"`
+	Role string `json:"role"`
+	Peer string `json:"peer,omitempty"` // primary: the standby's replication address
+	// StandbyAgent (primary) is the standby's agent id, pinned at the
+	// first session: a different agent at Peer is refused.
+	StandbyAgent string                  `json:"standby_agent,omitempty"`
+	Primary      string                  `json:"primary,omitempty"` // standby: the primary agent's id
+	Shell        string                  `json:"shell,omitempty"`   // standby: the shell domain's name
+	Fence        uint64                  `json:"fence"`
+	State        string                  `json:"state,omitempty"` // failing-over, failed-over; empty while replicating
+	Enrolled     time.Time               `json:"enrolled"`
+	FailedOver   time.Time               `json:"failed_over,omitzero"`
+	Replica      checkpoint.ReplicaState `json:"replica"`
+	Probe        arbiter.ProbeSpec       `json:"probe,omitzero"`  // how clients reach the guest, for the arbiter
+	Disks        []checkpoint.DiskSpec   `json:"disks,omitempty"` // standby: the replicated disks
 }
 
 type recordStore struct{ dir string }

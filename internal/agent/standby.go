@@ -11,9 +11,12 @@ import (
 	"sync"
 	"time"
 
+	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/checkpoint/disk"
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/internal/names"
+	"github.com/remora-ha/remora/internal/safepath"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
 	"github.com/remora-ha/remora/txlog"
@@ -348,12 +351,16 @@ func (h standbyHandler) accept(ctx context.Context, conn net.Conn, hello checkpo
 	if err := checkPeerName(conn, hello.Agent); err != nil {
 		return nil, checkpoint.Welcome{}, nil, checkpoint.Fatal(err)
 	}
-	g := a.guest(hello.Guest)
-	switch {
-	case g != nil && g.primary != nil:
-		return nil, checkpoint.Welcome{}, nil, checkpoint.Fatal(fmt.Errorf("guest %q is protected by this agent as its primary; a host cannot be its own standby", hello.Guest))
-	case g == nil:
-		g = a.newStandbyGuest(&Record{Name: hello.Guest, Role: api.RoleStandby, Primary: hello.Agent, Fence: fence, Enrolled: time.Now().UTC()})
+	if err := a.cfg.AcceptsPrimary(hello.Agent, hello.Guest); err != nil {
+		return nil, checkpoint.Welcome{}, nil, checkpoint.Fatal(fmt.Errorf("%w: add it on agent %s or protect the guest elsewhere", err, a.cfg.AgentID))
+	}
+	g, err := a.standbyGuestFor(ctx, hello, fence)
+	if err != nil {
+		return nil, checkpoint.Welcome{}, nil, err
+	}
+	// Before the replica's lock: this may ask the arbiter.
+	if err := a.vetPrimary(ctx, g, hello.Agent, fence, g.state().Fence); err != nil {
+		return nil, checkpoint.Welcome{}, nil, err
 	}
 	s := g.standby
 	s.mu.Lock()
@@ -372,7 +379,7 @@ func (h standbyHandler) accept(ctx context.Context, conn net.Conn, hello checkpo
 	g.mu.Lock()
 	rec := g.rec
 	if rec.Primary != hello.Agent {
-		g.log.Warn("replica taken over by another primary agent", "was", rec.Primary, "now", hello.Agent)
+		g.log.Warn("replica taken over by the primary the arbiter names", "was", rec.Primary, "now", hello.Agent, "fence", fence)
 		rec.Primary = hello.Agent
 	}
 	if rec.Shell == "" && hello.ShellBase != "" {
@@ -406,6 +413,82 @@ func (h standbyHandler) accept(ctx context.Context, conn net.Conn, hello checkpo
 		hashes = s.replica.PageHashes()
 	}
 	return &sessionGuest{g: g, conn: conn}, checkpoint.Welcome{Agent: a.cfg.AgentID, Generation: rst.Generation, Committed: rst.Committed}, hashes, nil
+}
+
+// standbyGuestFor returns the guest a hello is for, creating its replica
+// record on first contact within max_replicas.
+func (a *Agent) standbyGuestFor(ctx context.Context, hello checkpoint.Hello, fence uint64) (*guest, error) {
+	a.standbyNew.Lock()
+	defer a.standbyNew.Unlock()
+	if g := a.guest(hello.Guest); g != nil {
+		if g.primary != nil {
+			return nil, checkpoint.Fatal(fmt.Errorf("guest %q is protected by this agent as its primary; a host cannot be its own standby", hello.Guest))
+		}
+		return g, nil
+	}
+	replicas := 0
+	for _, g := range a.guestList() {
+		if g.standby != nil {
+			replicas++
+		}
+	}
+	if replicas >= a.cfg.MaxReplicas {
+		return nil, checkpoint.Fatal(fmt.Errorf("agent %s keeps %d replicas, its max_replicas: raise it or protect guest %q on another standby", a.cfg.AgentID, replicas, hello.Guest))
+	}
+	if a.arb != nil && fence > 0 {
+		// A first contact at a fencing epoch: only one the arbiter issued
+		// to this primary, or a hostile agent could claim a guest's name
+		// at a fence its real primary can never reach.
+		view, known, err := a.arbiterView(ctx, hello.Guest)
+		switch {
+		case err != nil:
+			return nil, fmt.Errorf("cannot check guest %q's fencing epoch %d with the arbiter: %w", hello.Guest, fence, err)
+		case !known || view.Primary != hello.Agent || view.Epoch < fence:
+			return nil, checkpoint.Fatal(fmt.Errorf("agent %s is not guest %q's primary at fencing epoch %d for the arbiter (it has %q at %d)", hello.Agent, hello.Guest, fence, view.Primary, view.Epoch))
+		}
+	}
+	return a.newStandbyGuest(&Record{Name: hello.Guest, Role: api.RoleStandby, Primary: hello.Agent, Fence: fence, Enrolled: time.Now().UTC()}), nil
+}
+
+// vetPrimary checks a session's primary against the replica's: the agent
+// it was enrolled by, at a fencing epoch no newer than the arbiter issued.
+// Another agent takes a replica over only when the arbiter names it.
+func (a *Agent) vetPrimary(ctx context.Context, g *guest, agent string, fence, replicaFence uint64) error {
+	g.mu.Lock()
+	primary := g.rec.Primary
+	g.mu.Unlock()
+	if primary == agent && (fence <= replicaFence || a.arb == nil) {
+		return nil
+	}
+	if a.arb == nil {
+		return checkpoint.Fatal(fmt.Errorf("guest %q's replica on %s belongs to primary %s, not %s: unenroll it here (remora vm unenroll %s) before protecting it from %s", g.name, a.cfg.AgentID, primary, agent, g.name, agent))
+	}
+	view, known, err := a.arbiterView(ctx, g.name)
+	switch {
+	case err != nil:
+		return fmt.Errorf("cannot check agent %s at fencing epoch %d with the arbiter: %w", agent, fence, err)
+	case !known || view.Primary != agent:
+		return checkpoint.Fatal(fmt.Errorf("guest %q's replica on %s belongs to primary %s; the arbiter does not name %s its primary (it has %q): unenroll it here before protecting it from %s", g.name, a.cfg.AgentID, primary, agent, view.Primary, agent))
+	case view.Epoch < fence:
+		return fmt.Errorf("fencing epoch %d from %s was not issued by the arbiter (it has %d for guest %q)", fence, agent, view.Epoch, g.name)
+	}
+	return nil
+}
+
+// arbiterView is the arbiter's record of guest.
+func (a *Agent) arbiterView(ctx context.Context, guest string) (arbiter.GuestStatus, bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	st, err := a.arb.Status(ctx)
+	if err != nil {
+		return arbiter.GuestStatus{}, false, err
+	}
+	for _, gs := range st.Guests {
+		if gs.Guest == guest && !gs.Retired {
+			return gs, true, nil
+		}
+	}
+	return arbiter.GuestStatus{}, false, nil
 }
 
 // sessionGuest is one session's hold on a replica (checkpoint.SessionGuest).
@@ -553,6 +636,12 @@ func (h standbyHandler) Disk(ctx context.Context, conn net.Conn, kind checkpoint
 	if g == nil || g.standby == nil {
 		return fmt.Errorf("guest %q has no replica on this standby", dh.Guest)
 	}
+	g.mu.Lock()
+	primary := g.rec.Primary
+	g.mu.Unlock()
+	if dh.Agent != primary {
+		return fmt.Errorf("agent %q may not open guest %q's disk %s: its primary is agent %q", dh.Agent, dh.Guest, dh.Dev, primary)
+	}
 	s := g.standby
 	s.mu.Lock()
 	st := g.state()
@@ -626,27 +715,34 @@ func (a *Agent) openReplicaDisks(guest string, specs []checkpoint.DiskSpec) ([]*
 		return nil, err
 	}
 	for _, s := range specs {
-		if s.Dev == "" || filepath.Base(s.Dev) != s.Dev || s.Size <= 0 {
+		if !names.ValidDev(s.Dev) || s.Size <= 0 {
 			return fail(fmt.Errorf("bad disk %q of %d bytes in the primary's hello", s.Dev, s.Size))
 		}
 		path := a.diskImage(guest, s.Dev)
-		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		// Names from the wire, validated; opened beneath state_dir
+		// without following links a local process may have planted.
+		rel, _ := filepath.Rel(a.cfg.StateDir, path)
+		if err := safepath.MkdirAll(a.cfg.StateDir, filepath.Dir(rel), 0o700); err != nil {
 			return fail(err)
 		}
-		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+		f, err := safepath.Open(a.cfg.StateDir, rel, os.O_RDWR|os.O_CREATE, 0o600)
 		if err != nil {
 			return fail(err)
 		}
 		fi, err := f.Stat()
+		if err == nil && !fi.Mode().IsRegular() {
+			err = fmt.Errorf("not a regular file (%s): remove it", fi.Mode().Type())
+		}
 		if err == nil && fi.Size() != s.Size {
 			err = f.Truncate(s.Size) // sparse; the mirror fills it
 		}
-		f.Close()
 		if err != nil {
+			f.Close()
 			return fail(fmt.Errorf("replica image %s: %w", path, err))
 		}
-		t, err := disk.OpenTarget(path, disk.Options{})
+		t, err := disk.NewFileTarget(f, disk.Options{})
 		if err != nil {
+			f.Close()
 			return fail(fmt.Errorf("replica image %s: %w", path, err))
 		}
 		out = append(out, &replicaDisk{spec: s, target: t, server: disk.NewServer(t, s.Dev)})

@@ -38,21 +38,42 @@ func tlsConfigs(c *api.Config) (server, client *tls.Config, err error) {
 	// it announces, so verify the chain here instead of a host name.
 	roots := client.RootCAs
 	client.InsecureSkipVerify = true
-	client.VerifyConnection = func(cs tls.ConnectionState) error {
-		if len(cs.PeerCertificates) == 0 {
-			return errors.New("peer presented no certificate")
+	client.VerifyConnection = func(cs tls.ConnectionState) error { return verifyChain(roots, cs) }
+	return server, client, nil
+}
+
+// verifyChain checks that the peer's certificate is signed by the CA.
+func verifyChain(roots *x509.CertPool, cs tls.ConnectionState) error {
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("peer presented no certificate")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range cs.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+	if err != nil {
+		return fmt.Errorf("peer certificate not signed by our CA: %w", err)
+	}
+	return nil
+}
+
+// arbiterTLS is the client configuration for the arbiter: signed by the
+// CA and named arbiter_name, so no other certificate of the CA (another
+// agent's, say) can pose as the arbiter and grant promotions.
+func arbiterTLS(client *tls.Config, name string) *tls.Config {
+	c := client.Clone()
+	roots := c.RootCAs
+	c.VerifyConnection = func(cs tls.ConnectionState) error {
+		if err := verifyChain(roots, cs); err != nil {
+			return err
 		}
-		inter := x509.NewCertPool()
-		for _, c := range cs.PeerCertificates[1:] {
-			inter.AddCert(c)
-		}
-		_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
-		if err != nil {
-			return fmt.Errorf("peer certificate not signed by our CA: %w", err)
+		if got := pki.Names(cs.PeerCertificates[0]); !slices.Contains(got, name) {
+			return fmt.Errorf("the arbiter's certificate is for %v, not %q (arbiter_name): is %s the arbiter?", got, name, cs.ServerName)
 		}
 		return nil
 	}
-	return server, client, nil
+	return c
 }
 
 // peerNames returns the certificate names of a TLS peer, or nil for a

@@ -29,9 +29,10 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"time"
+
+	"github.com/remora-ha/remora/internal/names"
 )
 
 const (
@@ -58,14 +59,10 @@ const WarnBefore = 30 * 24 * time.Hour
 // and force was not given.
 var ErrCAExists = errors.New("pki: CA already exists")
 
-var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
-
 // ValidName reports whether name can be used as a certificate (and agent)
 // name: 1-63 characters of letters, digits, '.', '_' and '-', not starting
 // with a punctuation character, and not "ca".
-func ValidName(name string) bool {
-	return nameRE.MatchString(name) && name != "ca"
-}
+func ValidName(name string) bool { return names.ValidAgent(name) }
 
 // CertPath and KeyPath return where Issue stores the leaf for name.
 func CertPath(dir, name string) string { return filepath.Join(dir, name+".crt") }

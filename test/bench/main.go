@@ -8,6 +8,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -19,6 +20,7 @@ import (
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/internal/pki"
 	"github.com/remora-ha/remora/internal/stats"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
@@ -331,6 +333,11 @@ func baseline(ctx context.Context, wl *labkit.Client) (baseResult, error) {
 	return baseResult{p50: stats.Percentile(pauses, 50), p99: stats.Percentile(pauses, 99), bytes: n}, nil
 }
 
+func fatal(err error) {
+	fmt.Fprintln(os.Stderr, "bench:", err)
+	os.Exit(1)
+}
+
 type proc struct {
 	cmd *exec.Cmd
 	dir string
@@ -339,8 +346,16 @@ type proc struct {
 func startAgent(bin, work, name, addr string, iv time.Duration) *proc {
 	dir := filepath.Join(work, name)
 	os.MkdirAll(dir, 0o755)
-	cfg := fmt.Sprintf("agent_id: bench-%s\nlisten: %s\napi_socket: %s/agent.sock\nstate_dir: %s/state\nruntime_dir: %s/run\nepoch_interval: %s\nshell_suffix: \"-%s\"\nlog_level: warn\n",
-		name, addr, dir, dir, dir, iv, name)
+	// Mutual TLS, as deployed: one CA for the run.
+	ca := filepath.Join(work, "pki")
+	if err := pki.InitCA(ca, false); err != nil && !errors.Is(err, pki.ErrCAExists) {
+		fatal(err)
+	}
+	if err := pki.Issue(ca, "bench-"+name); err != nil {
+		fatal(err)
+	}
+	cfg := fmt.Sprintf("agent_id: bench-%s\nlisten: %s\napi_socket: %s/agent.sock\nstate_dir: %s/state\nruntime_dir: %s/run\nepoch_interval: %s\nshell_suffix: \"-%s\"\nlog_level: warn\ntls_cert: %s\ntls_key: %s\ntls_ca: %s/ca.crt\n",
+		name, addr, dir, dir, dir, iv, name, pki.CertPath(ca, "bench-"+name), pki.KeyPath(ca, "bench-"+name), ca)
 	path := filepath.Join(dir, "agent.yaml")
 	os.WriteFile(path, []byte(cfg), 0o644)
 	cmd := exec.Command(bin, "agent", "--config", path)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -204,6 +205,12 @@ func TestCampaign(t *testing.T) {
 	t.Logf("campaign: %d faults, seed %d (REMORA_CAMPAIGN_SEED=%d reruns this schedule)", faults, seed, seed)
 	c := newCampaign(t, seed)
 	kinds := c.kinds()
+	if only := os.Getenv("REMORA_CAMPAIGN_KINDS"); only != "" {
+		kinds = slices.DeleteFunc(kinds, func(k faultKind) bool { return !strings.Contains(k.name, only) })
+		if len(kinds) == 0 {
+			t.Fatalf("REMORA_CAMPAIGN_KINDS=%q names no fault kind", only)
+		}
+	}
 	schedule := make([]faultKind, 0, faults)
 	for _, i := range c.rnd.Perm(len(kinds)) { // every kind once first
 		schedule = append(schedule, kinds[i])

@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,10 +18,36 @@ import (
 	"time"
 
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/internal/pki"
 	"github.com/remora-ha/remora/test/labkit"
 )
 
 var remoraBin string
+
+// labPKI is the CA and certificates of the hosts that tests start without
+// their own: the lab runs mutual TLS like a real deployment.
+var labPKI string
+
+func makeLabPKI(dir string) error {
+	if err := pki.InitCA(dir, false); err != nil {
+		return err
+	}
+	for name, ip := range map[string]string{"host-a": labkit.IPA, "host-b": labkit.IPB, "admin": ""} {
+		var ips []net.IP
+		if ip != "" {
+			ips = append(ips, net.ParseIP(ip))
+		}
+		if err := pki.Issue(dir, name, ips...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// tlsConfigLines are the agent.yaml lines for agent name's certificate.
+func tlsConfigLines(dir, name string) string {
+	return fmt.Sprintf("tls_cert: %s\ntls_key: %s\ntls_ca: %s\n", pki.CertPath(dir, name), pki.KeyPath(dir, name), filepath.Join(dir, pki.CACertFile))
+}
 
 func TestMain(m *testing.M) {
 	if os.Getenv("REMORA_E2E") != "1" {
@@ -40,6 +67,11 @@ func TestMain(m *testing.M) {
 	}
 	if remoraBin, err = labkit.BuildRemora(dir); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
+		os.Exit(1)
+	}
+	labPKI = filepath.Join(dir, "pki")
+	if err := makeLabPKI(labPKI); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e: lab certificates:", err)
 		os.Exit(1)
 	}
 	code := m.Run()
@@ -83,6 +115,9 @@ func newHost(t *testing.T, name, netns, ip string, o hostOpts) *host {
 		o.interval = "100ms"
 	}
 	h := &host{t: t, name: name, netns: netns, addr: ip + ":7400", dir: dir, config: filepath.Join(dir, "agent.yaml"), env: o.env}
+	if !strings.Contains(o.extra, "tls_cert:") && !strings.Contains(o.extra, "insecure_plaintext:") {
+		o.extra += tlsConfigLines(labPKI, name)
+	}
 	cfg := fmt.Sprintf(`agent_id: %s
 listen: %s
 api_socket: %s

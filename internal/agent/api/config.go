@@ -3,9 +3,12 @@ package api
 import (
 	"fmt"
 	"net"
+	"path"
+	"slices"
 	"time"
 
 	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/names"
 )
 
 // Config is the agent's configuration (configs/agent.yaml).
@@ -51,6 +54,23 @@ type Config struct {
 	// they treat its silence as a failure. A host that dies within it is
 	// failed over only once it has run out.
 	RestartGrace time.Duration `mapstructure:"restart_grace"`
+
+	// InsecurePlaintext runs without TLS: replication, the arbiter and the
+	// TCP admin API unauthenticated. For a closed lab only.
+	InsecurePlaintext bool `mapstructure:"insecure_plaintext"`
+	// ArbiterName is the name the arbiter's certificate must carry.
+	ArbiterName string `mapstructure:"arbiter_name"`
+	// AcceptPrimaries and AcceptGuests restrict which primary agents (by
+	// certificate name) and which guests this agent keeps replicas of;
+	// empty accepts any agent of the CA and any guest.
+	AcceptPrimaries []string `mapstructure:"accept_primaries"`
+	AcceptGuests    []string `mapstructure:"accept_guests"`
+	// MaxReplicas bounds the replicas this agent keeps as a standby.
+	MaxReplicas int `mapstructure:"max_replicas"`
+	// APIGroup is a group whose members may use the admin socket besides
+	// root; APIAdmins are the certificate names the TCP admin API obeys.
+	APIGroup  string   `mapstructure:"api_group"`
+	APIAdmins []string `mapstructure:"api_admins"`
 }
 
 // Output-commit backends (config output_commit).
@@ -83,6 +103,10 @@ func Defaults() Config {
 		OutputCommit:      OutputAuto,
 		OutputBufferBytes: 16 << 20,
 		RestartGrace:      30 * time.Second,
+
+		ArbiterName: "arbiter",
+		MaxReplicas: 64,
+		APIAdmins:   []string{"admin"},
 	}
 }
 
@@ -91,8 +115,29 @@ func (c *Config) HeartbeatTimeout() time.Duration {
 	return c.HeartbeatInterval * time.Duration(c.HeartbeatMissed)
 }
 
+// insecureHelp says how to set up TLS, or to opt out of it.
+func (c *Config) insecureHelp() string {
+	return fmt.Sprintf("make the cluster's certificates with `remora certs cluster /etc/remora/pki --agent %s=IP ...` and set the tls_cert, tls_key and tls_ca lines it prints, or set insecure_plaintext: true (unauthenticated: a closed lab only)", c.AgentID)
+}
+
 // TLS reports whether mutual TLS is configured.
 func (c *Config) TLS() bool { return c.TLSCert != "" }
+
+// AcceptsPrimary reports whether agent may keep a replica of guest here.
+func (c *Config) AcceptsPrimary(agent, guest string) error {
+	if len(c.AcceptPrimaries) > 0 && !slices.Contains(c.AcceptPrimaries, agent) {
+		return fmt.Errorf("agent %q is not in this standby's accept_primaries %v", agent, c.AcceptPrimaries)
+	}
+	if len(c.AcceptGuests) == 0 {
+		return nil
+	}
+	for _, p := range c.AcceptGuests {
+		if ok, _ := path.Match(p, guest); ok {
+			return nil
+		}
+	}
+	return fmt.Errorf("guest %q matches none of this standby's accept_guests %v", guest, c.AcceptGuests)
+}
 
 // Validate checks the configuration and says how to fix what is wrong.
 func (c *Config) Validate() error {
@@ -135,6 +180,31 @@ func (c *Config) Validate() error {
 	}
 	if tlsSet != 0 && tlsSet != 3 {
 		return fmt.Errorf("tls_cert, tls_key and tls_ca go together: set all three (make them with `remora certs init DIR` and `remora certs issue %s --dir DIR`)", c.AgentID)
+	}
+	switch {
+	case tlsSet == 0 && !c.InsecurePlaintext:
+		return fmt.Errorf("no TLS configured: replication would accept any peer; %s", c.insecureHelp())
+	case tlsSet == 3 && c.InsecurePlaintext:
+		return fmt.Errorf("insecure_plaintext is set together with tls_cert/tls_key/tls_ca: remove one of the two")
+	}
+	if !names.ValidAgent(c.AgentID) {
+		return fmt.Errorf("agent_id %q: %s", c.AgentID, names.AgentRule)
+	}
+	if !names.ValidAgent(c.ArbiterName) {
+		return fmt.Errorf("arbiter_name %q: %s", c.ArbiterName, names.AgentRule)
+	}
+	for _, p := range append(slices.Clone(c.AcceptPrimaries), c.APIAdmins...) {
+		if !names.ValidAgent(p) {
+			return fmt.Errorf("accept_primaries/api_admins entry %q: %s", p, names.AgentRule)
+		}
+	}
+	for _, g := range c.AcceptGuests {
+		if _, err := path.Match(g, "x"); err != nil {
+			return fmt.Errorf("accept_guests pattern %q: %v (shell patterns: web-*, db?)", g, err)
+		}
+	}
+	if c.MaxReplicas < 1 || c.MaxReplicas > 4096 {
+		return fmt.Errorf("max_replicas %d out of range: use 1 to 4096", c.MaxReplicas)
 	}
 	if c.Arbiter != "" {
 		if _, _, err := net.SplitHostPort(c.Arbiter); err != nil {
