@@ -97,6 +97,12 @@ func newVMCmd() *cobra.Command {
 				return enc.Encode(st)
 			}
 			printStatus(st)
+			// An older agent has no /v1/agent: its warnings are in its log.
+			if info, err := c.Agent(cmd.Context()); err == nil {
+				for _, w := range info.Warnings {
+					fmt.Fprintf(os.Stderr, "warning: agent %s: %s\n", info.Agent, w)
+				}
+			}
 			return nil
 		},
 	}

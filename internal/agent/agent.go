@@ -18,6 +18,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -405,19 +406,47 @@ func faultHookFromEnv(log *slog.Logger) func(string, uint64) {
 
 var errNotEnrolled = errors.New("not enrolled on this agent")
 
-// watchCertificates logs, at start and daily, a warning for every
-// certificate of this agent within pki.WarnBefore of expiry.
+// Info is the agent's own status (GET /v1/agent).
+func (a *Agent) Info() api.AgentInfo {
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	info := api.AgentInfo{Agent: a.cfg.AgentID, Goroutines: runtime.NumGoroutine(), HeapBytes: ms.HeapAlloc, Warnings: a.warnings()}
+	for _, g := range a.guestList() {
+		if g.standby != nil {
+			info.Replicas++
+		}
+	}
+	return info
+}
+
+// warnings are what an admin should act on.
+func (a *Agent) warnings() []string {
+	var out []string
+	if a.cfg.InsecurePlaintext {
+		out = append(out, "insecure_plaintext: every port accepts any peer unauthenticated")
+	}
+	if !a.cfg.TLS() {
+		return out
+	}
+	for _, p := range []string{a.cfg.TLSCert, a.cfg.TLSCA} {
+		cert, err := pki.ReadCert(p)
+		if err != nil {
+			out = append(out, fmt.Sprintf("cannot read certificate %s: %v", p, err))
+			continue
+		}
+		if w := pki.ExpiryWarningIn(filepath.Dir(p), cert, time.Now()); w != "" {
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
+// watchCertificates logs, at start and daily, the warnings (a certificate
+// within pki.WarnBefore of expiry).
 func (a *Agent) watchCertificates(ctx context.Context) {
 	for {
-		for _, p := range []string{a.cfg.TLSCert, a.cfg.TLSCA} {
-			cert, err := pki.ReadCert(p)
-			if err != nil {
-				a.log.Warn("cannot read certificate", "path", p, "err", err)
-				continue
-			}
-			if w := pki.ExpiryWarningIn(filepath.Dir(p), cert, time.Now()); w != "" {
-				a.log.Warn(w, "path", p)
-			}
+		for _, w := range a.warnings() {
+			a.log.Warn(w)
 		}
 		select {
 		case <-ctx.Done():

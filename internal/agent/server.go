@@ -150,6 +150,9 @@ func (a *Agent) serveAPI(ctx context.Context, ln net.Listener) error {
 	mux.HandleFunc("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, a.Status())
 	})
+	mux.HandleFunc("GET /v1/agent", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, a.Info())
+	})
 	mux.HandleFunc("POST /v1/enroll", func(w http.ResponseWriter, r *http.Request) {
 		var req api.EnrollRequest
 		if !readJSON(w, r, &req) {

@@ -354,7 +354,7 @@ func (h standbyHandler) accept(ctx context.Context, conn net.Conn, hello checkpo
 	if err := a.cfg.AcceptsPrimary(hello.Agent, hello.Guest); err != nil {
 		return nil, checkpoint.Welcome{}, nil, checkpoint.Fatal(fmt.Errorf("%w: add it on agent %s or protect the guest elsewhere", err, a.cfg.AgentID))
 	}
-	g, err := a.standbyGuestFor(ctx, hello, fence)
+	g, created, err := a.standbyGuestFor(ctx, hello, fence)
 	if err != nil {
 		return nil, checkpoint.Welcome{}, nil, err
 	}
@@ -398,6 +398,11 @@ func (h standbyHandler) accept(ctx context.Context, conn net.Conn, hello checkpo
 		g.post(FenceMoved{Fence: fence})
 	}
 	if err := a.attachShell(ctx, g, hello.DomainXML, hello.RAMBytes); err != nil {
+		if created {
+			// A first contact refused leaves nothing behind: no record,
+			// no images, no goroutine.
+			a.discardNewReplica(g)
+		}
 		return nil, checkpoint.Welcome{}, nil, err
 	}
 	if s.session != nil {
@@ -417,14 +422,14 @@ func (h standbyHandler) accept(ctx context.Context, conn net.Conn, hello checkpo
 
 // standbyGuestFor returns the guest a hello is for, creating its replica
 // record on first contact within max_replicas.
-func (a *Agent) standbyGuestFor(ctx context.Context, hello checkpoint.Hello, fence uint64) (*guest, error) {
+func (a *Agent) standbyGuestFor(ctx context.Context, hello checkpoint.Hello, fence uint64) (*guest, bool, error) {
 	a.standbyNew.Lock()
 	defer a.standbyNew.Unlock()
 	if g := a.guest(hello.Guest); g != nil {
 		if g.primary != nil {
-			return nil, checkpoint.Fatal(fmt.Errorf("guest %q is protected by this agent as its primary; a host cannot be its own standby", hello.Guest))
+			return nil, false, checkpoint.Fatal(fmt.Errorf("guest %q is protected by this agent as its primary; a host cannot be its own standby", hello.Guest))
 		}
-		return g, nil
+		return g, false, nil
 	}
 	replicas := 0
 	for _, g := range a.guestList() {
@@ -433,7 +438,7 @@ func (a *Agent) standbyGuestFor(ctx context.Context, hello checkpoint.Hello, fen
 		}
 	}
 	if replicas >= a.cfg.MaxReplicas {
-		return nil, checkpoint.Fatal(fmt.Errorf("agent %s keeps %d replicas, its max_replicas: raise it or protect guest %q on another standby", a.cfg.AgentID, replicas, hello.Guest))
+		return nil, false, checkpoint.Fatal(fmt.Errorf("agent %s keeps %d replicas, its max_replicas: raise it or protect guest %q on another standby", a.cfg.AgentID, replicas, hello.Guest))
 	}
 	if a.arb != nil && fence > 0 {
 		// A first contact at a fencing epoch: only one the arbiter issued
@@ -442,12 +447,26 @@ func (a *Agent) standbyGuestFor(ctx context.Context, hello checkpoint.Hello, fen
 		view, known, err := a.arbiterView(ctx, hello.Guest)
 		switch {
 		case err != nil:
-			return nil, fmt.Errorf("cannot check guest %q's fencing epoch %d with the arbiter: %w", hello.Guest, fence, err)
+			return nil, false, fmt.Errorf("cannot check guest %q's fencing epoch %d with the arbiter: %w", hello.Guest, fence, err)
 		case !known || view.Primary != hello.Agent || view.Epoch < fence:
-			return nil, checkpoint.Fatal(fmt.Errorf("agent %s is not guest %q's primary at fencing epoch %d for the arbiter (it has %q at %d)", hello.Agent, hello.Guest, fence, view.Primary, view.Epoch))
+			return nil, false, checkpoint.Fatal(fmt.Errorf("agent %s is not guest %q's primary at fencing epoch %d for the arbiter (it has %q at %d)", hello.Agent, hello.Guest, fence, view.Primary, view.Epoch))
 		}
 	}
-	return a.newStandbyGuest(&Record{Name: hello.Guest, Role: api.RoleStandby, Primary: hello.Agent, Fence: fence, Enrolled: time.Now().UTC()}), nil
+	return a.newStandbyGuest(&Record{Name: hello.Guest, Role: api.RoleStandby, Primary: hello.Agent, Fence: fence, Enrolled: time.Now().UTC()}), true, nil
+}
+
+// discardNewReplica undoes standbyGuestFor's creation of g after its first
+// hello was refused (g's standby lock held).
+func (a *Agent) discardNewReplica(g *guest) {
+	a.detachShell(g)
+	closeReplicaDisks(g.standby.disks)
+	g.standby.disks = nil
+	_ = os.RemoveAll(a.replicaDir(g.name))
+	_ = os.RemoveAll(filepath.Dir(a.diskImage(g.name, "x")))
+	go g.stop() // not under s.mu: the driver's tick takes it
+	a.forget(g)
+	a.detector.Forget(g.name)
+	_ = a.store.remove(g.name)
 }
 
 // vetPrimary checks a session's primary against the replica's: the agent

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/remora-ha/remora/internal/unixsock"
@@ -41,7 +42,15 @@ func (s *DeviceStateSink) Close() error {
 // stopped and x-ignore-shared set; afterwards QEMU is in postmigrate and
 // `cont` resumes it.
 func (s *DeviceStateSink) Save(ctx context.Context, g *Guest, w io.Writer) (int64, error) {
-	if err := Exec(ctx, g.Mon, "migrate", map[string]any{"uri": "unix:" + s.path}, nil); err != nil {
+	err := Exec(ctx, g.Mon, "migrate", map[string]any{"uri": "unix:" + s.path}, nil)
+	if err != nil && strings.Contains(err.Error(), "migration process in progress") {
+		// An interrupted save left its migration running (checked only
+		// then: a query per checkpoint would lengthen every pause).
+		if err = settleMigration(ctx, g); err == nil {
+			err = Exec(ctx, g.Mon, "migrate", map[string]any{"uri": "unix:" + s.path}, nil)
+		}
+	}
+	if err != nil {
 		return 0, err
 	}
 	deadline, ok := ctx.Deadline()
@@ -62,9 +71,33 @@ func (s *DeviceStateSink) Save(ctx context.Context, g *Guest, w io.Writer) (int6
 		return n, fmt.Errorf("read device state: %w", err)
 	}
 	if err := waitMigration(ctx, g, "completed"); err != nil {
+		cancelMigration(ctx, g)
 		return n, err
 	}
 	return n, nil
+}
+
+// settleMigration cancels a migration an interrupted save left running
+// (its session ended mid-save, say): QEMU refuses a new one meanwhile.
+func settleMigration(ctx context.Context, g *Guest) error {
+	for i := 0; ; i++ {
+		st, _, err := MigrationStatus(ctx, g.Mon)
+		if err != nil {
+			return err
+		}
+		switch st {
+		case "", "none", "completed", "failed", "cancelled":
+			return nil
+		}
+		if i == 0 {
+			cancelMigration(ctx, g)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("an earlier migration is still %s and does not cancel: %w", st, ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
 }
 
 // cancelMigration stops a failed save; it runs even when ctx has ended

@@ -70,7 +70,7 @@ func TestClearErrors(t *testing.T) {
 	t.Run("peer speaks another protocol version", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		conn, err := labkit.DialTCPNetns(ctx, labkit.NetnsA, b.addr)
+		conn, err := dialAgentAs(ctx, labkit.NetnsA, b.addr, labPKI, "host-a")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -92,7 +92,7 @@ func TestClearErrors(t *testing.T) {
 	t.Run("corrupt frame", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		conn, err := labkit.DialTCPNetns(ctx, labkit.NetnsA, b.addr)
+		conn, err := dialAgentAs(ctx, labkit.NetnsA, b.addr, labPKI, "host-a")
 		if err != nil {
 			t.Fatal(err)
 		}

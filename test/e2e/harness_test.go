@@ -6,6 +6,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"os"
@@ -42,6 +43,27 @@ func makeLabPKI(dir string) error {
 		}
 	}
 	return nil
+}
+
+// dialAgentAs opens a connection to an agent's replication port from
+// namespace ns with certificate name of dir's CA, as a peer agent would.
+func dialAgentAs(ctx context.Context, ns, addr, dir, name string) (net.Conn, error) {
+	raw, err := labkit.DialTCPNetns(ctx, ns, addr)
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := pki.ClientConfig(dir, name)
+	if err != nil {
+		raw.Close()
+		return nil, err
+	}
+	cfg.ServerName, _, _ = net.SplitHostPort(addr)
+	c := tls.Client(raw, cfg)
+	if err := c.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	return c, nil
 }
 
 // tlsConfigLines are the agent.yaml lines for agent name's certificate.

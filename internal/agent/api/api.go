@@ -124,3 +124,13 @@ type GuestRequest struct {
 type Error struct {
 	Error string `json:"error"`
 }
+
+// AgentInfo is the agent itself: who it is, what it runs on, and warnings
+// an admin should act on (a certificate about to expire, plaintext mode).
+type AgentInfo struct {
+	Agent      string   `json:"agent"`
+	Goroutines int      `json:"goroutines"`
+	HeapBytes  uint64   `json:"heap_bytes"`
+	Replicas   int      `json:"replicas"`
+	Warnings   []string `json:"warnings,omitempty"`
+}

@@ -80,6 +80,13 @@ func (c *Client) Status(ctx context.Context) ([]VMStatus, error) {
 	return out, err
 }
 
+// Agent returns the agent's own status.
+func (c *Client) Agent(ctx context.Context) (AgentInfo, error) {
+	var out AgentInfo
+	err := c.do(ctx, http.MethodGet, "/v1/agent", nil, &out)
+	return out, err
+}
+
 // VM returns the status of one guest, or an error naming it if the agent
 // does not list it.
 func (c *Client) VM(ctx context.Context, name string) (VMStatus, error) {
