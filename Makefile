@@ -4,7 +4,7 @@ BIN      := bin
 PKGS     := ./...
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: all build test test-unit test-e2e test-kernel bench lab demo lint fuzz clean help
+.PHONY: all build test test-unit test-e2e test-kernel bench lab demo lint fuzz fuzz-ci campaign clean help
 
 all: build
 
@@ -17,6 +17,8 @@ help:
 	@echo "bench      Go benchmarks and the checkpoint table on a lab guest (root)"
 	@echo "demo       protect a guest, crash its host, fail over (root)"
 	@echo "fuzz       run every fuzz target of every package for FUZZTIME each (default 30s)"
+	@echo "fuzz-ci    every fuzz target for 5s (part of test)"
+	@echo "campaign   the long randomized fault campaign (FAULTS=300, SEED=...), report in out/campaign.txt (root)"
 	@echo "lint       gofmt, go vet, staticcheck, and the build without cgo"
 
 build:
@@ -29,10 +31,25 @@ lab:
 test-unit:
 	$(GO) test -count=1 -race $$($(GO) list $(PKGS) | grep -v /test/e2e)
 
+# The short fault campaign (every fault kind at least once) runs here;
+# `make campaign` runs the long one.
+CAMPAIGN_FAULTS ?= 32
 test-e2e: lab
-	REMORA_E2E=1 REMORA_LAB=1 $(GO) test -p 1 -count=1 -v -timeout 50m ./test/e2e/ ./test/labkit/ ./checkpoint/outcommit/ ./checkpoint/disk/
+	REMORA_E2E=1 REMORA_LAB=1 REMORA_CAMPAIGN_FAULTS=$(CAMPAIGN_FAULTS) $(GO) test -p 1 -count=1 -v -timeout 70m ./test/e2e/ ./test/labkit/ ./checkpoint/outcommit/ ./checkpoint/disk/
 
-test: lint test-unit test-kernel test-e2e
+# The long fault campaign: FAULTS faults (seed SEED, or a new one printed),
+# the report table in out/campaign.txt.
+FAULTS ?= 300
+campaign: lab
+	mkdir -p out
+	REMORA_E2E=1 REMORA_LAB=1 REMORA_CAMPAIGN_FAULTS=$(FAULTS) REMORA_CAMPAIGN_SEED=$(SEED) REMORA_CAMPAIGN_REPORT=$(CURDIR)/out/campaign.txt \
+		$(GO) test -count=1 -v -timeout 4h -run '^TestCampaign$$' ./test/e2e/
+
+test: lint test-unit fuzz-ci test-kernel test-e2e
+
+# Every fuzz target for a few seconds: CI's bounded share of `make fuzz`.
+fuzz-ci:
+	$(MAKE) fuzz FUZZTIME=5s
 
 # Kernel features this host may lack, in Debian's kernel booted under QEMU.
 test-kernel:

@@ -188,7 +188,7 @@ func (g *guest) shellName() string {
 
 // attachShell finds or creates the shell domain and opens the replica over
 // its RAM. With xml empty it only attaches to an existing shell (s.mu held).
-func (a *Agent) attachShell(ctx context.Context, g *guest, xml string, ramBytes int64) error {
+func (a *Agent) attachShell(ctx context.Context, g *guest, xml string, ramBytes int64) (err error) {
 	s := g.standby
 	g.mu.Lock()
 	rec := *g.rec
@@ -250,6 +250,11 @@ func (a *Agent) attachShell(ctx context.Context, g *guest, xml string, ramBytes 
 			return err
 		}
 		fresh = true
+		defer func() {
+			if err != nil { // a shell that holds no replica is of no use
+				_ = a.virt.Destroy(context.WithoutCancel(ctx), rec.Shell)
+			}
+		}()
 		g.log.Info("standby shell created", "shell", rec.Shell)
 	}
 	shell := a.virt.Guest(rec.Shell)
