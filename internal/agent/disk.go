@@ -66,6 +66,7 @@ type primaryDisk struct {
 type diskSet struct {
 	a     *Agent
 	g     *qemu.Guest
+	vm    *qemu.CaptureVM // pauses the guest around a mirror's cancel
 	rec   *Record
 	fence func() uint64
 	disks []*primaryDisk
@@ -86,7 +87,14 @@ func (a *Agent) newDiskSet(ctx context.Context, g *qemu.Guest, rec *Record, fenc
 		return nil, err
 	}
 	if len(devs) > 0 {
-		n, err := qemu.RemoveStaleMirrors(ctx, g.Mon)
+		// Not protected yet, so no fence can run meanwhile: a throwaway
+		// CaptureVM pauses a running guest around the cancels.
+		var n int
+		quiet := &qemu.CaptureVM{G: g, Marker: filepath.Join(a.cfg.RuntimeDir, rec.Name+".capturing")} // the capture's marker: a restart resumes the guest
+		err := quiet.Quiesced(ctx, func() (err error) {
+			n, err = qemu.RemoveStaleMirrors(ctx, g.Mon)
+			return err
+		})
 		if err != nil {
 			return nil, fmt.Errorf("remove the disk mirrors a previous agent left: %w", err)
 		}
@@ -237,7 +245,15 @@ func (ds *diskSet) stopMirrors() {
 	defer cancel()
 	for _, d := range ds.disks {
 		if d.mirror != nil {
-			if err := d.mirror.Cancel(ctx); err != nil {
+			mr := d.mirror
+			cancelMirror := func() error { return mr.Cancel(ctx) }
+			var err error
+			if ds.vm != nil {
+				err = ds.vm.Quiesced(ctx, cancelMirror)
+			} else {
+				err = cancelMirror()
+			}
+			if err != nil {
 				ds.a.log.Warn("cancel disk mirror", "guest", ds.rec.Name, "dev", d.dev, "err", err)
 			}
 			d.mirror = nil

@@ -142,6 +142,9 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	}
 	vm := &qemu.CaptureVM{G: qg, Sink: sink, Marker: marker}
 	vm.SetFenced(pausedAtStart) // checkpoints must not resume it before the arbiter answers
+	if disks != nil {
+		disks.vm = vm
+	}
 	peer := rec.Peer
 	cfg := checkpoint.PrimaryConfig{
 		Agent: a.cfg.AgentID, Guest: rec.Name, DomainXML: xml, ShellBase: a.shellBase(rec.Name),

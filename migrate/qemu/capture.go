@@ -2,6 +2,8 @@ package qemu
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io"
 	"os"
 	"sync"
@@ -82,6 +84,34 @@ func (v *CaptureVM) Cont(ctx context.Context) error {
 
 func (v *CaptureVM) SaveDeviceState(ctx context.Context, w io.Writer) (int64, error) {
 	return v.Sink.Save(ctx, v.G, w)
+}
+
+// Quiesced runs fn with the guest paused (its block I/O drained) and
+// resumes it after, unless it is fenced: a fence cannot slip in between,
+// since Fence takes the same lock. QEMU 7.2 was seen to crash (SIGSEGV)
+// force-cancelling a write-blocking mirror while the guest wrote; the
+// agent cancels mirrors through this.
+func (v *CaptureVM) Quiesced(ctx context.Context, fn func() error) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.fenced {
+		return fn()
+	}
+	if st, err := Status(ctx, v.G.Mon); err != nil || st != "running" {
+		return fn() // paused already (by its owner): leave it so
+	}
+	if err := os.WriteFile(v.Marker, nil, 0o600); err != nil {
+		return err
+	}
+	if err := Stop(ctx, v.G.Mon); err != nil {
+		return err
+	}
+	ferr := fn()
+	if err := Cont(context.WithoutCancel(ctx), v.G.Mon); err != nil {
+		return errors.Join(ferr, fmt.Errorf("resume the guest: %w", err))
+	}
+	_ = os.Remove(v.Marker)
+	return ferr
 }
 
 // LeftPaused reports whether a dead agent left the guest paused

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -549,14 +550,9 @@ func (c *campaign) kinds() []faultKind {
 		}},
 		{"standby disk full", func(c *campaign) {
 			dir := filepath.Join(c.stby.dir, "state")
-			var fs syscall.Statfs_t
-			if err := syscall.Statfs(dir, &fs); err != nil {
-				c.t.Fatal(err)
-			}
 			filler := filepath.Join(dir, "filler")
-			free := int64(fs.Bavail) * fs.Bsize
-			if out, err := exec.Command("fallocate", "-l", strconv.FormatInt(free, 10), filler).CombinedOutput(); err != nil {
-				c.t.Fatalf("fill %s: %v %s", dir, err, out)
+			if err := fillDisk(filler); err != nil {
+				c.t.Fatalf("fill %s: %v", dir, err)
 			}
 			c.sleep(2*time.Second, 5*time.Second)
 			_ = os.Remove(filler)
@@ -642,6 +638,27 @@ func (c *campaign) report() {
 	if p := os.Getenv("REMORA_CAMPAIGN_REPORT"); p != "" {
 		_ = os.WriteFile(p, []byte(b.String()), 0o644)
 	}
+}
+
+// fillDisk writes path until its file system has no byte left.
+func fillDisk(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	for _, chunk := range []int{1 << 20, 4096, 1} {
+		buf := make([]byte, chunk)
+		for {
+			if _, err := f.Write(buf); err != nil {
+				if errors.Is(err, syscall.ENOSPC) {
+					break
+				}
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func ms(d time.Duration) string { return d.Round(10 * time.Millisecond).String() }
