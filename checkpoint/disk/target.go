@@ -494,6 +494,9 @@ func (t *Target) Reset() {
 	t.sealed = nil
 	t.outOfSync = nil
 	t.imageUnsynced = true
+	// A new mirror comes with a new primary generation (its agent
+	// restarted, say), whose epochs count from 1 again.
+	t.lastCut, t.lastStaged, t.lastApplied = 0, 0, 0
 }
 
 // markOutOfSync records why the replica cannot follow the guest anymore;

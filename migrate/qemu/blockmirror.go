@@ -151,6 +151,13 @@ func StartMirror(ctx context.Context, m qmp.Monitor, disk DiskNode, opts MirrorO
 	if disk.Node == "" {
 		return nil, errors.New("disk has no node name")
 	}
+	// A blockdev-add that ran out of time may still have added its node
+	// (QEMU answers only once the NBD handshake is done): remove it, or the
+	// retry fails on a duplicate node name. No job uses it: a job would be
+	// ours, and StartMirror is called with none running.
+	if err := Exec(ctx, m, "blockdev-del", map[string]any{"node-name": mr.TargetNode}, nil); err != nil && !isNodeGone(err) {
+		return nil, fmt.Errorf("remove a stale NBD node %s: %w", mr.TargetNode, err)
+	}
 	// discard stays "ignore" (the blockdev-add default), as on libvirt's
 	// default source, so discards change neither side.
 	if err := Exec(ctx, m, "blockdev-add", map[string]any{

@@ -87,8 +87,18 @@ func TestStartMirrorCommands(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := strings.Join(f.log, ","); got != "blockdev-add,blockdev-mirror" {
+	if got := strings.Join(f.log, ","); got != "blockdev-del,blockdev-add,blockdev-mirror" {
 		t.Fatal(got)
+	}
+	if f.args["blockdev-del"]["node-name"] != "remora-nbd-vdb" {
+		t.Fatalf("stale node removal: %v", f.args["blockdev-del"])
+	}
+	// A timed-out add left the node: the retry removes it first (a real
+	// QEMU refuses a duplicate node name); no node left is fine too.
+	f.log = nil
+	f.failNext = map[string]string{"blockdev-del": "Failed to find node with node-name='remora-nbd-vdb'"}
+	if _, err := StartMirror(context.Background(), f, disk, MirrorOptions{Server: NBDServer{Host: "10.0.0.2", Port: 10809, Export: "g-vdb"}}); err != nil {
+		t.Fatalf("no stale node: %v", err)
 	}
 	add, mir := f.args["blockdev-add"], f.args["blockdev-mirror"]
 	if add["driver"] != "nbd" || add["export"] != "g-vdb" || add["node-name"] != "remora-nbd-vdb" || add["reconnect-delay"] != 0.0 {
@@ -112,7 +122,7 @@ func TestStartMirrorCommands(t *testing.T) {
 	if _, err := StartMirror(context.Background(), f, disk, MirrorOptions{Server: NBDServer{Path: "/run/x.sock", Export: "e"}}); err == nil {
 		t.Fatal("no error")
 	}
-	if got := strings.Join(f.log, ","); got != "blockdev-add,blockdev-mirror,blockdev-del" {
+	if got := strings.Join(f.log, ","); got != "blockdev-del,blockdev-add,blockdev-mirror,blockdev-del" {
 		t.Fatal(got)
 	}
 	if _, err := StartMirror(context.Background(), f, disk, MirrorOptions{Server: NBDServer{Host: "h", Export: "e"}}); err == nil {
