@@ -148,6 +148,9 @@ func ShellXML(primaryXML string, o ShellOptions) (string, error) {
 	if d.Name == "" {
 		return "", fmt.Errorf("primary domain XML has no <name>: cannot derive the standby shell")
 	}
+	if err := checkShellSource(d); err != nil {
+		return "", err
+	}
 	if !hasSharedFileMemory(d) {
 		return "", noSharedMemory(o.Name)
 	}
@@ -168,6 +171,9 @@ func ShellXML(primaryXML string, o ShellOptions) (string, error) {
 		}
 	}
 	if err := shellDisks(d, o.Images); err != nil {
+		return "", err
+	}
+	if err := checkShellDisks(d); err != nil {
 		return "", err
 	}
 	if d.QEMUCommandline == nil {
