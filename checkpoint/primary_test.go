@@ -579,6 +579,7 @@ type rigOpts struct {
 	dial        func(n int32, d func(context.Context) (net.Conn, error), ctx context.Context) (net.Conn, error)
 	tracker     func(Tracker) Tracker
 	output      func(*rig) OutputBuffer
+	config      func(*PrimaryConfig) // edits the config before Run starts
 }
 
 func testLogger(t *testing.T) *slog.Logger {
@@ -629,6 +630,9 @@ func startRig(t *testing.T, o rigOpts) *rig {
 	}, rg.vm, mem, rg.tracker)
 	if o.output != nil {
 		rg.p.cfg.Output = o.output(rg)
+	}
+	if o.config != nil {
+		o.config(&rg.p.cfg)
 	}
 	rg.sb.primary.Store(rg.p)
 	rg.writer = startGuestWriter(rg.vm, 7)
@@ -1279,9 +1283,10 @@ func (c *silentCutter) Cut(ctx context.Context, epoch uint64) error {
 // PeerTimeout at most, then the guest runs again.
 func TestSilentStandbyBoundsThePause(t *testing.T) {
 	cut := &silentCutter{}
-	rg := startRig(t, rigOpts{pages: 1024, interval: 20 * time.Millisecond})
-	rg.p.cfg.Disks = cut
-	rg.p.cfg.PeerTimeout = 100 * time.Millisecond
+	rg := startRig(t, rigOpts{pages: 1024, interval: 20 * time.Millisecond, config: func(c *PrimaryConfig) {
+		c.Disks = cut
+		c.PeerTimeout = 100 * time.Millisecond
+	}})
 	wait(t, 15*time.Second, "protection", func() bool { return rg.sb.lastCommitted() >= 2 })
 	cut.silent.Store(true)
 	start := time.Now()
