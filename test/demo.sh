@@ -35,6 +35,7 @@ shell_suffix: "-$1"
 tls_cert: $WORK/pki/host-$1.crt
 tls_key: $WORK/pki/host-$1.key
 tls_ca: $WORK/pki/ca.crt
+boot_dirs: [${REMORA_LAB_DIR:-/var/lib/remora-lab}]
 CFG
 }
 start_agent() { # name netns

@@ -41,6 +41,7 @@ var agentFlagUsage = map[string]string{
 	"max_replicas":        "most replicas this agent keeps as a standby",
 	"api_group":           "a group whose members may use the admin socket besides root",
 	"api_admins":          "certificate names the TCP admin API obeys",
+	"boot_dirs":           "directories a standby shell may take firmware, kernels and initrds from; empty: the distributions' firmware directories and /var/lib/libvirt/boot",
 }
 
 // addAgentFlags gives cmd a flag for every agent config key, defaulting to

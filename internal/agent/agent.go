@@ -89,6 +89,9 @@ type Agent struct {
 	faultHook func(point string, epoch uint64)
 }
 
+// consoleDir holds the console logs of the standby shells.
+func consoleDir(cfg api.Config) string { return filepath.Join(cfg.StateDir, "console") }
+
 // New checks the configuration and prepares directories.
 func New(cfg api.Config, log *slog.Logger) (*Agent, error) {
 	if err := cfg.Validate(); err != nil {
@@ -98,6 +101,10 @@ func New(cfg api.Config, log *slog.Logger) (*Agent, error) {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("create %s: %w", d, err)
 		}
+	}
+	// Standby shells log their serial consoles here (root's: virtlogd).
+	if err := os.MkdirAll(consoleDir(cfg), 0o700); err != nil {
+		return nil, fmt.Errorf("create %s: %w", consoleDir(cfg), err)
 	}
 	a := &Agent{cfg: cfg, log: log, store: recordStore{dir: cfg.StateDir}, guests: map[string]*guest{},
 		detector: heartbeat.New(heartbeat.Config{Interval: cfg.HeartbeatInterval, Missed: cfg.HeartbeatMissed}, nil)}

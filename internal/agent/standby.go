@@ -242,7 +242,7 @@ func (a *Agent) attachShell(ctx context.Context, g *guest, xml string, ramBytes 
 		for _, d := range rec.Disks {
 			images[d.Dev] = a.diskImage(rec.Name, d.Dev)
 		}
-		shellXML, err := virt.ShellXML(xml, virt.ShellOptions{Name: rec.Shell, Images: images})
+		shellXML, err := virt.ShellXML(xml, virt.ShellOptions{Name: rec.Shell, Images: images, BootDirs: a.cfg.BootDirs, LogDir: consoleDir(a.cfg)})
 		if err != nil {
 			return err
 		}

@@ -39,7 +39,7 @@ func TestShellRefusesHostAccess(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			x := strings.Replace(strings.Replace(strings.Replace(base, "%s", c.ns, 1), "%s", c.devices, 1), "%s", c.tail, 1)
 			_, err := ShellXML(x, opts)
-			if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "remove them from the guest") {
+			if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "from the guest or protect the guest without remora") {
 				t.Fatalf("%s: %v", c.name, err)
 			}
 		})

@@ -2,6 +2,7 @@ package virt
 
 import (
 	"fmt"
+	"path/filepath"
 	"strings"
 
 	"libvirt.org/go/libvirtxml"
@@ -134,46 +135,81 @@ type ShellOptions struct {
 	// Images maps a replicated disk's target dev to its replica image (a
 	// raw file) on the standby; every one must be a disk of the domain.
 	Images map[string]string
+	// BootDirs are the directories a shell may take firmware, kernels,
+	// initrds, device trees, ACPI tables and option ROMs from (absolute;
+	// nil means DefaultBootDirs). libvirt hands these files to QEMU and
+	// the guest can read them.
+	BootDirs []string
+	// LogDir, if set, is where the shell logs the character devices
+	// (serial, console, ...) the primary logs, in files named after the
+	// shell; if empty the shell logs none. A log path of the primary's is
+	// never used.
+	LogDir string
+}
+
+func (o ShellOptions) bootDirs() []string {
+	if o.BootDirs == nil {
+		return DefaultBootDirs()
+	}
+	return o.BootDirs
+}
+
+func (o ShellOptions) validate() error {
+	if o.Name == "" || o.Name == "." || o.Name == ".." || strings.ContainsAny(o.Name, "/\x00") {
+		return fmt.Errorf("standby shell name %q is not a valid domain name", o.Name)
+	}
+	for _, d := range o.BootDirs {
+		if !filepath.IsAbs(d) || filepath.Clean(d) != d {
+			return fmt.Errorf("boot directory %q is not an absolute, clean path", d)
+		}
+	}
+	if o.LogDir != "" && !filepath.IsAbs(o.LogDir) {
+		return fmt.Errorf("shell log directory %q is not absolute", o.LogDir)
+	}
+	return nil
 }
 
 // ShellXML derives the standby shell domain from the primary's migratable
 // XML: same machine type and devices, a new name and identity, the replica
 // images as its disks, started waiting for an incoming migration that the
-// agent feeds at failover.
+// agent feeds at failover. The primary's XML is untrusted: anything that
+// would give the shell a host device, host file, host program or QEMU
+// argument is refused with an ErrUnsafeDomain error naming it (see
+// CheckShellSource), and host-specific details (emulator, disk sources,
+// log and socket paths, tuning, security labels) are dropped.
 func ShellXML(primaryXML string, o ShellOptions) (string, error) {
+	return shellXML(primaryXML, o, checkShellSource)
+}
+
+func parseShellSource(primaryXML string, o ShellOptions) (*libvirtxml.Domain, error) {
+	if err := o.validate(); err != nil {
+		return nil, err
+	}
 	d, err := parseDomain(primaryXML)
 	if err != nil {
-		return "", fmt.Errorf("primary domain XML: %w: cannot derive the standby shell", err)
+		return nil, fmt.Errorf("primary domain XML: %w: cannot derive the standby shell", err)
 	}
 	if d.Name == "" {
-		return "", fmt.Errorf("primary domain XML has no <name>: cannot derive the standby shell")
-	}
-	if err := checkShellSource(d); err != nil {
-		return "", err
+		return nil, fmt.Errorf("primary domain XML has no <name>: cannot derive the standby shell")
 	}
 	if !hasSharedFileMemory(d) {
-		return "", noSharedMemory(o.Name)
+		return nil, noSharedMemory(o.Name)
 	}
-	d.Name, d.UUID, d.ID = o.Name, "", nil
-	if d.Devices != nil {
-		for i := range d.Devices.Interfaces {
-			d.Devices.Interfaces[i].Target = nil // libvirt names a new tap
-		}
-		// Console logs and files would otherwise be shared with the
-		// primary's when both run on one host.
-		for i := range d.Devices.Serials {
-			s := &d.Devices.Serials[i]
-			renameChardev(s.Source, s.Log, o.Name)
-		}
-		for i := range d.Devices.Consoles {
-			c := &d.Devices.Consoles[i]
-			renameChardev(c.Source, c.Log, o.Name)
-		}
-	}
-	if err := shellDisks(d, o.Images); err != nil {
+	return d, nil
+}
+
+// shellXML is ShellXML with its allow-list check as a parameter (tests
+// disable it to show what it stops).
+func shellXML(primaryXML string, o ShellOptions, check func(*libvirtxml.Domain, ShellOptions) error) (string, error) {
+	d, err := parseShellSource(primaryXML, o)
+	if err != nil {
 		return "", err
 	}
-	if err := checkShellDisks(d); err != nil {
+	if err := check(d, o); err != nil {
+		return "", err
+	}
+	sanitizeShell(d, o)
+	if err := shellDisks(d, o.Images); err != nil {
 		return "", err
 	}
 	if d.QEMUCommandline == nil {
@@ -182,21 +218,6 @@ func ShellXML(primaryXML string, o ShellOptions) (string, error) {
 	d.QEMUCommandline.Args = append(d.QEMUCommandline.Args,
 		libvirtxml.DomainQEMUCommandlineArg{Value: "-incoming"}, libvirtxml.DomainQEMUCommandlineArg{Value: "defer"})
 	return d.Marshal()
-}
-
-func renameChardev(src *libvirtxml.DomainChardevSource, log *libvirtxml.DomainChardevLog, suffix string) {
-	rename := func(p string) string {
-		if !strings.HasPrefix(p, "/") || strings.HasPrefix(p, "/dev/") {
-			return p
-		}
-		return p + "." + suffix
-	}
-	if src != nil && src.File != nil {
-		src.File.Path = rename(src.File.Path)
-	}
-	if log != nil {
-		log.File = rename(log.File)
-	}
 }
 
 // shellDisks points the shell's disks at the standby's replica images.
@@ -213,12 +234,7 @@ func shellDisks(d *libvirtxml.Domain, images map[string]string) error {
 				return fmt.Errorf("disk %s has no <source>", diskDev(*k))
 			}
 			done[diskDev(*k)] = true
-			k.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: img}}
-			k.BackingStore = nil
-			if k.Driver == nil {
-				k.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu"}
-			}
-			k.Driver.Type = "raw"
+			*k = shellDisk(*k, &img)
 		}
 	}
 	for dev := range images {

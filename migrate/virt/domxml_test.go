@@ -77,7 +77,11 @@ func TestInterfaceTap(t *testing.T) {
 }
 
 func TestShellXML(t *testing.T) {
-	x, err := ShellXML(disksXML, ShellOptions{Name: "g-b", Images: map[string]string{"vda": "/r/g/vda.img", "vdb": "/r/g/vdb.img"}})
+	// vdc is read-only, so not replicated: the standby would have to open
+	// the primary's /img/ro.img, which it refuses (see shellsafe_test.go).
+	primary := strings.Replace(disksXML, "<disk type='file' device='disk'><source file='/img/ro.img'/><target dev='vdc' bus='virtio'/><readonly/></disk>", "", 1)
+	o := ShellOptions{Name: "g-b", Images: map[string]string{"vda": "/r/g/vda.img", "vdb": "/r/g/vdb.img"}}
+	x, err := ShellXML(primary, o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,7 +94,7 @@ func TestShellXML(t *testing.T) {
 	}
 	src := map[string]string{}
 	for _, k := range d.Devices.Disks {
-		if k.Source.File != nil {
+		if k.Source != nil && k.Source.File != nil {
 			src[k.Target.Dev] = k.Source.File.File
 		}
 		if k.Target.Dev == "vda" && (k.Driver.Type != "raw" || k.Driver.Cache != "none" || k.BackingStore != nil) {
@@ -100,17 +104,28 @@ func TestShellXML(t *testing.T) {
 			t.Errorf("vdb driver %+v", k.Driver)
 		}
 	}
-	want := map[string]string{"vda": "/r/g/vda.img", "vdb": "/r/g/vdb.img", "sda": "/iso/x.iso", "vdc": "/img/ro.img"}
+	// The CD-ROM stays, empty: its ISO is a path on the primary's host.
+	want := map[string]string{"vda": "/r/g/vda.img", "vdb": "/r/g/vdb.img", "sda": ""}
 	for dev, p := range want {
 		if src[dev] != p {
 			t.Errorf("disk %s source %q, want %q", dev, src[dev], p)
 		}
 	}
+	if len(d.Devices.Disks) != 3 || d.Devices.Disks[2].Device != "cdrom" || d.Devices.Disks[2].ReadOnly == nil {
+		t.Errorf("disks %+v", d.Devices.Disks)
+	}
+	for _, p := range []string{"/dev/vg/g", "/base.img", "/img/data.img", "/iso/x.iso", "/var/log/g"} {
+		if strings.Contains(x, p) {
+			t.Errorf("the primary's %s is in the shell:\n%s", p, x)
+		}
+	}
 	if d.Devices.Interfaces[0].Target != nil {
 		t.Errorf("the primary's tap stays in the shell: %+v", d.Devices.Interfaces[0].Target)
 	}
-	if s := d.Devices.Serials[0]; s.Source.File.Path != "/var/log/g.serial.g-b" || s.Log.File != "/var/log/g.log.g-b" {
-		t.Errorf("serial %+v log %+v", s.Source.File, s.Log)
+	// The serial port stays (its state is in the checkpoints) on a pty of
+	// the shell's own; the primary's file and log are not used.
+	if s := d.Devices.Serials[0]; s.Source == nil || s.Source.Pty == nil || s.Log != nil {
+		t.Errorf("serial %+v log %+v", s.Source, s.Log)
 	}
 	if c := d.QEMUCommandline; c == nil || len(c.Args) != 2 || c.Args[0].Value != "-incoming" || c.Args[1].Value != "defer" {
 		t.Errorf("qemu:commandline %+v", c)
@@ -118,15 +133,34 @@ func TestShellXML(t *testing.T) {
 	if !strings.Contains(x, "http://libvirt.org/schemas/domain/qemu/1.0") {
 		t.Errorf("no qemu namespace:\n%s", x)
 	}
-	if _, err := ShellXML(disksXML, ShellOptions{Name: "g-b", Images: map[string]string{"vdz": "/x"}}); err == nil || !strings.Contains(err.Error(), "no disk vdz") {
+
+	o.LogDir = "/var/log/remora"
+	x, err = ShellXML(primary, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d = libvirtxml.Domain{}
+	if err := d.Unmarshal(x); err != nil {
+		t.Fatal(err)
+	}
+	if l := d.Devices.Serials[0].Log; l == nil || l.File != "/var/log/remora/g-b.serial0.log" {
+		t.Errorf("serial log with a LogDir: %+v", l)
+	}
+
+	if _, err := ShellXML(primary, ShellOptions{Name: "g-b", Images: map[string]string{"vda": "/a", "vdb": "/b", "vdz": "/x"}}); err == nil || !strings.Contains(err.Error(), "no disk vdz") {
 		t.Fatalf("missing disk: %v", err)
 	}
-	noShared := strings.Replace(disksXML, "<access mode='shared'/>", "", 1)
+	noShared := strings.Replace(primary, "<access mode='shared'/>", "", 1)
 	if _, err := ShellXML(noShared, ShellOptions{Name: "g-b"}); !errors.Is(err, qemu.ErrNoSharedMemory) {
 		t.Fatalf("private memory: %v", err)
 	}
 	if _, err := ShellXML("<domain><name>", ShellOptions{Name: "x"}); err == nil {
 		t.Fatal("malformed XML accepted")
+	}
+	for _, bad := range []ShellOptions{{Name: ""}, {Name: "../x"}, {Name: "g-b", BootDirs: []string{"boot"}}, {Name: "g-b", LogDir: "log"}} {
+		if _, err := ShellXML(primary, bad); err == nil {
+			t.Errorf("options %+v accepted", bad)
+		}
 	}
 }
 

@@ -354,8 +354,8 @@ func startAgent(bin, work, name, addr string, iv time.Duration) *proc {
 	if err := pki.Issue(ca, "bench-"+name); err != nil {
 		fatal(err)
 	}
-	cfg := fmt.Sprintf("agent_id: bench-%s\nlisten: %s\napi_socket: %s/agent.sock\nstate_dir: %s/state\nruntime_dir: %s/run\nepoch_interval: %s\nshell_suffix: \"-%s\"\nlog_level: warn\ntls_cert: %s\ntls_key: %s\ntls_ca: %s/ca.crt\n",
-		name, addr, dir, dir, dir, iv, name, pki.CertPath(ca, "bench-"+name), pki.KeyPath(ca, "bench-"+name), ca)
+	cfg := fmt.Sprintf("agent_id: bench-%s\nlisten: %s\napi_socket: %s/agent.sock\nstate_dir: %s/state\nruntime_dir: %s/run\nepoch_interval: %s\nshell_suffix: \"-%s\"\nlog_level: warn\ntls_cert: %s\ntls_key: %s\ntls_ca: %s/ca.crt\nboot_dirs: [%s]\n",
+		name, addr, dir, dir, dir, iv, name, pki.CertPath(ca, "bench-"+name), pki.KeyPath(ca, "bench-"+name), ca, labkit.LabDir())
 	path := filepath.Join(dir, "agent.yaml")
 	os.WriteFile(path, []byte(cfg), 0o644)
 	cmd := exec.Command(bin, "agent", "--config", path)

@@ -148,7 +148,8 @@ runtime_dir: %s
 epoch_interval: %s
 shell_suffix: "-%s"
 log_level: debug
-%s`, name, h.addr, filepath.Join(dir, "agent.sock"), filepath.Join(dir, "state"), filepath.Join(dir, "run"), o.interval, name, o.extra)
+boot_dirs: [%s]
+%s`, name, h.addr, filepath.Join(dir, "agent.sock"), filepath.Join(dir, "state"), filepath.Join(dir, "run"), o.interval, name, labkit.LabDir(), o.extra)
 	if err := os.WriteFile(h.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}

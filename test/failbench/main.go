@@ -96,8 +96,8 @@ func run() error {
 		dir := filepath.Join(work, name)
 		os.MkdirAll(dir, 0o755)
 		p := filepath.Join(dir, "agent.yaml")
-		os.WriteFile(p, []byte(fmt.Sprintf("agent_id: %s\nlisten: %s:7400\napi_socket: %s/agent.sock\nstate_dir: %s/state\nruntime_dir: %s/run\nshell_suffix: \"-%s\"\narbiter: %s\ntls_cert: %s/%s.crt\ntls_key: %s/%s.key\ntls_ca: %s/ca.crt\nheartbeat_interval: %s\nheartbeat_missed: %d\nlog_level: warn\n",
-			name, ip, dir, dir, dir, name, arbAddr, pkiDir, name, pkiDir, name, pkiDir, *hbEvery, *hbMissed)), 0o644)
+		os.WriteFile(p, []byte(fmt.Sprintf("agent_id: %s\nlisten: %s:7400\napi_socket: %s/agent.sock\nstate_dir: %s/state\nruntime_dir: %s/run\nshell_suffix: \"-%s\"\narbiter: %s\ntls_cert: %s/%s.crt\ntls_key: %s/%s.key\ntls_ca: %s/ca.crt\nheartbeat_interval: %s\nheartbeat_missed: %d\nlog_level: warn\nboot_dirs: [%s]\n",
+			name, ip, dir, dir, dir, name, arbAddr, pkiDir, name, pkiDir, name, pkiDir, *hbEvery, *hbMissed, labkit.LabDir())), 0o644)
 		return p
 	}
 	cfgA, cfgB := agentCfg("host-a", labkit.IPA), agentCfg("host-b", labkit.IPB)

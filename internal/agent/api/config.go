@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"path"
+	"path/filepath"
 	"slices"
 	"time"
 
@@ -71,6 +72,10 @@ type Config struct {
 	// root; APIAdmins are the certificate names the TCP admin API obeys.
 	APIGroup  string   `mapstructure:"api_group"`
 	APIAdmins []string `mapstructure:"api_admins"`
+	// BootDirs are the directories a standby shell may take firmware,
+	// kernels and initrds from (the primary's XML names them; empty: the
+	// distributions' firmware directories and /var/lib/libvirt/boot).
+	BootDirs []string `mapstructure:"boot_dirs"`
 }
 
 // Output-commit backends (config output_commit).
@@ -201,6 +206,11 @@ func (c *Config) Validate() error {
 	for _, g := range c.AcceptGuests {
 		if _, err := path.Match(g, "x"); err != nil {
 			return fmt.Errorf("accept_guests pattern %q: %v (shell patterns: web-*, db?)", g, err)
+		}
+	}
+	for _, d := range c.BootDirs {
+		if !filepath.IsAbs(d) || filepath.Clean(d) != d || d == "/" {
+			return fmt.Errorf("boot_dirs entry %q: want an absolute, clean directory other than / (e.g. /var/lib/libvirt/boot)", d)
 		}
 	}
 	if c.MaxReplicas < 1 || c.MaxReplicas > 4096 {
