@@ -119,6 +119,9 @@ type Options struct {
 	// Close's drain. Default 10 s.
 	Timeout time.Duration
 	Logger  *slog.Logger
+	// PeerPID names QEMU's process: no other process may take the place
+	// of its chardevs on the sockets (NewRedirector sets the guest's).
+	PeerPID func() (int, error)
 }
 
 func (o Options) withDefaults() Options {
@@ -166,6 +169,9 @@ func newObjectIDs() objectIDs {
 // taken over without a gap: this one's capture filter is in place before
 // theirs goes, so no frame of the guest ever reaches the tap unheld.
 func NewRedirector(ctx context.Context, g *qemu.Guest, dir string, opts Options) (*Redirector, error) {
+	if opts.PeerPID == nil {
+		opts.PeerPID = g.PID
+	}
 	return newRedirector(ctx, g.Mon, g.Name, dir, opts)
 }
 
@@ -309,9 +315,18 @@ func (r *Redirector) connect(ctx context.Context, path, id string, deadline time
 		return nil, fmt.Errorf("outcommit: guest %s: QEMU chardev %s to %s: %w", r.guest, id, path, err)
 	}
 	_ = ln.SetDeadline(deadline)
-	c, err := ln.AcceptUnix()
+	accept := ln.AcceptUnix
+	var peer *unixsock.PeerListener
+	if r.opts.PeerPID != nil {
+		peer = &unixsock.PeerListener{UnixListener: ln, PID: r.opts.PeerPID}
+		accept = peer.AcceptUnix
+	}
+	c, err := accept()
 	if err != nil {
 		return nil, fmt.Errorf("outcommit: guest %s: QEMU did not connect chardev %s to %s: %w", r.guest, id, path, err)
+	}
+	if peer != nil && peer.Refused() > 0 {
+		r.opts.Logger.Warn("outcommit: closed connections of processes other than QEMU", "guest", r.guest, "socket", path, "refused", peer.Refused())
 	}
 	return c, nil
 }

@@ -120,7 +120,12 @@ func (a *Agent) newDiskSet(ctx context.Context, g *qemu.Guest, rec *Record, fenc
 			return a.dialPeer(ctx, rec.Peer, checkpoint.FrameDiskNBD, fence(), hello)
 		}, a.cfg.HeartbeatTimeout()) // a silent standby must not hold the guest's writes (and a pause) longer
 		pd.relay.Log = a.log.With("guest", rec.Name, "dev", dev)
-		go func() { _ = pd.relay.Serve(ln) }()
+		// Only the guest's QEMU may reach the standby through the relay.
+		go func() {
+			if err := pd.relay.Serve(&unixsock.PeerListener{UnixListener: ln, PID: g.PID}); err != nil {
+				pd.relay.Log.Error("disk relay stopped: the disk's mirror cannot reach the standby", "err", err)
+			}
+		}()
 		ds.disks = append(ds.disks, pd)
 	}
 	return ds, nil

@@ -19,6 +19,7 @@ import (
 type DeviceStateSink struct {
 	path string
 	ln   *net.UnixListener
+	qemu *unixsock.PeerListener // only the guest's QEMU is read from
 }
 
 // ListenDeviceState listens at path; QEMU must be able to connect to it.
@@ -29,6 +30,15 @@ func ListenDeviceState(path string) (*DeviceStateSink, error) {
 		return nil, fmt.Errorf("listen for device state: %w", err)
 	}
 	return &DeviceStateSink{path: path, ln: ln}, nil
+}
+
+// Refused is how many connections of processes other than QEMU the sink
+// closed.
+func (s *DeviceStateSink) Refused() int64 {
+	if s.qemu == nil {
+		return 0
+	}
+	return s.qemu.Refused()
 }
 
 // Close stops listening and removes the socket.
@@ -42,15 +52,31 @@ func (s *DeviceStateSink) Close() error {
 // stopped and x-ignore-shared set; afterwards QEMU is in postmigrate and
 // `cont` resumes it.
 func (s *DeviceStateSink) Save(ctx context.Context, g *Guest, w io.Writer) (int64, error) {
+	if s.qemu == nil {
+		s.qemu = &unixsock.PeerListener{UnixListener: s.ln, PID: g.PID}
+	}
+	// A save abandoned after its migrate command took effect left QEMU's
+	// connection in the backlog: the next Accept would read that (closed)
+	// stream and wait forever for a migration nobody reads.
+	if _, err := unixsock.DiscardPending(s.ln); err != nil {
+		return 0, fmt.Errorf("device-state socket: %w", err)
+	}
 	err := Exec(ctx, g.Mon, "migrate", map[string]any{"uri": "unix:" + s.path}, nil)
 	if err != nil && strings.Contains(err.Error(), "migration process in progress") {
 		// An interrupted save left its migration running (checked only
 		// then: a query per checkpoint would lengthen every pause).
 		if err = settleMigration(ctx, g); err == nil {
-			err = Exec(ctx, g.Mon, "migrate", map[string]any{"uri": "unix:" + s.path}, nil)
+			if _, err = unixsock.DiscardPending(s.ln); err == nil {
+				err = Exec(ctx, g.Mon, "migrate", map[string]any{"uri": "unix:" + s.path}, nil)
+			}
 		}
 	}
 	if err != nil {
+		var qe *QMPError
+		if !errors.As(err, &qe) {
+			// No answer: the command may have started a migration.
+			cancelMigration(ctx, g)
+		}
 		return 0, err
 	}
 	deadline, ok := ctx.Deadline()
@@ -58,7 +84,7 @@ func (s *DeviceStateSink) Save(ctx context.Context, g *Guest, w io.Writer) (int6
 		deadline = time.Now().Add(time.Minute)
 	}
 	_ = s.ln.SetDeadline(deadline)
-	conn, err := s.ln.Accept()
+	conn, err := s.qemu.Accept()
 	if err != nil {
 		cancelMigration(ctx, g)
 		return 0, fmt.Errorf("QEMU did not connect to the device-state socket: %w", err)

@@ -1,0 +1,130 @@
+package unixsock
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+)
+
+// PeerPID is the process id of c's peer, as the kernel recorded it when
+// the peer connected (SO_PEERCRED).
+func PeerPID(c *net.UnixConn) (int, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if cerr != nil {
+		return 0, fmt.Errorf("peer credentials: %w", cerr)
+	}
+	return int(cred.Pid), nil
+}
+
+// PeerListener accepts only the connections of one process: a socket QEMU
+// connects to must be reachable by QEMU's user, so any other local process
+// of that user (or root) could connect first and be taken for QEMU.
+// Connections of other processes are closed at once and counted.
+type PeerListener struct {
+	*net.UnixListener
+	// PID names the one process allowed. It is asked once and again when
+	// a peer does not match (the process may have been restarted).
+	PID func() (int, error)
+
+	mu      sync.Mutex
+	pid     int
+	refused atomic.Int64
+}
+
+// ErrNoPeerPID is returned by Accept when the allowed process is unknown.
+var ErrNoPeerPID = errors.New("cannot tell which process may connect")
+
+// Refused is how many connections of other processes were closed.
+func (l *PeerListener) Refused() int64 { return l.refused.Load() }
+
+// Accept implements net.Listener.
+func (l *PeerListener) Accept() (net.Conn, error) { return l.AcceptUnix() }
+
+// AcceptUnix waits for a connection of the allowed process.
+func (l *PeerListener) AcceptUnix() (*net.UnixConn, error) {
+	for {
+		c, err := l.UnixListener.AcceptUnix()
+		if err != nil {
+			return nil, err
+		}
+		ok, err := l.allowed(c)
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+		if ok {
+			return c, nil
+		}
+		c.Close()
+		l.refused.Add(1)
+	}
+}
+
+func (l *PeerListener) allowed(c *net.UnixConn) (bool, error) {
+	peer, err := PeerPID(c)
+	if err != nil {
+		return false, nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for fresh := false; ; fresh = true {
+		if l.pid == 0 || fresh {
+			pid, err := l.PID()
+			if err != nil {
+				return false, fmt.Errorf("%w on %s: %v", ErrNoPeerPID, l.Addr(), err)
+			}
+			l.pid = pid
+		}
+		if peer == l.pid {
+			return true, nil
+		}
+		if fresh {
+			return false, nil
+		}
+	}
+}
+
+// DiscardPending closes the connections waiting in ln's backlog, without
+// blocking: they belong to an earlier client that gave up (an abandoned
+// migration), and the next Accept must get the next client's.
+func DiscardPending(ln *net.UnixListener) (int, error) {
+	raw, err := ln.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	var aerr error
+	if err := raw.Control(func(fd uintptr) {
+		for {
+			nfd, _, err := unix.Accept4(int(fd), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				if err != unix.EAGAIN {
+					aerr = err
+				}
+				return
+			}
+			unix.Close(nfd)
+			n++
+		}
+	}); err != nil {
+		return n, err
+	}
+	return n, aerr
+}
