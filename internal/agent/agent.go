@@ -153,7 +153,11 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if a.tlsSrv != nil {
 		repl = tls.NewListener(repl, a.tlsSrv)
 	}
-	apiLn, err := listenAPI(a.cfg.APISocket)
+	gid, err := apiGroupID(a.cfg)
+	if err != nil {
+		return err
+	}
+	apiLn, err := listenAPI(a.cfg.APISocket, gid)
 	if err != nil {
 		return err
 	}
@@ -200,9 +204,9 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	errc := make(chan error, 3)
 	sb := &checkpoint.Standby{Handler: standbyHandler{a}, Log: a.log}
 	go func() { errc <- sb.Serve(ctx, repl) }()
-	go func() { errc <- a.serveAPI(ctx, apiLn) }()
+	go func() { errc <- a.serveAPI(ctx, apiLn, gid) }()
 	if apiTLS != nil {
-		go func() { errc <- a.serveAPI(ctx, apiTLS) }()
+		go func() { errc <- a.serveAPI(ctx, apiTLS, gid) }()
 	}
 	select {
 	case <-ctx.Done():

@@ -10,8 +10,6 @@ import (
 	"time"
 
 	"github.com/remora-ha/remora/internal/agent/api"
-	"github.com/remora-ha/remora/internal/pki"
-	"github.com/remora-ha/remora/internal/unixsock"
 )
 
 // Status lists every guest this agent knows.
@@ -137,15 +135,7 @@ func (s *standbyRun) status(hbTimeout time.Duration) api.VMStatus {
 	return v
 }
 
-func listenAPI(path string) (net.Listener, error) {
-	ln, err := unixsock.Listen(path, 0o600) // root only: the API can fail guests over
-	if errors.Is(err, unixsock.ErrInUse) {
-		return nil, fmt.Errorf("another agent is serving %s: stop it first, or set api_socket", path)
-	}
-	return ln, err
-}
-
-func (a *Agent) serveAPI(ctx context.Context, ln net.Listener) error {
+func (a *Agent) serveAPI(ctx context.Context, ln net.Listener, gid int) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, a.Status())
@@ -187,26 +177,9 @@ func (a *Agent) serveAPI(ctx context.Context, ln net.Listener) error {
 		}
 		writeJSON(w, http.StatusOK, struct{}{})
 	})
-	handler := http.Handler(mux)
-	if _, isTLS := ln.Addr().(*net.TCPAddr); isTLS {
-		// Over TCP the listener is mutual TLS: every admin is named in the log.
-		handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			var who []string
-			if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
-				who = pki.Names(r.TLS.PeerCertificates[0])
-			}
-			if len(who) == 0 {
-				a.log.Warn("admin API request without a client certificate refused", "peer", r.RemoteAddr)
-				writeJSON(w, http.StatusUnauthorized, api.Error{Error: "a client certificate signed by the agent's CA is required"})
-				return
-			}
-			if r.Method != http.MethodGet {
-				a.log.Info("admin API", "client", who, "peer", r.RemoteAddr, "call", r.Method+" "+r.URL.Path)
-			}
-			mux.ServeHTTP(w, r)
-		})
-	}
-	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
+	_, overTCP := ln.Addr().(*net.TCPAddr)
+	handler := a.authorize(mux, overTCP, gid)
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: time.Minute, ConnContext: connCred}
 	go func() { <-ctx.Done(); srv.Close() }()
 	err := srv.Serve(ln)
 	if errors.Is(err, http.ErrServerClosed) {

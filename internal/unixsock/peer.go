@@ -10,24 +10,33 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// PeerPID is the process id of c's peer, as the kernel recorded it when
-// the peer connected (SO_PEERCRED).
-func PeerPID(c *net.UnixConn) (int, error) {
+// Cred is who is at the other end of a unix socket, as the kernel
+// recorded it when the peer connected (SO_PEERCRED).
+type Cred struct{ PID, UID, GID int }
+
+// PeerCred returns c's peer's credentials.
+func PeerCred(c *net.UnixConn) (Cred, error) {
 	raw, err := c.SyscallConn()
 	if err != nil {
-		return 0, err
+		return Cred{}, err
 	}
-	var cred *unix.Ucred
+	var uc *unix.Ucred
 	var cerr error
 	if err := raw.Control(func(fd uintptr) {
-		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+		uc, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	}); err != nil {
-		return 0, err
+		return Cred{}, err
 	}
 	if cerr != nil {
-		return 0, fmt.Errorf("peer credentials: %w", cerr)
+		return Cred{}, fmt.Errorf("peer credentials: %w", cerr)
 	}
-	return int(cred.Pid), nil
+	return Cred{PID: int(uc.Pid), UID: int(uc.Uid), GID: int(uc.Gid)}, nil
+}
+
+// PeerPID is the process id of c's peer.
+func PeerPID(c *net.UnixConn) (int, error) {
+	cr, err := PeerCred(c)
+	return cr.PID, err
 }
 
 // PeerListener accepts only the connections of one process: a socket QEMU

@@ -50,6 +50,7 @@ func newArbLab(t *testing.T) *arbLab {
 	run("certs", "issue", "arbiter", "--dir", l.pki, "--ip", labkit.IPArbiter)
 	run("certs", "issue", "host-a", "--dir", l.pki, "--ip", labkit.IPA)
 	run("certs", "issue", "host-b", "--dir", l.pki, "--ip", labkit.IPB)
+	run("certs", "issue", "admin", "--dir", l.pki)
 	l.arbCfg = filepath.Join(l.arbDir, "arbiter.yaml")
 	cfg := fmt.Sprintf(`listen: %s
 state_dir: %s
@@ -558,9 +559,18 @@ func TestAuthenticationRefused(t *testing.T) {
 		})
 	})
 	t.Run("admin API over mutual TLS", func(t *testing.T) {
+		// An agent's certificate is not an admin's: api_admins is [admin].
 		out, err := l.a.cli("vm", "status", "--agent", labkit.IPB+":7401")
-		if err != nil || !strings.Contains(out, "no guests enrolled") {
-			t.Fatalf("host-a's admin could not query host-b's agent: %v\n%s", err, out)
+		if err == nil || !strings.Contains(out, "api_admins") {
+			t.Fatalf("host-a's agent certificate was let into host-b's admin API: %v\n%s", err, out)
+		}
+		adminCfg := filepath.Join(t.TempDir(), "admin.yaml")
+		if err := os.WriteFile(adminCfg, []byte(fmt.Sprintf("tls_cert: %s\ntls_key: %s\ntls_ca: %s\n", pki.CertPath(l.pki, "admin"), pki.KeyPath(l.pki, "admin"), filepath.Join(l.pki, "ca.crt"))), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		b, err := exec.Command("ip", "netns", "exec", labkit.NetnsA, remoraBin, "--config", adminCfg, "vm", "status", "--agent", labkit.IPB+":7401").CombinedOutput()
+		if out := string(b); err != nil || !strings.Contains(out, "no guests enrolled") {
+			t.Fatalf("the admin could not query host-b's agent: %v\n%s", err, out)
 		}
 		other := t.TempDir()
 		if err := pki.InitCA(other, false); err != nil {

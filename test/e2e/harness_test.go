@@ -122,6 +122,9 @@ type host struct {
 	cmd  *exec.Cmd
 	log  *bytes.Buffer
 	done chan struct{}
+
+	apiOnce sync.Once
+	api     *api.Client // one, so its connections are reused, not left idle
 }
 
 type hostOpts struct {
@@ -240,7 +243,10 @@ func (h *host) exited() <-chan struct{} {
 	return h.done
 }
 
-func (h *host) client() *api.Client { return api.NewClient(filepath.Join(h.dir, "agent.sock")) }
+func (h *host) client() *api.Client {
+	h.apiOnce.Do(func() { h.api = api.NewClient(filepath.Join(h.dir, "agent.sock")) })
+	return h.api
+}
 
 func (h *host) status(name string) (api.VMStatus, bool) {
 	s, err := h.client().VM(context.Background(), name)

@@ -4,10 +4,12 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"math"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -38,10 +40,19 @@ func TestHostilePeers(t *testing.T) {
 	b := newHost(t, "host-b", labkit.NetnsB, labkit.IPB, hostOpts{extra: "max_replicas: 2\n"})
 	a.start()
 	b.start()
-	g := bootGuest(t, "e2e-hostile", 31, 500)
+	// A data disk: its NBD relay is one of the sockets a local process tries.
+	img := filepath.Join(t.TempDir(), "data.img")
+	if err := labkit.CreateDataDisk(img, 32<<20); err != nil {
+		t.Fatal(err)
+	}
+	g := bootGuestWith(t, labkit.GuestOptions{Name: "e2e-hostile", IP: labkit.GuestIP(31), Rate: 500, DataDisk: img})
 	if out, err := a.cli("vm", "enroll", g.Name, "--standby", b.addr, "--timeout", "3m"); err != nil || !strings.Contains(out, "protected") {
 		t.Fatalf("enroll: %v\n%s", err, out)
 	}
+	waitFor(t, "the data disk mirrored", 2*time.Minute, func() bool {
+		s, ok := a.status(g.Name)
+		return ok && s.Disk != nil && s.Disk.State == "mirrored"
+	})
 	st, _ := b.status(g.Name)
 	replicaFence := st.Fence
 
@@ -153,6 +164,38 @@ func TestHostilePeers(t *testing.T) {
 		}
 	})
 
+	t.Run("a local process on the primary's QEMU sockets", func(t *testing.T) {
+		// The NBD relay would carry this process's writes into the
+		// replica, the device-state socket its bytes into a checkpoint:
+		// both must close it before reading or relaying anything.
+		socks, _ := filepath.Glob(filepath.Join(a.dir, "run", "disk", "*.nbd.sock"))
+		dev, _ := filepath.Glob(filepath.Join(a.dir, "run", "*.devstate.sock"))
+		socks = append(socks, dev...)
+		if len(socks) < 2 {
+			t.Fatalf("the primary's QEMU sockets: %v", socks)
+		}
+		before, _ := b.status(g.Name)
+		for _, p := range socks {
+			c, err := net.Dial("unix", p)
+			if err != nil {
+				t.Fatalf("%s: %v", p, err)
+			}
+			if strings.HasSuffix(p, ".devstate.sock") {
+				_, _ = c.Write([]byte("QEVM garbage device state"))
+			} // on the relay, wait for the standby's NBD greeting
+			_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
+			n, err := io.Copy(io.Discard, c)
+			c.Close()
+			if n != 0 || (err != nil && !errors.Is(err, syscall.ECONNRESET)) { // reset: closed with our bytes unread
+				t.Fatalf("%s answered a process other than QEMU: %d bytes, %v", filepath.Base(p), n, err)
+			}
+		}
+		waitFor(t, "checkpoints to go on", 30*time.Second, func() bool {
+			s, ok := b.status(g.Name)
+			return ok && s.Epoch > before.Epoch+5
+		})
+	})
+
 	t.Run("the admin socket from an unprivileged user", func(t *testing.T) {
 		// The socket's own mode and the agent's peer check must be the
 		// gate, not the test's private directories: open the way to it,
@@ -190,6 +233,18 @@ func TestHostilePeers(t *testing.T) {
 			t.Fatalf("nobody read the admin API:\n%s", out)
 		}
 		t.Logf("nobody: %v: %s", err, strings.TrimSpace(out))
+		// An admin's chmod must not open the API: the agent checks the
+		// peer's credentials as well.
+		sock := filepath.Join(b.dir, "agent.sock")
+		if err := os.Chmod(sock, 0o666); err != nil {
+			t.Fatal(err)
+		}
+		defer os.Chmod(sock, 0o600)
+		out, err = run(65534)
+		if err == nil || !strings.Contains(out, "may not use this agent's admin socket") {
+			t.Fatalf("nobody through a 0666 admin socket: %v\n%s", err, out)
+		}
+		t.Logf("nobody through a 0666 socket: %s", strings.TrimSpace(out))
 	})
 
 	// Afterwards: the replica goes on, nothing changed outside the
@@ -213,10 +268,16 @@ func TestHostilePeers(t *testing.T) {
 		t.Errorf("files appeared in %s: %v", os.TempDir(), added)
 	}
 	var info api.AgentInfo
-	waitFor(t, "the agent's goroutines back to their baseline", 20*time.Second, func() bool {
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		info, err = b.client().Agent(ctx)
-		return err == nil && info.Goroutines <= baseInfo.Goroutines+3
-	})
+		if err == nil && info.Goroutines <= baseInfo.Goroutines+3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.stop(syscall.SIGQUIT) // its goroutines, for the saved log
+			t.Fatalf("the agent's goroutines did not come back to their baseline of %d: %d (%v)", baseInfo.Goroutines, info.Goroutines, err)
+		}
+	}
 	t.Logf("goroutines %d -> %d, heap %d -> %d KiB, replicas %d", baseInfo.Goroutines, info.Goroutines, baseInfo.HeapBytes>>10, info.HeapBytes>>10, info.Replicas)
 }
 
@@ -298,6 +359,6 @@ func diffTree(before, after map[string]bool) (added, removed []string) {
 // transient paths come and go in normal replication (staged epochs,
 // atomic-write temporaries, journal segments).
 func transient(p string) bool {
-	return strings.Contains(p, "/staged") || strings.HasPrefix(filepath.Base(p), "stage.") || strings.HasSuffix(p, ".tmp") || strings.Contains(p, ".tmp-") ||
+	return strings.Contains(p, "/staged") || strings.HasPrefix(filepath.Base(p), "stage.") || strings.HasPrefix(filepath.Base(p), "commit-") || strings.HasSuffix(p, ".tmp") || strings.Contains(p, ".tmp-") ||
 		strings.Contains(p, "/journal/") || strings.Contains(p, "/epochs/")
 }
