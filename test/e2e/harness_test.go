@@ -157,6 +157,9 @@ boot_dirs: [%s]
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
+		// A standby agent recreates a shell the guest's cleanup destroyed
+		// while it ran: its shells go once it has stopped.
+		defer destroyShells(name)
 		if !t.Failed() {
 			h.stop(syscall.SIGTERM)
 			return
@@ -167,6 +170,22 @@ boot_dirs: [%s]
 		h.saveLog()
 	})
 	return h
+}
+
+// destroyShells destroys the standby shells of agent name (the tests'
+// shell_suffix is "-" + name).
+func destroyShells(name string) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := labkit.Virsh(ctx, "list", "--name")
+	if err != nil {
+		return
+	}
+	for _, d := range strings.Fields(out) {
+		if strings.HasSuffix(d, "-"+name) {
+			_, _ = labkit.Virsh(ctx, "destroy", d)
+		}
+	}
 }
 
 func (h *host) start() {
