@@ -513,13 +513,23 @@ func (p *Primary) capture(ctx context.Context, plan sessionPlan) (*capturedEpoch
 	start := time.Now()
 	peerCtx, peerCancel := context.WithTimeout(cctx, p.cfg.PeerTimeout)
 	defer peerCancel()
+	resumed := false
+	resume := func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		_ = p.vm.Cont(ctx)
+		cancel()
+	}
 	if err := p.vm.Stop(peerCtx); err != nil {
+		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			// The answer was lost to the context (the agent stopping),
+			// not the command: QEMU may have paused the guest anyway.
+			resume()
+		}
 		return nil, fmt.Errorf("pause guest: %w", err)
 	}
-	resumed := false
 	defer func() {
 		if !resumed { // never leave the guest paused behind an error
-			_ = p.vm.Cont(context.Background())
+			resume()
 		}
 	}()
 	var bd PauseBreakdown
