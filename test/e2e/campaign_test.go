@@ -212,6 +212,14 @@ func TestCampaign(t *testing.T) {
 			t.Fatalf("REMORA_CAMPAIGN_KINDS=%q names no fault kind", only)
 		}
 	}
+	// REMORA_CAMPAIGN_SKIP leaves out the kinds it names (comma-separated
+	// substrings): make test skips a kind with a known open defect.
+	for _, skip := range strings.Split(os.Getenv("REMORA_CAMPAIGN_SKIP"), ",") {
+		if skip = strings.TrimSpace(skip); skip != "" {
+			c.logf("skipping fault kinds matching %q (REMORA_CAMPAIGN_SKIP)", skip)
+			kinds = slices.DeleteFunc(kinds, func(k faultKind) bool { return strings.Contains(k.name, skip) })
+		}
+	}
 	schedule := make([]faultKind, 0, faults)
 	for _, i := range c.rnd.Perm(len(kinds)) { // every kind once first
 		schedule = append(schedule, kinds[i])
