@@ -155,6 +155,16 @@ func (c *campaignClient) halt() {
 	<-c.done
 }
 
+// badAt is the i-th history violation, with its time.
+func (c *campaignClient) badAt(i int) string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if i < 0 || i >= len(c.bad) {
+		return "none"
+	}
+	return c.bad[i]
+}
+
 func (c *campaignClient) violations() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -322,7 +332,7 @@ func (c *campaign) inject(n int, k faultKind) bool {
 	st.unprotected = append(st.unprotected, end.Sub(start))
 	if v := c.client.violations() - histBefore; v > 0 {
 		st.violations["history"] += v
-		c.t.Errorf("fault %d (%s): %d replies below what the client had seen", n, k.name, v)
+		c.t.Errorf("fault %d (%s): %d replies below what the client had seen: first %s, last %s", n, k.name, v, c.client.badAt(histBefore), c.client.badAt(histBefore+v-1))
 	}
 	if v := len(c.copies.Violations()) - copiesBefore; v > 0 {
 		st.violations["copies"] += v
