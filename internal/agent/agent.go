@@ -357,7 +357,10 @@ func (a *Agent) arbiterHeartbeat(ctx context.Context) {
 		epochs := map[string]uint64{}
 		guests := map[string]*guest{}
 		for _, g := range a.guestList() {
-			if st := g.state(); !st.Fenced {
+			// Only a copy the arbiter confirmed is asked about: an
+			// enrollment still registering holds the fence an unenroll
+			// retired, and would be taken for superseded.
+			if st := g.state(); !st.Fenced && st.Registered {
 				epochs[g.name] = st.Fence
 				guests[g.name] = g
 			}

@@ -561,6 +561,12 @@ func (m *Machine) renewed(now time.Time, l arbiter.Lease) []Action {
 }
 
 func (m *Machine) superseded(e Superseded) []Action {
+	if e.Fence <= m.Fence {
+		// News older than this copy's own fence (a heartbeat answer
+		// about an epoch it has since been granted past, e.g. the one
+		// an unenroll retired before this enrollment): not a successor.
+		return nil
+	}
 	m.Note = fmt.Sprintf("replaced by %s at fence %d", e.Primary, e.Fence)
 	switch {
 	case m.Role == Primary && !m.Fenced:

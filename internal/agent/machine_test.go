@@ -703,3 +703,17 @@ func TestArbiterLostStateReregisters(t *testing.T) {
 		t.Fatalf("after the hint: %s, want Register", got)
 	}
 }
+
+// An arbiter answer about an epoch this copy has already passed (the one
+// an unenroll retired, seen while the next enrollment registered) does
+// not destroy the copy; a higher one does.
+func TestSupersededByAnOlderEpochIsIgnored(t *testing.T) {
+	m := primaryIn(PhaseProtected)
+	m.Fence = 4
+	if got := steps(m, Superseded{Fence: 3}); got != "-" || m.Fenced {
+		t.Fatalf("superseded at fence 3 while holding 4: %s (fenced %v)", got, m.Fenced)
+	}
+	if got := steps(m, Superseded{Fence: 5, Primary: "host-b"}); !strings.HasPrefix(got, "DestroyCopy") {
+		t.Fatalf("superseded at fence 5: %s", got)
+	}
+}
