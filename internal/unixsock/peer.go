@@ -90,21 +90,16 @@ func (l *PeerListener) allowed(c *net.UnixConn) (bool, error) {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for fresh := false; ; fresh = true {
-		if l.pid == 0 || fresh {
-			pid, err := l.PID()
-			if err != nil {
-				return false, fmt.Errorf("%w on %s: %v", ErrNoPeerPID, l.Addr(), err)
-			}
-			l.pid = pid
-		}
-		if peer == l.pid {
-			return true, nil
-		}
-		if fresh {
-			return false, nil
-		}
+	if l.pid != 0 && peer == l.pid {
+		return true, nil
 	}
+	// Unknown yet, or a mismatch: the process may have been restarted.
+	pid, err := l.PID()
+	if err != nil {
+		return false, fmt.Errorf("%w on %s: %v", ErrNoPeerPID, l.Addr(), err)
+	}
+	l.pid = pid
+	return peer == pid, nil
 }
 
 // DiscardPending closes the connections waiting in ln's backlog, without
