@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -41,7 +42,10 @@ func (f *fakeArbiter) ReportSynced(_ context.Context, g, a string, e uint64, s s
 	f.calls = append(f.calls, "synced")
 	return f.err
 }
-func (f *fakeArbiter) Retire(context.Context, string, string, uint64) error { return f.err }
+func (f *fakeArbiter) Retire(_ context.Context, g, a string, e uint64) error {
+	f.calls = append(f.calls, fmt.Sprintf("retire %s %s %d", g, a, e))
+	return f.err
+}
 func (f *fakeArbiter) Heartbeat(context.Context, string, map[string]uint64) ([]arbiter.Assignment, error) {
 	return nil, f.err
 }
@@ -135,5 +139,37 @@ func TestDriverReportsFailedPause(t *testing.T) {
 	}
 	if p.vm.Fenced() {
 		t.Fatal("the guest counts as fenced though QEMU never stopped it")
+	}
+}
+
+// Unenrolling a promoted guest retires its record at the arbiter, where
+// this host is the primary: a later enrollment of that name elsewhere (a
+// re-protect) then starts afresh.
+func TestUnenrollPromotedRetiresAtTheArbiter(t *testing.T) {
+	for _, arbErr := range []error{nil, errors.New("arbiter unreachable")} {
+		arb := &fakeArbiter{err: arbErr}
+		g := testGuest(arb, Standby)
+		g.a.store = recordStore{dir: t.TempDir()}
+		g.a.guests = map[string]*guest{g.name: g}
+		g.m.Promoted, g.m.Fence = true, 4
+		if err := g.a.store.save(g.rec); err != nil {
+			t.Fatal(err)
+		}
+		err := g.a.Unenroll(context.Background(), g.name)
+		if got := fmt.Sprint(arb.calls); got != "[retire g1 host-a 4]" {
+			t.Fatalf("arbiter calls: %s", got)
+		}
+		if arbErr == nil && err != nil {
+			t.Fatalf("unenroll: %v", err)
+		}
+		if arbErr != nil && (err == nil || !strings.Contains(err.Error(), "enroll and unenroll it here again")) {
+			t.Fatalf("unenroll with the arbiter down: %v", err)
+		}
+		if g.a.guest(g.name) != nil {
+			t.Fatal("guest still listed after unenroll")
+		}
+		if recs, _ := g.a.store.loadAll(); len(recs) != 0 {
+			t.Fatalf("records left: %d", len(recs))
+		}
 	}
 }

@@ -567,6 +567,14 @@ func (m *Machine) superseded(e Superseded) []Action {
 		// an unenroll retired before this enrollment): not a successor.
 		return nil
 	}
+	if m.Role == Primary && m.Fence == 0 {
+		// A new enrollment the arbiter has not confirmed: the record it
+		// met is an earlier enrollment of this name, not a successor of
+		// this copy. Refuse to protect; never destroy a running guest
+		// on that.
+		m.Note = fmt.Sprintf("not protected: the arbiter lists this guest at fencing epoch %d with primary %s, from an earlier enrollment: unenroll it on %s first", e.Fence, e.Primary, e.Primary)
+		return nil
+	}
 	m.Note = fmt.Sprintf("replaced by %s at fence %d", e.Primary, e.Fence)
 	switch {
 	case m.Role == Primary && !m.Fenced:

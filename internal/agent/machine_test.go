@@ -717,3 +717,21 @@ func TestSupersededByAnOlderEpochIsIgnored(t *testing.T) {
 		t.Fatalf("superseded at fence 5: %s", got)
 	}
 }
+
+// A new enrollment (no fence yet) that meets an earlier enrollment's
+// record is refused, not destroyed: the guest running here may be the
+// only copy.
+func TestSupersededBeforeFirstRegistrationKeepsTheGuest(t *testing.T) {
+	m := NewPrimary(Settings{Arbiter: true, HeartbeatTimeout: time.Second, RetryAfter: time.Second}, 0, false, false)
+	if got := steps(m, Superseded{Fence: 2, Primary: "host-a"}); got != "-" || m.Fenced {
+		t.Fatalf("superseded before the first registration: %s (fenced %v)", got, m.Fenced)
+	}
+	if !strings.Contains(m.Note, "unenroll it on host-a") {
+		t.Fatalf("note does not say what to do: %q", m.Note)
+	}
+	// Negative control: once registered at a fence, a higher one supersedes.
+	m.Fence, m.Registered = 1, true
+	if got := steps(m, Superseded{Fence: 2, Primary: "host-a"}); !strings.HasPrefix(got, "DestroyCopy") {
+		t.Fatalf("superseded at fence 2 while holding 1: %s", got)
+	}
+}
