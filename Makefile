@@ -34,8 +34,8 @@ test-unit:
 
 # The randomized fault campaign is not part of make test while it still
 # finds open defects (issue "Exactly one copy": a failover to a state
-# older than replies a client saw after a primary agent SIGKILL; a
-# re-protect after "primary isolated" left fenced): `make campaign-short`
+# older than replies a client saw after a primary agent SIGKILL; the
+# arbiter not told in sync again after "standby shell killed"): `make campaign-short`
 # runs 32 faults, `make campaign` the long one. CAMPAIGN_FAULTS=32 puts
 # it back here.
 CAMPAIGN_FAULTS ?= 0
