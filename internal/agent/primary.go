@@ -288,21 +288,27 @@ func (a *Agent) unenrollPrimary(ctx context.Context, g *guest) error {
 	if err != nil {
 		warn = fmt.Errorf("standby %s not told to drop its replica (%v): run `remora vm unenroll %s` on the standby host", g.rec.Peer, err, g.name)
 	}
-	if a.arb != nil && st.Fence > 0 && !st.Fenced {
-		// After the standby: a retired epoch makes its replica stale.
-		actx, acancel := context.WithTimeout(ctx, 10*time.Second)
-		aerr := a.arb.Retire(actx, g.name, a.cfg.AgentID, st.Fence)
-		acancel()
-		if aerr != nil {
-			aerr = fmt.Errorf("arbiter %s not told (%v): it still lists the guest at fencing epoch %d with this host as primary, so enrolling it on another host is refused: once the arbiter is reachable, enroll and unenroll it here again (or just enroll it here again)", a.arb.Addr(), aerr, st.Fence)
-			warn = errors.Join(warn, aerr)
-		}
-	}
+	// After the standby: a retired epoch makes its replica stale.
+	warn = errors.Join(warn, a.retire(ctx, g.name, st))
 	a.forget(g)
 	if err := a.store.remove(g.name); err != nil {
 		return err
 	}
 	return warn
+}
+
+// retire tells the arbiter that this host, the guest's primary, stopped
+// protecting it, so that a later enrollment of the name starts afresh.
+func (a *Agent) retire(ctx context.Context, name string, st State) error {
+	if a.arb == nil || st.Fence == 0 || st.Fenced {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := a.arb.Retire(ctx, name, a.cfg.AgentID, st.Fence); err != nil {
+		return fmt.Errorf("arbiter %s not told (%v): it still lists guest %q at fencing epoch %d with this host as primary, so enrolling it on another host is refused: once the arbiter is reachable, enroll and unenroll it here again (or just enroll it here again)", a.arb.Addr(), err, name, st.Fence)
+	}
+	return nil
 }
 
 // closeOutput removes output commit from a guest that stays running,

@@ -203,15 +203,7 @@ func (a *Agent) Unenroll(ctx context.Context, name string) error {
 		// that an enrollment under the same name (a re-protect) starts
 		// afresh instead of meeting this one.
 		g.stop()
-		st := g.state()
-		var warn error
-		if a.arb != nil && st.Fence > 0 && !st.Fenced {
-			actx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			if err := a.arb.Retire(actx, name, a.cfg.AgentID, st.Fence); err != nil {
-				warn = fmt.Errorf("arbiter %s not told (%v): it still lists guest %q at fencing epoch %d with this host as primary, so enrolling it under this name on another host is refused: once the arbiter is reachable, enroll and unenroll it here again", a.arb.Addr(), err, name, st.Fence)
-			}
-			cancel()
-		}
+		warn := a.retire(ctx, name, g.state())
 		a.forget(g)
 		if err := a.store.remove(name); err != nil {
 			return err
