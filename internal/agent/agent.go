@@ -371,7 +371,16 @@ func (a *Agent) arbiterHeartbeat(ctx context.Context) {
 		}
 		for _, as := range as {
 			g := guests[as.Guest]
-			if g == nil || as.Role != arbiter.RoleNone || as.Epoch <= epochs[as.Guest] {
+			if g == nil {
+				continue
+			}
+			if as.Role == arbiter.RolePrimary && as.Epoch == epochs[as.Guest] && !as.InSync {
+				if st := g.state(); st.Role == Primary && st.InSync {
+					g.log.Info("the arbiter counts the standby out of sync: reporting it again once it acknowledges", "fence", as.Epoch, "standby", as.Standby)
+					g.post(OutOfSyncAtArbiter{Fence: as.Epoch})
+				}
+			}
+			if as.Role != arbiter.RoleNone || as.Epoch <= epochs[as.Guest] {
 				continue
 			}
 			if st := g.state(); st.Role == Primary || st.Promoted {

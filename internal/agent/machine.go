@@ -206,6 +206,11 @@ type ArbiterFailed struct {
 // SyncedReported: the arbiter counts the standby as in sync.
 type SyncedReported struct{}
 
+// OutOfSyncAtArbiter: a heartbeat answer says the arbiter no longer
+// counts the standby in sync (it registered again, e.g. after its shell
+// died), while this primary's last report said it was.
+type OutOfSyncAtArbiter struct{ Fence uint64 }
+
 // CallDone: a call whose answer changes nothing here succeeded.
 type CallDone struct{}
 
@@ -255,6 +260,7 @@ func (FenceMoved) event()         {}
 func (ArbiterFailed) event()      {}
 func (SyncedReported) event()     {}
 func (CallDone) event()           {}
+func (OutOfSyncAtArbiter) event() {}
 func (StandbyLostGranted) event() {}
 func (Paused) event()             {}
 func (PrimaryRestarting) event()  {}
@@ -379,6 +385,13 @@ func (m *Machine) Step(ev Event) []Action {
 	case SyncedReported:
 		m.InSync = true
 		m.Note = ""
+		return nil
+	case OutOfSyncAtArbiter:
+		// Only news about this copy's own fence counts: a heartbeat
+		// answered before a report at a newer fence is stale.
+		if m.Role == Primary && e.Fence == m.Fence {
+			m.InSync = false
+		}
 		return nil
 	case StandbyLostGranted:
 		return m.standbyLost(e)

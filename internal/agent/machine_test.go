@@ -133,6 +133,7 @@ var primaryEvents = []event{
 	{"fence moved", func(m *Machine) Event { return FenceMoved{Fence: 5} }},
 	{"arbiter failed", func(m *Machine) Event { return ArbiterFailed{Now: t0, Call: "renew", Err: errors.New("unreachable")} }},
 	{"synced reported", func(m *Machine) Event { return SyncedReported{} }},
+	{"out of sync at the arbiter", func(m *Machine) Event { return OutOfSyncAtArbiter{Fence: m.Fence} }},
 	{"standby lost granted", func(m *Machine) Event {
 		return StandbyLostGranted{Now: t0, Lease: lease(4, t0.Add(3*time.Second))}
 	}},
@@ -219,6 +220,7 @@ var primaryTable = []transition{
 	{PhaseStarting, "fence moved", PhaseStarting, "SetFence"},
 	{PhaseStarting, "arbiter failed", PhaseStarting, "-"},
 	{PhaseStarting, "synced reported", PhaseStarting, "-"},
+	{PhaseStarting, "out of sync at the arbiter", PhaseStarting, "-"},
 	{PhaseStarting, "standby lost granted", PhaseStarting, "SetFence,ReleaseAll"},
 	{PhaseStarting, "paused", PhaseSelfFenced, "-"},
 	{PhaseStarting, "pause failed", PhaseStarting, "-"},
@@ -237,6 +239,7 @@ var primaryTable = []transition{
 	{PhaseConnecting, "fence moved", PhaseConnecting, "SetFence"},
 	{PhaseConnecting, "arbiter failed", PhaseConnecting, "-"},
 	{PhaseConnecting, "synced reported", PhaseConnecting, "-"},
+	{PhaseConnecting, "out of sync at the arbiter", PhaseConnecting, "-"},
 	{PhaseConnecting, "standby lost granted", PhaseUnprotected, "SetFence,ReleaseAll"},
 	{PhaseConnecting, "paused", PhaseSelfFenced, "-"},
 	{PhaseConnecting, "pause failed", PhaseConnecting, "-"},
@@ -257,6 +260,7 @@ var primaryTable = []transition{
 	{PhaseSyncing, "fence moved", PhaseSyncing, "SetFence"},
 	{PhaseSyncing, "arbiter failed", PhaseSyncing, "-"},
 	{PhaseSyncing, "synced reported", PhaseSyncing, "-"},
+	{PhaseSyncing, "out of sync at the arbiter", PhaseSyncing, "-"},
 	{PhaseSyncing, "standby lost granted", PhaseUnprotected, "SetFence,ReleaseAll"},
 	{PhaseSyncing, "paused", PhaseSelfFenced, "-"},
 	{PhaseSyncing, "pause failed", PhaseSyncing, "-"},
@@ -275,6 +279,7 @@ var primaryTable = []transition{
 	{PhaseProtected, "fence moved", PhaseProtected, "SetFence"},
 	{PhaseProtected, "arbiter failed", PhaseProtected, "-"},
 	{PhaseProtected, "synced reported", PhaseProtected, "-"},
+	{PhaseProtected, "out of sync at the arbiter", PhaseProtected, "-"},
 	{PhaseProtected, "standby lost granted", PhaseUnprotected, "SetFence,ReleaseAll"},
 	{PhaseProtected, "paused", PhaseSelfFenced, "-"},
 	{PhaseProtected, "pause failed", PhaseProtected, "-"},
@@ -294,6 +299,7 @@ var primaryTable = []transition{
 	{PhaseDegraded, "fence moved", PhaseDegraded, "SetFence"},
 	{PhaseDegraded, "arbiter failed", PhaseDegraded, "-"},
 	{PhaseDegraded, "synced reported", PhaseDegraded, "-"},
+	{PhaseDegraded, "out of sync at the arbiter", PhaseDegraded, "-"},
 	{PhaseDegraded, "standby lost granted", PhaseUnprotected, "SetFence,ReleaseAll"},
 	{PhaseDegraded, "paused", PhaseSelfFenced, "-"},
 	{PhaseDegraded, "pause failed", PhaseDegraded, "-"},
@@ -313,6 +319,7 @@ var primaryTable = []transition{
 	{PhaseUnprotected, "fence moved", PhaseUnprotected, "SetFence"},
 	{PhaseUnprotected, "arbiter failed", PhaseUnprotected, "-"},
 	{PhaseUnprotected, "synced reported", PhaseUnprotected, "-"},
+	{PhaseUnprotected, "out of sync at the arbiter", PhaseUnprotected, "-"},
 	{PhaseUnprotected, "standby lost granted", PhaseUnprotected, "SetFence,ReleaseAll"},
 	{PhaseUnprotected, "paused", PhaseSelfFenced, "-"},
 	{PhaseUnprotected, "pause failed", PhaseUnprotected, "-"},
@@ -332,6 +339,7 @@ var primaryTable = []transition{
 	{PhaseSelfFenced, "fence moved", PhaseSelfFenced, "SetFence"},
 	{PhaseSelfFenced, "arbiter failed", PhaseSelfFenced, "-"},
 	{PhaseSelfFenced, "synced reported", PhaseSelfFenced, "-"},
+	{PhaseSelfFenced, "out of sync at the arbiter", PhaseSelfFenced, "-"},
 	{PhaseSelfFenced, "standby lost granted", PhaseSelfFenced, "SetFence,Resume,ReleaseAll"},
 	{PhaseSelfFenced, "paused", PhaseSelfFenced, "-"},
 	{PhaseSelfFenced, "pause failed", PhaseSelfFenced, "-"},
@@ -351,6 +359,7 @@ var primaryTable = []transition{
 	{PhaseFenced, "fence moved", PhaseFenced, "SetFence"},
 	{PhaseFenced, "arbiter failed", PhaseFenced, "-"},
 	{PhaseFenced, "synced reported", PhaseFenced, "-"},
+	{PhaseFenced, "out of sync at the arbiter", PhaseFenced, "-"},
 	{PhaseFenced, "standby lost granted", PhaseFenced, "SetFence,ReleaseAll"},
 	{PhaseFenced, "paused", PhaseFenced, "-"},
 	{PhaseFenced, "pause failed", PhaseFenced, "-"},
@@ -733,5 +742,29 @@ func TestSupersededBeforeFirstRegistrationKeepsTheGuest(t *testing.T) {
 	m.Fence, m.Registered = 1, true
 	if got := steps(m, Superseded{Fence: 2, Primary: "host-a"}); !strings.HasPrefix(got, "DestroyCopy") {
 		t.Fatalf("superseded at fence 2 while holding 1: %s", got)
+	}
+}
+
+// A standby that registered again (its shell died, it restarted) is out of
+// sync at the arbiter: the primary that had reported it synced learns so
+// from the heartbeat and reports it again once it acknowledges, or the
+// standby could never be promoted.
+func TestOutOfSyncAtArbiterIsReportedAgain(t *testing.T) {
+	m := primaryIn(PhaseProtected)
+	if got := steps(m, tick(m, 10*time.Millisecond, nil)); strings.Contains(got, "ReportSynced") {
+		t.Fatalf("in sync: reported again (%s)", got)
+	}
+	// Negative control: news about an older fence changes nothing.
+	steps(m, OutOfSyncAtArbiter{Fence: 2})
+	if !m.InSync {
+		t.Fatal("an answer about fence 2 cleared in-sync at fence 3")
+	}
+	steps(m, OutOfSyncAtArbiter{Fence: 3})
+	if got := steps(m, tick(m, 20*time.Millisecond, nil)); got != "ReportSynced" {
+		t.Fatalf("after the arbiter counted the standby out of sync: %s, want ReportSynced", got)
+	}
+	steps(m, SyncedReported{})
+	if got := steps(m, tick(m, 30*time.Millisecond, nil)); strings.Contains(got, "ReportSynced") {
+		t.Fatalf("reported again after the arbiter agreed: %s", got)
 	}
 }

@@ -364,7 +364,7 @@ func (c *campaign) recover() (bool, bool) {
 			failed = true
 			continue
 		}
-		if s, ok := c.prim.status(c.dom); ok && s.State == checkpoint.StateProtected && s.Role == api.RolePrimary {
+		if s, ok := c.prim.status(c.dom); ok && s.State == checkpoint.StateProtected && s.Role == api.RolePrimary && c.shellRunning() {
 			if _, inSync, err := c.l.arbiterGuest(c.dom); err == nil && inSync {
 				return failed, true
 			}
@@ -467,6 +467,16 @@ func (c *campaign) virsh(args ...string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	_, _ = labkit.Virsh(ctx, args...)
+}
+
+// shellRunning reports whether the standby's shell is a live QEMU: a
+// destroyed shell the standby has not noticed yet is no protection.
+func (c *campaign) shellRunning() bool {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := labkit.Virsh(ctx, "domstate", c.shell())
+	state := strings.TrimSpace(out)
+	return err == nil && (state == "running" || state == "paused")
 }
 
 func (c *campaign) shell() string {
