@@ -157,14 +157,14 @@ type Primary struct {
 
 	fence atomic.Uint64 // fencing epoch stamped on every frame
 
-	mu          sync.Mutex
-	st          PrimaryStatus
-	pauses      *stats.Window
-	epochRate   stats.Rate
-	retained    []*capturedEpoch // captured, not yet acked: their bitmaps allow resume
-	ackedEpoch  uint64
-	ackCh       chan struct{}
-	wasProtectd bool
+	mu           sync.Mutex
+	st           PrimaryStatus
+	pauses       *stats.Window
+	epochRate    stats.Rate
+	retained     []*capturedEpoch // captured, not yet acked: their bitmaps allow resume
+	ackedEpoch   uint64
+	ackCh        chan struct{}
+	wasProtected bool
 
 	releaseCh  chan struct{} // wakes the output releaser after an ack
 	endSession context.CancelFunc
@@ -276,6 +276,9 @@ func (p *Primary) Run(ctx context.Context) error {
 	backoff := 200 * time.Millisecond
 	for ctx.Err() == nil {
 		start := time.Now()
+		p.mu.Lock()
+		ackedBefore := p.ackedEpoch
+		p.mu.Unlock()
 		err := p.session(ctx)
 		if ctx.Err() != nil {
 			return nil
@@ -286,11 +289,13 @@ func (p *Primary) Run(ctx context.Context) error {
 			p.log.Error("standby refused replication", "err", err)
 			return err
 		}
-		if time.Since(start) > 10*time.Second {
+		p.mu.Lock()
+		// A session that protected the guest (an epoch acknowledged) or
+		// lasted was no failed attempt: start the backoff over.
+		if p.ackedEpoch > ackedBefore || time.Since(start) > 10*time.Second {
 			backoff = 200 * time.Millisecond
 		}
-		p.mu.Lock()
-		if p.wasProtectd {
+		if p.wasProtected {
 			p.st.State = StateDegraded
 		} else {
 			p.st.State = StateConnecting
@@ -793,7 +798,7 @@ func (p *Primary) acked(epoch uint64) {
 	p.retained = p.retained[i:]
 	p.st.State = StateProtected
 	p.st.LastAck = time.Now()
-	p.wasProtectd = true
+	p.wasProtected = true
 	p.mu.Unlock()
 	p.wakeReleaser()
 	select {

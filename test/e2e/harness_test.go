@@ -162,6 +162,9 @@ boot_dirs: [%s]
 		defer destroyShells(name)
 		if !t.Failed() {
 			h.stop(syscall.SIGTERM)
+			if os.Getenv("REMORA_E2E_KEEP_LOGS") != "" {
+				h.saveLog()
+			}
 			return
 		}
 		// SIGQUIT: the agent prints its goroutines, for the saved log.
@@ -300,7 +303,7 @@ func (h *host) logTail(n int) string {
 }
 
 // saveLog keeps a failed test's whole agent log (with the goroutine dump)
-// in the temporary directory.
+// in the temporary directory; REMORA_E2E_KEEP_LOGS=1 keeps every test's.
 func (h *host) saveLog() {
 	dir := filepath.Join(os.TempDir(), "remora-e2e-logs")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
