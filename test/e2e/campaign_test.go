@@ -217,7 +217,12 @@ func TestCampaign(t *testing.T) {
 	c := newCampaign(t, seed)
 	kinds := c.kinds()
 	if only := os.Getenv("REMORA_CAMPAIGN_KINDS"); only != "" {
-		kinds = slices.DeleteFunc(kinds, func(k faultKind) bool { return !strings.Contains(k.name, only) })
+		// Comma-separated substrings: a kind is kept if it matches one.
+		kinds = slices.DeleteFunc(kinds, func(k faultKind) bool {
+			return !slices.ContainsFunc(strings.Split(only, ","), func(w string) bool {
+				return strings.TrimSpace(w) != "" && strings.Contains(k.name, strings.TrimSpace(w))
+			})
+		})
 		if len(kinds) == 0 {
 			t.Fatalf("REMORA_CAMPAIGN_KINDS=%q names no fault kind", only)
 		}
