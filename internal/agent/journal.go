@@ -32,10 +32,15 @@ type journal struct {
 	// records before it.
 	mu        sync.Mutex
 	nextTx    uint64
-	epochTx   map[string]uint64 // guest -> transaction of its current epoch
+	epochTx   map[string]uint64 // guest -> transaction of the epoch being received
+	commitTx  map[string]uint64 // guest -> transaction of its committed, not yet applied epoch
 	fence     uint64            // highest fencing epoch written; txlog refuses lower ones
 	sinceCkpt int
 	guests    map[string]journalGuest
+	// broken: a write or sync failed, so guests and the log's open
+	// transactions may hold records that are not durable; the next use
+	// reopens the log and rebuilds both from what is.
+	broken bool
 }
 
 // journalEvent is the payload of every journal record.
@@ -58,7 +63,7 @@ type journalGuest struct {
 // journalState is what the journal knew at open.
 type journalState struct {
 	guests    map[string]journalGuest
-	epochTx   map[string]uint64  // committed, not yet applied epochs: their transactions
+	commitTx  map[string]uint64  // committed, not yet applied epochs: their transactions
 	failovers map[string]failTxn // failovers that were not ended
 }
 
@@ -97,7 +102,7 @@ func openJournal(dir string, lg *slog.Logger) (*journal, journalState, error) {
 // open opens the log and rebuilds the guests' states from it (j.mu held,
 // or before anyone else has j).
 func (j *journal) open() (journalState, error) {
-	st := journalState{guests: map[string]journalGuest{}, epochTx: map[string]uint64{}, failovers: map[string]failTxn{}}
+	st := journalState{guests: map[string]journalGuest{}, commitTx: map[string]uint64{}, failovers: map[string]failTxn{}}
 	l, rec, err := txlog.Open(j.dir, txlog.Options{SegmentSize: journalSegmentSize})
 	if err != nil {
 		return st, fmt.Errorf("open the agent journal: %w (inspect it with `remora txlog verify %s`)", err, j.dir)
@@ -122,9 +127,9 @@ func (j *journal) open() (journalState, error) {
 		if ev.Kind == "epoch" {
 			switch r.Type {
 			case txlog.TypeCommit:
-				st.epochTx[ev.Guest] = r.TxID
+				st.commitTx[ev.Guest] = r.TxID
 			case txlog.TypeEnd:
-				delete(st.epochTx, ev.Guest)
+				delete(st.commitTx, ev.Guest)
 			}
 		}
 	}
@@ -153,12 +158,17 @@ func (j *journal) open() (journalState, error) {
 	}
 	j.log, j.fence = l, max(j.fence, rec.MaxEpoch)
 	j.nextTx = max(j.nextTx, maxTx+1, uint64(time.Now().UnixNano()))
-	j.guests, j.epochTx = map[string]journalGuest{}, map[string]uint64{}
+	// An epoch being received keeps its transaction across a reopen: its
+	// COMMIT goes through if its BEGIN was durable, and is refused if not.
+	j.guests, j.commitTx = map[string]journalGuest{}, map[string]uint64{}
+	if j.epochTx == nil {
+		j.epochTx = map[string]uint64{}
+	}
 	for g, v := range st.guests {
 		j.guests[g] = v
 	}
-	for g, tx := range st.epochTx {
-		j.epochTx[g] = tx
+	for g, tx := range st.commitTx {
+		j.commitTx[g] = tx
 	}
 	return st, nil
 }
@@ -215,18 +225,26 @@ func (j *journal) newTx() uint64 {
 	return j.nextTx
 }
 
+// heal reopens a broken log (j.mu held).
+func (j *journal) heal() error {
+	if !j.broken {
+		return nil
+	}
+	if err := j.reopen(); err != nil {
+		return err
+	}
+	j.broken = false
+	return nil
+}
+
 func (j *journal) append(ctx context.Context, durable bool, typ txlog.RecordType, tx uint64, ev journalEvent) error {
 	err := j.appendOnce(ctx, durable, typ, tx, ev)
 	if retryable(err) {
-		j.mu.Lock()
-		rerr := j.reopen()
-		j.mu.Unlock()
-		if rerr == nil {
-			if err2 := j.appendOnce(ctx, durable, typ, tx, ev); err2 == nil {
-				err = nil
-			} else {
-				err = fmt.Errorf("%w (after reopening the journal: %v)", err, err2)
-			}
+		// The failure marked the log broken: the retry reopens it first.
+		if err2 := j.appendOnce(ctx, durable, typ, tx, ev); err2 == nil {
+			err = nil
+		} else {
+			err = fmt.Errorf("%w (after reopening the journal: %v)", err, err2)
 		}
 	}
 	if err != nil {
@@ -238,6 +256,10 @@ func (j *journal) append(ctx context.Context, durable bool, typ txlog.RecordType
 func (j *journal) appendOnce(ctx context.Context, durable bool, typ txlog.RecordType, tx uint64, ev journalEvent) error {
 	b, _ := json.Marshal(ev)
 	j.mu.Lock()
+	if err := j.heal(); err != nil {
+		j.mu.Unlock()
+		return err
+	}
 	j.fence = max(j.fence, ev.Fence)
 	_, err := j.log.AppendAsync(ctx, txlog.Record{Type: typ, Epoch: j.fence, TxID: tx, Payload: b})
 	if err == nil {
@@ -247,6 +269,13 @@ func (j *journal) appendOnce(ctx context.Context, durable bool, typ txlog.Record
 	j.mu.Unlock()
 	if err == nil && durable {
 		err = l.Sync(ctx) // shared fdatasync with concurrent appenders
+	}
+	if retryable(err) {
+		// The event is applied but may not be durable: a caller that
+		// retries the same record must find it missing, not done.
+		j.mu.Lock()
+		j.broken = true
+		j.mu.Unlock()
 	}
 	return err
 }
@@ -265,21 +294,40 @@ func (j *journal) epochBegin(guest string, epoch uint64, gen string, full bool) 
 func (j *journal) replicaPersist(guest string) func(checkpoint.ReplicaState) error {
 	return func(next checkpoint.ReplicaState) error {
 		j.mu.Lock()
+		if err := j.heal(); err != nil {
+			j.mu.Unlock()
+			return fmt.Errorf("journal of %s: %w", guest, err)
+		}
 		prev := j.guests[guest].Replica
 		tx := j.epochTx[guest]
+		// An apply that failed is finished when the next epoch begins:
+		// it ends the committed epoch's transaction, not the new one's.
+		committedTx, ok := j.commitTx[guest]
+		if !ok {
+			committedTx = tx
+		}
 		j.mu.Unlock()
 		ev := journalEvent{Kind: "epoch", Guest: guest, Gen: next.Generation}
 		switch {
 		case next.Committed > prev.Committed || next.Synced && !prev.Synced:
 			ev.Epoch, ev.Full = next.Committed, next.Synced && !prev.Synced
-			return j.append(context.Background(), true, txlog.TypeCommit, tx, ev)
-		case next.Applied > prev.Applied:
-			ev.Epoch = next.Applied
-			if err := j.append(context.Background(), false, txlog.TypeEnd, tx, ev); err != nil {
+			if err := j.append(context.Background(), true, txlog.TypeCommit, tx, ev); err != nil {
 				return err
 			}
 			j.mu.Lock()
-			delete(j.epochTx, guest)
+			j.commitTx[guest] = tx
+			if j.epochTx[guest] == tx {
+				delete(j.epochTx, guest)
+			}
+			j.mu.Unlock()
+			return nil
+		case next.Applied > prev.Applied:
+			ev.Epoch = next.Applied
+			if err := j.append(context.Background(), false, txlog.TypeEnd, committedTx, ev); err != nil {
+				return err
+			}
+			j.mu.Lock()
+			delete(j.commitTx, guest)
 			j.sinceCkpt++
 			due := j.sinceCkpt >= checkpointEvery
 			j.mu.Unlock()

@@ -66,7 +66,7 @@ func TestJournalRebuildsReplicaState(t *testing.T) {
 	if got != want {
 		t.Fatalf("recovered %+v, want %+v", got, want)
 	}
-	if _, ok := st2.epochTx["g1"]; !ok {
+	if _, ok := st2.commitTx["g1"]; !ok {
 		t.Fatal("the committed, unapplied epoch's transaction was not recovered for its END")
 	}
 	// Redo: applying epoch 3 after the restart ends its transaction.
@@ -164,8 +164,14 @@ func TestJournalRecoversFromAFullDisk(t *testing.T) {
 	fill := exec.Command("dd", "if=/dev/zero", "of="+filler, "bs=1M", "count=64")
 	_ = fill.Run() // fails with ENOSPC once the tmpfs is full: that is the point
 	var failed error
-	for e := uint64(2); e < 2000 && failed == nil; e++ {
-		failed = commit(e)
+	e := uint64(2)
+	for ; e < 2000; e++ {
+		if failed = commit(e); failed != nil {
+			break
+		}
+		if err := persist(checkpoint.ReplicaState{Generation: "gen1", Committed: e, Applied: e, Synced: true}); err != nil {
+			t.Fatalf("apply of epoch %d failed where its commit did not: %v", e, err)
+		}
 	}
 	if failed == nil {
 		t.Fatal("no journal write failed on a full disk")
@@ -173,6 +179,15 @@ func TestJournalRecoversFromAFullDisk(t *testing.T) {
 	t.Logf("on a full disk: %v", failed)
 	if err := os.Remove(filler); err != nil {
 		t.Fatal(err)
+	}
+	// The primary sends the epoch whose commit failed again: it commits
+	// and applies (a commit that did not reach the disk is not counted
+	// as done).
+	if err := commit(e); err != nil {
+		t.Fatalf("resent epoch %d: %v", e, err)
+	}
+	if err := persist(checkpoint.ReplicaState{Generation: "gen1", Committed: e, Applied: e, Synced: true}); err != nil {
+		t.Fatalf("apply of the resent epoch %d: %v", e, err)
 	}
 	if err := commit(5000); err != nil {
 		t.Fatalf("journal still refuses after space came back: %v", err)
@@ -190,5 +205,42 @@ func TestJournalRecoversFromAFullDisk(t *testing.T) {
 	defer j2.close()
 	if jst.guests["g1"].Replica.Committed != 5000 {
 		t.Fatalf("reopened: %+v", jst.guests["g1"])
+	}
+}
+
+// An apply whose END failed (a full disk) is finished when the next epoch
+// begins, after that epoch's BEGIN: the END closes the committed epoch's
+// transaction, not the new one's, and the new epoch still commits.
+func TestJournalLateApplyEndsItsOwnEpoch(t *testing.T) {
+	j, _, err := openJournal(t.TempDir(), quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.close()
+	persist := j.replicaPersist("g1")
+	st := func(committed, applied uint64) checkpoint.ReplicaState {
+		return checkpoint.ReplicaState{Generation: "gen1", Committed: committed, Applied: applied, Synced: true}
+	}
+	if err := j.epochBegin("g1", 1, "gen1", true); err != nil {
+		t.Fatal(err)
+	}
+	if err := persist(st(1, 0)); err != nil {
+		t.Fatal(err)
+	}
+	// Epoch 1's apply is not recorded (its END failed); epoch 2 begins.
+	if err := j.epochBegin("g1", 2, "gen1", false); err != nil {
+		t.Fatal(err)
+	}
+	if err := persist(st(1, 1)); err != nil {
+		t.Fatalf("the late apply of epoch 1: %v", err)
+	}
+	if err := persist(st(2, 1)); err != nil {
+		t.Fatalf("commit of epoch 2 after the late apply: %v", err)
+	}
+	if err := persist(st(2, 2)); err != nil {
+		t.Fatalf("apply of epoch 2: %v", err)
+	}
+	if got, _ := j.state("g1"); got.Replica != st(2, 2) {
+		t.Fatalf("journal state %+v", got.Replica)
 	}
 }
