@@ -10,7 +10,7 @@ import (
 
 // ProtocolVersion is the version of the agent-to-agent replication protocol.
 // A peer speaking another version is refused at the handshake.
-const ProtocolVersion = 2
+const ProtocolVersion = 3
 
 // MaxFramePayload bounds a frame so a corrupt length cannot make a reader
 // allocate without limit.

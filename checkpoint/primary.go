@@ -99,17 +99,18 @@ type PrimaryStatus struct {
 	EpochsPerSec   float64        `json:"epochs_per_sec"`
 	PauseP50       time.Duration  `json:"pause_p50_ns"`
 	PauseP99       time.Duration  `json:"pause_p99_ns"`
-	PauseMax       time.Duration  `json:"pause_max_ns"`    // the longest pause of an incremental epoch so far
-	DirtyPages     uint64         `json:"dirty_pages"`     // in the last epoch
-	DirtyTotal     uint64         `json:"dirty_total"`     // pages sent in incremental epochs, all sessions
-	Incremental    uint64         `json:"incremental"`     // incremental epochs captured
-	SyncPause      time.Duration  `json:"sync_pause_ns"`   // pause of the last full sync or resync (not in the percentiles)
-	SyncPages      uint64         `json:"sync_pages"`      // pages the last (re)sync sent: all, or those that differed
-	DevStateBytes  int64          `json:"devstate_bytes"`  // in the last epoch
-	BytesSent      uint64         `json:"bytes_sent"`      // on the wire, all sessions
-	RawBytes       uint64         `json:"raw_bytes"`       // page and device data before encoding
-	Lag            time.Duration  `json:"lag_ns"`          // age of the oldest unacked epoch
-	SyncDone       uint64         `json:"sync_done_bytes"` // progress of a full sync
+	PauseMax       time.Duration  `json:"pause_max_ns"`        // the longest pause of an incremental epoch so far
+	DirtyPages     uint64         `json:"dirty_pages"`         // in the last epoch
+	DirtyTotal     uint64         `json:"dirty_total"`         // pages sent in incremental epochs, all sessions
+	Incremental    uint64         `json:"incremental"`         // incremental epochs captured
+	SyncPause      time.Duration  `json:"sync_pause_ns"`       // pause of the last full sync or resync (not in the percentiles)
+	SyncPages      uint64         `json:"sync_pages"`          // pages the last (re)sync sent: all, or those that differed
+	DevStateBytes  int64          `json:"devstate_bytes"`      // in the last epoch
+	DevStateWire   int64          `json:"devstate_wire_bytes"` // the last epoch's on the wire (a delta, compressed)
+	BytesSent      uint64         `json:"bytes_sent"`          // on the wire, all sessions
+	RawBytes       uint64         `json:"raw_bytes"`           // page and device data before encoding
+	Lag            time.Duration  `json:"lag_ns"`              // age of the oldest unacked epoch
+	SyncDone       uint64         `json:"sync_done_bytes"`     // progress of a full sync
 	SyncTotal      uint64         `json:"sync_total_bytes"`
 	LastPause      PauseBreakdown `json:"last_pause"`
 	Standby        string         `json:"standby,omitempty"` // the standby agent's id, from its welcome
@@ -676,6 +677,9 @@ func (p *Primary) sendLoop(ctx context.Context, conn net.Conn, queue <-chan *cap
 	bw := bufio.NewWriterSize(cw, 1<<20)
 	var enc BatchEncoder
 	var buf []byte
+	// The device state last sent in this session: the next epoch's is
+	// sent as a delta against it. A session starts with it whole.
+	var dev devStateDelta
 	ping := time.NewTicker(max(p.cfg.Interval, 100*time.Millisecond))
 	defer ping.Stop()
 	for {
@@ -696,7 +700,7 @@ func (p *Primary) sendLoop(ctx context.Context, conn net.Conn, queue <-chan *cap
 		}
 		before := cw.n
 		raw := uint64(len(ep.data) + len(ep.devstate)) // sendEpoch frees them
-		if err := p.sendEpoch(bw, &enc, &buf, ep); err != nil {
+		if err := p.sendEpoch(bw, &enc, &buf, &dev, ep); err != nil {
 			return fmt.Errorf("send epoch %d: %w", ep.epoch, err)
 		}
 		if err := bw.Flush(); err != nil {
@@ -710,10 +714,24 @@ func (p *Primary) sendLoop(ctx context.Context, conn net.Conn, queue <-chan *cap
 	}
 }
 
-func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, ep *capturedEpoch) error {
+// devStateDelta is what a session remembers to send device state as a
+// delta: the last epoch's, and the buffer the delta is built in.
+type devStateDelta struct {
+	epoch uint64
+	last  []byte
+	buf   []byte
+}
+
+func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, dev *devStateDelta, ep *capturedEpoch) error {
 	fence := p.fence.Load()
 	npages := uint64(len(ep.data) / PageSize)
-	if err := WriteJSON(w, FrameEpochBegin, fence, ep.epoch, EpochBegin{Full: ep.full, Base: ep.base, Pages: npages, DevStateLen: uint64(len(ep.devstate))}); err != nil {
+	begin := EpochBegin{Full: ep.full, Base: ep.base, Pages: npages, DevStateLen: uint64(len(ep.devstate))}
+	devSent := ep.devstate
+	if dev.last != nil {
+		dev.buf = deltaAgainst(dev.buf, ep.devstate, dev.last)
+		devSent, begin.DevStateBase = dev.buf, dev.epoch
+	}
+	if err := WriteJSON(w, FrameEpochBegin, fence, ep.epoch, begin); err != nil {
 		return err
 	}
 	crc := uint32(0)
@@ -744,14 +762,16 @@ func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, ep 
 			p.cfg.Hook("transfer", ep.epoch)
 		}
 	}
-	for off := 0; off < len(ep.devstate); off += MaxDevStateChunk {
-		chunk := ep.devstate[off:min(off+MaxDevStateChunk, len(ep.devstate))]
+	devWire := 0
+	for off := 0; off < len(devSent); off += MaxDevStateChunk {
+		chunk := devSent[off:min(off+MaxDevStateChunk, len(devSent))]
 		var ft FrameType
 		var err error
 		if *buf, ft, err = enc.EncodeDevState((*buf)[:0], chunk); err != nil {
 			return err
 		}
 		crc = crc32.Update(crc, castagnoli, *buf) // over what is sent, as for pages
+		devWire += len(*buf)
 		if err := WriteFrame(w, Frame{Type: ft, Fence: fence, Epoch: ep.epoch, Payload: *buf}); err != nil {
 			return err
 		}
@@ -760,6 +780,8 @@ func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, ep 
 	if err := WriteFrame(w, Frame{Type: FrameEpochEnd, Fence: fence, Epoch: ep.epoch, Payload: end.Marshal()}); err != nil {
 		return err
 	}
+	p.setState(func(s *PrimaryStatus) { s.DevStateWire = int64(devWire) })
+	dev.last, dev.epoch = ep.devstate, ep.epoch
 	// Page copies are no longer needed; the bitmap stays until the ack.
 	ep.data, ep.devstate = nil, nil
 	return nil

@@ -781,6 +781,11 @@ func TestPrimaryReplicatesOverTCP(t *testing.T) {
 		if b.b.DevStateLen != testDevLen {
 			t.Fatalf("epoch %d announces %d device-state bytes", b.epoch, b.b.DevStateLen)
 		}
+		// Device state goes whole first, then as a delta against the
+		// epoch before (the standby's copy above is rebuilt from them).
+		if want := b.epoch - 1; b.b.DevStateBase != want {
+			t.Fatalf("epoch %d's device state is a delta against %d, want %d", b.epoch, b.b.DevStateBase, want)
+		}
 	}
 	if sess.begins[0].b.Pages != testGuestPages {
 		t.Fatalf("full epoch has %d pages", sess.begins[0].b.Pages)

@@ -143,6 +143,12 @@ type EpochBegin struct {
 	Base        bool   `json:"base,omitempty"`
 	Pages       uint64 `json:"pages"`
 	DevStateLen uint64 `json:"devstate_len"`
+	// DevStateBase, when not zero, is the epoch (of this generation)
+	// whose device state the chunks are a delta against: byte i sent is
+	// byte i of this epoch's XOR byte i of that one's (zero past its
+	// end). Device state barely changes between epochs, so the delta is
+	// mostly zeros and compresses to little.
+	DevStateBase uint64 `json:"devstate_base,omitempty"`
 }
 
 // EpochEnd closes an epoch: the receiver commits only if everything it got

@@ -2,6 +2,7 @@ package checkpoint
 
 import (
 	"bufio"
+	"crypto/subtle"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -48,8 +49,14 @@ type Replica struct {
 	gotBatch   uint32
 	gotDev     uint64
 	devScratch []byte // decoded device state chunk
-	scratch    []byte
-	LastApply  struct{ Pages uint64 }
+	devNew     []byte // the staged epoch's device state, whole
+
+	// The last committed epoch's device state, the base of a delta.
+	devBase      []byte
+	devBaseEpoch uint64
+	devBaseGen   string
+	scratch      []byte
+	LastApply    struct{ Pages uint64 }
 
 	disks []DiskEpochs
 }
@@ -131,6 +138,12 @@ func (r *Replica) Begin(gen string, epoch uint64, b EpochBegin) error {
 	case !b.Full && !b.Base && (!r.state.Synced || gen != r.state.Generation):
 		return fmt.Errorf("epoch %d is incremental but the replica holds no full copy of generation %s: %w", epoch, gen, ErrNotConsistent)
 	}
+	if b.DevStateLen > MaxDevState {
+		return fmt.Errorf("epoch %d declares %d bytes of device state: at most %d are accepted", epoch, b.DevStateLen, MaxDevState)
+	}
+	if b.DevStateBase != 0 && (r.devBase == nil || r.devBaseEpoch != b.DevStateBase || r.devBaseGen != gen) {
+		return fmt.Errorf("epoch %d's device state is a delta against epoch %d of generation %s, which this replica does not hold (it holds epoch %d of %q): the primary sends it whole in its next session", epoch, b.DevStateBase, gen, r.devBaseEpoch, r.devBaseGen)
+	}
 	st, err := os.Create(filepath.Join(r.dir, "stage.pages"))
 	if err != nil {
 		return err
@@ -143,6 +156,7 @@ func (r *Replica) Begin(gen string, epoch uint64, b EpochBegin) error {
 	r.staging, r.gen, r.epoch, r.begin = true, gen, epoch, b
 	r.stage, r.stageW, r.devstate = st, bufio.NewWriterSize(st, 1<<20), dev
 	r.crc, r.gotPages, r.gotBatch, r.gotDev = 0, 0, 0, 0
+	r.devNew = r.devNew[:0]
 	return nil
 }
 
@@ -206,7 +220,16 @@ func (r *Replica) AddDevStateLZ4(epoch uint64, payload []byte) error {
 // addDevState stages chunk of the checked epoch; the epoch checksum covers
 // the payload as sent.
 func (r *Replica) addDevState(payload, chunk []byte) error {
-	if _, err := r.devstate.Write(chunk); err != nil {
+	if r.gotDev+uint64(len(chunk)) > r.begin.DevStateLen {
+		r.Abort()
+		return fmt.Errorf("%w: epoch %d sends more than the %d device-state bytes it declared", ErrIncomplete, r.epoch, r.begin.DevStateLen)
+	}
+	at := len(r.devNew)
+	r.devNew = append(r.devNew, chunk...)
+	if r.begin.DevStateBase != 0 {
+		undelta(r.devNew[at:], r.devBase, at)
+	}
+	if _, err := r.devstate.Write(r.devNew[at:]); err != nil {
 		return err
 	}
 	r.crc = crc32.Update(r.crc, castagnoli, payload)
@@ -263,7 +286,35 @@ func (r *Replica) End(epoch uint64, end EpochEnd) error {
 		return fmt.Errorf("record commit of epoch %d: %w", epoch, err)
 	}
 	r.state = next
+	// This epoch's device state is the base of the next one's delta.
+	r.devBase, r.devNew = r.devNew, r.devBase[:0]
+	r.devBaseEpoch, r.devBaseGen = epoch, r.gen
 	return r.apply(epoch)
+}
+
+// MaxDevState bounds one epoch's device state (the non-shared RAM blocks
+// included; a VGA adds 16 MiB).
+const MaxDevState = 256 << 20
+
+// undelta turns delta, bytes at offset off of an epoch's device-state
+// delta, into the device state, in place: XOR with base (zero past its
+// end).
+func undelta(delta, base []byte, off int) {
+	if off >= len(base) {
+		return
+	}
+	base = base[off:]
+	n := min(len(delta), len(base))
+	subtle.XORBytes(delta[:n], delta[:n], base[:n])
+}
+
+// deltaAgainst writes cur XOR base (zero past base's end) into dst, grown
+// as needed, and returns it.
+func deltaAgainst(dst, cur, base []byte) []byte {
+	dst = append(dst[:0], cur...)
+	n := min(len(cur), len(base))
+	subtle.XORBytes(dst[:n], cur[:n], base[:n])
+	return dst
 }
 
 // apply writes a committed epoch into the shell's RAM. It is idempotent, so
@@ -362,6 +413,7 @@ func (r *Replica) Reset(generation string) error {
 		return err
 	}
 	r.state = next
+	r.devBase, r.devBaseEpoch, r.devBaseGen = nil, 0, ""
 	return nil
 }
 
