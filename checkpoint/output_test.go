@@ -150,3 +150,36 @@ func TestPrimarySetFenceRestartsSession(t *testing.T) {
 	}
 	rg.checkConverged()
 }
+
+// waitingOutput is a checkingOutput that says when output is held.
+type waitingOutput struct {
+	checkingOutput
+	waiting chan struct{}
+}
+
+func (o *waitingOutput) Waiting() <-chan struct{} { return o.waiting }
+
+// Held output starts a checkpoint at once (no sooner than MinInterval
+// after the last), not at the next tick; with nothing held only the
+// interval does. The hour-long interval is the negative control: without
+// the trigger, no epoch follows the first.
+func TestPrimaryOutputTriggersEpochs(t *testing.T) {
+	out := &waitingOutput{waiting: make(chan struct{}, 1)}
+	rg := startRig(t, rigOpts{pages: 1024, interval: time.Hour,
+		output: func(rg *rig) OutputBuffer { out.rg = rg; return out },
+		config: func(c *PrimaryConfig) { c.MinInterval = 5 * time.Millisecond }})
+	wait(t, 15*time.Second, "the first (full) epoch acknowledged", func() bool { return rg.p.Status().AckedEpoch >= 1 })
+	time.Sleep(100 * time.Millisecond)
+	if _, cuts := out.state(); cuts != 1 {
+		t.Fatalf("%d epochs with nothing held and an hour-long interval, want 1", cuts)
+	}
+	for i := 0; i < 5; i++ {
+		out.waiting <- struct{}{}
+		wait(t, 10*time.Second, "an epoch for the held output", func() bool { _, cuts := out.state(); return cuts >= i+2 })
+	}
+	if n := rg.p.Status().OutputTriggered; n != 5 {
+		t.Errorf("%d epochs counted as started by output, want 5", n)
+	}
+	out.check(t)
+	rg.checkConverged()
+}

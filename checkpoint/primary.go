@@ -28,13 +28,19 @@ type VM interface {
 
 // PrimaryConfig configures the capture side of one protected guest.
 type PrimaryConfig struct {
-	Agent       string        // this agent's id
-	Guest       string        // the guest's name
-	DomainXML   string        // migratable XML the standby derives its shell from
-	ShellBase   string        // the standby names its shell after this (default Guest)
-	Interval    time.Duration // time between checkpoints
-	MaxInFlight int           // captured epochs not yet acked before capture waits
-	Fence       uint64        // fencing epoch every frame carries
+	Agent     string        // this agent's id
+	Guest     string        // the guest's name
+	DomainXML string        // migratable XML the standby derives its shell from
+	ShellBase string        // the standby names its shell after this (default Guest)
+	Interval  time.Duration // time between checkpoints
+	// MinInterval, when set and Output is an OutputWaiter, starts a
+	// checkpoint as soon as the guest has output held, no sooner than
+	// MinInterval after the last one began: replies wait for one pause
+	// and one round trip, not for the next tick. An idle guest still
+	// checkpoints every Interval.
+	MinInterval time.Duration
+	MaxInFlight int    // captured epochs not yet acked before capture waits
+	Fence       uint64 // fencing epoch every frame carries
 	Dial        func(ctx context.Context) (net.Conn, error)
 	// VerifyPeer, when set, checks the connection against the agent id the
 	// standby announced (its TLS certificate must name it).
@@ -79,6 +85,13 @@ type OutputBuffer interface {
 	Release(epoch uint64) error
 }
 
+// OutputWaiter is an OutputBuffer that says when output is held in the
+// open epoch, so the capture loop checkpoints then instead of at the next
+// tick (PrimaryConfig.MinInterval).
+type OutputWaiter interface {
+	Waiting() <-chan struct{}
+}
+
 // Replication states of a protected guest, primary side.
 const (
 	StateConnecting = "connecting" // no session with the standby yet
@@ -90,35 +103,36 @@ const (
 
 // PrimaryStatus is a snapshot of the capture side's figures.
 type PrimaryStatus struct {
-	State          string         `json:"state"`
-	Generation     string         `json:"generation"`
-	Tracker        string         `json:"tracker"`
-	Epoch          uint64         `json:"epoch"`       // last captured
-	Started        uint64         `json:"started"`     // last whose capture began (the guest was paused for it)
-	AckedEpoch     uint64         `json:"acked_epoch"` // last acknowledged by the standby
-	EpochsPerSec   float64        `json:"epochs_per_sec"`
-	PauseP50       time.Duration  `json:"pause_p50_ns"`
-	PauseP99       time.Duration  `json:"pause_p99_ns"`
-	PauseMax       time.Duration  `json:"pause_max_ns"`        // the longest pause of an incremental epoch so far
-	DirtyPages     uint64         `json:"dirty_pages"`         // in the last epoch
-	DirtyTotal     uint64         `json:"dirty_total"`         // pages sent in incremental epochs, all sessions
-	Incremental    uint64         `json:"incremental"`         // incremental epochs captured
-	SyncPause      time.Duration  `json:"sync_pause_ns"`       // pause of the last full sync or resync (not in the percentiles)
-	SyncPages      uint64         `json:"sync_pages"`          // pages the last (re)sync sent: all, or those that differed
-	DevStateBytes  int64          `json:"devstate_bytes"`      // in the last epoch
-	DevStateWire   int64          `json:"devstate_wire_bytes"` // the last epoch's on the wire (a delta, compressed)
-	BytesSent      uint64         `json:"bytes_sent"`          // on the wire, all sessions
-	RawBytes       uint64         `json:"raw_bytes"`           // page and device data before encoding
-	Lag            time.Duration  `json:"lag_ns"`              // age of the oldest unacked epoch
-	SyncDone       uint64         `json:"sync_done_bytes"`     // progress of a full sync
-	SyncTotal      uint64         `json:"sync_total_bytes"`
-	LastPause      PauseBreakdown `json:"last_pause"`
-	Standby        string         `json:"standby,omitempty"` // the standby agent's id, from its welcome
-	LastAck        time.Time      `json:"last_ack,omitzero"` // when the standby last acknowledged an epoch
-	LastError      string         `json:"last_error,omitempty"`
-	OutputError    string         `json:"output_error,omitempty"` // the last output release failed
-	NextRetry      time.Time      `json:"next_retry,omitempty"`
-	ConnectedSince time.Time      `json:"connected_since,omitempty"`
+	State           string         `json:"state"`
+	Generation      string         `json:"generation"`
+	Tracker         string         `json:"tracker"`
+	Epoch           uint64         `json:"epoch"`       // last captured
+	Started         uint64         `json:"started"`     // last whose capture began (the guest was paused for it)
+	AckedEpoch      uint64         `json:"acked_epoch"` // last acknowledged by the standby
+	EpochsPerSec    float64        `json:"epochs_per_sec"`
+	PauseP50        time.Duration  `json:"pause_p50_ns"`
+	PauseP99        time.Duration  `json:"pause_p99_ns"`
+	PauseMax        time.Duration  `json:"pause_max_ns"`            // the longest pause of an incremental epoch so far
+	DirtyPages      uint64         `json:"dirty_pages"`             // in the last epoch
+	DirtyTotal      uint64         `json:"dirty_total"`             // pages sent in incremental epochs, all sessions
+	Incremental     uint64         `json:"incremental"`             // incremental epochs captured
+	SyncPause       time.Duration  `json:"sync_pause_ns"`           // pause of the last full sync or resync (not in the percentiles)
+	SyncPages       uint64         `json:"sync_pages"`              // pages the last (re)sync sent: all, or those that differed
+	DevStateBytes   int64          `json:"devstate_bytes"`          // in the last epoch
+	OutputTriggered uint64         `json:"output_triggered_epochs"` // epochs started early because output was held
+	DevStateWire    int64          `json:"devstate_wire_bytes"`     // the last epoch's on the wire (a delta, compressed)
+	BytesSent       uint64         `json:"bytes_sent"`              // on the wire, all sessions
+	RawBytes        uint64         `json:"raw_bytes"`               // page and device data before encoding
+	Lag             time.Duration  `json:"lag_ns"`                  // age of the oldest unacked epoch
+	SyncDone        uint64         `json:"sync_done_bytes"`         // progress of a full sync
+	SyncTotal       uint64         `json:"sync_total_bytes"`
+	LastPause       PauseBreakdown `json:"last_pause"`
+	Standby         string         `json:"standby,omitempty"` // the standby agent's id, from its welcome
+	LastAck         time.Time      `json:"last_ack,omitzero"` // when the standby last acknowledged an epoch
+	LastError       string         `json:"last_error,omitempty"`
+	OutputError     string         `json:"output_error,omitempty"` // the last output release failed
+	NextRetry       time.Time      `json:"next_retry,omitempty"`
+	ConnectedSince  time.Time      `json:"connected_since,omitempty"`
 }
 
 // PauseBreakdown splits one checkpoint's pause into its steps.
@@ -469,14 +483,32 @@ func (p *Primary) resumePlan(w Welcome, hashes []uint64) sessionPlan {
 func (p *Primary) captureLoop(ctx context.Context, queue chan<- *capturedEpoch, plan sessionPlan) error {
 	t := time.NewTicker(p.cfg.Interval)
 	defer t.Stop()
+	var waiting <-chan struct{}
+	if w, ok := p.cfg.Output.(OutputWaiter); ok && p.cfg.MinInterval > 0 && p.cfg.MinInterval < p.cfg.Interval {
+		waiting = w.Waiting()
+	}
+	var last time.Time
 	for first := true; ; first = false {
 		if !first {
 			select {
 			case <-ctx.Done():
 				return ctx.Err()
 			case <-t.C:
+			case <-waiting:
+				if d := p.cfg.MinInterval - time.Since(last); d > 0 {
+					select {
+					case <-ctx.Done():
+						return ctx.Err()
+					case <-time.After(d):
+					}
+				}
+				t.Reset(p.cfg.Interval)
+				p.mu.Lock()
+				p.st.OutputTriggered++
+				p.mu.Unlock()
 			}
 		}
+		last = time.Now()
 		// Backpressure: capture waits while too many epochs are unacked.
 		for p.inFlight() >= p.cfg.MaxInFlight {
 			select {

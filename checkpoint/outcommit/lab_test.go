@@ -233,6 +233,7 @@ func TestLab(t *testing.T) {
 		{"CloseRestoresNetwork", labCloseRestoresNetwork},
 		{"ReleaseAllThenClose", labReleaseAllThenClose},
 		{"DetachThenTakeover", labDetachThenTakeover},
+		{"WaitingSaysOutputIsHeld", labWaitingSaysOutputIsHeld},
 		{"NetdevNotFound", labNetdevNotFound},
 		{"RoundTripLatency", labRoundTripLatency},
 	} {
@@ -319,6 +320,48 @@ func labDetachThenTakeover(t *testing.T, e *labEnv) {
 		if time.Now().After(deadline) {
 			t.Fatalf("no reply after the new agent released %d epochs: %+v", n, r2.Stats())
 		}
+	}
+}
+
+// Waiting fires once the guest's reply is held in the open epoch, not
+// before (negative control: nothing sent, nothing fires), and a Cut takes
+// the pending signal back.
+func labWaitingSaysOutputIsHeld(t *testing.T, e *labEnv) {
+	lc := e.dial()
+	r := e.redirector(Options{HoldFromStart: true})
+	e.epoch(r, 1)
+	select {
+	case <-r.Waiting():
+		if n := r.Stats().OpenFrames; n == 0 {
+			t.Fatal("Waiting fired with nothing held in the open epoch")
+		}
+		e.epoch(r, 2) // something the guest sent on its own (ARP): cut it
+	case <-time.After(500 * time.Millisecond):
+	}
+	if err := lc.send("inc"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-r.Waiting():
+	case <-time.After(20 * time.Second):
+		t.Fatalf("Waiting did not fire for the held reply: %+v", r.Stats())
+	}
+	if r.Stats().OpenFrames == 0 {
+		t.Fatal("Waiting fired but the open epoch holds nothing")
+	}
+	e.epoch(r, 3)
+	select {
+	case <-r.Waiting():
+		if r.Stats().OpenFrames == 0 {
+			t.Fatal("a signal from before the cut was left pending")
+		}
+	default:
+	}
+	if err := r.Release(3); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := lc.reply(20 * time.Second); err != nil || !ok {
+		t.Fatalf("no reply after release: %v", err)
 	}
 }
 

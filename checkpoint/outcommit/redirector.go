@@ -97,6 +97,8 @@ type Redirector struct {
 	wg sync.WaitGroup
 
 	onCapture func(record) // tests: every parsed record, in stream order, under mu
+
+	waiting chan struct{} // a frame is held in the open epoch (see Waiting)
 }
 
 var _ Buffer = (*Redirector)(nil)
@@ -186,6 +188,8 @@ func newRedirector(ctx context.Context, mon qmp.Monitor, guest, dir string, opts
 		q:     newQueue(opts.MaxBytes, opts.HoldFromStart),
 		p:     parser{vnetHdr: true},
 		lat:   stats.NewWindow(8192),
+
+		waiting: make(chan struct{}, 1),
 	}
 	r.cond = sync.NewCond(&r.mu)
 
@@ -388,6 +392,12 @@ func (r *Redirector) readLoop() {
 			if perr != nil {
 				rerr = perr
 			}
+			if r.q.openFrames() > 0 {
+				select {
+				case r.waiting <- struct{}{}:
+				default:
+				}
+			}
 			r.cond.Broadcast()
 			return true
 		})
@@ -518,8 +528,21 @@ func (r *Redirector) Cut(epoch uint64) error {
 		return err
 	}
 	r.q.gc(r.consumed)
-	return r.q.cut(epoch, pos)
+	if err := r.q.cut(epoch, pos); err != nil {
+		return err
+	}
+	// What was waiting is in the epoch just cut.
+	select {
+	case <-r.waiting:
+	default:
+	}
+	return nil
 }
+
+// Waiting receives a value (at most one is pending) when a frame the
+// guest sent is held in the open epoch: a checkpoint now would let it out
+// sooner than the next tick. A Cut takes back the one pending.
+func (r *Redirector) Waiting() <-chan struct{} { return r.waiting }
 
 // Release sends on every held frame of epochs <= epoch, in order, and
 // returns once they are written to QEMU. It waits (up to Options.Timeout)

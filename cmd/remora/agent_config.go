@@ -19,6 +19,7 @@ var agentFlagUsage = map[string]string{
 	"runtime_dir":         "sockets and staged epochs (tmpfs)",
 	"libvirt_uri":         "libvirt connection URI",
 	"epoch_interval":      "time between checkpoints",
+	"epoch_min_interval":  "with guest output held, checkpoint this soon after the last one instead of at the next interval (0: off)",
 	"max_in_flight":       "captured epochs not yet acknowledged before capture waits",
 	"tracker":             "dirty page tracker: auto, scan or softdirty",
 	"shell_suffix":        "suffix of standby shell domain names (set when both hosts share one libvirt)",

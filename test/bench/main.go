@@ -32,6 +32,7 @@ var (
 	lowRate = flag.Int("low", 500, "low dirtying rate, pages/s")
 	hiRate  = flag.Int("high", 10000, "high dirtying rate, pages/s")
 	reps    = flag.Int("baseline-reps", 10, "full-RAM checkpoints for the baseline")
+	minIv   = flag.Duration("min-interval", 20*time.Millisecond, "epoch_min_interval of the main table (0: epochs only on the tick)")
 )
 
 const guestName = "bench"
@@ -51,13 +52,15 @@ type row struct {
 }
 
 type result struct {
-	p50, p99       time.Duration
-	rtt, rttBase   latency // request/response round trip, protected and not
-	disk, diskBase diskFigures
-	dirtyPerEpoch  float64
-	wirePerEpoch   float64
-	compression    float64
-	epochsPerSec   float64
+	p50, p99        time.Duration
+	rtt, rttBase    latency // request/response round trip, protected and not
+	disk, diskBase  diskFigures
+	dirtyPerEpoch   float64
+	wirePerEpoch    float64
+	compression     float64
+	epochsPerSec    float64
+	devRaw, devWire float64 // device state per epoch, whole and as sent
+	triggered       float64 // share of epochs started by held output
 }
 
 func run() error {
@@ -94,7 +97,7 @@ func run() error {
 	defer wl.Close()
 	fmt.Printf("guest: %s, 256 MiB, TCG; tracker: %s\n\n", guestName, trackerName())
 
-	standby := startAgent(bin, work, "b", "127.0.0.1:7412", 100*time.Millisecond)
+	standby := startAgent(bin, work, "b", "127.0.0.1:7412", 100*time.Millisecond, 0)
 	defer standby.stop()
 	if err := standby.wait(); err != nil {
 		return err
@@ -103,7 +106,7 @@ func run() error {
 	var rows []row
 	for _, iv := range []time.Duration{25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond, 200 * time.Millisecond} {
 		for _, rate := range []int{*lowRate, *hiRate} {
-			r, err := measureOne(ctx, bin, work, wl, iv, rate)
+			r, err := measureOne(ctx, bin, work, wl, iv, *minIv, rate)
 			if err != nil {
 				return fmt.Errorf("interval %s rate %d: %w", iv, rate, err)
 			}
@@ -111,15 +114,44 @@ func run() error {
 			fmt.Fprintf(os.Stderr, "measured interval %s rate %d: p50 %s\n", iv, rate, r.p50)
 		}
 	}
+	// Output-triggered epochs against tick-only ones, same run, same guest.
+	type pair struct {
+		interval      time.Duration
+		tick, trigger result
+	}
+	var pairs []pair
+	for _, iv := range []time.Duration{50 * time.Millisecond, 100 * time.Millisecond} {
+		pr := pair{interval: iv}
+		for _, m := range []time.Duration{0, 20 * time.Millisecond} {
+			r, err := measureOne(ctx, bin, work, wl, iv, m, *lowRate)
+			if err != nil {
+				return fmt.Errorf("interval %s min interval %s: %w", iv, m, err)
+			}
+			if m == 0 {
+				pr.tick = r
+			} else {
+				pr.trigger = r
+			}
+		}
+		pairs = append(pairs, pr)
+		fmt.Fprintf(os.Stderr, "measured output trigger at interval %s\n", iv)
+	}
 	base, err := baseline(ctx, wl)
 	if err != nil {
 		return fmt.Errorf("baseline: %w", err)
 	}
 
-	fmt.Printf("%-9s %-9s %9s %9s %12s %14s %8s %9s %12s\n", "interval", "dirty/s", "pause p50", "pause p99", "dirty pg/ep", "wire bytes/ep", "compr", "epochs/s", "base/remora")
+	fmt.Printf("epoch_min_interval %s (epochs start early while output is held)\n", *minIv)
+	fmt.Printf("%-9s %-9s %9s %9s %12s %14s %8s %9s %12s %16s\n", "interval", "dirty/s", "pause p50", "pause p99", "dirty pg/ep", "wire bytes/ep", "compr", "epochs/s", "base/remora", "devstate raw/wire")
 	for _, r := range rows {
-		fmt.Printf("%-9s %-9d %9s %9s %12.0f %14.0f %7.1fx %9.1f %11.1fx\n", r.interval, r.rate, ms(r.s.p50), ms(r.s.p99),
-			r.s.dirtyPerEpoch, r.s.wirePerEpoch, r.s.compression, r.s.epochsPerSec, float64(base.p50)/float64(r.s.p50))
+		fmt.Printf("%-9s %-9d %9s %9s %12.0f %14.0f %7.1fx %9.1f %11.1fx %8.0f/%-7.0f\n", r.interval, r.rate, ms(r.s.p50), ms(r.s.p99),
+			r.s.dirtyPerEpoch, r.s.wirePerEpoch, r.s.compression, r.s.epochsPerSec, float64(base.p50)/float64(r.s.p50), r.s.devRaw, r.s.devWire)
+	}
+	fmt.Printf("\noutput-triggered epochs (epoch_min_interval 20ms) against epochs on the tick only, dirty %d pages/s, same run:\n", *lowRate)
+	fmt.Printf("%-9s %12s %12s %12s %12s %12s %12s %10s %10s\n", "interval", "tick p50", "tick p99", "trig p50", "trig p99", "tick ep/s", "trig ep/s", "triggered", "p50 ratio")
+	for _, p := range pairs {
+		fmt.Printf("%-9s %12s %12s %12s %12s %12.1f %12.1f %9.0f%% %9.2fx\n", p.interval, ms(p.tick.rtt.p50), ms(p.tick.rtt.p99), ms(p.trigger.rtt.p50), ms(p.trigger.rtt.p99),
+			p.tick.epochsPerSec, p.trigger.epochsPerSec, 100*p.trigger.triggered, float64(p.tick.rtt.p50)/float64(max(p.trigger.rtt.p50, 1)))
 	}
 	fmt.Printf("\nrequest/response round trip to the guest (output commit: %s), protected vs unprotected in the same run:\n", outputBackend)
 	fmt.Printf("%-9s %-9s %12s %12s %12s %12s %10s\n", "interval", "dirty/s", "rtt p50", "rtt p99", "unprot p50", "unprot p99", "p50 ratio")
@@ -202,7 +234,7 @@ func roundTrips(ctx context.Context, wl *labkit.Client, d time.Duration) (latenc
 	return latency{stats.Percentile(rtts, 50), stats.Percentile(rtts, 99)}, nil
 }
 
-func measureOne(ctx context.Context, bin, work string, wl *labkit.Client, iv time.Duration, rate int) (result, error) {
+func measureOne(ctx context.Context, bin, work string, wl *labkit.Client, iv, minIv time.Duration, rate int) (result, error) {
 	// The baseline round trip: the same guest, writer and agents' host,
 	// unprotected, just before.
 	if err := wl.SetWriterRate(ctx, rate); err != nil {
@@ -219,7 +251,7 @@ func measureOne(ctx context.Context, bin, work string, wl *labkit.Client, iv tim
 	if err := wl.SetWriterRate(ctx, 0); err != nil {
 		return result{}, err
 	}
-	a := startAgent(bin, work, "a", "127.0.0.1:7411", iv)
+	a := startAgent(bin, work, "a", "127.0.0.1:7411", iv, minIv)
 	defer a.stop()
 	if err := a.wait(); err != nil {
 		return result{}, err
@@ -274,6 +306,9 @@ func measureOne(ctx context.Context, bin, work string, wl *labkit.Client, iv tim
 		wirePerEpoch:  wire / epochs,
 		compression:   raw / max(wire, 1),
 		epochsPerSec:  epochs / el.Seconds(),
+		devRaw:        float64(s1.DevStateBytes),
+		devWire:       float64(s1.DevStateWire),
+		triggered:     float64(s1.OutputTriggered-s0.OutputTriggered) / epochs,
 	}, nil
 }
 
@@ -343,7 +378,7 @@ type proc struct {
 	dir string
 }
 
-func startAgent(bin, work, name, addr string, iv time.Duration) *proc {
+func startAgent(bin, work, name, addr string, iv, minIv time.Duration) *proc {
 	dir := filepath.Join(work, name)
 	os.MkdirAll(dir, 0o755)
 	// Mutual TLS, as deployed: one CA for the run.
@@ -354,8 +389,8 @@ func startAgent(bin, work, name, addr string, iv time.Duration) *proc {
 	if err := pki.Issue(ca, "bench-"+name); err != nil {
 		fatal(err)
 	}
-	cfg := fmt.Sprintf("agent_id: bench-%s\nlisten: %s\napi_socket: %s/agent.sock\nstate_dir: %s/state\nruntime_dir: %s/run\nepoch_interval: %s\nshell_suffix: \"-%s\"\nlog_level: warn\ntls_cert: %s\ntls_key: %s\ntls_ca: %s/ca.crt\nboot_dirs: [%s]\n",
-		name, addr, dir, dir, dir, iv, name, pki.CertPath(ca, "bench-"+name), pki.KeyPath(ca, "bench-"+name), ca, labkit.LabDir())
+	cfg := fmt.Sprintf("agent_id: bench-%s\nlisten: %s\napi_socket: %s/agent.sock\nstate_dir: %s/state\nruntime_dir: %s/run\nepoch_interval: %s\nepoch_min_interval: %s\nshell_suffix: \"-%s\"\nlog_level: warn\ntls_cert: %s\ntls_key: %s\ntls_ca: %s/ca.crt\nboot_dirs: [%s]\n",
+		name, addr, dir, dir, dir, iv, minIv, name, pki.CertPath(ca, "bench-"+name), pki.KeyPath(ca, "bench-"+name), ca, labkit.LabDir())
 	path := filepath.Join(dir, "agent.yaml")
 	os.WriteFile(path, []byte(cfg), 0o644)
 	cmd := exec.Command(bin, "agent", "--config", path)

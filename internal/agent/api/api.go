@@ -20,37 +20,42 @@ const (
 
 // VMStatus is one guest as `remora vm status` shows it.
 type VMStatus struct {
-	Guest        string                     `json:"guest"`
-	Role         string                     `json:"role"`
-	State        string                     `json:"state"`
-	Peer         string                     `json:"peer"`
-	Fence        uint64                     `json:"fence"`
-	Epoch        uint64                     `json:"epoch"`
-	AckedEpoch   uint64                     `json:"acked_epoch"`
-	Started      uint64                     `json:"started_epoch,omitempty"` // primary: newest epoch whose capture began
-	EpochsPerSec float64                    `json:"epochs_per_sec"`
-	PauseP50     time.Duration              `json:"pause_p50_ns"`
-	PauseP99     time.Duration              `json:"pause_p99_ns"`
-	PauseMax     time.Duration              `json:"pause_max_ns,omitempty"` // the longest incremental pause since the agent started
-	DirtyPages   uint64                     `json:"dirty_pages"`
-	DirtyTotal   uint64                     `json:"dirty_total,omitempty"`
-	Incremental  uint64                     `json:"incremental,omitempty"`
-	Bytes        uint64                     `json:"bytes"` // sent (primary) or received (standby)
-	RawBytes     uint64                     `json:"raw_bytes,omitempty"`
-	Lag          time.Duration              `json:"lag_ns"`
-	Tracker      string                     `json:"tracker,omitempty"`
-	LastPause    *checkpoint.PauseBreakdown `json:"last_pause,omitempty"`
-	SyncPages    uint64                     `json:"sync_pages,omitempty"` // pages the last (re)sync sent
-	SyncDone     uint64                     `json:"sync_done_bytes,omitempty"`
-	SyncTotal    uint64                     `json:"sync_total_bytes,omitempty"`
-	Shell        string                     `json:"shell,omitempty"`
-	Applied      uint64                     `json:"applied_epoch,omitempty"`
-	LastError    string                     `json:"last_error,omitempty"`
-	LeaseHolder  string                     `json:"lease_holder,omitempty"`
-	LeaseValid   time.Duration              `json:"lease_valid_ns,omitempty"` // remaining, on this agent's clock
-	Heartbeat    string                     `json:"heartbeat,omitempty"`      // ok, or how long the peer has been silent
-	Probe        string                     `json:"probe,omitempty"`          // the arbiter's last check of the guest's service
-	Arbiter      string                     `json:"arbiter,omitempty"`        // the arbiter's latest answer worth showing
+	Guest        string        `json:"guest"`
+	Role         string        `json:"role"`
+	State        string        `json:"state"`
+	Peer         string        `json:"peer"`
+	Fence        uint64        `json:"fence"`
+	Epoch        uint64        `json:"epoch"`
+	AckedEpoch   uint64        `json:"acked_epoch"`
+	Started      uint64        `json:"started_epoch,omitempty"` // primary: newest epoch whose capture began
+	EpochsPerSec float64       `json:"epochs_per_sec"`
+	PauseP50     time.Duration `json:"pause_p50_ns"`
+	PauseP99     time.Duration `json:"pause_p99_ns"`
+	PauseMax     time.Duration `json:"pause_max_ns,omitempty"` // the longest incremental pause since the agent started
+	DirtyPages   uint64        `json:"dirty_pages"`
+	DirtyTotal   uint64        `json:"dirty_total,omitempty"`
+	Incremental  uint64        `json:"incremental,omitempty"`
+	Bytes        uint64        `json:"bytes"` // sent (primary) or received (standby)
+	RawBytes     uint64        `json:"raw_bytes,omitempty"`
+	// The last epoch's device state, whole and as sent (a delta, lz4).
+	DevStateBytes int64 `json:"devstate_bytes,omitempty"`
+	DevStateWire  int64 `json:"devstate_wire_bytes,omitempty"`
+	// Epochs started before their tick because the guest had output held.
+	OutputTriggered uint64                     `json:"output_triggered_epochs,omitempty"`
+	Lag             time.Duration              `json:"lag_ns"`
+	Tracker         string                     `json:"tracker,omitempty"`
+	LastPause       *checkpoint.PauseBreakdown `json:"last_pause,omitempty"`
+	SyncPages       uint64                     `json:"sync_pages,omitempty"` // pages the last (re)sync sent
+	SyncDone        uint64                     `json:"sync_done_bytes,omitempty"`
+	SyncTotal       uint64                     `json:"sync_total_bytes,omitempty"`
+	Shell           string                     `json:"shell,omitempty"`
+	Applied         uint64                     `json:"applied_epoch,omitempty"`
+	LastError       string                     `json:"last_error,omitempty"`
+	LeaseHolder     string                     `json:"lease_holder,omitempty"`
+	LeaseValid      time.Duration              `json:"lease_valid_ns,omitempty"` // remaining, on this agent's clock
+	Heartbeat       string                     `json:"heartbeat,omitempty"`      // ok, or how long the peer has been silent
+	Probe           string                     `json:"probe,omitempty"`          // the arbiter's last check of the guest's service
+	Arbiter         string                     `json:"arbiter,omitempty"`        // the arbiter's latest answer worth showing
 	// The last automatic failover: when the primary was first suspected,
 	// when the arbiter granted promotion, when the guest ran again.
 	SuspectedAt time.Time `json:"suspected_at,omitzero"`

@@ -21,10 +21,15 @@ type Config struct {
 	RuntimeDir    string        `mapstructure:"runtime_dir"`
 	LibvirtURI    string        `mapstructure:"libvirt_uri"`
 	EpochInterval time.Duration `mapstructure:"epoch_interval"`
-	MaxInFlight   int           `mapstructure:"max_in_flight"`
-	Tracker       string        `mapstructure:"tracker"`
-	ShellSuffix   string        `mapstructure:"shell_suffix"`
-	LogLevel      string        `mapstructure:"log_level"`
+	// EpochMinInterval: while the guest has output held, checkpoint this
+	// soon after the last checkpoint began instead of at the next tick
+	// (replies wait for a pause and a round trip, not for the interval).
+	// 0, or not below epoch_interval: checkpoints only every interval.
+	EpochMinInterval time.Duration `mapstructure:"epoch_min_interval"`
+	MaxInFlight      int           `mapstructure:"max_in_flight"`
+	Tracker          string        `mapstructure:"tracker"`
+	ShellSuffix      string        `mapstructure:"shell_suffix"`
+	LogLevel         string        `mapstructure:"log_level"`
 
 	// Arbiter is the arbiter's host:port; empty means no automatic
 	// failover (vm failover by hand only).
@@ -92,15 +97,16 @@ var LogLevels = []string{"debug", "info", "warn", "error"}
 // Defaults returns the configuration used where a key is not set.
 func Defaults() Config {
 	return Config{
-		Listen:        "0.0.0.0:7400",
-		APISocket:     "/run/remora/agent.sock",
-		StateDir:      "/var/lib/remora",
-		RuntimeDir:    "/run/remora",
-		LibvirtURI:    "qemu:///system",
-		EpochInterval: 100 * time.Millisecond,
-		MaxInFlight:   3,
-		Tracker:       checkpoint.TrackerAuto,
-		LogLevel:      "info",
+		Listen:           "0.0.0.0:7400",
+		APISocket:        "/run/remora/agent.sock",
+		StateDir:         "/var/lib/remora",
+		RuntimeDir:       "/run/remora",
+		LibvirtURI:       "qemu:///system",
+		EpochInterval:    100 * time.Millisecond,
+		EpochMinInterval: 20 * time.Millisecond,
+		MaxInFlight:      3,
+		Tracker:          checkpoint.TrackerAuto,
+		LogLevel:         "info",
 
 		HeartbeatInterval: 250 * time.Millisecond,
 		HeartbeatMissed:   4,
@@ -154,6 +160,9 @@ func (c *Config) Validate() error {
 	}
 	if c.EpochInterval < 5*time.Millisecond || c.EpochInterval > time.Minute {
 		return fmt.Errorf("epoch_interval %s out of range: use 5ms to 1m (Remus uses 25ms-200ms)", c.EpochInterval)
+	}
+	if c.EpochMinInterval < 0 || c.EpochMinInterval > time.Minute {
+		return fmt.Errorf("epoch_min_interval %s out of range: use 0 (off) to 1m", c.EpochMinInterval)
 	}
 	if c.MaxInFlight < 1 || c.MaxInFlight > 64 {
 		return fmt.Errorf("max_in_flight %d out of range: use 1 to 64", c.MaxInFlight)
