@@ -226,7 +226,7 @@ func (s *Server) ServeConn(c net.Conn) error {
 	if tc, ok := c.(*net.TCPConn); ok {
 		tc.SetNoDelay(true)
 	}
-	nc := &nbdConn{s: s, t: s.t, r: bufio.NewReaderSize(c, 256<<10), w: bufio.NewWriterSize(c, 64<<10)}
+	nc := &nbdConn{s: s, t: s.t, resets: s.t.Resets(), r: bufio.NewReaderSize(c, 256<<10), w: bufio.NewWriterSize(c, 64<<10)}
 	ok, err := nc.handshake()
 	if err != nil || !ok {
 		return err
@@ -234,7 +234,7 @@ func (s *Server) ServeConn(c net.Conn) error {
 	s.log().Debug("nbd export in transmission", "peer", c.RemoteAddr().String(), "export", s.export)
 	clean, err := nc.transmit()
 	if !clean {
-		s.t.markOutOfSync(fmt.Sprintf("the mirror's NBD connection from %s ended without a disconnect request (%v)", c.RemoteAddr(), err))
+		s.t.markOutOfSync(nc.resets, fmt.Sprintf("the mirror's NBD connection from %s ended without a disconnect request (%v)", c.RemoteAddr(), err))
 	}
 	return err
 }
@@ -242,6 +242,7 @@ func (s *Server) ServeConn(c net.Conn) error {
 type nbdConn struct {
 	s       *Server
 	t       *Target
+	resets  uint64 // the Target's reset count when the connection opened
 	r       *bufio.Reader
 	w       *bufio.Writer
 	noZeros bool
@@ -480,10 +481,10 @@ func (c *nbdConn) transmit() (clean bool, err error) {
 			}
 			continue
 		case cmdWrite:
-			err = c.t.Write(off, c.buf[:n])
+			err = c.t.write(c.resets, off, n, c.buf[:n])
 		case cmdWriteZeroes, cmdTrim:
 			// A trimmed range of the guest's raw image reads as zeroes.
-			err = c.t.WriteZeroes(off, n)
+			err = c.t.write(c.resets, off, n, nil)
 		case cmdFlush:
 			err = c.t.Flush()
 		}

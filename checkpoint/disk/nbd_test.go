@@ -334,6 +334,40 @@ func TestNBDAbnormalEndWhileProtected(t *testing.T) {
 	}
 }
 
+// A mirror connection opened before the replica was reset (the primary
+// mirrors afresh; the old connection lingers behind a partition) may
+// neither write into the new replica nor, when it finally breaks, put it
+// out of sync. The same break of a connection of the new mirror does
+// (the negative control).
+func TestNBDReplacedConnectionIsIgnored(t *testing.T) {
+	tg, _ := newMemTarget(1<<20, Options{})
+	s := NewServer(tg, "vda")
+	old, oldDone := dialTest(t, s, "vda", true)
+	tg.Reset()
+	cur, curDone := dialTest(t, s, "vda", true)
+	if errno, _ := cur.do(t, 0, cmdWrite, 0, 512, pattern(512, 1)); errno != 0 {
+		t.Fatalf("write of the current mirror: errno %d", errno)
+	}
+	tg.Cut(1)
+	if errno, _ := old.do(t, 0, cmdWrite, 0, 512, pattern(512, 9)); errno == 0 {
+		t.Fatal("a write of the replaced mirror's connection was accepted")
+	}
+	old.c.Close() // no disconnect request
+	<-oldDone
+	if _, err := tg.Cut(2); err != nil {
+		t.Fatalf("the replaced connection's end put the replica out of sync: %v", err)
+	}
+	got := make([]byte, 512)
+	if err := tg.ReadAt(got, 0); err != nil || !bytes.Equal(got, pattern(512, 1)) {
+		t.Fatalf("replica block 0 after the replaced write: %v", err)
+	}
+	cur.c.Close()
+	<-curDone
+	if _, err := tg.Cut(3); !errors.Is(err, ErrOutOfSync) {
+		t.Fatalf("the current mirror's connection broke and the cut went on: %v", err)
+	}
+}
+
 func TestNBDServeAndClose(t *testing.T) {
 	tg, _ := newMemTarget(1<<20, Options{})
 	s := NewServer(tg, "vda")

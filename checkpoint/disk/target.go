@@ -159,6 +159,21 @@ type Target struct {
 	imageUnsynced bool // direct writes not yet fsynced
 	outOfSync     error
 	stats         Stats
+	// resets counts Reset calls: a connection opened before the last one
+	// belongs to a replaced mirror, and neither its late writes nor its
+	// end may touch the new replica.
+	resets uint64
+}
+
+// errReplaced refuses a write of a mirror connection opened before the
+// last Reset (its writes arrive late, e.g. after a partition healed).
+var errReplaced = errors.New("this mirror connection predates the replica's reset: its mirror was replaced")
+
+// Resets returns how many times the Target was Reset.
+func (t *Target) Resets() uint64 {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.resets
 }
 
 // NewTarget returns a Target over img, which holds size bytes.
@@ -226,11 +241,14 @@ func (e *writeError) Unwrap() error { return e.err }
 // Write writes data at off: to the image before the first cut, to the open
 // epoch after it. data is copied.
 func (t *Target) Write(off int64, data []byte) error {
-	return t.write(off, int64(len(data)), data)
+	return t.write(anyResets, off, int64(len(data)), data)
 }
 
 // WriteZeroes writes n zero bytes at off.
-func (t *Target) WriteZeroes(off, n int64) error { return t.write(off, n, nil) }
+func (t *Target) WriteZeroes(off, n int64) error { return t.write(anyResets, off, n, nil) }
+
+// anyResets: a write not tied to a connection's reset count.
+const anyResets = ^uint64(0)
 
 var zeroBlock = make([]byte, 64<<10)
 
@@ -256,12 +274,15 @@ func zeroRange(img Image, off, n int64) error {
 	return nil
 }
 
-func (t *Target) write(off, n int64, data []byte) error {
+func (t *Target) write(resets uint64, off, n int64, data []byte) error {
 	if err := t.inRange(off, n); err != nil {
 		return err
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if resets != anyResets && resets != t.resets {
+		return &writeError{err: errReplaced}
+	}
 	if t.outOfSync != nil {
 		return &writeError{err: t.outOfSync}
 	}
@@ -493,6 +514,7 @@ func (t *Target) Reset() {
 	t.open = &epochWrites{}
 	t.sealed = nil
 	t.outOfSync = nil
+	t.resets++
 	t.imageUnsynced = true
 	// A new mirror comes with a new primary generation (its agent
 	// restarted, say), whose epochs count from 1 again.
@@ -501,10 +523,10 @@ func (t *Target) Reset() {
 
 // markOutOfSync records why the replica cannot follow the guest anymore;
 // only while epochs are being cut (before, a new mirror starts over anyway).
-func (t *Target) markOutOfSync(reason string) {
+func (t *Target) markOutOfSync(resets uint64, reason string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.protected && t.outOfSync == nil {
+	if t.protected && t.outOfSync == nil && resets == t.resets {
 		t.outOfSync = fmt.Errorf("%w: %s after epoch %d", ErrOutOfSync, reason, t.lastCut)
 	}
 }

@@ -75,6 +75,10 @@ type diskSet struct {
 	syncDone, syncTotal int64
 	state               string // mirroring state for status
 	resyncs             int
+	// broken: a cut failed, so the standby's replica may miss writes
+	// even if QEMU still counts its mirror in sync (the standby saw the
+	// mirror's connection drop): the next session resyncs.
+	broken bool
 }
 
 func (a *Agent) newDiskSet(ctx context.Context, g *qemu.Guest, rec *Record, fence func() uint64) (*diskSet, error) {
@@ -161,6 +165,12 @@ func (ds *diskSet) status() *api.DiskStatus {
 // healthy reports whether every mirror is ready, caught up, and its cut
 // path open: the next epoch can be cut consistently.
 func (ds *diskSet) healthy(ctx context.Context) bool {
+	ds.mu.Lock()
+	broken := ds.broken
+	ds.mu.Unlock()
+	if broken {
+		return false
+	}
 	for _, d := range ds.disks {
 		if d.mirror == nil || d.cut == nil || d.mirror.CheckSynced(ctx) != nil {
 			return false
@@ -222,9 +232,18 @@ func (ds *diskSet) resync(ctx context.Context) error {
 	}
 	ds.mu.Lock()
 	ds.syncDone = ds.syncTotal
+	ds.broken = false
 	ds.mu.Unlock()
 	ds.setState("mirrored")
 	return nil
+}
+
+// cutFailed records that the replica may miss writes: resync next time.
+func (ds *diskSet) cutFailed() {
+	ds.mu.Lock()
+	ds.broken = true
+	ds.mu.Unlock()
+	ds.setState("resync needed")
 }
 
 // Cut seals every disk's writes of epoch on the standby (guest paused).
@@ -234,11 +253,11 @@ func (ds *diskSet) Cut(ctx context.Context, epoch uint64) error {
 			return fmt.Errorf("disk %s is not mirrored", d.dev)
 		}
 		if err := d.mirror.CheckSynced(ctx); err != nil {
-			ds.setState("resync needed")
+			ds.cutFailed()
 			return fmt.Errorf("disk %s: %w", d.dev, err)
 		}
 		if err := d.cut.Cut(ctx, epoch); err != nil {
-			ds.setState("resync needed")
+			ds.cutFailed()
 			return fmt.Errorf("disk %s: %w", d.dev, err)
 		}
 	}
