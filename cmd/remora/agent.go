@@ -26,7 +26,7 @@ func newAgentCmd() *cobra.Command {
 			if err := cfg.Validate(); err != nil {
 				return err
 			}
-			log, err := newLogger(cfg.LogLevel, os.Stderr)
+			log, err := newLogger(cfg.LogLevel, cfg.LogFormat, os.Stderr)
 			if err != nil {
 				return err
 			}

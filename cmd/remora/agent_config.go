@@ -24,6 +24,7 @@ var agentFlagUsage = map[string]string{
 	"tracker":             "dirty page tracker: auto, scan or softdirty",
 	"shell_suffix":        "suffix of standby shell domain names (set when both hosts share one libvirt)",
 	"log_level":           "debug, info, warn or error",
+	"log_format":          "text or json (one object per line)",
 	"arbiter":             "arbiter address (host:port); empty: failover by hand only",
 	"advertise":           "replication address other agents reach this one at",
 	"tls_cert":            "this agent's certificate (its name is agent_id)",

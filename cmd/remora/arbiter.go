@@ -45,6 +45,7 @@ REMORA_ARBITER_TLS_CERT), then flags. Unknown keys in the file are an error.`,
 	f.String("state-dir", "", "directory for durable arbiter state")
 	f.Duration("lease-duration", 0, "primary lease duration")
 	f.String("log-level", "", "debug, info, warn or error")
+	f.String("log-format", "", "text or json")
 	cmd.AddCommand(statusCmd(&configPath))
 	return cmd
 }
@@ -57,7 +58,7 @@ func cmdContext(cmd *cobra.Command) context.Context {
 }
 
 func runArbiter(ctx context.Context, cfg *arbiterConfig, logOut io.Writer) error {
-	logger, err := newLogger(cfg.LogLevel, logOut)
+	logger, err := newLogger(cfg.LogLevel, cfg.LogFormat, logOut)
 	if err != nil {
 		return err
 	}

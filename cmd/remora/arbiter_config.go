@@ -30,6 +30,7 @@ type arbiterConfig struct {
 	MaxGuests     int             `mapstructure:"max_guests"`
 	Guests        []GuestConfig   `mapstructure:"guests"`
 	LogLevel      string          `mapstructure:"log_level"`
+	LogFormat     string          `mapstructure:"log_format"`
 }
 
 type TLSConfig struct {
@@ -75,6 +76,7 @@ func arbiterDefaults() arbiterConfig {
 		MaxSuspend:    arbiter.DefaultMaxSuspend,
 		MaxGuests:     arbiter.DefaultMaxGuests,
 		LogLevel:      "info",
+		LogFormat:     "text",
 	}
 }
 
@@ -127,6 +129,9 @@ func (c *arbiterConfig) validate() error {
 	}
 	if _, err := c.logLevel(); err != nil {
 		errs = append(errs, err)
+	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		errs = append(errs, fmt.Errorf("log_format %q unknown: use text or json", c.LogFormat))
 	}
 	seen := map[string]bool{}
 	for i, g := range c.Guests {

@@ -130,6 +130,7 @@ func TestConfigErrors(t *testing.T) {
 		{"guests:\n  - name: g\n    service: {kind: icmp, address: 'a:1'}\n", "unknown probe kind"},
 		{"guests:\n  - name: g\n  - name: g\n", "listed twice"},
 		{"log_level: loud\n", "log_level"},
+		{"log_format: xml\n", `log_format "xml" unknown: use text or json`},
 		{"lease_duration: soon\n", "lease_duration"},
 		{"probe: {interval: 1ns}\n", "probe interval 1ns is below the minimum of 100ms"},
 		{"probe: {interval: 2h}\n", "probe interval 2h0m0s exceeds the maximum of 1h0m0s"},

@@ -140,12 +140,19 @@ func parseLogLevel(s string) (slog.Level, error) {
 }
 
 // newLogger is the one way remora's daemons log: slog, text, to w.
-func newLogger(level string, w io.Writer) (*slog.Logger, error) {
+func newLogger(level, format string, w io.Writer) (*slog.Logger, error) {
 	l, err := parseLogLevel(level)
 	if err != nil {
 		return nil, err
 	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l})), nil
+	opts := &slog.HandlerOptions{Level: l}
+	switch format {
+	case "", "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("log_format %q unknown: use text or json", format)
 }
 
 // configPath is --config, or def when that file exists.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -96,8 +97,39 @@ func TestAgentConfigBadLogLevel(t *testing.T) {
 	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), `log_level "loud"`) {
 		t.Fatalf("bad log level: %v", err)
 	}
-	if _, err := newLogger("loud", os.Stderr); err == nil {
+	if _, err := newLogger("loud", "text", os.Stderr); err == nil {
 		t.Fatal("newLogger took a bad level")
+	}
+}
+
+// log_format json writes one JSON object per line; an unknown format is
+// refused with the choices.
+func TestLogFormat(t *testing.T) {
+	var b strings.Builder
+	l, err := newLogger("info", "json", &b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Info("guest state changed", "guest", "web1")
+	var rec map[string]any
+	if err := json.Unmarshal([]byte(b.String()), &rec); err != nil || rec["msg"] != "guest state changed" || rec["guest"] != "web1" {
+		t.Fatalf("json log line %q: %v", b.String(), err)
+	}
+	cmd := newAgentCmd()
+	cmd.Flags().String("config", "", "")
+	cmd.Flags().String("socket", "", "")
+	if err := cmd.Flags().Parse([]string{"--log-format", "xml", "--agent-id", "a"}); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := loadAgentConfig(cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), `log_format "xml" unknown: use text or json`) {
+		t.Fatalf("bad log format: %v", err)
+	}
+	if _, err := newLogger("info", "xml", os.Stderr); err == nil {
+		t.Fatal("newLogger took a bad format")
 	}
 }
 

@@ -30,6 +30,7 @@ type Config struct {
 	Tracker          string        `mapstructure:"tracker"`
 	ShellSuffix      string        `mapstructure:"shell_suffix"`
 	LogLevel         string        `mapstructure:"log_level"`
+	LogFormat        string        `mapstructure:"log_format"` // text or json
 
 	// Arbiter is the arbiter's host:port; empty means no automatic
 	// failover (vm failover by hand only).
@@ -107,6 +108,7 @@ func Defaults() Config {
 		MaxInFlight:      3,
 		Tracker:          checkpoint.TrackerAuto,
 		LogLevel:         "info",
+		LogFormat:        "text",
 
 		HeartbeatInterval: 250 * time.Millisecond,
 		HeartbeatMissed:   4,
@@ -185,6 +187,9 @@ func (c *Config) Validate() error {
 	}
 	if !validLogLevel(c.LogLevel) {
 		return fmt.Errorf("log_level %q unknown: use debug, info, warn or error", c.LogLevel)
+	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		return fmt.Errorf("log_format %q unknown: use text or json", c.LogFormat)
 	}
 	tlsSet := 0
 	for _, f := range []string{c.TLSCert, c.TLSKey, c.TLSCA} {
