@@ -144,8 +144,42 @@ func newVMCmd() *cobra.Command {
 			return nil
 		},
 	}
+	// Shell completion of GUEST asks the agent; role "" takes any guest.
+	guests := func(role string) cobra.CompletionFunc {
+		return func(cmd *cobra.Command, args []string, prefix string) ([]string, cobra.ShellCompDirective) {
+			if len(args) > 0 {
+				return nil, cobra.ShellCompDirectiveNoFileComp
+			}
+			c, err := client(cmd)
+			if err != nil {
+				return nil, cobra.ShellCompDirectiveNoFileComp
+			}
+			ctx, cancel := context.WithTimeout(cmdContext(cmd), 2*time.Second)
+			defer cancel()
+			st, err := c.Status(ctx)
+			if err != nil {
+				return nil, cobra.ShellCompDirectiveNoFileComp
+			}
+			return guestNames(st, role, prefix), cobra.ShellCompDirectiveNoFileComp
+		}
+	}
+	failover.ValidArgsFunction = guests(api.RoleStandby)
+	unenroll.ValidArgsFunction = guests("")
+	enroll.ValidArgsFunction = cobra.NoFileCompletions
 	vm.AddCommand(enroll, status, failover, unenroll)
 	return vm
+}
+
+// guestNames are the guests in st with role (any, if empty) whose name
+// starts with prefix.
+func guestNames(st []api.VMStatus, role, prefix string) []string {
+	var names []string
+	for _, v := range st {
+		if (role == "" || v.Role == role) && strings.HasPrefix(v.Guest, prefix) {
+			names = append(names, v.Guest)
+		}
+	}
+	return names
 }
 
 func waitProtected(ctx context.Context, c *api.Client, name string, timeout time.Duration) error {
