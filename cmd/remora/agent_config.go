@@ -25,6 +25,7 @@ var agentFlagUsage = map[string]string{
 	"shell_suffix":        "suffix of standby shell domain names (set when both hosts share one libvirt)",
 	"log_level":           "debug, info, warn or error",
 	"log_format":          "text or json (one object per line)",
+	"metrics_listen":      "serve Prometheus metrics at /metrics on host:port (plain HTTP); empty: none",
 	"arbiter":             "arbiter address (host:port); empty: failover by hand only",
 	"advertise":           "replication address other agents reach this one at",
 	"tls_cert":            "this agent's certificate (its name is agent_id)",

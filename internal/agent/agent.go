@@ -170,6 +170,13 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		apiTLS = tls.NewListener(apiTLS, a.tlsSrv)
 		defer apiTLS.Close()
 	}
+	var metricsLn net.Listener
+	if a.cfg.MetricsListen != "" {
+		if metricsLn, err = net.Listen("tcp", a.cfg.MetricsListen); err != nil {
+			return fmt.Errorf("listen for metrics on %s: %w (change metrics_listen, or leave it empty to serve none)", a.cfg.MetricsListen, err)
+		}
+		defer metricsLn.Close()
+	}
 
 	j, jst, err := openJournal(a.cfg.StateDir, a.log)
 	if err != nil {
@@ -207,6 +214,9 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	go func() { errc <- a.serveAPI(ctx, apiLn, gid) }()
 	if apiTLS != nil {
 		go func() { errc <- a.serveAPI(ctx, apiTLS, gid) }()
+	}
+	if metricsLn != nil {
+		go a.serveMetrics(ctx, metricsLn)
 	}
 	select {
 	case <-ctx.Done():

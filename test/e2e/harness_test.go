@@ -152,7 +152,8 @@ epoch_interval: %s
 shell_suffix: "-%s"
 log_level: debug
 boot_dirs: [%s]
-%s`, name, h.addr, filepath.Join(dir, "agent.sock"), filepath.Join(dir, "state"), filepath.Join(dir, "run"), o.interval, name, labkit.LabDir(), o.extra)
+metrics_listen: %s:%d
+%s`, name, h.addr, filepath.Join(dir, "agent.sock"), filepath.Join(dir, "state"), filepath.Join(dir, "run"), o.interval, name, labkit.LabDir(), ip, metricsPort, o.extra)
 	if err := os.WriteFile(h.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}

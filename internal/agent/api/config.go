@@ -31,6 +31,9 @@ type Config struct {
 	ShellSuffix      string        `mapstructure:"shell_suffix"`
 	LogLevel         string        `mapstructure:"log_level"`
 	LogFormat        string        `mapstructure:"log_format"` // text or json
+	// MetricsListen serves Prometheus metrics at /metrics on host:port
+	// (plain HTTP, read only); empty: none.
+	MetricsListen string `mapstructure:"metrics_listen"`
 
 	// Arbiter is the arbiter's host:port; empty means no automatic
 	// failover (vm failover by hand only).
