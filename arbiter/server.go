@@ -89,6 +89,9 @@ type Server struct {
 	mu sync.Mutex // serialises all decisions
 	m  *machine
 
+	reqMu sync.Mutex
+	reqs  map[RequestKey]uint64 // answered requests, for metrics
+
 	connMu    sync.Mutex
 	closed    bool
 	listeners map[net.Listener]struct{}
@@ -369,7 +372,42 @@ func (s *Server) handleFrame(peer string, names []string, body []byte) (resp *re
 		}
 	}
 	resp.Err = toError(s.dispatch(&req, resp))
+	s.count(req.Op, resp.Err)
 	return resp, true
+}
+
+// RequestKey is an operation and its result: "ok" or the error code.
+type RequestKey struct{ Op, Result string }
+
+func (s *Server) count(op string, err *Error) {
+	switch op {
+	case opRegister, opRenew, opSuspend, opRelease, opPromote, opStandbyLost, opSynced, opRetire, opHeartbeat, opStatus:
+	default:
+		op = "unknown" // a peer's made-up operation is not a new series
+	}
+	k := RequestKey{Op: op, Result: "ok"}
+	if err != nil {
+		k.Result = string(err.Code)
+	}
+	s.reqMu.Lock()
+	if s.reqs == nil {
+		s.reqs = map[RequestKey]uint64{}
+	}
+	s.reqs[k]++
+	s.reqMu.Unlock()
+}
+
+// RequestCounts returns how many requests the arbiter has answered since
+// it started, by operation and result (promotions granted and refused
+// among them).
+func (s *Server) RequestCounts() map[RequestKey]uint64 {
+	s.reqMu.Lock()
+	defer s.reqMu.Unlock()
+	out := make(map[RequestKey]uint64, len(s.reqs))
+	for k, v := range s.reqs {
+		out[k] = v
+	}
+	return out
 }
 
 func toError(err error) *Error {

@@ -46,6 +46,7 @@ REMORA_ARBITER_TLS_CERT), then flags. Unknown keys in the file are an error.`,
 	f.Duration("lease-duration", 0, "primary lease duration")
 	f.String("log-level", "", "debug, info, warn or error")
 	f.String("log-format", "", "text or json")
+	f.String("metrics-listen", "", "serve Prometheus metrics at /metrics on host:port (plain HTTP); empty: none")
 	cmd.AddCommand(statusCmd(&configPath))
 	return cmd
 }
@@ -82,6 +83,17 @@ func runArbiter(ctx context.Context, cfg *arbiterConfig, logOut io.Writer) error
 		return err
 	}
 	logger.Info("arbiter: listening", "addr", ln.Addr().String(), "state_dir", cfg.StateDir, "lease", cfg.LeaseDuration)
+	if cfg.MetricsListen != "" {
+		ml, err := net.Listen("tcp", cfg.MetricsListen)
+		if err != nil {
+			ln.Close()
+			srv.Close()
+			return fmt.Errorf("listen for metrics on %s: %w (change metrics_listen, or leave it empty to serve none)", cfg.MetricsListen, err)
+		}
+		mctx, stopMetrics := context.WithCancel(ctx)
+		defer stopMetrics()
+		go serveArbiterMetrics(mctx, ml, srv, map[string]string{"arbiter": cfg.TLS.Cert, "ca": cfg.TLS.CA}, logger)
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	select {

@@ -31,6 +31,9 @@ type arbiterConfig struct {
 	Guests        []GuestConfig   `mapstructure:"guests"`
 	LogLevel      string          `mapstructure:"log_level"`
 	LogFormat     string          `mapstructure:"log_format"`
+	// MetricsListen serves Prometheus metrics at /metrics (plain HTTP);
+	// empty: none.
+	MetricsListen string `mapstructure:"metrics_listen"`
 }
 
 type TLSConfig struct {

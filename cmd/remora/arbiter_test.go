@@ -6,12 +6,19 @@ import (
 	"encoding/json"
 	"errors"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 
 	"github.com/spf13/cobra"
 
@@ -212,6 +219,12 @@ func TestArbiterEndToEnd(t *testing.T) {
 	}
 	addr := ln.Addr().String()
 	ln.Close()
+	ml, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsAddr := ml.Addr().String()
+	ml.Close()
 	svc, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -234,6 +247,7 @@ tls:
   key: `+pki.KeyPath(pkiDir, "arbiter")+`
   ca: `+filepath.Join(pkiDir, "ca.crt")+`
 lease_duration: 2s
+metrics_listen: `+metricsAddr+`
 probe: {interval: 100ms, timeout: 100ms}
 guests:
   - name: web1
@@ -326,6 +340,53 @@ guests:
 	if !strings.Contains(logs.String(), "arbiter: listening") {
 		t.Errorf("no startup log:\n%s", logs.String())
 	}
+
+	// A refused request is counted under its error code.
+	if _, err := c.Register(rctx, arbiter.GuestSpec{Guest: "web1", AgentID: "host-a", Role: arbiter.RoleStandby, Epoch: 1}); err == nil {
+		t.Fatal("the primary registered as its own standby")
+	}
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	p := expfmt.NewTextParser(model.LegacyValidation)
+	fams, err := p.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatalf("the Prometheus text parser refuses /metrics: %v", err)
+	}
+	find := func(name string, want map[string]string) float64 {
+		t.Helper()
+	next:
+		for _, m := range fams[name].GetMetric() {
+			for _, l := range m.Label {
+				if w, ok := want[l.GetName()]; ok && w != l.GetValue() {
+					continue next
+				}
+			}
+			if m.Counter != nil {
+				return m.Counter.GetValue()
+			}
+			return m.Gauge.GetValue()
+		}
+		t.Fatalf("no %s%v in /metrics", name, want)
+		return 0
+	}
+	if v := find("remora_arbiter_guest_fencing_epoch", map[string]string{"guest": "web1", "primary": "host-a"}); v != 1 {
+		t.Errorf("fencing epoch %v, status says 1", v)
+	}
+	if v := find("remora_arbiter_guest_probe_ok", map[string]string{"guest": "web1"}); v != 1 {
+		t.Errorf("probe ok %v, status says ok", v)
+	}
+	if v := find("remora_arbiter_requests_total", map[string]string{"op": "register", "result": "ok"}); v < 1 {
+		t.Errorf("registrations counted: %v", v)
+	}
+	if v := find("remora_arbiter_requests_total", map[string]string{"op": "register", "result": "conflict"}); v != 1 {
+		t.Errorf("refused registrations counted: %v, want 1", v)
+	}
+	if v := find("remora_certificate_expiry_timestamp_seconds", map[string]string{"cert": "arbiter"}); time.Unix(int64(v), 0).Before(time.Now()) {
+		t.Errorf("certificate expiry %v", v)
+	}
 }
 
 func TestPrintArbiterStatus(t *testing.T) {
@@ -341,6 +402,33 @@ func TestPrintArbiterStatus(t *testing.T) {
 	for _, want := range []string{"suspended, 20s left (until 12:00:20.000)", "recovering until 12:00:06 (2 claims)", "recovery stuck: no agent claims the primary role"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("status output lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+// Every arbiter metric the example alert rules use is one it serves.
+func TestAlertRulesUseServedArbiterMetrics(t *testing.T) {
+	rules, err := os.ReadFile("../../configs/prometheus/remora-alerts.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := map[string]bool{}
+	ch := make(chan *prometheus.Desc, 64)
+	newArbiterCollector(nil, nil).Describe(ch)
+	close(ch)
+	fq := regexp.MustCompile(`fqName: "([a-z_]+)"`)
+	for d := range ch {
+		if m := fq.FindStringSubmatch(d.String()); m != nil {
+			served[m[1]] = true
+		}
+	}
+	used := regexp.MustCompile(`remora_arbiter_[a-z_]+`).FindAllString(string(rules), -1)
+	if len(used) == 0 {
+		t.Fatal("the alert rules use no arbiter metric")
+	}
+	for _, m := range used {
+		if !served[m] {
+			t.Errorf("alert rules use %s, which the arbiter does not serve", m)
 		}
 	}
 }

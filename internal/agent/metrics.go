@@ -2,11 +2,8 @@ package agent
 
 import (
 	"context"
-	"crypto/x509"
-	"encoding/pem"
 	"net"
 	"net/http"
-	"os"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -15,6 +12,7 @@ import (
 
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/internal/pki"
 )
 
 // metricsCollector turns the guests' status, the same figures `vm status`
@@ -82,7 +80,7 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 		l := []string{v.Guest, v.Role}
 		gauge(c.state, 1, v.Guest, v.Role, v.State)
 		if v.Role == api.RolePrimary {
-			gauge(c.protected, b2f(v.State == checkpoint.StateProtected), l...)
+			gauge(c.protected, oneIf(v.State == checkpoint.StateProtected), l...)
 		}
 		gauge(c.fence, float64(v.Fence), l...)
 		gauge(c.epoch, float64(v.Epoch), l...)
@@ -110,34 +108,17 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	for role, path := range c.certs {
-		if t, err := certExpiry(path); err == nil {
-			gauge(c.certExp, float64(t.Unix()), role)
+		if cert, err := pki.ReadCert(path); err == nil {
+			gauge(c.certExp, float64(cert.NotAfter.Unix()), role)
 		}
 	}
 }
 
-func b2f(b bool) float64 {
+func oneIf(b bool) float64 {
 	if b {
 		return 1
 	}
 	return 0
-}
-
-// certExpiry reads the first certificate of a PEM file.
-func certExpiry(path string) (time.Time, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return time.Time{}, err
-	}
-	blk, _ := pem.Decode(b)
-	if blk == nil {
-		return time.Time{}, os.ErrInvalid
-	}
-	cert, err := x509.ParseCertificate(blk.Bytes)
-	if err != nil {
-		return time.Time{}, err
-	}
-	return cert.NotAfter, nil
 }
 
 // metricsHandler serves this agent's metrics and the Go runtime's.
