@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/remora-ha/remora/txlog"
+
 	"github.com/digitalocean/go-qemu/qmp"
 
 	"github.com/remora-ha/remora/arbiter"
@@ -155,7 +157,16 @@ func TestUnenrollPromotedRetiresAtTheArbiter(t *testing.T) {
 		if err := g.a.store.save(g.rec); err != nil {
 			t.Fatal(err)
 		}
-		err := g.a.Unenroll(context.Background(), g.name)
+		j, _, err := openJournal(t.TempDir(), quietLog())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer j.close()
+		g.a.journal = j
+		if err := j.append(context.Background(), true, txlog.TypePlain, 0, journalEvent{Kind: "promote", Guest: g.name, Fence: 4}); err != nil {
+			t.Fatal(err)
+		}
+		err = g.a.Unenroll(context.Background(), g.name)
 		if got := fmt.Sprint(arb.calls); got != "[retire g1 host-a 4]" {
 			t.Fatalf("arbiter calls: %s", got)
 		}
@@ -170,6 +181,11 @@ func TestUnenrollPromotedRetiresAtTheArbiter(t *testing.T) {
 		}
 		if recs, _ := g.a.store.loadAll(); len(recs) != 0 {
 			t.Fatalf("records left: %d", len(recs))
+		}
+		// The journal forgets the promoted fence: a later replica of the
+		// same name must not start at it after a restart.
+		if st, ok := j.state(g.name); ok {
+			t.Fatalf("the journal still holds %+v after unenroll", st)
 		}
 	}
 }

@@ -417,3 +417,12 @@ func (mj moveJournal) Abort(ctx context.Context, tx uint64, m *migrate.Move, why
 func (mj moveJournal) End(ctx context.Context, tx uint64, m *migrate.Move) error {
 	return mj.j.append(ctx, false, txlog.TypeEnd, tx, mj.event(m, "announced"))
 }
+
+// journalDrop records that a guest is no longer kept here: its replica
+// state and fencing epoch are forgotten with it.
+func (a *Agent) journalDrop(ctx context.Context, name string) error {
+	if a.journal == nil {
+		return nil
+	}
+	return a.journal.append(ctx, true, txlog.TypePlain, 0, journalEvent{Kind: "drop", Guest: name})
+}

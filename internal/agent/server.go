@@ -205,6 +205,12 @@ func (a *Agent) Unenroll(ctx context.Context, name string) error {
 		// afresh instead of meeting this one.
 		g.stop()
 		warn := a.retire(ctx, name, g.state())
+		// The journal forgets it too: its fencing epoch must not carry
+		// over to a later replica of the same name (after a restart, that
+		// replica would refuse its primary as stale forever).
+		if err := a.journalDrop(ctx, name); err != nil {
+			return err
+		}
 		a.forget(g)
 		if err := a.store.remove(name); err != nil {
 			return err

@@ -639,7 +639,7 @@ func (a *Agent) dropReplica(ctx context.Context, name string, fence uint64, prim
 	}
 	_ = os.RemoveAll(a.replicaDir(name))
 	_ = os.RemoveAll(filepath.Dir(a.diskImage(name, "x")))
-	if err := a.journal.append(ctx, true, txlog.TypePlain, 0, journalEvent{Kind: "drop", Guest: name}); err != nil {
+	if err := a.journalDrop(ctx, name); err != nil {
 		return err
 	}
 	go g.stop() // not under s.mu: the driver's tick takes it
