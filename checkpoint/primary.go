@@ -809,6 +809,7 @@ func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, dev
 		}
 	}
 	end.Pages, end.DevStateLen, end.CRC = npages, uint64(len(ep.devstate)), crc
+	end.DevStateCRC = crc32.Checksum(ep.devstate, castagnoli)
 	if err := WriteFrame(w, Frame{Type: FrameEpochEnd, Fence: fence, Epoch: ep.epoch, Payload: end.Marshal()}); err != nil {
 		return err
 	}

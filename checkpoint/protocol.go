@@ -158,16 +158,20 @@ type EpochEnd struct {
 	Batches     uint32
 	DevStateLen uint64
 	CRC         uint32 // CRC32C over every pages and devstate payload, in order
+	// DevStateCRC is the CRC32C of the epoch's whole device state, so a
+	// standby that rebuilt it from a delta knows it got it right.
+	DevStateCRC uint32
 }
 
-const epochEndLen = 24
+const epochEndLen = 28
 
 func (e EpochEnd) Marshal() []byte {
 	b := make([]byte, 0, epochEndLen)
 	b = binary.BigEndian.AppendUint64(b, e.Pages)
 	b = binary.BigEndian.AppendUint32(b, e.Batches)
 	b = binary.BigEndian.AppendUint64(b, e.DevStateLen)
-	return binary.BigEndian.AppendUint32(b, e.CRC)
+	b = binary.BigEndian.AppendUint32(b, e.CRC)
+	return binary.BigEndian.AppendUint32(b, e.DevStateCRC)
 }
 
 func UnmarshalEpochEnd(b []byte) (EpochEnd, error) {
@@ -179,6 +183,7 @@ func UnmarshalEpochEnd(b []byte) (EpochEnd, error) {
 		Batches:     binary.BigEndian.Uint32(b[8:]),
 		DevStateLen: binary.BigEndian.Uint64(b[12:]),
 		CRC:         binary.BigEndian.Uint32(b[20:]),
+		DevStateCRC: binary.BigEndian.Uint32(b[24:]),
 	}, nil
 }
 

@@ -17,11 +17,11 @@ import (
 // accepted, and it re-encodes to the same bytes; every EpochEnd survives
 // Marshal then UnmarshalEpochEnd.
 func FuzzUnmarshalEpochEnd(f *testing.F) {
-	f.Add(EpochEnd{Pages: 3, Batches: 1, DevStateLen: 4096, CRC: 0xdeadbeef}.Marshal(), uint64(1), uint32(2), uint64(3), uint32(4))
-	f.Add(EpochEnd{}.Marshal(), ^uint64(0), ^uint32(0), ^uint64(0), ^uint32(0))
-	f.Add(make([]byte, epochEndLen-1), uint64(0), uint32(0), uint64(0), uint32(0))
-	f.Add(make([]byte, epochEndLen+1), uint64(0), uint32(0), uint64(0), uint32(0))
-	f.Fuzz(func(t *testing.T, b []byte, pages uint64, batches uint32, devLen uint64, crc uint32) {
+	f.Add(EpochEnd{Pages: 3, Batches: 1, DevStateLen: 4096, CRC: 0xdeadbeef, DevStateCRC: 7}.Marshal(), uint64(1), uint32(2), uint64(3), uint32(4), uint32(5))
+	f.Add(EpochEnd{}.Marshal(), ^uint64(0), ^uint32(0), ^uint64(0), ^uint32(0), ^uint32(0))
+	f.Add(make([]byte, epochEndLen-1), uint64(0), uint32(0), uint64(0), uint32(0), uint32(0))
+	f.Add(make([]byte, epochEndLen+1), uint64(0), uint32(0), uint64(0), uint32(0), uint32(0))
+	f.Fuzz(func(t *testing.T, b []byte, pages uint64, batches uint32, devLen uint64, crc, devCRC uint32) {
 		e, err := UnmarshalEpochEnd(b)
 		if (err == nil) != (len(b) == epochEndLen) {
 			t.Fatalf("%d-byte trailer: err %v", len(b), err)
@@ -29,7 +29,7 @@ func FuzzUnmarshalEpochEnd(f *testing.F) {
 		if err == nil && !bytes.Equal(e.Marshal(), b) {
 			t.Fatalf("%x decodes to %+v, which encodes to %x", b, e, e.Marshal())
 		}
-		want := EpochEnd{Pages: pages, Batches: batches, DevStateLen: devLen, CRC: crc}
+		want := EpochEnd{Pages: pages, Batches: batches, DevStateLen: devLen, CRC: crc, DevStateCRC: devCRC}
 		if got, err := UnmarshalEpochEnd(want.Marshal()); err != nil || got != want {
 			t.Fatalf("round trip of %+v: %+v, %v", want, got, err)
 		}

@@ -258,6 +258,8 @@ func (r *Replica) End(epoch uint64, end EpochEnd) error {
 		return fmt.Errorf("%w: epoch %d has %d device-state bytes, trailer says %d", ErrIncomplete, epoch, r.gotDev, end.DevStateLen)
 	case end.CRC != r.crc:
 		return fmt.Errorf("%w: epoch %d checksum %08x, trailer says %08x", ErrIncomplete, epoch, r.crc, end.CRC)
+	case crc32.Checksum(r.devNew, castagnoli) != end.DevStateCRC:
+		return fmt.Errorf("%w: epoch %d's device state (rebuilt against epoch %d) has checksum %08x, the primary's %08x", ErrIncomplete, epoch, r.begin.DevStateBase, crc32.Checksum(r.devNew, castagnoli), end.DevStateCRC)
 	case r.begin.Full && r.gotPages != r.pages:
 		return fmt.Errorf("%w: full epoch %d has %d pages, guest RAM has %d", ErrIncomplete, epoch, r.gotPages, r.pages)
 	}

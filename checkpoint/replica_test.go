@@ -127,7 +127,7 @@ func buildEpoch(t testing.TB, src []byte, indices []uint64, full bool, devstate 
 		e.devTypes = append(e.devTypes, ft)
 	}
 	e.begin = EpochBegin{Full: full, Pages: uint64(len(indices)), DevStateLen: uint64(len(devstate))}
-	e.end = EpochEnd{Pages: uint64(len(indices)), Batches: uint32(len(e.batches)), DevStateLen: uint64(len(devstate)), CRC: crc}
+	e.end = EpochEnd{Pages: uint64(len(indices)), Batches: uint32(len(e.batches)), DevStateLen: uint64(len(devstate)), CRC: crc, DevStateCRC: crc32.Checksum(devstate, table)}
 	return e
 }
 
@@ -1007,6 +1007,7 @@ func TestReplicaDevStateDelta(t *testing.T) {
 		e := buildEpoch(t, f.g.mem, f.g.write(3), false, deltaAgainst(nil, dev, prev), 64)
 		e.begin.DevStateLen, e.end.DevStateLen = uint64(n), uint64(n)
 		e.begin.DevStateBase = f.epoch - 1
+		e.end.DevStateCRC = crc32.Checksum(dev, crc32.MakeTable(crc32.Castagnoli))
 		if err := feed(f.r, f.gen, f.epoch, e); err != nil {
 			t.Fatalf("delta %d: %v", i, err)
 		}
@@ -1028,11 +1029,23 @@ func TestReplicaDevStateDelta(t *testing.T) {
 		}
 	}
 	f.check()
+	// A delta computed against other bytes than the replica's base (a
+	// primary that lies, or a bug) arrives intact but rebuilds wrong: the
+	// whole state's checksum refuses it.
+	wrongBase := devstateFor(999, len(prev))
+	dev := devstateFor(f.epoch+1, 100)
+	e := buildEpoch(t, f.g.mem, nil, false, deltaAgainst(nil, dev, wrongBase), 64)
+	e.begin.DevStateBase = f.epoch
+	e.end.DevStateCRC = crc32.Checksum(dev, crc32.MakeTable(crc32.Castagnoli))
+	if err := feed(f.r, f.gen, f.epoch+1, e); !errors.Is(err, ErrIncomplete) || !strings.Contains(err.Error(), "rebuilt against") {
+		t.Fatalf("a delta against the wrong base: %v, want refused", err)
+	}
+	f.check()
 	// After a reset no base is held, even for the same numbers.
 	if err := f.r.Reset(f.gen); err != nil {
 		t.Fatal(err)
 	}
-	e := buildEpoch(t, f.g.mem, nil, true, deltaAgainst(nil, devstateFor(f.epoch+1, 100), prev), 64)
+	e = buildEpoch(t, f.g.mem, nil, true, deltaAgainst(nil, devstateFor(f.epoch+1, 100), prev), 64)
 	e.begin.DevStateBase = f.epoch
 	if err := feed(f.r, f.gen, f.epoch+1, e); err == nil {
 		t.Fatal("a delta after Reset was accepted")
