@@ -283,7 +283,9 @@ func (p *Primary) setState(f func(*PrimaryStatus)) {
 func (p *Primary) Run(ctx context.Context) error {
 	defer p.setState(func(s *PrimaryStatus) { s.State = StateStopped })
 	if p.cfg.Output != nil {
-		rctx, stopReleaser := context.WithCancel(ctx)
+		// Not derived from ctx: the releaser stops after the last session
+		// has ended, so an ack that session took still lets its output out.
+		rctx, stopReleaser := context.WithCancel(context.WithoutCancel(ctx))
 		done := make(chan struct{})
 		go func() { defer close(done); p.releaseLoop(rctx) }()
 		defer func() { stopReleaser(); <-done }()
@@ -879,21 +881,30 @@ func (p *Primary) releaseLoop(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
+			// An ack that came with the stop still lets its output out:
+			// the standby holds that epoch.
+			p.releaseAcked(&released)
 			return
 		case <-p.releaseCh:
 		}
-		p.mu.Lock()
-		acked := p.ackedEpoch
-		p.mu.Unlock()
-		if acked <= released {
-			continue
-		}
-		if err := p.cfg.Output.Release(acked); err != nil {
-			p.log.Error("output commit: release failed; the guest's output stays held", "epoch", acked, "err", err)
-			p.setState(func(s *PrimaryStatus) { s.OutputError = err.Error() })
-			continue
-		}
-		released = acked
-		p.setState(func(s *PrimaryStatus) { s.OutputError = "" })
+		p.releaseAcked(&released)
 	}
+}
+
+// releaseAcked releases the output of every acknowledged epoch after
+// *released.
+func (p *Primary) releaseAcked(released *uint64) {
+	p.mu.Lock()
+	acked := p.ackedEpoch
+	p.mu.Unlock()
+	if acked <= *released {
+		return
+	}
+	if err := p.cfg.Output.Release(acked); err != nil {
+		p.log.Error("output commit: release failed; the guest's output stays held", "epoch", acked, "err", err)
+		p.setState(func(s *PrimaryStatus) { s.OutputError = err.Error() })
+		return
+	}
+	*released = acked
+	p.setState(func(s *PrimaryStatus) { s.OutputError = "" })
 }
