@@ -95,6 +95,7 @@ bench: lab build
 	$(GO) test -run '^$$' -bench . -benchtime 20x ./checkpoint
 	$(GO) test -run '^$$' -bench . ./txlog
 	$(GO) run ./test/bench
+	REMORA_LAB=1 REMORA_BENCH=1 $(GO) test -count=1 -v -run 'TestLab/WriteCost' ./checkpoint/disk/
 	$(GO) run ./test/failbench -n 5
 
 demo: lab build
