@@ -18,23 +18,30 @@ import (
 // QEMU 7.2's NBD client has no request timeout: a standby that stops
 // answering without closing the connection holds the guest's write, and
 // QMP stop that drains it, until TCP gives up (many minutes). The relay
-// follows the NBD exchange and resets both connections when a request
-// stays unanswered for Timeout, or when the agent calls Break; QEMU then
-// fails the target write and, with on-target-error report, the guest goes
-// on with its write done on the source.
+// follows the NBD exchange, and when a request stays unanswered for
+// Timeout, the standby's connection ends, or the agent calls Break, it
+// stands in for the lost standby: it closes the standby's side and
+// answers QEMU's requests itself (writes succeed, reads fail). QEMU never
+// sees its target fail: QEMU 7.2 was seen to abort (heap corruption) when
+// a write-blocking mirror's NBD connection was reset while a QMP stop was
+// draining it. A connection stood in for means the replica misses writes
+// (Stats.StoodIn): the agent must not cut another epoch on it and
+// resyncs the disk. Only a connection lost in its handshake, or half way
+// through a reply, is reset instead.
 type Relay struct {
 	dial    func(ctx context.Context) (net.Conn, error)
 	timeout time.Duration
 	// Log, if set, reports connections and breaks.
 	Log *slog.Logger
 
-	mu     sync.Mutex
-	ls     map[net.Listener]struct{}
-	conns  map[*relayConn]struct{}
-	done   bool
-	wg     sync.WaitGroup
-	broken uint64
-	served uint64
+	mu      sync.Mutex
+	ls      map[net.Listener]struct{}
+	conns   map[*relayConn]struct{}
+	done    bool
+	wg      sync.WaitGroup
+	broken  uint64
+	stoodIn uint64
+	served  uint64
 }
 
 // DefaultRelayTimeout is how long a request may go unanswered.
@@ -87,11 +94,11 @@ func (r *Relay) Serve(l net.Listener) error {
 	}
 }
 
-// Break resets every relayed connection now: the agent declared the
-// standby dead.
+// Break stands in for the standby on every relayed connection now: the
+// agent declared it dead.
 func (r *Relay) Break() {
 	for _, rc := range r.live() {
-		rc.abort("the agent broke the connection")
+		rc.standIn("the agent declared the standby dead")
 	}
 }
 
@@ -123,13 +130,18 @@ func (r *Relay) Close() error {
 // RelayStats are a Relay's counters.
 type RelayStats struct {
 	Connections uint64 // relayed so far
-	Broken      uint64 // reset for a late answer or by Break
+	Broken      uint64 // reset (QEMU saw its target fail)
+	// StoodIn counts connections whose standby was lost and whose
+	// requests the relay answered itself: from the first of them on, the
+	// replica misses writes QEMU counts as mirrored. It grows before the
+	// relay answers anything in the standby's place.
+	StoodIn uint64
 }
 
 func (r *Relay) Stats() RelayStats {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return RelayStats{Connections: r.served, Broken: r.broken}
+	return RelayStats{Connections: r.served, Broken: r.broken, StoodIn: r.stoodIn}
 }
 
 type relayConn struct {
@@ -140,6 +152,10 @@ type relayConn struct {
 	tracker    nbdTracker
 	reason     string
 	lastAnswer time.Time // when pending last became nonzero or a request was answered
+	standing   bool      // the relay answers in the lost standby's place
+	// wmu keeps each write to QEMU whole: the standby's replies and the
+	// relay's own go to QEMU on the same connection.
+	wmu sync.Mutex
 }
 
 func (r *Relay) serve(down net.Conn) {
@@ -178,9 +194,12 @@ func (r *Relay) serve(down net.Conn) {
 	down.Close()
 	up.Close()
 	rc.mu.Lock()
-	reason := rc.reason
+	reason, standing := rc.reason, rc.standing
 	rc.mu.Unlock()
-	if reason != "" {
+	switch {
+	case standing:
+		r.log().Info("disk relay: connection ended; the relay had stood in for the lost standby", "why", reason)
+	case reason != "":
 		r.log().Warn("disk relay: connection reset", "why", reason)
 	}
 }
@@ -194,13 +213,22 @@ func (rc *relayConn) pump(dst, src net.Conn, toStandby bool) {
 		if n > 0 {
 			rc.mu.Lock()
 			var perr error
-			if toStandby {
+			var local []nbdPending
+			standing := rc.standing
+			switch {
+			case toStandby:
 				wasIdle := rc.tracker.pending == 0
 				perr = rc.tracker.fromClient(buf[:n])
 				if wasIdle && rc.tracker.pending > 0 {
 					rc.lastAnswer = time.Now()
 				}
-			} else {
+				local = rc.tracker.takeLocal()
+			case standing:
+				// Late bytes of the lost standby: what they answer
+				// was answered already.
+				rc.mu.Unlock()
+				return
+			default:
 				before := rc.tracker.answered
 				perr = rc.tracker.fromServer(buf[:n])
 				if rc.tracker.answered != before {
@@ -212,22 +240,122 @@ func (rc *relayConn) pump(dst, src net.Conn, toStandby bool) {
 				rc.abort(perr.Error())
 				return
 			}
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				rc.abort("")
-				return
+			switch {
+			case toStandby && standing:
+				if rc.answer(local) != nil {
+					rc.abort("")
+					return
+				}
+			case toStandby:
+				if _, werr := dst.Write(buf[:n]); werr != nil {
+					rc.standIn(fmt.Sprintf("cannot write to the standby: %v", werr))
+				}
+			default:
+				rc.wmu.Lock()
+				_, werr := dst.Write(buf[:n])
+				rc.wmu.Unlock()
+				if werr != nil {
+					rc.abort("")
+					return
+				}
 			}
 		}
 		if err != nil {
-			// A clean end is passed on as one (the standby must see the
-			// disconnect request before the connection ends); anything
-			// else resets the other side too.
-			if cw, ok := dst.(interface{ CloseWrite() error }); ok && errors.Is(err, io.EOF) && cw.CloseWrite() == nil {
+			if toStandby {
+				// A clean end is passed on as one (the standby must see
+				// the disconnect request before the connection ends);
+				// anything else resets the other side too.
+				if cw, ok := dst.(interface{ CloseWrite() error }); ok && errors.Is(err, io.EOF) && cw.CloseWrite() == nil {
+					return
+				}
+				rc.abort("")
 				return
 			}
-			rc.abort("")
+			rc.mu.Lock()
+			disc := rc.tracker.discSent
+			rc.mu.Unlock()
+			if disc && errors.Is(err, io.EOF) {
+				if cw, ok := dst.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+					return
+				}
+				rc.abort("")
+				return
+			}
+			rc.standIn(fmt.Sprintf("the standby's connection ended: %v", err))
 			return
 		}
 	}
+}
+
+// standIn closes the standby's side and answers, from now on, every
+// request QEMU sent or sends in the standby's place. A connection not
+// between two replies (in its handshake, or with a reply half passed on)
+// is reset instead.
+func (rc *relayConn) standIn(reason string) {
+	rc.mu.Lock()
+	if rc.standing {
+		rc.mu.Unlock()
+		return
+	}
+	t := &rc.tracker
+	if !t.betweenReplies() {
+		rc.mu.Unlock()
+		rc.abort(reason)
+		return
+	}
+	rc.standing = true
+	rc.reason = reason
+	reqs := t.standIn()
+	rc.mu.Unlock()
+	// Counted before the first answer: a cut that follows the drain of
+	// these writes sees it.
+	rc.r.mu.Lock()
+	rc.r.stoodIn++
+	rc.r.mu.Unlock()
+	rc.r.log().Warn("disk relay: the standby is lost; answering the mirror in its place (the replica misses writes from now on and must be resynced)",
+		"why", reason, "answered", len(reqs))
+	hardClose(rc.up)
+	// Not on the caller's time (Break): QEMU reads the answers when it can.
+	go func() {
+		if rc.answer(reqs) != nil {
+			rc.abort("")
+		}
+	}()
+}
+
+// hardClose ends c at once: RST for TCP, and no TLS close_notify, which
+// would wait on a peer that may not read.
+func hardClose(c net.Conn) {
+	if nc, ok := c.(interface{ NetConn() net.Conn }); ok {
+		c = nc.NetConn()
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c.Close()
+}
+
+// answer replies to reqs in the standby's place: a write (or flush, trim,
+// zeroing) succeeds, since the guest's own disk has it; a read fails, as
+// the replica has nothing to give.
+func (rc *relayConn) answer(reqs []nbdPending) error {
+	if len(reqs) == 0 {
+		return nil
+	}
+	b := make([]byte, 0, len(reqs)*replyLen)
+	for _, q := range reqs {
+		var h [replyLen]byte
+		binary.BigEndian.PutUint32(h[0:], nbdSimpleMagic)
+		if q.typ == cmdRead {
+			binary.BigEndian.PutUint32(h[4:], errIO)
+		}
+		binary.BigEndian.PutUint64(h[8:], q.handle)
+		b = append(b, h[:]...)
+	}
+	rc.wmu.Lock()
+	defer rc.wmu.Unlock()
+	_, err := rc.down.Write(b)
+	return err
 }
 
 func (rc *relayConn) watch(stop <-chan struct{}) {
@@ -241,10 +369,13 @@ func (rc *relayConn) watch(stop <-chan struct{}) {
 		}
 		rc.mu.Lock()
 		late := rc.tracker.pending > 0 && time.Since(rc.lastAnswer) > rc.r.timeout
-		pending := rc.tracker.pending
+		pending, standing := rc.tracker.pending, rc.standing
 		rc.mu.Unlock()
+		if standing {
+			return
+		}
 		if late {
-			rc.abort(fmt.Sprintf("%d requests unanswered by the standby for over %v", pending, rc.r.timeout))
+			rc.standIn(fmt.Sprintf("%d requests unanswered by the standby for over %v", pending, rc.r.timeout))
 			return
 		}
 	}
@@ -254,19 +385,17 @@ func (rc *relayConn) watch(stop <-chan struct{}) {
 func (rc *relayConn) abort(reason string) {
 	rc.once.Do(func() {
 		rc.mu.Lock()
-		rc.reason = reason
+		if reason != "" || rc.reason == "" {
+			rc.reason = reason
+		}
 		rc.mu.Unlock()
 		if reason != "" {
 			rc.r.mu.Lock()
 			rc.r.broken++
 			rc.r.mu.Unlock()
 		}
-		for _, c := range []net.Conn{rc.down, rc.up} {
-			if tc, ok := c.(*net.TCPConn); ok {
-				tc.SetLinger(0)
-			}
-			c.Close()
-		}
+		hardClose(rc.down)
+		hardClose(rc.up)
 	})
 }
 
@@ -276,6 +405,14 @@ func (rc *relayConn) abort(reason string) {
 type nbdTracker struct {
 	pending  int    // requests sent, not fully answered
 	answered uint64 // final answers seen
+
+	// transmission requests received whole and passed to the standby,
+	// not answered yet; once stood in, requests received whole go to
+	// local instead, for the relay to answer
+	forwarded map[uint64]uint16 // handle -> command
+	local     []nbdPending
+	writing   *nbdPending // a write whose payload is still coming
+	stoodIn   bool
 
 	// client to server
 	cbuf      []byte
@@ -295,12 +432,63 @@ type nbdTracker struct {
 
 var errTrackerProtocol = errors.New("nbd relay: unexpected NBD stream")
 
+// nbdPending is a transmission request waiting for its answer.
+type nbdPending struct {
+	handle uint64
+	typ    uint16
+}
+
+// received notes a transmission request that QEMU finished sending.
+func (t *nbdTracker) received(q nbdPending) {
+	if t.stoodIn {
+		t.local = append(t.local, q)
+		return
+	}
+	if t.forwarded == nil {
+		t.forwarded = map[uint64]uint16{}
+	}
+	t.forwarded[q.handle] = q.typ
+}
+
+// takeLocal returns the requests the relay must answer now, counted as
+// answered.
+func (t *nbdTracker) takeLocal() []nbdPending {
+	q := t.local
+	t.local = nil
+	for _, r := range q {
+		delete(t.reads, r.handle)
+		t.answer()
+	}
+	return q
+}
+
+// betweenReplies reports whether the transmission phase has begun and
+// every reply the standby started is passed on whole.
+func (t *nbdTracker) betweenReplies() bool {
+	return t.cstage == 1 && t.sstage == 3 && len(t.sbuf) == 0 && t.sneed == 0
+}
+
+// standIn switches the tracker to local answers and returns the
+// forwarded requests the standby left unanswered.
+func (t *nbdTracker) standIn() []nbdPending {
+	t.stoodIn = true
+	for h, typ := range t.forwarded {
+		t.local = append(t.local, nbdPending{handle: h, typ: typ})
+	}
+	t.forwarded = nil
+	return t.takeLocal()
+}
+
 func (t *nbdTracker) fromClient(p []byte) error {
 	for len(p) > 0 {
 		if t.cneed > 0 {
 			k := min(t.cneed, len(p))
 			t.cneed -= k
 			p = p[k:]
+			if t.cneed == 0 && t.writing != nil {
+				t.received(*t.writing)
+				t.writing = nil
+			}
 			continue
 		}
 		want := 4
@@ -338,20 +526,28 @@ func (t *nbdTracker) fromClient(p []byte) error {
 			if err != nil {
 				return err
 			}
+			q := nbdPending{handle: r.handle, typ: r.typ}
 			switch r.typ {
 			case cmdDisc:
 				t.discSent = true
 			case cmdWrite:
 				t.cneed = int(r.length)
 				t.pending++
+				if t.cneed == 0 {
+					t.received(q)
+				} else {
+					t.writing = &q
+				}
 			case cmdRead:
 				if t.reads == nil {
 					t.reads = map[uint64]uint32{}
 				}
 				t.reads[r.handle] = r.length
 				t.pending++
+				t.received(q)
 			default:
 				t.pending++
+				t.received(q)
 			}
 		}
 	}
@@ -423,6 +619,7 @@ func (t *nbdTracker) fromServer(p []byte) error {
 				return errTrackerProtocol
 			}
 			handle := binary.BigEndian.Uint64(h[8:])
+			delete(t.forwarded, handle)
 			if n, ok := t.reads[handle]; ok {
 				delete(t.reads, handle)
 				if binary.BigEndian.Uint32(h[4:]) == 0 {

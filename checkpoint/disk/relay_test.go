@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -21,6 +23,7 @@ type stallConn struct {
 	net.Conn
 	mu      sync.Mutex
 	stalled bool
+	killed  bool
 	gate    chan struct{}
 }
 
@@ -33,7 +36,21 @@ func (c *stallConn) Read(p []byte) (int, error) {
 	if stalled {
 		<-g
 	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.killed {
+		return 0, net.ErrClosed
+	}
 	return n, err
+}
+
+// kill ends the connection as a standby that went away does: what it was
+// holding back is never delivered.
+func (c *stallConn) kill() {
+	c.mu.Lock()
+	c.killed = true
+	c.mu.Unlock()
+	c.Close()
 }
 
 func (c *stallConn) Close() error {
@@ -120,32 +137,145 @@ func TestRelayPassesASession(t *testing.T) {
 	}
 }
 
-func TestRelayBreaksASilentStandby(t *testing.T) {
-	r, _, sc, cl := relayTest(t, 300*time.Millisecond)
+// readReply reads one simple reply and returns its handle and error.
+func readReply(t *testing.T, cl *nbdClient) (uint64, uint32) {
+	t.Helper()
+	h := readFull(t, cl.r, replyLen)
+	if binary.BigEndian.Uint32(h) != nbdSimpleMagic {
+		t.Fatalf("reply %x", h)
+	}
+	return binary.BigEndian.Uint64(h[8:]), binary.BigEndian.Uint32(h[4:])
+}
+
+// waitOutOfSync waits for the standby's target to count its replica out
+// of sync (the relay closed its side).
+func waitOutOfSync(t *testing.T, tg *Target) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for tg.Err() == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("the standby still counts its replica in sync after the relay stood in")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// A standby that stops answering: after the timeout the relay answers
+// the write in flight itself, and every request after it, so QEMU never
+// sees its target fail; the replica is lost and both sides know it.
+func TestRelayStandsInForASilentStandby(t *testing.T) {
+	r, tg, sc, cl := relayTest(t, 300*time.Millisecond)
+	tg.Cut(1)
 	if e, _ := cl.do(t, 0, cmdWrite, 0, 512, pattern(512, 1)); e != 0 {
 		t.Fatal(e)
 	}
 	sc.stall(true)
 	start := time.Now()
 	cl.c.Write(append(reqBytes(0, cmdWrite, 9, 0, 512), pattern(512, 2)...))
-	_, err := cl.r.ReadByte()
-	if err == nil {
-		t.Fatal("an answer came from a stalled standby")
+	if h, e := readReply(t, cl); h != 9 || e != 0 {
+		t.Fatalf("write in flight to the silent standby: handle %d error %d, want 9 and success", h, e)
 	}
-	d := time.Since(start)
-	if d < 300*time.Millisecond || d > 3*time.Second {
-		t.Fatalf("connection ended after %v, timeout 300ms", d)
+	if d := time.Since(start); d < 300*time.Millisecond || d > 3*time.Second {
+		t.Fatalf("answered after %v, timeout 300ms", d)
 	}
-	if st := r.Stats(); st.Broken != 1 {
+	if st := r.Stats(); st.StoodIn != 1 || st.Broken != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+	// From now on the relay answers at once: writes succeed, reads fail.
+	for i := range 5 {
+		if e, _ := cl.do(t, 0, cmdWrite, uint64(i)*512, 512, pattern(512, 3)); e != 0 {
+			t.Fatalf("write %d after the stand-in: error %d", i, e)
+		}
+	}
+	if e, _ := cl.do(t, 0, cmdFlush, 0, 0, nil); e != 0 {
+		t.Fatal("flush", e)
+	}
+	if e, _ := cl.do(t, 0, cmdRead, 0, 512, nil); e != errIO {
+		t.Fatalf("read from a lost replica: error %d, want EIO", e)
+	}
+	waitOutOfSync(t, tg)
+	if _, err := tg.Cut(2); err == nil {
+		t.Fatal("the standby cut an epoch its replica misses writes of")
+	}
+	cl.do(t, 0, cmdDisc, 0, 0, nil)
+	cl.c.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for len(r.live()) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("relay did not end the connection")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// The standby's connection ends (host rebooted, RST): the relay stands in
+// for the requests it left unanswered.
+func TestRelayStandsInWhenTheStandbyConnectionEnds(t *testing.T) {
+	r, tg, sc, cl := relayTest(t, time.Minute)
+	tg.Cut(1)
+	sc.stall(true)
+	cl.c.Write(append(reqBytes(0, cmdWrite, 7, 0, 512), pattern(512, 2)...))
+	cl.c.Write(reqBytes(0, cmdFlush, 8, 0, 0))
+	time.Sleep(50 * time.Millisecond)
+	sc.kill()
+	got := map[uint64]uint32{}
+	for range 2 {
+		h, e := readReply(t, cl)
+		got[h] = e
+	}
+	if len(got) != 2 || got[7] != 0 || got[8] != 0 {
+		t.Fatalf("answers %v, want handles 7 and 8 answered with success", got)
+	}
+	if st := r.Stats(); st.StoodIn != 1 || st.Broken != 0 {
 		t.Fatalf("stats %+v", st)
 	}
 }
 
 func TestRelayBreak(t *testing.T) {
-	r, _, _, cl := relayTest(t, time.Minute)
+	r, tg, sc, cl := relayTest(t, time.Minute)
+	tg.Cut(1)
+	sc.stall(true)
+	cl.c.Write(append(reqBytes(0, cmdWrite, 5, 0, 512), pattern(512, 2)...))
+	time.Sleep(50 * time.Millisecond)
 	r.Break()
-	if _, err := cl.r.ReadByte(); err == nil {
-		t.Fatal("connection alive after Break")
+	if h, e := readReply(t, cl); h != 5 || e != 0 {
+		t.Fatalf("after Break: handle %d error %d", h, e)
+	}
+	if e, _ := cl.do(t, 0, cmdWrite, 0, 512, pattern(512, 3)); e != 0 {
+		t.Fatal(e)
+	}
+	waitOutOfSync(t, tg)
+	if st := r.Stats(); st.StoodIn != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+// A standby lost before the transmission phase: nothing to stand in for,
+// the connection is reset and QEMU's blockdev-add fails.
+func TestRelayResetsAConnectionLostInItsHandshake(t *testing.T) {
+	r := NewRelay(func(context.Context) (net.Conn, error) {
+		a, b := net.Pipe()
+		go func() {
+			b.Write(make([]byte, 18)[:10]) // half a greeting, then gone
+			b.Close()
+		}()
+		return a, nil
+	}, time.Minute)
+	defer r.Close()
+	down, qemu := net.Pipe()
+	r.wg.Add(1)
+	go func() { defer r.wg.Done(); r.serve(down) }()
+	qemu.SetDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 64)
+	var err error
+	for err == nil {
+		_, err = qemu.Read(buf)
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("the relay kept a connection whose standby left in the handshake")
+	}
+	if st := r.Stats(); st.StoodIn != 0 {
+		t.Fatalf("stats %+v", st)
 	}
 }
 

@@ -59,6 +59,15 @@ type primaryDisk struct {
 	mirror *qemu.Mirror
 	ctl    net.Conn
 	cut    *disk.CutClient
+	// stoodIn is the relay's StoodIn count when the mirror started: once
+	// it grows, the relay answered writes the standby never got.
+	stoodIn uint64
+}
+
+// standbyLost reports whether the relay stood in for the standby since
+// the mirror started: QEMU counts the mirror in sync, the replica is not.
+func (d *primaryDisk) standbyLost() bool {
+	return d.relay.Stats().StoodIn != d.stoodIn
 }
 
 // diskSet mirrors a protected guest's writable disks to the standby and
@@ -122,7 +131,7 @@ func (a *Agent) newDiskSet(ctx context.Context, g *qemu.Guest, rec *Record, fenc
 		hello := checkpoint.DiskHello{Agent: a.cfg.AgentID, Guest: rec.Name, Dev: dev}
 		pd.relay = disk.NewRelay(func(ctx context.Context) (net.Conn, error) {
 			return a.dialPeer(ctx, rec.Peer, checkpoint.FrameDiskNBD, fence(), hello)
-		}, a.cfg.HeartbeatTimeout()) // a silent standby must not hold the guest's writes (and a pause) longer
+		}, a.cfg.HeartbeatTimeout()*3/4) // before a pause waiting on the write gives up (it waits a heartbeat timeout)
 		pd.relay.Log = a.log.With("guest", rec.Name, "dev", dev)
 		// Only the guest's QEMU may reach the standby through the relay.
 		go func() {
@@ -172,7 +181,7 @@ func (ds *diskSet) healthy(ctx context.Context) bool {
 		return false
 	}
 	for _, d := range ds.disks {
-		if d.mirror == nil || d.cut == nil || d.mirror.CheckSynced(ctx) != nil {
+		if d.mirror == nil || d.cut == nil || d.standbyLost() || d.mirror.CheckSynced(ctx) != nil {
 			return false
 		}
 	}
@@ -212,6 +221,7 @@ func (ds *diskSet) resync(ctx context.Context) error {
 	var base int64
 	for _, d := range ds.disks {
 		ds.setState("syncing " + d.dev)
+		d.stoodIn = d.relay.Stats().StoodIn
 		mr, err := qemu.StartMirror(ctx, ds.g.Mon, d.node, qemu.MirrorOptions{Server: qemu.NBDServer{Path: d.sock, Export: d.dev}})
 		if err != nil {
 			ds.setState("resync needed")
@@ -255,6 +265,12 @@ func (ds *diskSet) Cut(ctx context.Context, epoch uint64) error {
 		if err := d.mirror.CheckSynced(ctx); err != nil {
 			ds.cutFailed()
 			return fmt.Errorf("disk %s: %w", d.dev, err)
+		}
+		// After CheckSynced: the pause drained every write, and the relay
+		// counts a stand-in before it answers one.
+		if d.standbyLost() {
+			ds.cutFailed()
+			return fmt.Errorf("disk %s: %w: the standby was lost and the agent's relay answered the mirror in its place", d.dev, qemu.ErrMirrorNotSynced)
 		}
 		if err := d.cut.Cut(ctx, epoch); err != nil {
 			ds.cutFailed()
