@@ -13,6 +13,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/remora-ha/remora/internal/sdnotify"
+
 	"github.com/spf13/cobra"
 
 	"github.com/remora-ha/remora/arbiter"
@@ -96,8 +98,15 @@ func runArbiter(ctx context.Context, cfg *arbiterConfig, logOut io.Writer) error
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
+	if _, err := sdnotify.Notify(sdnotify.Ready); err != nil {
+		logger.Warn("arbiter: cannot tell the service manager it is ready", "err", err)
+	}
+	wctx, stopWatchdog := context.WithCancel(ctx)
+	defer stopWatchdog()
+	go sdnotify.Watchdog(wctx, func() error { srv.Status(); return nil }) // its state lock is free
 	select {
 	case <-ctx.Done():
+		_, _ = sdnotify.Notify(sdnotify.Stopping)
 		logger.Info("arbiter: shutting down")
 		err := srv.Close()
 		<-errc

@@ -26,6 +26,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/remora-ha/remora/internal/sdnotify"
+
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/arbiter/heartbeat"
 	"github.com/remora-ha/remora/checkpoint"
@@ -206,6 +208,10 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		}
 	}
 	a.log.Info("agent running", "agent", a.cfg.AgentID, "replication", repl.Addr().String(), "api", a.cfg.APISocket)
+	if _, err := sdnotify.Notify(sdnotify.Ready); err != nil {
+		a.log.Warn("cannot tell the service manager the agent is ready", "err", err)
+	}
+	go sdnotify.Watchdog(ctx, a.alive)
 
 	go a.arbiterHeartbeat(ctx)
 	errc := make(chan error, 3)
@@ -222,11 +228,19 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	case <-ctx.Done():
 	case err = <-errc:
 	}
+	_, _ = sdnotify.Notify(sdnotify.Stopping)
 	a.shutdown()
 	if ctx.Err() != nil {
 		return nil
 	}
 	return err
+}
+
+// alive is the service watchdog's check: the lock every request and
+// session takes is free (not deadlocked).
+func (a *Agent) alive() error {
+	a.guestList()
+	return nil
 }
 
 // shutdown stops the agent on purpose (SIGTERM: an upgrade, a restart).

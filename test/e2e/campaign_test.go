@@ -337,7 +337,7 @@ func (c *campaign) inject(n int, k faultKind) bool {
 	st.unprotected = append(st.unprotected, end.Sub(start))
 	if v := c.client.violations() - histBefore; v > 0 {
 		st.violations["history"] += v
-		c.t.Errorf("fault %d (%s): %d replies below what the client had seen: first %s, last %s", n, k.name, v, c.client.badAt(histBefore), c.client.badAt(histBefore+v-1))
+		c.t.Errorf("fault %d (%s): %d replies below what the client had seen: first %s, last %s%s", n, k.name, v, c.client.badAt(histBefore), c.client.badAt(histBefore+v-1), c.workloadRestarts())
 	}
 	if v := len(c.copies.Violations()) - copiesBefore; v > 0 {
 		st.violations["copies"] += v
@@ -615,6 +615,28 @@ func (c *campaign) kinds() []faultKind {
 			c.logf("guest: %s", reply)
 		}},
 	}
+}
+
+// workloadRestarts names the guest consoles that show the workload
+// restarted inside a running guest (killed, e.g. out of memory): its
+// counter starts over without any state being lost to a failover.
+func (c *campaign) workloadRestarts() string {
+	var out []string
+	for _, dom := range []string{c.dom, c.shell()} {
+		b, err := os.ReadFile(labkit.ConsoleLogPath(dom))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.Contains(line, "workload exited") || strings.Contains(line, "Out of memory") {
+				out = append(out, dom+": "+strings.TrimSpace(line))
+			}
+		}
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return "; the guest's console shows its workload restarted inside the guest: " + strings.Join(out, "; ")
 }
 
 // verifyJournals runs `remora txlog verify` on every agent's journal.

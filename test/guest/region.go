@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"sync"
+	"syscall"
 )
 
 // PageSize is the size of one integrity page. It matches the guest's page
@@ -177,12 +178,24 @@ func NewRegion(pages int) *Region {
 	if pages < 1 {
 		pages = 1
 	}
-	r := &Region{buf: make([]byte, pages*PageSize), pages: pages}
+	r := &Region{buf: regionMemory(pages * PageSize), pages: pages}
 	for i := 0; i < pages; i++ {
 		stampPage(r.page(i), 1, uint64(i))
 	}
 	r.round, r.next, r.written = 2, 0, uint64(pages)
 	return r
+}
+
+// regionMemory is anonymous memory outside the Go heap: a region in the
+// heap would let the garbage collector grow the heap to twice its size,
+// and the campaign's 128 MiB guest ran out of memory (its workload was
+// OOM-killed and restarted, which the client saw as lost state).
+func regionMemory(n int) []byte {
+	b, err := syscall.Mmap(-1, 0, n, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_PRIVATE|syscall.MAP_ANONYMOUS)
+	if err != nil {
+		return make([]byte, n)
+	}
+	return b
 }
 
 func (r *Region) page(i int) []byte { return r.buf[i*PageSize : (i+1)*PageSize] }
