@@ -4,7 +4,7 @@ BIN      := bin
 PKGS     := ./...
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: all build test test-unit test-e2e test-kernel bench lab demo lint fuzz fuzz-ci campaign campaign-short clean help
+.PHONY: install deb deb-test docs all build test test-unit test-e2e test-kernel bench lab demo lint fuzz fuzz-ci campaign campaign-short clean help
 
 all: build
 
@@ -21,6 +21,9 @@ help:
 	@echo "campaign   the long randomized fault campaign (FAULTS=300, SEED=...), report in out/campaign.txt (root)"
 	@echo "campaign-short  the same with 32 faults"
 	@echo "lint       gofmt, go vet, staticcheck, and the build without cgo"
+	@echo "install    install the binary, systemd units, example configs, man pages and completions (DESTDIR, PREFIX)"
+	@echo "deb        build out/remora_VERSION_ARCH.deb"
+	@echo "deb-test   install that package into a fresh Debian 12 root (debootstrap) and run it there (root)"
 
 build:
 	$(GO) build -o $(BIN)/remora ./cmd/remora
@@ -110,6 +113,41 @@ lint:
 	@# The arbiter's machine has no libvirt: everything but the agent builds without cgo.
 	CGO_ENABLED=0 $(GO) build -o /dev/null ./cmd/remora
 	CGO_ENABLED=0 $(GO) vet ./checkpoint/... ./arbiter/... ./txlog/... ./migrate/qemu/... ./internal/agent/api/ ./cmd/remora/
+
+# Packaging. VERSION: a tag if there is one, else 0.0~gitDATE.REV.
+VERSION ?= $(shell git describe --tags --exact-match 2>/dev/null | sed 's/^v//' || true)
+ifeq ($(VERSION),)
+VERSION := 0.0~git$(shell git log -1 --format=%cd --date=format:%Y%m%d 2>/dev/null).$(shell git rev-parse --short HEAD 2>/dev/null)
+endif
+PREFIX  ?= /usr
+DESTDIR ?=
+LDFLAGS := -X main.version=$(VERSION)
+
+docs:
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/remora ./cmd/remora
+	rm -rf $(BIN)/docs
+	$(BIN)/remora docs $(BIN)/docs
+
+install: docs
+	install -D -m 0755 $(BIN)/remora $(DESTDIR)$(PREFIX)/bin/remora
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/lib/systemd/system configs/systemd/remora-agent.service configs/systemd/remora-arbiter.service
+	install -D -m 0640 configs/agent.yaml $(DESTDIR)/etc/remora/agent.yaml
+	install -D -m 0640 configs/arbiter.yaml $(DESTDIR)/etc/remora/arbiter.yaml
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/remora/prometheus configs/prometheus/*
+	install -d $(DESTDIR)$(PREFIX)/share/man/man1
+	for f in $(BIN)/docs/man1/*.1; do gzip -9n <$$f >$(DESTDIR)$(PREFIX)/share/man/man1/$$(basename $$f).gz; done
+	install -D -m 0644 $(BIN)/docs/completion/remora.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/remora
+	install -D -m 0644 $(BIN)/docs/completion/_remora $(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_remora
+	install -D -m 0644 $(BIN)/docs/completion/remora.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/remora.fish
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/doc/remora README.md docs/operator-guide.md
+
+deb:
+	rm -rf out/deb
+	$(MAKE) install DESTDIR=$(CURDIR)/out/deb PREFIX=/usr
+	test/deb/build.sh $(CURDIR)/out/deb $(CURDIR)/out $(VERSION)
+
+deb-test: deb
+	test/deb/check.sh out/remora_$(VERSION)_$$(dpkg --print-architecture).deb
 
 clean:
 	rm -rf $(BIN)
