@@ -290,7 +290,7 @@ func (p *Primary) Run(ctx context.Context) error {
 		go func() { defer close(done); p.releaseLoop(rctx) }()
 		defer func() { stopReleaser(); <-done }()
 	}
-	backoff := 200 * time.Millisecond
+	retry := sessionBackoff{first: 200 * time.Millisecond, max: 10 * time.Second}
 	for ctx.Err() == nil {
 		start := time.Now()
 		p.mu.Lock()
@@ -307,11 +307,7 @@ func (p *Primary) Run(ctx context.Context) error {
 			return err
 		}
 		p.mu.Lock()
-		// A session that protected the guest (an epoch acknowledged) or
-		// lasted was no failed attempt: start the backoff over.
-		if p.ackedEpoch > ackedBefore || time.Since(start) > 10*time.Second {
-			backoff = 200 * time.Millisecond
-		}
+		backoff := retry.after(p.ackedEpoch > ackedBefore || time.Since(start) > 10*time.Second)
 		if p.wasProtected {
 			p.st.State = StateDegraded
 		} else {
@@ -327,9 +323,25 @@ func (p *Primary) Run(ctx context.Context) error {
 			return nil
 		case <-time.After(backoff):
 		}
-		backoff = min(backoff*2, 10*time.Second)
 	}
 	return nil
+}
+
+// sessionBackoff is the wait before the next replication session: it
+// doubles after each failed session, up to max, and starts over at first
+// after one that was no failed attempt (it got an epoch acknowledged, or
+// lasted): back-to-back standby faults must not each wait longer.
+type sessionBackoff struct {
+	first, max, cur time.Duration
+}
+
+func (b *sessionBackoff) after(sessionOK bool) time.Duration {
+	if sessionOK || b.cur == 0 {
+		b.cur = b.first
+	} else {
+		b.cur = min(b.cur*2, b.max)
+	}
+	return b.cur
 }
 
 func (p *Primary) session(ctx context.Context) error {

@@ -1303,3 +1303,16 @@ func TestSilentStandbyBoundsThePause(t *testing.T) {
 	cut.silent.Store(false)
 	rg.checkConverged()
 }
+
+func TestSessionBackoff(t *testing.T) {
+	b := sessionBackoff{first: 200 * time.Millisecond, max: time.Second}
+	var got []time.Duration
+	for _, ok := range []bool{false, false, false, false, true, false, true, true} {
+		got = append(got, b.after(ok))
+	}
+	ms := time.Millisecond
+	want := []time.Duration{200 * ms, 400 * ms, 800 * ms, time.Second, 200 * ms, 400 * ms, 200 * ms, 200 * ms}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("waits %v, want %v", got, want)
+	}
+}
