@@ -134,6 +134,7 @@ install: docs
 	install -D -m 0640 configs/agent.yaml $(DESTDIR)/etc/remora/agent.yaml
 	install -D -m 0640 configs/arbiter.yaml $(DESTDIR)/etc/remora/arbiter.yaml
 	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/remora/prometheus configs/prometheus/*
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/remora/grafana configs/grafana/*
 	install -d $(DESTDIR)$(PREFIX)/share/man/man1
 	for f in $(BIN)/docs/man1/*.1; do gzip -9n <$$f >$(DESTDIR)$(PREFIX)/share/man/man1/$$(basename $$f).gz; done
 	install -D -m 0644 $(BIN)/docs/completion/remora.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/remora

@@ -406,11 +406,16 @@ func TestPrintArbiterStatus(t *testing.T) {
 	}
 }
 
-// Every arbiter metric the example alert rules use is one it serves.
+// Every arbiter metric the example alert rules and dashboard use is one
+// it serves.
 func TestAlertRulesUseServedArbiterMetrics(t *testing.T) {
-	rules, err := os.ReadFile("../../configs/prometheus/remora-alerts.yml")
-	if err != nil {
-		t.Fatal(err)
+	var rules []byte
+	for _, f := range []string{"../../configs/prometheus/remora-alerts.yml", "../../configs/grafana/remora-dashboard.json"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rules = append(rules, b...)
 	}
 	served := map[string]bool{}
 	ch := make(chan *prometheus.Desc, 64)

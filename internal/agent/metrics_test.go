@@ -171,11 +171,16 @@ func writeTestCert(t *testing.T, dir string, notAfter time.Time) string {
 	return path
 }
 
-// Every agent metric the example alert rules use is one the agent serves.
+// Every agent metric the example alert rules and dashboard use is one the
+// agent serves.
 func TestAlertRulesUseServedMetrics(t *testing.T) {
-	rules, err := os.ReadFile("../../configs/prometheus/remora-alerts.yml")
-	if err != nil {
-		t.Fatal(err)
+	var rules []byte
+	for _, f := range []string{"../../configs/prometheus/remora-alerts.yml", "../../configs/grafana/remora-dashboard.json"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rules = append(rules, b...)
 	}
 	served := map[string]bool{}
 	ch := make(chan *prometheus.Desc, 64)
