@@ -265,7 +265,7 @@ type ProbeStatus struct {
 	// zero until the first one finishes.
 	OK                  bool          `json:"ok"`
 	At                  time.Time     `json:"at"`
-	Latency             time.Duration `json:"latency"`
+	Latency             time.Duration `json:"latency_ns"`
 	Error               string        `json:"error,omitempty"`
 	ConsecutiveFailures int           `json:"consecutive_failures"`
 	LastOK              time.Time     `json:"last_ok"`
@@ -281,7 +281,7 @@ type GuestStatus struct {
 	UnprotectedSince time.Time     `json:"unprotected_since"`
 	LeaseHolder      string        `json:"lease_holder,omitempty"`
 	LeaseExpires     time.Time     `json:"lease_expires"`
-	LeaseRemaining   time.Duration `json:"lease_remaining"`
+	LeaseRemaining   time.Duration `json:"lease_remaining_ns"`
 	// SuspendedUntil is set while the primary's lease is suspended (see
 	// Client.Suspend): no promotion before it.
 	SuspendedUntil time.Time    `json:"suspended_until,omitzero"`
@@ -306,7 +306,7 @@ type AgentStatus struct {
 type Status struct {
 	Now             time.Time     `json:"now"`
 	ProtocolVersion int           `json:"protocol_version"`
-	LeaseDuration   time.Duration `json:"lease_duration"`
+	LeaseDuration   time.Duration `json:"lease_duration_ns"`
 	Guests          []GuestStatus `json:"guests"`
 	Agents          []AgentStatus `json:"agents"`
 }
