@@ -30,6 +30,7 @@ else
 	mkdir -p "$(dirname "$cache")"
 	tar -C "$root" -cf "$cache" .
 fi
+chmod 0755 "$root" # a root directory: users in it (_apt, man) must reach /
 mount -t proc proc "$root/proc"
 mount --bind /dev "$root/dev"
 cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
