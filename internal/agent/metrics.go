@@ -23,10 +23,10 @@ type metricsCollector struct {
 	status func() []api.VMStatus
 	certs  map[string]string // certificate role -> PEM file
 
-	state, protected, fence, epoch, acked, epochsPerSec *prometheus.Desc
-	pause, pauseMax, dirty, dirtyTotal, incremental     *prometheus.Desc
-	bytes, rawBytes, lag, lease, held, heldFrames       *prometheus.Desc
-	dropped, triggered, devWire, diskResyncs, certExp   *prometheus.Desc
+	state, protected, fence, epoch, acked, epochsPerSec           *prometheus.Desc
+	pause, pauseMax, dirty, dirtyTotal, incremental               *prometheus.Desc
+	bytes, rawBytes, lag, lease, held, heldFrames                 *prometheus.Desc
+	dropped, triggered, devWire, diskResyncs, failedOver, certExp *prometheus.Desc
 }
 
 func newMetricsCollector(agent string, status func() []api.VMStatus, certs map[string]string) *metricsCollector {
@@ -57,6 +57,7 @@ func newMetricsCollector(agent string, status func() []api.VMStatus, certs map[s
 		triggered:    d("guest_output_triggered_epochs_total", "Epochs started early because the guest had output held.", g...),
 		devWire:      d("guest_devstate_wire_bytes", "The last epoch's device state on the wire (a delta, compressed).", g...),
 		diskResyncs:  d("guest_disk_resyncs_total", "Full disk copies to the standby since the agent started.", g...),
+		failedOver:   d("guest_failover_timestamp_seconds", "When the guest last failed over to this agent and ran here (Unix time); absent if it never did since the agent started.", g...),
 		certExp:      d("certificate_expiry_timestamp_seconds", "When a certificate this agent uses expires (Unix time).", "cert"),
 	}
 }
@@ -64,7 +65,7 @@ func newMetricsCollector(agent string, status func() []api.VMStatus, certs map[s
 func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.state, c.protected, c.fence, c.epoch, c.acked, c.epochsPerSec,
 		c.pause, c.pauseMax, c.dirty, c.dirtyTotal, c.incremental, c.bytes, c.rawBytes, c.lag, c.lease,
-		c.held, c.heldFrames, c.dropped, c.triggered, c.devWire, c.diskResyncs, c.certExp} {
+		c.held, c.heldFrames, c.dropped, c.triggered, c.devWire, c.diskResyncs, c.failedOver, c.certExp} {
 		ch <- d
 	}
 }
@@ -105,6 +106,9 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		if d := v.Disk; d != nil {
 			counter(c.diskResyncs, float64(d.Resyncs), l...)
+		}
+		if !v.RestoredAt.IsZero() {
+			gauge(c.failedOver, float64(v.RestoredAt.UnixMilli())/1e3, l...)
 		}
 	}
 	for role, path := range c.certs {

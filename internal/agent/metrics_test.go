@@ -85,7 +85,7 @@ func TestMetricsMatchStatus(t *testing.T) {
 			EpochsPerSec: 9.5, PauseP50: 35 * time.Millisecond, PauseP99: 80 * time.Millisecond, DirtyPages: 77, DirtyTotal: 9000,
 			Incremental: 119, Bytes: 1 << 20, RawBytes: 4 << 20, Lag: 150 * time.Millisecond, LeaseValid: 2 * time.Second,
 			OutputTriggered: 40, Output: &api.OutputStatus{HeldBytes: 3000, HeldFrames: 4, DroppedFrames: 1}, Disk: &api.DiskStatus{Resyncs: 2}},
-		{Guest: "db1", Role: api.RoleStandby, State: "replica", Fence: 3, Epoch: 55},
+		{Guest: "db1", Role: api.RoleStandby, State: "replica", Fence: 3, Epoch: 55, RestoredAt: time.UnixMilli(1_700_000_000_500)},
 		{Guest: "lost", Role: api.RolePrimary, State: checkpoint.StateDegraded, Fence: 2},
 	}
 	fams := scrape(t, newMetricsCollector("host-a", func() []api.VMStatus { return st }, nil))
@@ -113,6 +113,7 @@ func TestMetricsMatchStatus(t *testing.T) {
 		{"remora_guest_output_dropped_frames_total", web, 1},
 		{"remora_guest_output_triggered_epochs_total", web, 40},
 		{"remora_guest_disk_resyncs_total", web, 2},
+		{"remora_guest_failover_timestamp_seconds", map[string]string{"guest": "db1"}, 1_700_000_000.5},
 	} {
 		if got := value(t, fams, c.name, c.labels); got != c.want {
 			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
@@ -124,6 +125,13 @@ func TestMetricsMatchStatus(t *testing.T) {
 				if l.GetName() == "role" && l.GetValue() == "standby" {
 					t.Error("a standby's replica has a primary's protected metric")
 				}
+			}
+		}
+	}
+	for _, m := range fams["remora_guest_failover_timestamp_seconds"].GetMetric() {
+		for _, l := range m.Label {
+			if l.GetName() == "guest" && l.GetValue() != "db1" {
+				t.Errorf("guest %s never failed over, yet has a failover time", l.GetValue())
 			}
 		}
 	}
