@@ -9,13 +9,10 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -24,6 +21,7 @@ import (
 
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/internal/pki"
+	"github.com/remora-ha/remora/internal/promcheck"
 )
 
 // run executes one top-level command with args and returns its output.
@@ -409,31 +407,13 @@ func TestPrintArbiterStatus(t *testing.T) {
 // Every arbiter metric the example alert rules and dashboard use is one
 // it serves.
 func TestAlertRulesUseServedArbiterMetrics(t *testing.T) {
-	var rules []byte
-	for _, f := range []string{"../../configs/prometheus/remora-alerts.yml", "../../configs/grafana/remora-dashboard.json"} {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rules = append(rules, b...)
+	missing, err := promcheck.Unserved(newArbiterCollector(nil, nil), promcheck.Files, func(m string) bool {
+		return strings.HasPrefix(m, "remora_arbiter_")
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
-	served := map[string]bool{}
-	ch := make(chan *prometheus.Desc, 64)
-	newArbiterCollector(nil, nil).Describe(ch)
-	close(ch)
-	fq := regexp.MustCompile(`fqName: "([a-z_]+)"`)
-	for d := range ch {
-		if m := fq.FindStringSubmatch(d.String()); m != nil {
-			served[m[1]] = true
-		}
-	}
-	used := regexp.MustCompile(`remora_arbiter_[a-z_]+`).FindAllString(string(rules), -1)
-	if len(used) == 0 {
-		t.Fatal("the alert rules use no arbiter metric")
-	}
-	for _, m := range used {
-		if !served[m] {
-			t.Errorf("alert rules use %s, which the arbiter does not serve", m)
-		}
+	for _, m := range missing {
+		t.Errorf("alert rules use %s, which the arbiter does not serve", m)
 	}
 }

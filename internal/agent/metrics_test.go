@@ -12,7 +12,6 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -25,6 +24,7 @@ import (
 
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/internal/promcheck"
 )
 
 // scrape serves the collector over HTTP and parses what a Prometheus
@@ -182,34 +182,13 @@ func writeTestCert(t *testing.T, dir string, notAfter time.Time) string {
 // Every agent metric the example alert rules and dashboard use is one the
 // agent serves.
 func TestAlertRulesUseServedMetrics(t *testing.T) {
-	var rules []byte
-	for _, f := range []string{"../../configs/prometheus/remora-alerts.yml", "../../configs/grafana/remora-dashboard.json"} {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rules = append(rules, b...)
+	missing, err := promcheck.Unserved(newMetricsCollector("a", nil, nil), promcheck.Files, func(m string) bool {
+		return !strings.HasPrefix(m, "remora_arbiter_") // the arbiter's: checked in cmd/remora
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
-	served := map[string]bool{}
-	ch := make(chan *prometheus.Desc, 64)
-	newMetricsCollector("a", nil, nil).Describe(ch)
-	close(ch)
-	fq := regexp.MustCompile(`fqName: "([a-z_]+)"`)
-	for d := range ch {
-		if m := fq.FindStringSubmatch(d.String()); m != nil {
-			served[m[1]] = true
-		}
-	}
-	used := regexp.MustCompile(`remora_[a-z_]+`).FindAllString(string(rules), -1)
-	if len(used) == 0 {
-		t.Fatal("the alert rules use no remora metric")
-	}
-	for _, m := range used {
-		if strings.HasPrefix(m, "remora_arbiter_") {
-			continue // the arbiter's: checked in cmd/remora
-		}
-		if !served[m] {
-			t.Errorf("alert rules use %s, which the agent does not serve", m)
-		}
+	for _, m := range missing {
+		t.Errorf("alert rules use %s, which the agent does not serve", m)
 	}
 }
