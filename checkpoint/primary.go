@@ -366,7 +366,10 @@ func (p *Primary) session(ctx context.Context) error {
 
 	hello := Hello{Agent: p.cfg.Agent, Guest: p.cfg.Guest, Generation: p.gen,
 		RAMBytes: int64(len(p.mem)), PageSize: PageSize, DomainXML: p.cfg.DomainXML, ShellBase: p.cfg.ShellBase, Disks: p.cfg.DiskSpecs}
-	if err := WriteJSON(conn, FrameHello, p.fence.Load(), 0, hello); err != nil {
+	// Every frame of the session carries the fence of its hello: SetFence
+	// ends the session, and the next one says hello at the new fence.
+	fence := p.fence.Load()
+	if err := WriteJSON(conn, FrameHello, fence, 0, hello); err != nil {
 		return fmt.Errorf("send hello: %w", err)
 	}
 	_ = conn.SetReadDeadline(time.Now().Add(2 * time.Minute)) // the standby may be creating its shell
@@ -409,7 +412,7 @@ func (p *Primary) session(ctx context.Context) error {
 	errc := make(chan error, 3)
 	var wg sync.WaitGroup
 	for _, loop := range []func() error{
-		func() error { return p.sendLoop(ctx, conn, queue) },
+		func() error { return p.sendLoop(ctx, conn, fence, queue) },
 		func() error { return p.ackLoop(ctx, br) },
 		func() error { return p.captureLoop(ctx, queue, plan) },
 	} {
@@ -718,7 +721,7 @@ func (c *countingWriter) Write(b []byte) (int, error) {
 	return n, err
 }
 
-func (p *Primary) sendLoop(ctx context.Context, conn net.Conn, queue <-chan *capturedEpoch) error {
+func (p *Primary) sendLoop(ctx context.Context, conn net.Conn, fence uint64, queue <-chan *capturedEpoch) error {
 	cw := &countingWriter{w: conn}
 	bw := bufio.NewWriterSize(cw, 1<<20)
 	var enc BatchEncoder
@@ -735,7 +738,7 @@ func (p *Primary) sendLoop(ctx context.Context, conn net.Conn, queue <-chan *cap
 			return ctx.Err()
 		case <-ping.C:
 			// Keeps the standby's failure detector fed while capture waits.
-			if err := WriteFrame(bw, Frame{Type: FramePing, Fence: p.fence.Load()}); err != nil {
+			if err := WriteFrame(bw, Frame{Type: FramePing, Fence: fence}); err != nil {
 				return err
 			}
 			if err := bw.Flush(); err != nil {
@@ -746,7 +749,7 @@ func (p *Primary) sendLoop(ctx context.Context, conn net.Conn, queue <-chan *cap
 		}
 		before := cw.n
 		raw := uint64(len(ep.data) + len(ep.devstate)) // sendEpoch frees them
-		if err := p.sendEpoch(bw, &enc, &buf, &dev, ep); err != nil {
+		if err := p.sendEpoch(bw, &enc, &buf, &dev, fence, ep); err != nil {
 			return fmt.Errorf("send epoch %d: %w", ep.epoch, err)
 		}
 		if err := bw.Flush(); err != nil {
@@ -768,8 +771,7 @@ type devStateDelta struct {
 	buf   []byte
 }
 
-func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, dev *devStateDelta, ep *capturedEpoch) error {
-	fence := p.fence.Load()
+func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, dev *devStateDelta, fence uint64, ep *capturedEpoch) error {
 	npages := uint64(len(ep.data) / PageSize)
 	begin := EpochBegin{Full: ep.full, Base: ep.base, Pages: npages, DevStateLen: uint64(len(ep.devstate))}
 	devSent := ep.devstate
