@@ -27,7 +27,8 @@ type Options struct {
 	// has not seen that epoch yet, e.g. the epoch this node was promoted in.
 	MinFencingEpoch uint64
 	// ReadOnly opens without locking, repairing or writing anything; a
-	// torn tail is reported in Recovery.Torn but left in place.
+	// torn tail is reported in Recovery.Torn but left in place. A writer
+	// may be appending meanwhile (verify on a running agent's journal).
 	ReadOnly bool
 	// VerifyAll also checksums segments older than the latest checkpoint,
 	// which recovery otherwise does not need to read.

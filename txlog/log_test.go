@@ -701,3 +701,49 @@ func TestCompactTable(t *testing.T) {
 		})
 	}
 }
+
+// A read-only open (`remora txlog verify` on a running agent's journal)
+// sees the tail move under it: that is neither damage nor a torn tail.
+func TestReadOnlyOpenWhileAWriterAppends(t *testing.T) {
+	dir := t.TempDir()
+	l, _ := mustOpen(t, dir, Options{SegmentSize: 1 << 20})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ctx.Err() == nil; i++ {
+			r := Record{Type: TypePlain, Epoch: 1, Payload: payloadFor(LSN(i), 100)}
+			var err error
+			if i%3 == 0 {
+				_, err = l.Append(ctx, r)
+			} else {
+				_, err = l.AppendAsync(ctx, r)
+			}
+			if err != nil && ctx.Err() == nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	var last LSN
+	for i := 0; i < 50; i++ {
+		ro, rec, err := Open(dir, Options{ReadOnly: true})
+		if err != nil {
+			t.Fatalf("read-only open %d while appending: %v", i, err)
+		}
+		if rec.Torn != nil {
+			t.Fatalf("read-only open %d while appending: torn tail %+v", i, *rec.Torn)
+		}
+		if rec.LastLSN < last {
+			t.Fatalf("read-only open %d: last LSN %d, before %d", i, rec.LastLSN, last)
+		}
+		last = rec.LastLSN
+		ro.Close()
+	}
+	cancel()
+	<-done
+	mustClose(t, l)
+	if last == 0 {
+		t.Fatal("the reader never saw a record")
+	}
+}

@@ -64,7 +64,7 @@ func recoverLog(dir string, opts Options) (*recovered, error) {
 	last := len(segs) - 1
 	scans := make([]*segScan, len(segs))
 	scan := func(i int, keep bool) error {
-		s, err := scanSegment(segs[i], i == last, keep)
+		s, err := scanSegment(segs[i], i == last, keep, opts.ReadOnly)
 		if err != nil {
 			return err
 		}

@@ -2,6 +2,7 @@ package txlog
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -12,6 +13,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Segment header, little endian:
@@ -207,11 +209,16 @@ type segReader struct {
 }
 
 func newSegReader(f *os.File, size int64, first LSN) *segReader {
+	return newSegReaderAt(f, size, segHeaderSize, first)
+}
+
+// newSegReaderAt reads from off, where the record with LSN next starts.
+func newSegReaderAt(f *os.File, size, off int64, next LSN) *segReader {
 	return &segReader{
-		r:    bufio.NewReaderSize(io.NewSectionReader(f, segHeaderSize, size-segHeaderSize), 1<<18),
-		off:  segHeaderSize,
+		r:    bufio.NewReaderSize(io.NewSectionReader(f, off, size-off), 1<<18),
+		off:  off,
 		size: size,
-		next: first,
+		next: next,
 	}
 }
 
@@ -271,7 +278,7 @@ type segScan struct {
 // valid record must be zero (preallocated space), except in the last
 // segment where a torn tail is reported for the caller to cut. Damage that
 // something durable was written after is a CorruptionError.
-func scanSegment(sg segment, last, keep bool) (*segScan, error) {
+func scanSegment(sg segment, last, keep, live bool) (*segScan, error) {
 	f, err := os.Open(sg.path)
 	if err != nil {
 		return nil, fmt.Errorf("txlog: open segment: %w", err)
@@ -284,52 +291,74 @@ func scanSegment(sg segment, last, keep bool) (*segScan, error) {
 	size := fi.Size()
 	s := &segScan{next: sg.hdr.firstLSN, maxEp: sg.hdr.epoch}
 	sr := newSegReader(f, size, sg.hdr.firstLSN)
-	var why error
-	for {
-		off := sr.off
-		r, err := sr.read()
-		var re *readError
-		if errors.As(err, &re) {
-			return nil, fmt.Errorf("txlog: read segment %s at offset %d: %w", sg.path, off, re.err)
+	var seen []byte // the bad bytes at s.end in the previous round
+	for round := 0; ; round++ {
+		var why error
+		for {
+			off := sr.off
+			r, err := sr.read()
+			var re *readError
+			if errors.As(err, &re) {
+				return nil, fmt.Errorf("txlog: read segment %s at offset %d: %w", sg.path, off, re.err)
+			}
+			if err != nil {
+				why = err
+				break
+			}
+			if keep {
+				s.records = append(s.records, r)
+				s.offs = append(s.offs, off)
+			}
+			s.count++
+			s.maxEp = max(s.maxEp, r.Epoch)
 		}
+		if s.end != sr.off {
+			seen = nil // progress: the tail moved
+		}
+		s.end, s.next = sr.off, sr.next
+		nz, err := lastNonZeroAt(f, s.end, size)
 		if err != nil {
-			why = err
-			break
+			return nil, fmt.Errorf("txlog: read segment %s: %w", sg.path, err)
 		}
-		if keep {
-			s.records = append(s.records, r)
-			s.offs = append(s.offs, off)
+		if nz < 0 {
+			return s, nil // preallocated zeros or EOF: the normal end
 		}
-		s.count++
-		s.maxEp = max(s.maxEp, r.Epoch)
+		if !last {
+			return nil, &CorruptionError{Segment: sg.path, Offset: s.end, LSN: s.next,
+				Reason: fmt.Sprintf("%v, and this is not the last segment (segments are synced before the next one is created)", why)}
+		}
+		// Damaged or torn: only now read the rest of the segment in one piece.
+		rest := make([]byte, size-s.end)
+		if _, err := f.ReadAt(rest, s.end); err != nil {
+			return nil, fmt.Errorf("txlog: read segment %s: %w", sg.path, err)
+		}
+		bad := int(nz - s.end + 1)
+		// A writer appending while a read-only open reads (verify on a
+		// running agent) writes where the scan just saw zeros: read again
+		// until the bad bytes stay the same. Damage and a crash's torn
+		// tail do not move.
+		if live && !bytes.Equal(seen, rest[:bad]) {
+			if round == liveRounds {
+				return s, nil // still moving: a writer's tail, not damage
+			}
+			seen = rest[:bad:bad]
+			time.Sleep(2 * time.Millisecond)
+			sr = newSegReaderAt(f, size, s.end, s.next)
+			continue
+		}
+		if p, lsn, ok := durableEvidence(rest[:bad], rest, s.next); ok {
+			return nil, &CorruptionError{Segment: sg.path, Offset: s.end, LSN: s.next,
+				Reason: fmt.Sprintf("%v; the valid record LSN %d at offset %d was written after LSN %d was durable, so this is damage, not a torn write",
+					why, lsn, s.end+int64(p), s.next)}
+		}
+		s.torn = &TornTail{Segment: sg.path, Offset: s.end, Bytes: int64(bad), AfterLSN: s.next - 1,
+			Reason: why.Error(), data: rest[:bad:bad]}
+		return s, nil
 	}
-	s.end, s.next = sr.off, sr.next
-	nz, err := lastNonZeroAt(f, s.end, size)
-	if err != nil {
-		return nil, fmt.Errorf("txlog: read segment %s: %w", sg.path, err)
-	}
-	if nz < 0 {
-		return s, nil // preallocated zeros or EOF: the normal end
-	}
-	if !last {
-		return nil, &CorruptionError{Segment: sg.path, Offset: s.end, LSN: s.next,
-			Reason: fmt.Sprintf("%v, and this is not the last segment (segments are synced before the next one is created)", why)}
-	}
-	// Damaged or torn: only now read the rest of the segment in one piece.
-	rest := make([]byte, size-s.end)
-	if _, err := f.ReadAt(rest, s.end); err != nil {
-		return nil, fmt.Errorf("txlog: read segment %s: %w", sg.path, err)
-	}
-	bad := int(nz - s.end + 1)
-	if p, lsn, ok := durableEvidence(rest[:bad], rest, s.next); ok {
-		return nil, &CorruptionError{Segment: sg.path, Offset: s.end, LSN: s.next,
-			Reason: fmt.Sprintf("%v; the valid record LSN %d at offset %d was written after LSN %d was durable, so this is damage, not a torn write",
-				why, lsn, s.end+int64(p), s.next)}
-	}
-	s.torn = &TornTail{Segment: sg.path, Offset: s.end, Bytes: int64(bad), AfterLSN: s.next - 1,
-		Reason: why.Error(), data: rest[:bad:bad]}
-	return s, nil
 }
+
+// liveRounds bounds how often a read-only scan rereads a moving tail.
+const liveRounds = 100
 
 // lastNonZeroAt returns the offset of the last non-zero byte of f in
 // [from, size), or -1. It reads backwards in small chunks so a mostly
