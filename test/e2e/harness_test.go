@@ -312,7 +312,10 @@ func (h *host) saveLog() {
 	}
 	name := strings.NewReplacer("/", "_", " ", "_").Replace(h.t.Name()) + "-" + h.name + ".log"
 	h.mu.Lock()
-	b := append([]byte(nil), h.log.Bytes()...)
+	var b []byte
+	if h.log != nil { // nil: the agent never started
+		b = append(b, h.log.Bytes()...)
+	}
 	h.mu.Unlock()
 	if os.WriteFile(filepath.Join(dir, name), b, 0o644) == nil {
 		h.t.Logf("agent %s: whole log in %s", h.name, filepath.Join(dir, name))
