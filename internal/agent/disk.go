@@ -222,7 +222,23 @@ func (ds *diskSet) resync(ctx context.Context) error {
 	for _, d := range ds.disks {
 		ds.setState("syncing " + d.dev)
 		d.stoodIn = d.relay.Stats().StoodIn
-		mr, err := qemu.StartMirror(ctx, ds.g.Mon, d.node, qemu.MirrorOptions{Server: qemu.NBDServer{Path: d.sock, Export: d.dev}})
+		var mr *qemu.Mirror
+		var err error
+		start := func() (err error) {
+			sctx, cancel := context.WithTimeout(ctx, ds.a.cfg.HeartbeatTimeout())
+			defer cancel()
+			mr, err = qemu.StartMirror(sctx, ds.g.Mon, d.node, qemu.MirrorOptions{Server: qemu.NBDServer{Path: d.sock, Export: d.dev}})
+			return err
+		}
+		// Paused, as around a cancel: QEMU 7.2 was seen to corrupt its
+		// heap starting a mirror on a disk the guest wrote to, just after
+		// the previous mirror was cancelled. Bounded like every call made
+		// while the guest is paused.
+		if ds.vm != nil {
+			err = ds.vm.Quiesced(ctx, start)
+		} else {
+			err = start()
+		}
 		if err != nil {
 			ds.setState("resync needed")
 			return fmt.Errorf("disk %s: start mirror: %w", d.dev, err)
