@@ -77,6 +77,9 @@ type Agent struct {
 	tlsSrv  *tls.Config
 	tlsCli  *tls.Config
 	runCtx  context.Context
+	// qemu is libvirt's QEMU user (zero: root), from qemuConfPath.
+	qemu         virt.QEMUConf
+	qemuConfPath string
 
 	mu     sync.Mutex
 	guests map[string]*guest
@@ -109,7 +112,8 @@ func New(cfg api.Config, log *slog.Logger) (*Agent, error) {
 		return nil, fmt.Errorf("create %s: %w", consoleDir(cfg), err)
 	}
 	a := &Agent{cfg: cfg, log: log, store: recordStore{dir: cfg.StateDir}, guests: map[string]*guest{},
-		detector: heartbeat.New(heartbeat.Config{Interval: cfg.HeartbeatInterval, Missed: cfg.HeartbeatMissed}, nil)}
+		detector:     heartbeat.New(heartbeat.Config{Interval: cfg.HeartbeatInterval, Missed: cfg.HeartbeatMissed}, nil),
+		qemuConfPath: virt.QEMUConfPath}
 	a.faultHook = faultHookFromEnv(log)
 	return a, nil
 }
@@ -139,6 +143,9 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 			return err
 		}
 		a.arb = c
+	}
+	if err := a.checkQEMUHost(); err != nil {
+		return err
 	}
 	conn, err := virt.Dial(ctx, a.cfg.LibvirtURI)
 	if err != nil {

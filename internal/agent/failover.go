@@ -240,7 +240,11 @@ func (a *Agent) restoreShell(ctx context.Context, g *guest, shell string, epoch 
 			return fmt.Errorf("device state of epoch %d: %w", epoch, err)
 		}
 		defer f.Close()
-		if err := qemu.Restore(ctx, sg, filepath.Join(a.cfg.RuntimeDir, g.name+".incoming.sock"), f); err != nil {
+		dir, err := a.qemuOwnedDir("incoming")
+		if err != nil {
+			return &retryableError{err}
+		}
+		if err := qemu.Restore(ctx, sg, filepath.Join(dir, g.name+".sock"), f); err != nil {
 			if st, serr := qemu.Status(ctx, sg.Mon); serr == nil && st == "inmigrate" {
 				return &retryableError{fmt.Errorf("restore from epoch %d: %w", epoch, err)}
 			}

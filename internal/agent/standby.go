@@ -745,8 +745,10 @@ func (a *Agent) openReplicaDisks(guest string, specs []checkpoint.DiskSpec) ([]*
 		path := a.diskImage(guest, s.Dev)
 		// Names from the wire, validated; opened beneath state_dir
 		// without following links a local process may have planted.
+		// Searchable: QEMU runs the shell as its own user; libvirt gives
+		// it the images themselves.
 		rel, _ := filepath.Rel(a.cfg.StateDir, path)
-		if err := safepath.MkdirAll(a.cfg.StateDir, filepath.Dir(rel), 0o700); err != nil {
+		if err := safepath.MkdirAll(a.cfg.StateDir, filepath.Dir(rel), 0o711); err != nil {
 			return fail(err)
 		}
 		f, err := safepath.Open(a.cfg.StateDir, rel, os.O_RDWR|os.O_CREATE, 0o600)

@@ -35,8 +35,9 @@ func Open(root, rel string, flag int, perm os.FileMode) (*os.File, error) {
 	return os.NewFile(uintptr(fd), filepath.Join(root, rel)), nil
 }
 
-// MkdirAll creates the directories of rel beneath root with perm, refusing
-// a symbolic link anywhere on the way.
+// MkdirAll creates the directories of rel beneath root and gives each of
+// them perm (an upgrade may change what an older agent made), refusing a
+// symbolic link anywhere on the way.
 func MkdirAll(root, rel string, perm os.FileMode) error {
 	if err := checkRel(rel); err != nil {
 		return err
@@ -57,6 +58,11 @@ func MkdirAll(root, rel string, perm os.FileMode) error {
 			return explain(root, filepath.Join(done, c), err)
 		}
 		dir, done = next, filepath.Join(done, c)
+		// Through the descriptor just opened without following links.
+		if err := os.Chmod(fmt.Sprintf("/proc/self/fd/%d", dir), perm.Perm()); err != nil {
+			unix.Close(dir)
+			return &os.PathError{Op: "chmod", Path: filepath.Join(root, done), Err: err}
+		}
 	}
 	unix.Close(dir)
 	return nil

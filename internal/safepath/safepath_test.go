@@ -53,3 +53,28 @@ func TestOpenBeneath(t *testing.T) {
 		t.Fatalf("outside holds %v", ents)
 	}
 }
+
+func TestMkdirAllSetsThePermOfWhatExists(t *testing.T) {
+	root := t.TempDir()
+	if err := os.Mkdir(filepath.Join(root, "images"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := MkdirAll(root, "images/g", 0o711); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"images", "images/g"} {
+		fi, err := os.Stat(filepath.Join(root, d))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Perm() != 0o711 {
+			t.Fatalf("%s: mode %04o, want 0711", d, fi.Mode().Perm())
+		}
+	}
+	if err := os.Symlink(t.TempDir(), filepath.Join(root, "images", "link")); err != nil {
+		t.Fatal(err)
+	}
+	if err := MkdirAll(root, "images/link/x", 0o711); err == nil {
+		t.Fatal("followed a symbolic link")
+	}
+}

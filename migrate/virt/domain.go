@@ -45,6 +45,9 @@ func (c *Conn) OpenGuest(ctx context.Context, name string) (*qemu.Guest, error) 
 	if !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("guest %q: RAM backing %s is not a regular file; QEMU unlinks files it creates in a directory, so remora cannot map it", name, g.RAM.Path)
 	}
+	if err := CheckRAMFilesystem(g.RAM.Path); err != nil {
+		return nil, fmt.Errorf("guest %q: RAM file %s is %w; %s, then restart the guest", name, g.RAM.Path, err, MemoryBackingHowTo)
+	}
 	return g, nil
 }
 
