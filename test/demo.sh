@@ -9,6 +9,7 @@ LABCTL=$PWD/bin/labctl
 GUEST=demo
 GUEST_IP=10.77.0.20
 WORK=$(mktemp -d /tmp/remora-demo.XXXXXX)
+chmod 0711 "$WORK" # QEMU (libvirt-qemu) reaches the agents' sockets and images in it
 PIDS=()
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }

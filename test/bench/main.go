@@ -72,6 +72,9 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	if err := os.Chmod(work, 0o711); err != nil { // QEMU (libvirt-qemu) reaches the sockets and images in it
+		return err
+	}
 	defer os.RemoveAll(work)
 	bin, err := labkit.BuildRemora(work)
 	if err != nil {
@@ -340,6 +343,9 @@ func baseline(ctx context.Context, wl *labkit.Client) (baseResult, error) {
 	}
 	dir, err := os.MkdirTemp("", "remora-bench-sock-")
 	if err != nil {
+		return baseResult{}, err
+	}
+	if err := os.Chmod(dir, 0o711); err != nil { // QEMU (libvirt-qemu) reaches the sockets and images in it
 		return baseResult{}, err
 	}
 	defer os.RemoveAll(dir)

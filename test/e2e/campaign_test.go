@@ -269,7 +269,7 @@ func newCampaign(t *testing.T, seed uint64) *campaign {
 		}
 		t.Cleanup(func() { _ = exec.Command("umount", "-l", dir).Run() })
 	}
-	disk := filepath.Join(t.TempDir(), "campaign-data.img")
+	disk := filepath.Join(labkit.QEMUTempDir(t), "campaign-data.img")
 	if err := labkit.CreateDataDisk(disk, 4<<30); err != nil { // sparse: room for a TRIM of gigabytes
 		t.Fatal(err)
 	}

@@ -67,6 +67,35 @@ func TestClearErrors(t *testing.T) {
 		}
 	})
 
+	t.Run("runtime_dir QEMU cannot reach", func(t *testing.T) {
+		// Debian's QEMU runs as libvirt-qemu: a 0700 directory on the way
+		// to the agent's sockets would fail at the first enroll.
+		top := t.TempDir() // 0700, as Go makes it
+		cfg := filepath.Join(top, "agent.yaml")
+		text := fmt.Sprintf("agent_id: x\nlisten: 127.0.0.1:0\ninsecure_plaintext: true\napi_socket: %s/agent.sock\nstate_dir: %s/state\nruntime_dir: %s/run\n", top, top, top)
+		if err := os.WriteFile(cfg, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command(remoraBin, "--config", cfg, "agent").CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "chmod o+x "+filepath.Dir(top)) || !strings.Contains(string(out), "libvirt-qemu") {
+			t.Fatalf("err=%v out=%s", err, out)
+		}
+		// Control: the same agent with the directories made searchable
+		// runs (until the test stops it).
+		if err := os.Chmod(top, 0o711); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(filepath.Dir(top), 0o711); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		out, _ = exec.CommandContext(ctx, remoraBin, "--config", cfg, "agent").CombinedOutput()
+		if strings.Contains(string(out), "chmod o+x") || !strings.Contains(string(out), "agent running") {
+			t.Fatalf("a searchable runtime_dir refused: %s", out)
+		}
+	})
+
 	t.Run("peer speaks another protocol version", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()

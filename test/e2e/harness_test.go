@@ -135,7 +135,7 @@ type hostOpts struct {
 
 func newHost(t *testing.T, name, netns, ip string, o hostOpts) *host {
 	t.Helper()
-	dir := t.TempDir()
+	dir := labkit.QEMUTempDir(t)
 	if o.interval == "" {
 		o.interval = "100ms"
 	}

@@ -41,7 +41,7 @@ func TestHostilePeers(t *testing.T) {
 	a.start()
 	b.start()
 	// A data disk: its NBD relay is one of the sockets a local process tries.
-	img := filepath.Join(t.TempDir(), "data.img")
+	img := filepath.Join(labkit.QEMUTempDir(t), "data.img")
 	if err := labkit.CreateDataDisk(img, 32<<20); err != nil {
 		t.Fatal(err)
 	}

@@ -235,7 +235,7 @@ func crashCount(def int) int {
 func TestExternalConsistency(t *testing.T) {
 	needLab(t)
 	t.Run("held", func(t *testing.T) {
-		img := filepath.Join(t.TempDir(), "data.img")
+		img := filepath.Join(labkit.QEMUTempDir(t), "data.img")
 		if err := labkit.CreateDataDisk(img, 32<<20); err != nil {
 			t.Fatal(err)
 		}

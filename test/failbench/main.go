@@ -70,6 +70,9 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	if err := os.Chmod(work, 0o711); err != nil { // QEMU (libvirt-qemu) reaches the sockets and images in it
+		return err
+	}
 	defer os.RemoveAll(work)
 	bin, err := labkit.BuildRemora(work)
 	if err != nil {

@@ -82,30 +82,31 @@ ensure_packages() {
 
 # ---------------------------------------------------------------- libvirt
 
-# Settings the lab needs in qemu.conf:
-#  memory_backing_dir  guest RAM files on tmpfs, where the agent maps them;
-#  user/group root     QEMU can connect to the agent's unix sockets under
-#                      /run/remora and the agent (root) owns the RAM files;
-#  dynamic_ownership 0 libvirt does not chown kernel, initrd and logs;
-#  remember_owner 0    and keeps no xattrs about it;
-#  security_driver none no AppArmor/SELinux confinement of QEMU (the agent's
-#                      sockets and the lab image are outside any profile).
+# The one setting the lab needs in qemu.conf: guest RAM files on tmpfs,
+# where the agent maps them. Everything else stays as Debian ships it (QEMU
+# as libvirt-qemu, dynamic ownership, the default security driver); the
+# keys an older lab set are put back to their defaults here.
 QEMU_CONF_SETTINGS=(
 	"memory_backing_dir = \"$MEMORY_BACKING_DIR\""
-	'user = "root"'
-	'group = "root"'
-	'dynamic_ownership = 0'
-	'remember_owner = 0'
-	'security_driver = "none"'
 )
+QEMU_CONF_RETIRED_KEYS="user group dynamic_ownership remember_owner security_driver"
 
 # Writes to stdout the wanted qemu.conf: the current one with any active
 # setting of our keys commented out, and our block at the end.
 render_qemu_conf() {
 	local keys="" s
 	for s in "${QEMU_CONF_SETTINGS[@]}"; do keys+="${s%% *} "; done
-	awk -v keys="$keys" '
-		BEGIN { n = split(keys, k, " "); for (i = 1; i <= n; i++) K[k[i]] = 1 }
+	awk -v keys="$keys" -v retired="$QEMU_CONF_RETIRED_KEYS" '
+		BEGIN {
+			n = split(keys, k, " "); for (i = 1; i <= n; i++) K[k[i]] = 1
+			n = split(retired, r, " "); for (i = 1; i <= n; i++) R[r[i]] = 1
+		}
+		# What an older lab commented out goes back as it was, unless ours.
+		/^#remora-lab-disabled# / {
+			line = $0; sub(/^#remora-lab-disabled# /, "", line)
+			key = line; sub(/^[ \t]*/, "", key); sub(/[ \t]*=.*/, "", key)
+			if (key in R) { print line; next }
+		}
 		/^# BEGIN remora-lab/ { skip = 1; next }
 		/^# END remora-lab/ { skip = 0; next }
 		skip { next }
@@ -120,6 +121,21 @@ render_qemu_conf() {
 	echo "# BEGIN remora-lab (managed by test/lab/lab.sh; edit there)"
 	for s in "${QEMU_CONF_SETTINGS[@]}"; do echo "$s"; done
 	echo "# END remora-lab"
+}
+
+# Without udev (containers, this CI) /dev/kvm stays root-only. libvirt
+# probes KVM as root but checks it as QEMU's user, finds the cached
+# capabilities stale on every call and reprobes QEMU (virsh define then
+# takes minutes). Debian's udev gives it to group kvm, which libvirt-qemu
+# is in; the lab's guests run under TCG either way (type='qemu').
+ensure_kvm_node() {
+	[ -c /dev/kvm ] || return 0
+	getent group kvm >/dev/null || return 0
+	if [ "$(stat -c %G:%a /dev/kvm)" != "kvm:660" ] && [ "$(stat -c %a /dev/kvm)" != 666 ]; then
+		chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+		QEMU_CONF_CHANGED=1 # libvirtd rereads what QEMU can use
+		say "/dev/kvm: group kvm, mode 0660 (as Debian's udev rules set it)"
+	fi
 }
 
 QEMU_CONF_CHANGED=0
@@ -537,6 +553,7 @@ cmd_up() {
 	say "remora lab up (lab dir $LAB_DIR)"
 	ensure_packages
 	ensure_qemu_conf
+	ensure_kvm_node
 	ensure_daemons
 	ensure_network
 	ensure_image

@@ -9,10 +9,12 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -236,6 +238,23 @@ func DomainPID(name string) (int, error) {
 		return 0, fmt.Errorf("labkit: domain %s: %w", name, err)
 	}
 	return strconv.Atoi(strings.TrimSpace(string(b)))
+}
+
+// QEMUUser returns the user the QEMU process of running domain name runs as.
+func QEMUUser(name string) (string, error) {
+	pid, err := DomainPID(name)
+	if err != nil {
+		return "", err
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(fmt.Sprintf("/proc/%d", pid), &st); err != nil {
+		return "", fmt.Errorf("labkit: domain %s: %w", name, err)
+	}
+	u, err := user.LookupId(strconv.Itoa(int(st.Uid)))
+	if err != nil {
+		return strconv.Itoa(int(st.Uid)), nil
+	}
+	return u.Username, nil
 }
 
 // RAMPath returns the file backing the main RAM of running domain name.

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"testing"
 )
 
 // BuildRemora builds the remora binary into dir and returns its path.
@@ -29,4 +30,18 @@ func CreateDataDisk(path string, size int64) error {
 		err = cerr
 	}
 	return err
+}
+
+// QEMUTempDir is t.TempDir made searchable by QEMU, which libvirt runs as
+// its own user (Debian: libvirt-qemu): for guest disks and agent
+// directories. Go makes both the test's directory and its parent 0700.
+func QEMUTempDir(t testing.TB) string {
+	t.Helper()
+	d := t.TempDir()
+	for _, p := range []string{filepath.Dir(d), d} {
+		if err := os.Chmod(p, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return d
 }

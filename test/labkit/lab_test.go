@@ -51,6 +51,13 @@ func TestLabGuest(t *testing.T) {
 		t.Logf("RAM file: %s (%d MiB)", p, fi.Size()>>20)
 	}
 
+	// The lab keeps Debian's stock qemu.conf but for memory_backing_dir.
+	if u, err := QEMUUser(selftestName); err != nil {
+		t.Error(err)
+	} else if u != "libvirt-qemu" {
+		t.Errorf("QEMU runs as %s, want libvirt-qemu (Debian's stock qemu.conf)", u)
+	}
+
 	c, err := g.Dial(ctx)
 	if err != nil {
 		t.Fatal(err)
