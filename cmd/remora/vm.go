@@ -79,10 +79,10 @@ func newVMCmd() *cobra.Command {
 	enroll.Flags().Duration("timeout", 10*time.Minute, "how long to wait for the initial sync")
 
 	status := &cobra.Command{
-		Use:   "status",
-		Short: "Show every guest this agent protects or replicates",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		Use:   "status [GUEST]",
+		Short: "Show every guest this agent protects or replicates, or one",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := client(cmd)
 			if err != nil {
 				return err
@@ -90,6 +90,11 @@ func newVMCmd() *cobra.Command {
 			st, err := c.Status(cmd.Context())
 			if err != nil {
 				return err
+			}
+			if len(args) == 1 {
+				if st, err = oneGuest(st, args[0]); err != nil {
+					return err
+				}
 			}
 			if j, _ := cmd.Flags().GetBool("json"); j {
 				enc := json.NewEncoder(os.Stdout)
@@ -165,6 +170,7 @@ func newVMCmd() *cobra.Command {
 	}
 	failover.ValidArgsFunction = guests(api.RoleStandby)
 	unenroll.ValidArgsFunction = guests("")
+	status.ValidArgsFunction = guests("")
 	enroll.ValidArgsFunction = cobra.NoFileCompletions
 	vm.AddCommand(enroll, status, failover, unenroll)
 	return vm
@@ -255,6 +261,16 @@ func parseProbe(s string) (arbiter.ProbeSpec, error) {
 func isTerminal(f *os.File) bool {
 	fi, err := f.Stat()
 	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+// oneGuest keeps guest name's status, or says where to look.
+func oneGuest(st []api.VMStatus, name string) ([]api.VMStatus, error) {
+	for _, v := range st {
+		if v.Guest == name {
+			return []api.VMStatus{v}, nil
+		}
+	}
+	return nil, fmt.Errorf("guest %q is not enrolled on this agent (`remora vm status` lists the guests it has)", name)
 }
 
 func printStatus(st []api.VMStatus) {
