@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"strings"
 	"testing"
-
-	"github.com/remora-ha/remora/internal/agent/api"
 )
 
 // A wrong command line fails with the usage of the command it meant.
@@ -42,16 +40,5 @@ func TestWrongCommandLineShowsUsage(t *testing.T) {
 	root.SetArgs([]string{"version"})
 	if err := root.Execute(); err != nil || strings.Contains(out.String(), "Usage:") {
 		t.Fatalf("version: %v\n%s", err, out.String())
-	}
-}
-
-func TestOneGuest(t *testing.T) {
-	st := []api.VMStatus{{Guest: "a"}, {Guest: "b"}}
-	one, err := oneGuest(st, "b")
-	if err != nil || len(one) != 1 || one[0].Guest != "b" {
-		t.Fatalf("got %+v, %v", one, err)
-	}
-	if _, err := oneGuest(st, "c"); err == nil || !strings.Contains(err.Error(), `"c" is not enrolled`) {
-		t.Fatalf("unknown guest: %v", err)
 	}
 }

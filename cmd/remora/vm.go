@@ -87,14 +87,16 @@ func newVMCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			st, err := c.Status(cmd.Context())
+			var st []api.VMStatus
+			if len(args) == 1 {
+				var one api.VMStatus
+				one, err = c.VM(cmd.Context(), args[0])
+				st = []api.VMStatus{one}
+			} else {
+				st, err = c.Status(cmd.Context())
+			}
 			if err != nil {
 				return err
-			}
-			if len(args) == 1 {
-				if st, err = oneGuest(st, args[0]); err != nil {
-					return err
-				}
 			}
 			if j, _ := cmd.Flags().GetBool("json"); j {
 				enc := json.NewEncoder(os.Stdout)
@@ -112,6 +114,30 @@ func newVMCmd() *cobra.Command {
 		},
 	}
 	status.Flags().Bool("json", false, "print JSON")
+
+	events := &cobra.Command{
+		Use:   "events GUEST",
+		Short: "Show a guest's history on this agent: enrolls, state changes, syncs, failovers, fencing epochs",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := client(cmd)
+			if err != nil {
+				return err
+			}
+			ev, err := c.Events(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if j, _ := cmd.Flags().GetBool("json"); j {
+				enc := json.NewEncoder(os.Stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(ev)
+			}
+			printEvents(ev)
+			return nil
+		},
+	}
+	events.Flags().Bool("json", false, "print JSON")
 
 	failover := &cobra.Command{
 		Use:   "failover GUEST",
@@ -171,8 +197,9 @@ func newVMCmd() *cobra.Command {
 	failover.ValidArgsFunction = guests(api.RoleStandby)
 	unenroll.ValidArgsFunction = guests("")
 	status.ValidArgsFunction = guests("")
+	events.ValidArgsFunction = guests("")
 	enroll.ValidArgsFunction = cobra.NoFileCompletions
-	vm.AddCommand(enroll, status, failover, unenroll)
+	vm.AddCommand(enroll, status, events, failover, unenroll)
 	return vm
 }
 
@@ -263,14 +290,25 @@ func isTerminal(f *os.File) bool {
 	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }
 
-// oneGuest keeps guest name's status, or says where to look.
-func oneGuest(st []api.VMStatus, name string) ([]api.VMStatus, error) {
-	for _, v := range st {
-		if v.Guest == name {
-			return []api.VMStatus{v}, nil
-		}
+func printEvents(ev []api.Event) {
+	if len(ev) == 0 {
+		fmt.Println("no events recorded yet")
+		return
 	}
-	return nil, fmt.Errorf("guest %q is not enrolled on this agent (`remora vm status` lists the guests it has)", name)
+	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "TIME\tEVENT\tFENCE\tEPOCH\tDETAIL")
+	for _, e := range ev {
+		t := "-"
+		if !e.Time.IsZero() {
+			t = e.Time.Local().Format("2006-01-02 15:04:05.000")
+		}
+		epoch := "-"
+		if e.Epoch != 0 {
+			epoch = strconv.FormatUint(e.Epoch, 10)
+		}
+		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", t, e.Kind, e.Fence, epoch, e.Detail)
+	}
+	w.Flush()
 }
 
 func printStatus(st []api.VMStatus) {

@@ -169,7 +169,7 @@ func (a *Agent) failoverGuest(ctx context.Context, g *guest, fence uint64) (api.
 			if err := a.restoreShell(ctx, g, rec.Shell, epoch); err != nil {
 				return err
 			}
-			return a.journal.append(ctx, true, txlog.TypePlain, 0, journalEvent{Kind: "promote", Guest: g.name, Fence: fence})
+			return a.journal.append(ctx, true, txlog.TypePlain, 0, journalEvent{Kind: "promote", Guest: g.name, Fence: fence, Epoch: epoch, Note: "the guest runs on this host"})
 		}},
 	}
 	if !resuming {

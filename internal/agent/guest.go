@@ -92,6 +92,7 @@ func (g *guest) loop(ctx context.Context, observe func(time.Time) Observation, e
 		g.mu.Unlock()
 		if before != after {
 			g.log.Info("guest state changed", "from", before, "to", after, "fence", g.fence.Load())
+			g.a.journal.note(g.name, "state", fmt.Sprintf("%s -> %s", before, after), g.fence.Load())
 		}
 		for _, act := range acts {
 			if IsArbiterCall(act) {

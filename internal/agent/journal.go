@@ -7,12 +7,14 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 
 	"github.com/remora-ha/remora/migrate"
 
 	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/txlog"
 )
 
@@ -37,6 +39,7 @@ type journal struct {
 	fence     uint64            // highest fencing epoch written; txlog refuses lower ones
 	sinceCkpt int
 	guests    map[string]journalGuest
+	history   map[string][]api.Event // per guest, newest last; outlives a drop
 	// broken: a write or sync failed, so guests and the log's open
 	// transactions may hold records that are not durable; the next use
 	// reopens the log and rebuilds both from what is.
@@ -52,6 +55,9 @@ type journalEvent struct {
 	Full  bool   `json:"full,omitempty"`
 	Fence uint64 `json:"fence,omitempty"`
 	Step  string `json:"step,omitempty"`
+	// Time (Unix ns) and Note: what `vm events` shows of the record.
+	Time int64  `json:"t,omitempty"`
+	Note string `json:"note,omitempty"`
 }
 
 // journalGuest is a guest's state in a journal checkpoint.
@@ -65,7 +71,21 @@ type journalState struct {
 	guests    map[string]journalGuest
 	commitTx  map[string]uint64  // committed, not yet applied epochs: their transactions
 	failovers map[string]failTxn // failovers that were not ended
+	history   map[string][]api.Event
 }
+
+// journalCheckpoint is a checkpoint's data. Before history was kept it was
+// the guests map alone, which open still reads.
+type journalCheckpoint struct {
+	Format  int                     `json:"format"`
+	Guests  map[string]journalGuest `json:"guests"`
+	History map[string][]api.Event  `json:"history,omitempty"`
+}
+
+const checkpointFormat = 2
+
+// historyLen bounds the events kept per guest.
+const historyLen = 256
 
 // failTxn is a failover the journal shows unfinished.
 type failTxn struct {
@@ -102,7 +122,7 @@ func openJournal(dir string, lg *slog.Logger) (*journal, journalState, error) {
 // open opens the log and rebuilds the guests' states from it (j.mu held,
 // or before anyone else has j).
 func (j *journal) open() (journalState, error) {
-	st := journalState{guests: map[string]journalGuest{}, commitTx: map[string]uint64{}, failovers: map[string]failTxn{}}
+	st := journalState{guests: map[string]journalGuest{}, commitTx: map[string]uint64{}, failovers: map[string]failTxn{}, history: map[string][]api.Event{}}
 	l, rec, err := txlog.Open(j.dir, txlog.Options{SegmentSize: journalSegmentSize})
 	if err != nil {
 		return st, fmt.Errorf("open the agent journal: %w (inspect it with `remora txlog verify %s`)", err, j.dir)
@@ -111,7 +131,7 @@ func (j *journal) open() (journalState, error) {
 		j.lg.Warn("journal had a torn tail (a write cut by a crash); cut and kept aside", "file", rec.Torn.SavedAs, "bytes", rec.Torn.Bytes)
 	}
 	if rec.Checkpoint != nil && len(rec.Checkpoint.Data) > 0 {
-		if err := json.Unmarshal(rec.Checkpoint.Data, &st.guests); err != nil {
+		if err := readCheckpoint(rec.Checkpoint.Data, &st); err != nil {
 			l.Close()
 			return st, fmt.Errorf("journal checkpoint at LSN %d is unreadable: %w", rec.Checkpoint.LSN, err)
 		}
@@ -124,6 +144,7 @@ func (j *journal) open() (journalState, error) {
 			continue
 		}
 		applyEvent(st.guests, r.Type, ev)
+		addHistory(st.history, r.Type, ev)
 		if ev.Kind == "epoch" {
 			switch r.Type {
 			case txlog.TypeCommit:
@@ -170,7 +191,73 @@ func (j *journal) open() (journalState, error) {
 	for g, tx := range st.commitTx {
 		j.commitTx[g] = tx
 	}
+	j.history = map[string][]api.Event{}
+	for g, h := range st.history {
+		j.history[g] = h
+	}
 	return st, nil
+}
+
+func readCheckpoint(b []byte, st *journalState) error {
+	var probe map[string]json.RawMessage
+	if err := json.Unmarshal(b, &probe); err != nil {
+		return err
+	}
+	if string(probe["format"]) != strconv.Itoa(checkpointFormat) {
+		return json.Unmarshal(b, &st.guests) // the older form
+	}
+	c := journalCheckpoint{Guests: st.guests, History: st.history}
+	if err := json.Unmarshal(b, &c); err != nil {
+		return err
+	}
+	if c.Guests != nil {
+		st.guests = c.Guests
+	}
+	if c.History != nil {
+		st.history = c.History
+	}
+	return nil
+}
+
+// addHistory keeps what an admin wants to read of a record: everything but
+// the epochs, except the one that completed a full sync.
+func addHistory(h map[string][]api.Event, typ txlog.RecordType, ev journalEvent) {
+	var e api.Event
+	switch {
+	case ev.Kind == "epoch" && typ == txlog.TypeCommit && ev.Full:
+		e = api.Event{Kind: "synced", Detail: "full sync complete; replica consistent"}
+	case ev.Kind == "epoch":
+		return
+	case ev.Kind == "reset":
+		e = api.Event{Kind: "reset", Detail: "replica discarded (a full sync follows)"}
+	case ev.Kind == "drop":
+		e = api.Event{Kind: "dropped", Detail: "no longer kept on this agent"}
+	case ev.Kind == "promote":
+		e = api.Event{Kind: "promoted", Detail: ev.Note}
+	case typ == txlog.TypeBegin || typ == txlog.TypePrepare || typ == txlog.TypeCommit || typ == txlog.TypeData || typ == txlog.TypeAbort || typ == txlog.TypeEnd:
+		e = api.Event{Kind: ev.Kind, Detail: moveDetail(typ, ev)}
+	default:
+		e = api.Event{Kind: ev.Kind, Detail: ev.Note}
+	}
+	e.Epoch, e.Fence = ev.Epoch, ev.Fence
+	if ev.Time != 0 {
+		e.Time = time.Unix(0, ev.Time).UTC()
+	}
+	l := append(h[ev.Guest], e)
+	if len(l) > historyLen {
+		l = append([]api.Event(nil), l[len(l)-historyLen:]...)
+	}
+	h[ev.Guest] = l
+}
+
+func moveDetail(typ txlog.RecordType, ev journalEvent) string {
+	switch typ {
+	case txlog.TypeBegin:
+		return "begun"
+	case txlog.TypeEnd:
+		return "done"
+	}
+	return ev.Step
 }
 
 // reopen replaces a log that refuses writes (a failed write or fsync: a
@@ -254,6 +341,9 @@ func (j *journal) append(ctx context.Context, durable bool, typ txlog.RecordType
 }
 
 func (j *journal) appendOnce(ctx context.Context, durable bool, typ txlog.RecordType, tx uint64, ev journalEvent) error {
+	if ev.Time == 0 && (ev.Kind != "epoch" || ev.Full) {
+		ev.Time = time.Now().UnixNano() // epochs go by too fast to be worth the bytes
+	}
 	b, _ := json.Marshal(ev)
 	j.mu.Lock()
 	if err := j.heal(); err != nil {
@@ -264,6 +354,7 @@ func (j *journal) appendOnce(ctx context.Context, durable bool, typ txlog.Record
 	_, err := j.log.AppendAsync(ctx, txlog.Record{Type: typ, Epoch: j.fence, TxID: tx, Payload: b})
 	if err == nil {
 		applyEvent(j.guests, typ, ev)
+		addHistory(j.history, typ, ev)
 	}
 	l := j.log
 	j.mu.Unlock()
@@ -372,7 +463,7 @@ func (j *journal) checkpoint() {
 		return
 	}
 	j.sinceCkpt = 0
-	b, _ := json.Marshal(j.guests)
+	b, _ := json.Marshal(journalCheckpoint{Format: checkpointFormat, Guests: j.guests, History: j.history})
 	_, err := j.log.Checkpoint(ctx, j.fence, b)
 	j.mu.Unlock()
 	if err != nil {
@@ -416,6 +507,25 @@ func (mj moveJournal) Abort(ctx context.Context, tx uint64, m *migrate.Move, why
 
 func (mj moveJournal) End(ctx context.Context, tx uint64, m *migrate.Move) error {
 	return mj.j.append(ctx, false, txlog.TypeEnd, tx, mj.event(m, "announced"))
+}
+
+// note records an event of guest worth showing in `vm events` (not
+// synced: the history is for people, and losing its last lines in a crash
+// costs no data).
+func (j *journal) note(guest, kind, note string, fence uint64) {
+	if j == nil {
+		return
+	}
+	if err := j.append(context.Background(), false, txlog.TypePlain, 0, journalEvent{Kind: kind, Guest: guest, Fence: fence, Note: note}); err != nil {
+		j.lg.Warn("journal: event not recorded", "guest", guest, "event", kind, "err", err)
+	}
+}
+
+// events returns guest's history, oldest first.
+func (j *journal) events(guest string) []api.Event {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return append([]api.Event(nil), j.history[guest]...)
 }
 
 // journalDrop records that a guest is no longer kept here: its replica

@@ -2,14 +2,17 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/txlog"
 )
 
@@ -242,5 +245,99 @@ func TestJournalLateApplyEndsItsOwnEpoch(t *testing.T) {
 	}
 	if got, _ := j.state("g1"); got.Replica != st(2, 2) {
 		t.Fatalf("journal state %+v", got.Replica)
+	}
+}
+
+// A guest's history (`vm events`) is rebuilt from the records and from a
+// checkpoint, outlives a drop, and stays bounded.
+func TestJournalKeepsGuestHistory(t *testing.T) {
+	dir := t.TempDir()
+	j, _, err := openJournal(dir, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	j.note("g1", "enrolled", "standby on this host of primary host-a", 1)
+	persist := j.replicaPersist("g1")
+	for epoch := uint64(1); epoch <= checkpointEvery+2; epoch++ {
+		if err := j.epochBegin("g1", epoch, "gen1", epoch == 1); err != nil {
+			t.Fatal(err)
+		}
+		next := checkpoint.ReplicaState{Generation: "gen1", Committed: epoch, Applied: epoch - 1, Synced: true}
+		if err := persist(next); err != nil {
+			t.Fatal(err)
+		}
+		next.Applied = epoch
+		if err := persist(next); err != nil {
+			t.Fatal(err)
+		}
+	}
+	j.checkpoint() // what a compaction keeps must carry the history
+	j.note("g1", "state", "protected -> failing-over", 1)
+	if err := j.append(context.Background(), true, txlog.TypePlain, 0, journalEvent{Kind: "promote", Guest: "g1", Fence: 2, Epoch: 7, Note: "the guest runs on this host"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.append(context.Background(), true, txlog.TypePlain, 0, journalEvent{Kind: "drop", Guest: "g1"}); err != nil {
+		t.Fatal(err)
+	}
+	kinds := func(ev []api.Event) string {
+		var k []string
+		for _, e := range ev {
+			k = append(k, e.Kind)
+		}
+		return strings.Join(k, ",")
+	}
+	const want = "enrolled,synced,state,promoted,dropped"
+	before := j.events("g1")
+	if got := kinds(before); got != want {
+		t.Fatalf("events %s, want %s", got, want)
+	}
+	for _, e := range before {
+		if e.Time.IsZero() {
+			t.Fatalf("event %+v has no time", e)
+		}
+	}
+	if p := before[3]; p.Fence != 2 || p.Epoch != 7 || p.Detail != "the guest runs on this host" {
+		t.Fatalf("promotion event %+v", p)
+	}
+	if err := j.close(); err != nil {
+		t.Fatal(err)
+	}
+	j2, st, err := openJournal(dir, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := st.guests["g1"]; ok {
+		t.Fatal("a dropped guest's state came back")
+	}
+	after := j2.events("g1")
+	if kinds(after) != want || !after[0].Time.Equal(before[0].Time) || !after[4].Time.Equal(before[4].Time) {
+		t.Fatalf("after reopen: %+v\nbefore: %+v", after, before)
+	}
+	for i := 0; i < historyLen+10; i++ {
+		j2.note("g1", "state", fmt.Sprintf("flap %d", i), 2)
+	}
+	if got := j2.events("g1"); len(got) != historyLen || got[len(got)-1].Detail != fmt.Sprintf("flap %d", historyLen+9) {
+		t.Fatalf("%d events kept, last %+v", len(got), got[len(got)-1])
+	}
+	j2.close()
+}
+
+// A checkpoint written before history was kept (the guests map alone) is
+// still read.
+func TestJournalReadsAnOlderCheckpoint(t *testing.T) {
+	var st journalState
+	st.guests, st.history = map[string]journalGuest{}, map[string][]api.Event{}
+	old := []byte(`{"g1":{"replica":{"generation":"gen1","committed":5,"applied":5,"synced":true},"fence":3}}`)
+	if err := readCheckpoint(old, &st); err != nil {
+		t.Fatal(err)
+	}
+	if g := st.guests["g1"]; g.Fence != 3 || g.Replica.Committed != 5 {
+		t.Fatalf("read %+v", st.guests)
+	}
+	// A guest named "format" in the older form is not mistaken for the newer.
+	old = []byte(`{"format":{"replica":{"committed":2},"fence":1}}`)
+	st.guests = map[string]journalGuest{}
+	if err := readCheckpoint(old, &st); err != nil || st.guests["format"].Fence != 1 {
+		t.Fatalf("guest named format: %+v, %v", st.guests, err)
 	}
 }

@@ -60,7 +60,11 @@ func (a *Agent) Enroll(ctx context.Context, name, peer string, probe arbiter.Pro
 	if err := a.startPrimary(ctx, rec); err != nil {
 		return err
 	}
-	return a.store.save(rec)
+	if err := a.store.save(rec); err != nil {
+		return err
+	}
+	a.journal.note(name, "enrolled", "primary on this host, standby "+peer, rec.Fence)
+	return nil
 }
 
 // startPrimary opens the guest and starts protecting it.
@@ -294,6 +298,7 @@ func (a *Agent) unenrollPrimary(ctx context.Context, g *guest) error {
 	if err := a.store.remove(g.name); err != nil {
 		return err
 	}
+	a.journal.note(g.name, "unenrolled", "protection stopped; the guest keeps running here", st.Fence)
 	return warn
 }
 

@@ -136,10 +136,31 @@ func (s *standbyRun) status(hbTimeout time.Duration) api.VMStatus {
 	return v
 }
 
+// Events is guest name's history on this agent, from its journal; it
+// outlives an unenroll.
+func (a *Agent) Events(name string) ([]api.Event, error) {
+	if a.journal == nil {
+		return nil, fmt.Errorf("the agent's journal is not open yet: try again")
+	}
+	ev := a.journal.events(name)
+	if len(ev) == 0 && a.guest(name) == nil {
+		return nil, fmt.Errorf("guest %q: %w, and its journal has no events of it", name, errNotEnrolled)
+	}
+	return ev, nil
+}
+
 func (a *Agent) serveAPI(ctx context.Context, ln net.Listener, gid int) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, a.Status())
+	})
+	mux.HandleFunc("GET /v1/vms/{guest}/events", func(w http.ResponseWriter, r *http.Request) {
+		ev, err := a.Events(r.PathValue("guest"))
+		if err != nil {
+			writeJSON(w, http.StatusNotFound, api.Error{Error: err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, ev)
 	})
 	mux.HandleFunc("GET /v1/agent", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, a.Info())

@@ -457,6 +457,7 @@ func (a *Agent) standbyGuestFor(ctx context.Context, hello checkpoint.Hello, fen
 			return nil, false, checkpoint.Fatal(fmt.Errorf("agent %s is not guest %q's primary at fencing epoch %d for the arbiter (it has %q at %d)", hello.Agent, hello.Guest, fence, view.Primary, view.Epoch))
 		}
 	}
+	a.journal.note(hello.Guest, "enrolled", "standby on this host of primary "+hello.Agent, fence)
 	return a.newStandbyGuest(&Record{Name: hello.Guest, Role: api.RoleStandby, Primary: hello.Agent, Fence: fence, Enrolled: time.Now().UTC()}), true, nil
 }
 

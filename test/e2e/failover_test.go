@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"strings"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/test/labkit"
 )
 
@@ -199,4 +201,36 @@ loop:
 	if out, err := b.cli("vm", "failover", name); err == nil || !strings.Contains(out, "already failed over") {
 		t.Fatalf("second failover: err=%v out=%s", err, out)
 	}
+	// The standby's history, from its journal (across its restart when it
+	// died mid-failover).
+	out, err = b.cli("vm", "events", name, "--json")
+	if err != nil {
+		t.Fatalf("vm events: %v\n%s", err, out)
+	}
+	var events []api.Event
+	if err := json.Unmarshal([]byte(out), &events); err != nil {
+		t.Fatalf("vm events --json: %v\n%s", err, out)
+	}
+	var seen []string
+	for _, e := range events {
+		if e.Time.IsZero() {
+			t.Errorf("event without a time: %+v", e)
+		}
+		seen = append(seen, e.Kind)
+	}
+	if !inOrder(seen, "enrolled", "synced", "failover", "promoted") {
+		t.Fatalf("standby's events %v, want enrolled, synced, failover, promoted in order", seen)
+	}
+	out, _ = b.cli("vm", "events", name)
+	t.Logf("vm events on the standby:\n%s", out)
+}
+
+// inOrder reports whether want occur in got in this order (others between).
+func inOrder(got []string, want ...string) bool {
+	for _, g := range got {
+		if len(want) > 0 && g == want[0] {
+			want = want[1:]
+		}
+	}
+	return len(want) == 0
 }

@@ -18,6 +18,16 @@ const (
 	RolePromoted = "promoted" // was the standby; runs the guest since a failover
 )
 
+// Event is one line of a guest's history on an agent (`vm events`), from
+// its journal.
+type Event struct {
+	Time   time.Time `json:"time,omitzero"`
+	Kind   string    `json:"kind"` // enrolled, state, synced, failover, promoted, reset, unenrolled, dropped, ...
+	Detail string    `json:"detail,omitempty"`
+	Epoch  uint64    `json:"epoch,omitempty"`
+	Fence  uint64    `json:"fence,omitempty"`
+}
+
 // VMStatus is one guest as `remora vm status` shows it.
 type VMStatus struct {
 	Guest        string        `json:"guest"`

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"syscall"
 
@@ -99,7 +100,14 @@ func (c *Client) VM(ctx context.Context, name string) (VMStatus, error) {
 			return s, nil
 		}
 	}
-	return VMStatus{}, fmt.Errorf("guest %q is not listed by the agent at %s", name, c.socket)
+	return VMStatus{}, fmt.Errorf("guest %q is not listed by the agent at %s (`remora vm status` lists the guests it has)", name, c.socket)
+}
+
+// Events returns a guest's history on the agent, oldest first.
+func (c *Client) Events(ctx context.Context, guest string) ([]Event, error) {
+	var out []Event
+	err := c.do(ctx, http.MethodGet, "/v1/vms/"+url.PathEscape(guest)+"/events", nil, &out)
+	return out, err
 }
 
 func (c *Client) Enroll(ctx context.Context, guest, standby string, probe arbiter.ProbeSpec) error {
