@@ -99,9 +99,7 @@ func newVMCmd() *cobra.Command {
 				return err
 			}
 			if j, _ := cmd.Flags().GetBool("json"); j {
-				enc := json.NewEncoder(os.Stdout)
-				enc.SetIndent("", "  ")
-				return enc.Encode(st)
+				return printJSON(st)
 			}
 			printStatus(st)
 			// An older agent has no /v1/agent: its warnings are in its log.
@@ -129,9 +127,7 @@ func newVMCmd() *cobra.Command {
 				return err
 			}
 			if j, _ := cmd.Flags().GetBool("json"); j {
-				enc := json.NewEncoder(os.Stdout)
-				enc.SetIndent("", "  ")
-				return enc.Encode(ev)
+				return printJSON(ev)
 			}
 			printEvents(ev)
 			return nil
@@ -288,6 +284,12 @@ func parseProbe(s string) (arbiter.ProbeSpec, error) {
 func isTerminal(f *os.File) bool {
 	fi, err := f.Stat()
 	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+func printJSON(v any) error {
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
 
 func printEvents(ev []api.Event) {
