@@ -22,6 +22,7 @@ import (
 	"github.com/remora-ha/remora/internal/stats"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
+	"github.com/remora-ha/remora/internal/unixsock"
 	"github.com/remora-ha/remora/test/labkit"
 )
 
@@ -605,7 +606,7 @@ func labSilentStandby(t *testing.T, e *labEnv) {
 	}
 	sock := filepath.Join(labkit.AgentRunDir, labGuestName+"-nbd-relay.sock")
 	os.Remove(sock)
-	ul, err := net.Listen("unix", sock)
+	ul, err := unixsock.Listen(sock, 0o666) // QEMU runs as libvirt-qemu
 	if err != nil {
 		t.Fatal(err)
 	}
