@@ -20,9 +20,9 @@ import (
 	"github.com/zeebo/xxh3"
 
 	"github.com/remora-ha/remora/internal/stats"
+	"github.com/remora-ha/remora/internal/unixsock"
 	"github.com/remora-ha/remora/migrate/qemu"
 	"github.com/remora-ha/remora/migrate/virt"
-	"github.com/remora-ha/remora/internal/unixsock"
 	"github.com/remora-ha/remora/test/labkit"
 )
 
