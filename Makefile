@@ -132,6 +132,9 @@ install: docs
 	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/lib/systemd/system configs/systemd/remora-agent.service configs/systemd/remora-arbiter.service
 	install -D -m 0640 configs/agent.yaml $(DESTDIR)/etc/remora/agent.yaml
 	install -D -m 0640 configs/arbiter.yaml $(DESTDIR)/etc/remora/arbiter.yaml
+	install -d $(DESTDIR)/etc/libvirt/hooks/qemu.d
+	sed 's|@BINDIR@|$(PREFIX)/bin|' configs/libvirt/50-remora.in >$(DESTDIR)/etc/libvirt/hooks/qemu.d/50-remora
+	chmod 0755 $(DESTDIR)/etc/libvirt/hooks/qemu.d/50-remora
 	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/remora/prometheus configs/prometheus/*
 	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/remora/grafana configs/grafana/*
 	install -d $(DESTDIR)$(PREFIX)/share/man/man1

@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
@@ -11,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/remora-ha/remora/internal/agent"
+	"github.com/remora-ha/remora/internal/agent/api"
 )
 
 func newAgentCmd() *cobra.Command {
@@ -41,4 +43,33 @@ func newAgentCmd() *cobra.Command {
 	}
 	addAgentFlags(cmd)
 	return cmd
+}
+
+// libvirtHookCmd is what libvirt's qemu hook runs (packaged as
+// /etc/libvirt/hooks/qemu.d/50-remora): it refuses to start a stale copy
+// of a guest that was failed over, whoever asks (virsh start, autostart).
+func libvirtHookCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "libvirt-hook DOMAIN OPERATION SUB-OPERATION [EXTRA]",
+		Short: "libvirt's qemu hook: refuse to start a superseded copy of a protected guest",
+		Long: `Install as a libvirt qemu hook (the package puts it in /etc/libvirt/hooks/qemu.d/50-remora;
+libvirtd finds new hooks at its start). Before a domain starts ("prepare begin"), it
+refuses a guest this host's agent protects as primary when a failover moved it
+elsewhere, or when the arbiter cannot confirm this host still runs it.`,
+		Args: cobra.RangeArgs(3, 4),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if args[1] != "prepare" || args[2] != "begin" {
+				return nil
+			}
+			cfg, err := loadAgentConfig(cmd)
+			if err != nil {
+				// Every guest of the host starts through here: a broken
+				// remora config must not stop the others. Its records
+				// are still read where the defaults put them.
+				fmt.Fprintf(cmd.ErrOrStderr(), "remora: %v (using the default state_dir)\n", err)
+				cfg = api.Defaults()
+			}
+			return agent.CheckStart(cmd.Context(), cfg, args[0])
+		},
+	}
 }

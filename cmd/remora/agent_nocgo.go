@@ -23,3 +23,16 @@ func newAgentCmd() *cobra.Command {
 	addAgentFlags(cmd)
 	return cmd
 }
+
+// libvirtHookCmd: a host without libvirt runs no guests to refuse.
+func libvirtHookCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:    "libvirt-hook DOMAIN OPERATION SUB-OPERATION [EXTRA]",
+		Short:  "libvirt's qemu hook (not in this build: it has no libvirt)",
+		Hidden: true,
+		Args:   cobra.RangeArgs(3, 4),
+		RunE: func(*cobra.Command, []string) error {
+			return errors.New("this remora binary was built without cgo: install the hypervisor host's build (make build) as the libvirt hook")
+		},
+	}
+}

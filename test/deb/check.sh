@@ -46,9 +46,11 @@ in_root remora version
 say "files"
 for f in /usr/bin/remora /usr/lib/systemd/system/remora-agent.service /usr/lib/systemd/system/remora-arbiter.service \
 	/etc/remora/agent.yaml /etc/remora/arbiter.yaml /usr/share/man/man1/remora-agent.1.gz \
-	/usr/share/bash-completion/completions/remora /usr/share/doc/remora/operator-guide.md; do
+	/usr/share/bash-completion/completions/remora /usr/share/doc/remora/operator-guide.md /etc/libvirt/hooks/qemu.d/50-remora; do
 	[ -e "$root$f" ] || die "$f is not installed"
 done
+say "libvirt hook: a guest remora does not protect may start"
+in_root /etc/libvirt/hooks/qemu.d/50-remora web prepare begin - || die "the libvirt hook refused an unprotected guest"
 in_root dpkg-query -W -f='${Package} ${Version} ${Status}\n' remora
 say "man remora-agent"
 in_root man -P cat remora-agent 2>/dev/null | head -5

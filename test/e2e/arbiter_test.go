@@ -456,6 +456,31 @@ func TestArbiterPartitions(t *testing.T) {
 	if s, ok := l.a.status(name); !ok || s.State != "fenced" {
 		t.Fatalf("old primary reports %+v, want fenced", s)
 	}
+
+	// The stale copy can never start again, whoever asks (the lab's
+	// libvirt hook runs `remora libvirt-hook` of each test agent).
+	vctx, vcancel := context.WithTimeout(context.Background(), time.Minute)
+	defer vcancel()
+	out, err := labkit.Virsh(vctx, "start", "--paused", name)
+	if err == nil || !strings.Contains(err.Error()+out, "this copy is stale and must not start") {
+		_, _ = labkit.Virsh(vctx, "destroy", name)
+		t.Fatalf("virsh start of the superseded copy: err=%v out=%s, want the hook's refusal", err, out)
+	}
+	t.Logf("virsh start of the superseded copy refused: %v", err)
+	// Control: once unenrolled here, the same start goes through (paused,
+	// so it never serves next to the promoted copy).
+	if out, err := l.a.cli("vm", "unenroll", name); err != nil {
+		t.Fatalf("unenroll the fenced copy: %v\n%s", err, out)
+	}
+	if s, ok := l.b.status(name); !ok || s.State != "failed-over" {
+		t.Fatalf("the stale copy's unenroll reached the promoted guest: %+v", s)
+	}
+	if out, err := labkit.Virsh(vctx, "start", "--paused", name); err != nil {
+		t.Fatalf("start after unenroll (the control): %v %s", err, out)
+	}
+	if _, err := labkit.Virsh(vctx, "destroy", name); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // guestIface returns the host-side tap of a domain's NIC.

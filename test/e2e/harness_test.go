@@ -157,6 +157,7 @@ metrics_listen: %s:%d
 	if err := os.WriteFile(h.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	labkit.RegisterHook(t, remoraBin, h.config)
 	t.Cleanup(func() {
 		// A standby agent recreates a shell the guest's cleanup destroyed
 		// while it ran: its shells go once it has stopped.

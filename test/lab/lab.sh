@@ -138,6 +138,35 @@ ensure_kvm_node() {
 	fi
 }
 
+# The libvirt hook of every agent a test runs (remora libvirt-hook), each
+# registered by the test harness in $LAB_HOOKS as "BINARY CONFIG".
+LAB_HOOKS=/run/remora/lab-hooks
+LAB_HOOK=/etc/libvirt/hooks/qemu.d/50-remora-lab
+ensure_libvirt_hook() {
+	local tmp
+	tmp=$(mktemp)
+	cat >"$tmp" <<HOOK
+#!/bin/sh
+# remora lab (managed by test/lab/lab.sh): runs the libvirt hook of each
+# agent a test registered in $LAB_HOOKS.
+for f in $LAB_HOOKS/*; do
+	[ -f "\$f" ] || continue
+	read -r bin cfg <"\$f" || continue
+	[ -x "\$bin" ] && [ -f "\$cfg" ] || continue
+	"\$bin" libvirt-hook --config "\$cfg" "\$@" </dev/null || exit 1
+done
+exit 0
+HOOK
+	if ! cmp -s "$tmp" "$LAB_HOOK"; then
+		mkdir -p "$(dirname "$LAB_HOOK")"
+		install -m 0755 "$tmp" "$LAB_HOOK"
+		QEMU_CONF_CHANGED=1 # libvirtd finds hooks at its start
+		say "libvirt hook: $LAB_HOOK"
+	fi
+	rm -f "$tmp"
+	mkdir -p "$LAB_HOOKS"
+}
+
 QEMU_CONF_CHANGED=0
 ensure_qemu_conf() {
 	[ -f "$QEMU_CONF" ] || die "$QEMU_CONF missing: is libvirt-daemon-system installed? (apt-get install libvirt-daemon-system)"
@@ -554,6 +583,7 @@ cmd_up() {
 	ensure_packages
 	ensure_qemu_conf
 	ensure_kvm_node
+	ensure_libvirt_hook
 	ensure_daemons
 	ensure_network
 	ensure_image

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -44,4 +45,22 @@ func QEMUTempDir(t testing.TB) string {
 		}
 	}
 	return d
+}
+
+// LabHooks is where the lab's libvirt hook (test/lab/lab.sh) finds the
+// agents whose `remora libvirt-hook` it runs.
+const LabHooks = AgentRunDir + "/lab-hooks"
+
+// RegisterHook has the lab's libvirt hook ask the agent with config (run
+// by binary bin) before any domain starts, until the test ends.
+func RegisterHook(t testing.TB, bin, config string) {
+	t.Helper()
+	if err := os.MkdirAll(LabHooks, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	f := filepath.Join(LabHooks, strings.NewReplacer("/", "_", " ", "_").Replace(t.Name())+"-"+filepath.Base(filepath.Dir(config)))
+	if err := os.WriteFile(f, []byte(bin+" "+config+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(f) })
 }

@@ -1,0 +1,83 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"time"
+
+	"github.com/remora-ha/remora/arbiter"
+	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/internal/names"
+)
+
+// CheckStart answers libvirt's qemu hook ("prepare begin": before QEMU
+// runs, for `virsh start` and for autostart at boot alike): may domain
+// name start on this host? Not a copy a failover superseded, nor a
+// protected guest the arbiter places on another host, nor one whose
+// place nobody can confirm: a host rebooted after a crash must not serve
+// a second, stale copy before its agent has learned of the failover.
+func CheckStart(ctx context.Context, cfg api.Config, name string) error {
+	if !names.ValidGuest(name) {
+		return nil // not a name remora enrolls
+	}
+	r, err := (recordStore{dir: cfg.StateDir}).load(name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil // not protected here
+	}
+	if err != nil {
+		return fmt.Errorf("remora: cannot read its record of guest %q (%v): refusing to start a guest remora may have failed over", name, err)
+	}
+	if r.Role != api.RolePrimary {
+		return nil // a standby's shell: the agent starts it itself
+	}
+	unenroll := fmt.Sprintf("to run this copy anyway, unprotected, first `remora vm unenroll %s` on this host", name)
+	if r.State == StateFenced {
+		return fmt.Errorf("remora: guest %q was failed over to another host (fencing epoch %d): this copy is stale and must not start; %s", name, r.Fence, unenroll)
+	}
+	if cfg.Arbiter == "" {
+		return nil // nobody to ask: failover is by hand
+	}
+	_, tlsCli, err := tlsConfigs(&cfg)
+	if err != nil {
+		return fmt.Errorf("remora: cannot ask the arbiter where guest %q runs: %v", name, err)
+	}
+	c, err := arbiter.NewClient(cfg.Arbiter, arbiterTLS(tlsCli, cfg.ArbiterName))
+	if err != nil {
+		return fmt.Errorf("remora: cannot ask the arbiter where guest %q runs: %v", name, err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	st, err := c.Status(ctx)
+	if err != nil {
+		return fmt.Errorf("remora: the arbiter %s does not answer (%v), so nothing confirms guest %q is not running on its standby: start it once `remora arbiter status` shows %s as its primary; %s",
+			cfg.Arbiter, err, name, cfg.AgentID, unenroll)
+	}
+	for _, gs := range st.Guests {
+		if gs.Guest != name || gs.Retired {
+			continue
+		}
+		if gs.Primary == cfg.AgentID {
+			return nil
+		}
+		return fmt.Errorf("remora: guest %q runs on %s since fencing epoch %d (the arbiter says): this copy is stale and must not start; %s", name, gs.Primary, gs.Epoch, unenroll)
+	}
+	return fmt.Errorf("remora: the arbiter %s does not know guest %q, so nothing confirms it is not running elsewhere: start it once the arbiter shows %s as its primary; %s", cfg.Arbiter, name, cfg.AgentID, unenroll)
+}
+
+// load reads one guest's record.
+func (s recordStore) load(name string) (*Record, error) {
+	b, err := os.ReadFile(s.path(name))
+	if err != nil {
+		return nil, err
+	}
+	var r Record
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("record %s is corrupt: %w", s.path(name), err)
+	}
+	return &r, nil
+}
