@@ -282,15 +282,18 @@ func (a *Agent) unenrollPrimary(ctx context.Context, g *guest) error {
 	p.closeOutput(g.log)
 	st := g.state()
 	var warn error
-	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	// The standby answers an unenroll with a welcome once its replica is gone.
-	conn, err := a.dialPeer(dctx, g.rec.Peer, checkpoint.FrameUnenroll, st.Fence, checkpoint.Hello{Agent: a.cfg.AgentID, Guest: g.name})
-	if err == nil {
-		conn.Close()
-	}
-	if err != nil {
-		warn = fmt.Errorf("standby %s not told to drop its replica (%v): run `remora vm unenroll %s` on the standby host", g.rec.Peer, err, g.name)
+	// A fenced copy's standby took the guest over: it keeps what it runs.
+	if !st.Fenced {
+		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		// The standby answers an unenroll with a welcome once its replica is gone.
+		conn, err := a.dialPeer(dctx, g.rec.Peer, checkpoint.FrameUnenroll, st.Fence, checkpoint.Hello{Agent: a.cfg.AgentID, Guest: g.name})
+		if err == nil {
+			conn.Close()
+		}
+		if err != nil {
+			warn = fmt.Errorf("standby %s not told to drop its replica (%v): run `remora vm unenroll %s` on the standby host", g.rec.Peer, err, g.name)
+		}
 	}
 	// After the standby: a retired epoch makes its replica stale.
 	warn = errors.Join(warn, a.retire(ctx, g.name, st))
