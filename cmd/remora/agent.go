@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -69,7 +70,9 @@ elsewhere, or when the arbiter cannot confirm this host still runs it.`,
 				fmt.Fprintf(cmd.ErrOrStderr(), "remora: %v (using the default state_dir)\n", err)
 				cfg = api.Defaults()
 			}
-			return agent.CheckStart(cmd.Context(), cfg, args[0])
+			// libvirt writes the domain's XML to the hook's stdin.
+			x, _ := io.ReadAll(io.LimitReader(cmd.InOrStdin(), 16<<20))
+			return agent.CheckStart(cmd.Context(), cfg, args[0], string(x))
 		},
 	}
 }

@@ -216,6 +216,16 @@ func (a *Agent) Unenroll(ctx context.Context, name string) error {
 	g := a.guest(name)
 	switch {
 	case g == nil:
+		// A record the agent could not take up at its start (the guest
+		// was not running): the admin's unenroll forgets it.
+		if _, err := a.store.load(name); err == nil {
+			if err := a.store.remove(name); err != nil {
+				return err
+			}
+			a.journal.note(name, "unenrolled", "record of a guest this agent had not taken up removed", 0)
+			a.log.Info("unenrolled a guest this agent had not taken up", "guest", name)
+			return nil
+		}
 		return fmt.Errorf("guest %q: %w", name, errNotEnrolled)
 	case g.primary != nil:
 		return a.unenrollPrimary(ctx, g)

@@ -12,6 +12,7 @@ import (
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/internal/names"
+	"github.com/remora-ha/remora/migrate/virt"
 )
 
 // CheckStart answers libvirt's qemu hook ("prepare begin": before QEMU
@@ -20,9 +21,13 @@ import (
 // protected guest the arbiter places on another host, nor one whose
 // place nobody can confirm: a host rebooted after a crash must not serve
 // a second, stale copy before its agent has learned of the failover.
-func CheckStart(ctx context.Context, cfg api.Config, name string) error {
-	if !names.ValidGuest(name) {
-		return nil // not a name remora enrolls
+//
+// domainXML is the XML libvirt hands the hook: a domain that waits for an
+// incoming migration (a standby's shell) runs nothing by itself and may
+// always start.
+func CheckStart(ctx context.Context, cfg api.Config, name, domainXML string) error {
+	if !names.ValidGuest(name) || virt.WaitsForIncoming(domainXML) {
+		return nil // not a name remora enrolls, or a shell
 	}
 	r, err := (recordStore{dir: cfg.StateDir}).load(name)
 	if errors.Is(err, fs.ErrNotExist) {

@@ -39,7 +39,7 @@ func TestCheckStart(t *testing.T) {
 	}
 	refused := func(c api.Config, name, want string) {
 		t.Helper()
-		err := CheckStart(ctx, c, name)
+		err := CheckStart(ctx, c, name, "")
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Fatalf("start %s on %s: %v, want a refusal saying %q", name, c.AgentID, err, want)
 		}
@@ -49,7 +49,7 @@ func TestCheckStart(t *testing.T) {
 	}
 	allowed := func(c api.Config, name string) {
 		t.Helper()
-		if err := CheckStart(ctx, c, name); err != nil {
+		if err := CheckStart(ctx, c, name, ""); err != nil {
 			t.Fatalf("start %s on %s refused: %v", name, c.AgentID, err)
 		}
 	}
@@ -63,6 +63,15 @@ func TestCheckStart(t *testing.T) {
 	allowed(a, "web")
 	save(a, &Record{Name: "web", Role: api.RolePrimary, Fence: 2, State: StateFenced})
 	refused(a, "web", "was failed over to another host (fencing epoch 2)")
+	// A shell waiting for an incoming state runs nothing by itself.
+	shell := `<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>web</name>` +
+		`<qemu:commandline><qemu:arg value='-incoming'/><qemu:arg value='defer'/></qemu:commandline></domain>`
+	if err := CheckStart(ctx, a, "web", shell); err != nil {
+		t.Fatalf("a shell refused: %v", err)
+	}
+	if err := CheckStart(ctx, a, "web", "<domain type='qemu'><name>web</name></domain>"); err == nil {
+		t.Fatal("the guest's own XML allowed")
+	}
 	allowed(a, "../../etc") // no such record can exist
 
 	// With the arbiter: it says where the guest runs.

@@ -220,6 +220,22 @@ func shellXML(primaryXML string, o ShellOptions, check func(*libvirtxml.Domain, 
 	return d.Marshal()
 }
 
+// WaitsForIncoming reports whether domainXML starts QEMU waiting for an
+// incoming migration (-incoming, as a standby shell does): such a domain
+// runs no guest until someone feeds it a state.
+func WaitsForIncoming(domainXML string) bool {
+	d, err := parseDomain(domainXML)
+	if err != nil || d.QEMUCommandline == nil {
+		return false
+	}
+	for _, a := range d.QEMUCommandline.Args {
+		if a.Value == "-incoming" {
+			return true
+		}
+	}
+	return false
+}
+
 // shellDisks points the shell's disks at the standby's replica images.
 func shellDisks(d *libvirtxml.Domain, images map[string]string) error {
 	done := map[string]bool{}

@@ -50,7 +50,7 @@ for f in /usr/bin/remora /usr/lib/systemd/system/remora-agent.service /usr/lib/s
 	[ -e "$root$f" ] || die "$f is not installed"
 done
 say "libvirt hook: a guest remora does not protect may start"
-in_root /etc/libvirt/hooks/qemu.d/50-remora web prepare begin - || die "the libvirt hook refused an unprotected guest"
+in_root /etc/libvirt/hooks/qemu.d/50-remora web prepare begin - </dev/null || die "the libvirt hook refused an unprotected guest"
 in_root dpkg-query -W -f='${Package} ${Version} ${Status}\n' remora
 say "man remora-agent"
 in_root man -P cat remora-agent 2>/dev/null | head -5

@@ -148,12 +148,14 @@ ensure_libvirt_hook() {
 	cat >"$tmp" <<HOOK
 #!/bin/sh
 # remora lab (managed by test/lab/lab.sh): runs the libvirt hook of each
-# agent a test registered in $LAB_HOOKS.
+# agent a test registered in $LAB_HOOKS, each with the domain XML libvirt
+# gives on stdin.
+xml=\$(mktemp) && trap 'rm -f "\$xml"' EXIT && cat >"\$xml"
 for f in $LAB_HOOKS/*; do
 	[ -f "\$f" ] || continue
 	read -r bin cfg <"\$f" || continue
 	[ -x "\$bin" ] && [ -f "\$cfg" ] || continue
-	"\$bin" libvirt-hook --config "\$cfg" "\$@" </dev/null || exit 1
+	"\$bin" libvirt-hook --config "\$cfg" "\$@" <"\$xml" || exit 1
 done
 exit 0
 HOOK
