@@ -75,16 +75,24 @@ func (s recordStore) loadAll() ([]*Record, error) {
 		if !strings.HasSuffix(e.Name(), ".json") {
 			continue
 		}
-		p := filepath.Join(s.dir, "guests", e.Name())
-		b, err := os.ReadFile(p)
+		r, err := s.load(strings.TrimSuffix(e.Name(), ".json"))
 		if err != nil {
 			return nil, err
 		}
-		var r Record
-		if err := json.Unmarshal(b, &r); err != nil {
-			return nil, fmt.Errorf("guest record %s is corrupt: %w (move it aside and re-enroll the guest)", p, err)
-		}
-		out = append(out, &r)
+		out = append(out, r)
 	}
 	return out, nil
+}
+
+// load reads one guest's record.
+func (s recordStore) load(name string) (*Record, error) {
+	b, err := os.ReadFile(s.path(name))
+	if err != nil {
+		return nil, err
+	}
+	var r Record
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("guest record %s is corrupt: %w (move it aside and re-enroll the guest)", s.path(name), err)
+	}
+	return &r, nil
 }

@@ -508,12 +508,18 @@ func (a *Agent) arbiterView(ctx context.Context, guest string) (arbiter.GuestSta
 	if err != nil {
 		return arbiter.GuestStatus{}, false, err
 	}
+	gs, ok := activeGuest(st, guest)
+	return gs, ok, nil
+}
+
+// activeGuest finds guest in the arbiter's status, unless retired.
+func activeGuest(st arbiter.Status, guest string) (arbiter.GuestStatus, bool) {
 	for _, gs := range st.Guests {
 		if gs.Guest == guest && !gs.Retired {
-			return gs, true, nil
+			return gs, true
 		}
 	}
-	return arbiter.GuestStatus{}, false, nil
+	return arbiter.GuestStatus{}, false
 }
 
 // sessionGuest is one session's hold on a replica (checkpoint.SessionGuest).

@@ -2,11 +2,9 @@ package agent
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"time"
 
 	"github.com/remora-ha/remora/arbiter"
@@ -62,27 +60,11 @@ func CheckStart(ctx context.Context, cfg api.Config, name, domainXML string) err
 		return fmt.Errorf("remora: the arbiter %s does not answer (%v), so nothing confirms guest %q is not running on its standby: start it once `remora arbiter status` shows %s as its primary; %s",
 			cfg.Arbiter, err, name, cfg.AgentID, unenroll)
 	}
-	for _, gs := range st.Guests {
-		if gs.Guest != name || gs.Retired {
-			continue
-		}
+	if gs, ok := activeGuest(st, name); ok {
 		if gs.Primary == cfg.AgentID {
 			return nil
 		}
 		return fmt.Errorf("remora: guest %q runs on %s since fencing epoch %d (the arbiter says): this copy is stale and must not start; %s", name, gs.Primary, gs.Epoch, unenroll)
 	}
 	return fmt.Errorf("remora: the arbiter %s does not know guest %q, so nothing confirms it is not running elsewhere: start it once the arbiter shows %s as its primary; %s", cfg.Arbiter, name, cfg.AgentID, unenroll)
-}
-
-// load reads one guest's record.
-func (s recordStore) load(name string) (*Record, error) {
-	b, err := os.ReadFile(s.path(name))
-	if err != nil {
-		return nil, err
-	}
-	var r Record
-	if err := json.Unmarshal(b, &r); err != nil {
-		return nil, fmt.Errorf("record %s is corrupt: %w", s.path(name), err)
-	}
-	return &r, nil
 }
