@@ -24,6 +24,9 @@ type CaptureVM struct {
 
 	mu     sync.Mutex
 	fenced bool
+
+	saveMu sync.Mutex
+	save   *DeviceSave // begun by Stop, finished by SaveDeviceState
 }
 
 // Fence pauses the guest and keeps it paused across checkpoints. It
@@ -64,14 +67,37 @@ func (v *CaptureVM) Fenced() bool {
 	return v.fenced
 }
 
+// Stop pauses the guest for a checkpoint by starting the migration of its
+// device state: QEMU stops the guest itself once the non-shared RAM blocks
+// are across, which saves the QMP stop's round trip and keeps the
+// migration's setup out of the pause. It returns once the guest is
+// stopped; SaveDeviceState then takes the rest of the stream.
 func (v *CaptureVM) Stop(ctx context.Context) error {
 	if err := os.WriteFile(v.Marker, nil, 0o600); err != nil {
 		return err
 	}
-	return Stop(ctx, v.G.Mon)
+	sv, err := v.Sink.Begin(ctx, v.G)
+	if err != nil {
+		return err
+	}
+	v.saveMu.Lock()
+	v.save = sv
+	v.saveMu.Unlock()
+	return nil
+}
+
+func (v *CaptureVM) takeSave() *DeviceSave {
+	v.saveMu.Lock()
+	defer v.saveMu.Unlock()
+	sv := v.save
+	v.save = nil
+	return sv
 }
 
 func (v *CaptureVM) Cont(ctx context.Context) error {
+	if sv := v.takeSave(); sv != nil {
+		sv.Abandon(ctx) // the checkpoint failed before its device state was read
+	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if !v.fenced {
@@ -83,7 +109,11 @@ func (v *CaptureVM) Cont(ctx context.Context) error {
 }
 
 func (v *CaptureVM) SaveDeviceState(ctx context.Context, w io.Writer) (int64, error) {
-	return v.Sink.Save(ctx, v.G, w)
+	sv := v.takeSave()
+	if sv == nil {
+		return 0, errors.New("device state: no save under way (Stop did not run)")
+	}
+	return sv.Finish(ctx, w)
 }
 
 // Quiesced runs fn with the guest paused (its block I/O drained) and

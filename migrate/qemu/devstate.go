@@ -1,6 +1,8 @@
 package qemu
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -48,10 +50,33 @@ func (s *DeviceStateSink) Close() error {
 	return err
 }
 
-// Save migrates the stopped guest's device state into w. The guest must be
-// stopped and x-ignore-shared set; afterwards QEMU is in postmigrate and
-// `cont` resumes it.
+// Save migrates the guest's device state into w and leaves the guest
+// stopped (postmigrate; `cont` resumes it).
 func (s *DeviceStateSink) Save(ctx context.Context, g *Guest, w io.Writer) (int64, error) {
+	sv, err := s.Begin(ctx, g)
+	if err != nil {
+		return 0, err
+	}
+	return sv.Finish(ctx, w)
+}
+
+// A DeviceSave is a device-state migration under way (Begin).
+type DeviceSave struct {
+	g       *Guest
+	conn    net.Conn
+	stopped chan struct{} // closed once QEMU stopped the guest
+	done    chan struct{} // closed once the stream ended
+	buf     bytes.Buffer
+	err     error // set before done closes
+}
+
+// Begin starts migrating the guest's device state (x-ignore-shared must be
+// on) and returns once QEMU has stopped the guest for it: QEMU copies the
+// small non-shared RAM blocks while the guest runs and stops it only for
+// the last of them and the device state, which then come while the caller
+// works on the stopped guest. Finish (or Abandon) must follow. The guest
+// is stopped exactly as by QMP stop (vCPUs paused, block I/O drained).
+func (s *DeviceStateSink) Begin(ctx context.Context, g *Guest) (*DeviceSave, error) {
 	if s.qemu == nil {
 		s.qemu = &unixsock.PeerListener{UnixListener: s.ln, PID: g.PID}
 	}
@@ -59,7 +84,7 @@ func (s *DeviceStateSink) Save(ctx context.Context, g *Guest, w io.Writer) (int6
 	// connection in the backlog: the next Accept would read that (closed)
 	// stream and wait forever for a migration nobody reads.
 	if _, err := unixsock.DiscardPending(s.ln); err != nil {
-		return 0, fmt.Errorf("device-state socket: %w", err)
+		return nil, fmt.Errorf("device-state socket: %w", err)
 	}
 	err := Exec(ctx, g.Mon, "migrate", map[string]any{"uri": "unix:" + s.path}, nil)
 	if err != nil && strings.Contains(err.Error(), "migration process in progress") {
@@ -77,7 +102,7 @@ func (s *DeviceStateSink) Save(ctx context.Context, g *Guest, w io.Writer) (int6
 			// No answer: the command may have started a migration.
 			cancelMigration(ctx, g)
 		}
-		return 0, err
+		return nil, err
 	}
 	deadline, ok := ctx.Deadline()
 	if !ok {
@@ -87,20 +112,81 @@ func (s *DeviceStateSink) Save(ctx context.Context, g *Guest, w io.Writer) (int6
 	conn, err := s.qemu.Accept()
 	if err != nil {
 		cancelMigration(ctx, g)
-		return 0, fmt.Errorf("QEMU did not connect to the device-state socket: %w", err)
+		return nil, fmt.Errorf("QEMU did not connect to the device-state socket: %w", err)
 	}
-	defer conn.Close()
 	_ = conn.SetDeadline(deadline)
-	n, err := io.Copy(w, conn)
+	sv := &DeviceSave{g: g, conn: conn, stopped: make(chan struct{}), done: make(chan struct{})}
+	go sv.read()
+	select {
+	case <-sv.stopped:
+		return sv, nil
+	case <-sv.done:
+		if sv.err == nil {
+			return sv, nil
+		}
+		err = sv.err
+	case <-ctx.Done():
+		err = fmt.Errorf("QEMU did not stop the guest for its device state: %w", ctx.Err())
+	}
+	sv.Abandon(ctx)
+	return nil, err
+}
+
+// read follows the stream into buf, saying when the guest is stopped.
+func (sv *DeviceSave) read() {
+	defer close(sv.done)
+	defer sv.conn.Close()
+	f := &streamFollower{r: bufio.NewReaderSize(io.TeeReader(sv.conn, &sv.buf), 256<<10)}
+	err := f.header()
+	if err == nil {
+		err = f.untilStopped()
+	}
 	if err != nil {
-		cancelMigration(ctx, g)
-		return n, fmt.Errorf("read device state: %w", err)
+		sv.err = err
+		return
 	}
-	if err := waitMigration(ctx, g, "completed"); err != nil {
-		cancelMigration(ctx, g)
-		return n, err
+	close(sv.stopped)
+	if _, err := io.Copy(io.Discard, f.r); err != nil {
+		sv.err = fmt.Errorf("read device state: %w", err)
 	}
-	return n, nil
+}
+
+// Finish waits for the rest of the stream and writes all of it to w. The
+// guest stays stopped.
+func (sv *DeviceSave) Finish(ctx context.Context, w io.Writer) (int64, error) {
+	select {
+	case <-sv.done:
+	case <-ctx.Done():
+		sv.Abandon(ctx)
+		return 0, fmt.Errorf("read device state: %w", ctx.Err())
+	}
+	if sv.err != nil {
+		cancelMigration(ctx, sv.g)
+		return 0, sv.err
+	}
+	// QEMU closes the stream only after the migration's end; a stream that
+	// ends with the device description is a completed one. Without it (a
+	// machine that suppresses it, or a failure) QEMU says how it ended.
+	if !completeTail(sv.buf.Bytes()) {
+		if err := waitMigration(ctx, sv.g, "completed"); err != nil {
+			cancelMigration(ctx, sv.g)
+			return 0, err
+		}
+	}
+	return sv.buf.WriteTo(w)
+}
+
+// Abandon ends a save whose stream is not wanted: the migration is
+// cancelled if it still runs, and the stream's end awaited (bounded).
+func (sv *DeviceSave) Abandon(ctx context.Context) {
+	select {
+	case <-sv.done:
+		return
+	default:
+	}
+	cancelMigration(ctx, sv.g)
+	sv.conn.Close()
+	<-sv.done
 }
 
 // settleMigration cancels a migration an interrupted save left running
