@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -122,13 +123,15 @@ type PrimaryStatus struct {
 	OutputTriggered uint64         `json:"output_triggered_epochs"` // epochs started early because output was held
 	DevStateWire    int64          `json:"devstate_wire_bytes"`     // the last epoch's on the wire (a delta, compressed)
 	BytesSent       uint64         `json:"bytes_sent"`              // on the wire, all sessions
+	PageWireBytes   uint64         `json:"page_wire_bytes"`         // of which page batches (lz4, zero pages elided)
 	RawBytes        uint64         `json:"raw_bytes"`               // page and device data before encoding
 	Lag             time.Duration  `json:"lag_ns"`                  // age of the oldest unacked epoch
 	SyncDone        uint64         `json:"sync_done_bytes"`         // progress of a full sync
 	SyncTotal       uint64         `json:"sync_total_bytes"`
 	LastPause       PauseBreakdown `json:"last_pause"`
-	Standby         string         `json:"standby,omitempty"` // the standby agent's id, from its welcome
-	LastAck         time.Time      `json:"last_ack,omitzero"` // when the standby last acknowledged an epoch
+	PauseMedian     PauseBreakdown `json:"pause_breakdown_p50"` // each step's median over the recent incremental epochs
+	Standby         string         `json:"standby,omitempty"`   // the standby agent's id, from its welcome
+	LastAck         time.Time      `json:"last_ack,omitzero"`   // when the standby last acknowledged an epoch
 	LastError       string         `json:"last_error,omitempty"`
 	OutputError     string         `json:"output_error,omitempty"` // the last output release failed
 	NextRetry       time.Time      `json:"next_retry,omitempty"`
@@ -137,11 +140,56 @@ type PrimaryStatus struct {
 
 // PauseBreakdown splits one checkpoint's pause into its steps.
 type PauseBreakdown struct {
-	Stop     time.Duration `json:"stop_ns"`     // QMP stop
-	Track    time.Duration `json:"track_ns"`    // dirty tracking and page copy
-	DevState time.Duration `json:"devstate_ns"` // device state migration (overlaps Track)
+	Stop     time.Duration `json:"stop_ns"`     // from the guest's stop until the agent knew of it
+	Cut      time.Duration `json:"cut_ns"`      // output and disk cut (one round trip to the standby)
+	Track    time.Duration `json:"track_ns"`    // dirty log: which pages changed
+	Copy     time.Duration `json:"copy_ns"`     // copying those pages aside
+	DevState time.Duration `json:"devstate_ns"` // rest of the device state (overlaps Track and Copy)
 	Cont     time.Duration `json:"cont_ns"`     // QMP cont
 	Total    time.Duration `json:"total_ns"`
+}
+
+// breakdownWindow keeps the recent pause breakdowns.
+type breakdownWindow struct {
+	buf  [256]PauseBreakdown
+	n    int
+	next int
+}
+
+func (w *breakdownWindow) add(b PauseBreakdown) {
+	w.buf[w.next] = b
+	w.next = (w.next + 1) % len(w.buf)
+	w.n = min(w.n+1, len(w.buf))
+}
+
+// median is each step's median (so the steps need not add up to Total's).
+func (w *breakdownWindow) median() PauseBreakdown {
+	var m PauseBreakdown
+	if w.n == 0 {
+		return m
+	}
+	field := func(get func(*PauseBreakdown) time.Duration) time.Duration {
+		ds := make([]time.Duration, w.n)
+		for i := range ds {
+			ds[i] = get(&w.buf[i])
+		}
+		return stats.Percentile(ds, 50)
+	}
+	m.Stop = field(func(b *PauseBreakdown) time.Duration { return b.Stop })
+	m.Cut = field(func(b *PauseBreakdown) time.Duration { return b.Cut })
+	m.Track = field(func(b *PauseBreakdown) time.Duration { return b.Track })
+	m.Copy = field(func(b *PauseBreakdown) time.Duration { return b.Copy })
+	m.DevState = field(func(b *PauseBreakdown) time.Duration { return b.DevState })
+	m.Cont = field(func(b *PauseBreakdown) time.Duration { return b.Cont })
+	m.Total = field(func(b *PauseBreakdown) time.Duration { return b.Total })
+	return m
+}
+
+// StopClock is a VM whose Stop returns some time after the guest stopped
+// (QEMU stops it during the device-state migration); StoppedAt is the
+// earliest moment it may have, so that the pause is measured from there.
+type StopClock interface {
+	StoppedAt() time.Time
 }
 
 type capturedEpoch struct {
@@ -175,6 +223,7 @@ type Primary struct {
 	mu           sync.Mutex
 	st           PrimaryStatus
 	pauses       *stats.Window
+	breakdowns   breakdownWindow
 	epochRate    stats.Rate
 	retained     []*capturedEpoch // captured, not yet acked: their bitmaps allow resume
 	ackedEpoch   uint64
@@ -266,6 +315,7 @@ func (p *Primary) Status() PrimaryStatus {
 	s.EpochsPerSec = p.epochRate.PerSecond(now)
 	ps := p.pauses.Samples()
 	s.PauseP50, s.PauseP99 = stats.Percentile(ps, 50), stats.Percentile(ps, 99)
+	s.PauseMedian = p.breakdowns.median()
 	if len(p.retained) > 0 {
 		s.Lag = now.Sub(p.retained[0].at)
 	}
@@ -565,7 +615,7 @@ func (p *Primary) capture(ctx context.Context, plan sessionPlan) (*capturedEpoch
 	p.mu.Lock()
 	p.st.Started = ep.epoch
 	p.mu.Unlock()
-	start := time.Now()
+	start := time.Now() // moved back to the guest's stop once known
 	peerCtx, peerCancel := context.WithTimeout(cctx, p.cfg.PeerTimeout)
 	defer peerCancel()
 	resumed := false
@@ -588,7 +638,13 @@ func (p *Primary) capture(ctx context.Context, plan sessionPlan) (*capturedEpoch
 		}
 	}()
 	var bd PauseBreakdown
+	if c, ok := p.vm.(StopClock); ok {
+		if t := c.StoppedAt(); t.After(start) {
+			start = t
+		}
+	}
 	bd.Stop = time.Since(start)
+	cutStart := time.Now()
 	if p.cfg.Output != nil {
 		// Every frame sent before the pause belongs to this epoch.
 		if err := p.cfg.Output.Cut(ep.epoch); err != nil {
@@ -602,6 +658,7 @@ func (p *Primary) capture(ctx context.Context, plan sessionPlan) (*capturedEpoch
 			return nil, fmt.Errorf("disk: cut epoch %d: %w", ep.epoch, err)
 		}
 	}
+	bd.Cut = time.Since(cutStart)
 	if p.cfg.Hook != nil {
 		p.cfg.Hook("captured", ep.epoch)
 	}
@@ -637,13 +694,12 @@ func (p *Primary) capture(ctx context.Context, plan sessionPlan) (*capturedEpoch
 		}
 	}()
 	n := dirty.Count()
-	if trackErr == nil {
-		ep.data = make([]byte, 0, n*PageSize)
-		dirty.Each(func(i uint64) {
-			ep.data = append(ep.data, p.mem[i*PageSize:(i+1)*PageSize]...)
-		})
-	}
 	bd.Track = time.Since(trackStart)
+	copyStart := time.Now()
+	if trackErr == nil {
+		ep.data = copyPages(p.mem, dirty, n)
+	}
+	bd.Copy = time.Since(copyStart)
 	if err := <-devErr; err != nil {
 		return nil, fmt.Errorf("save device state: %w", err)
 	}
@@ -671,6 +727,7 @@ func (p *Primary) capture(ctx context.Context, plan sessionPlan) (*capturedEpoch
 		p.st.SyncPages = n
 	} else {
 		p.pauses.Add(pause)
+		p.breakdowns.add(bd)
 		p.st.PauseMax = max(p.st.PauseMax, pause)
 		p.st.DirtyTotal += n
 		p.st.Incremental++
@@ -703,6 +760,33 @@ func (p *Primary) trackAgainst(base []uint64, dirty *Bitmap) error {
 		}
 	}
 	return nil
+}
+
+// copyPages copies the n pages set in dirty out of mem, in bitmap order;
+// large copies are split between the CPUs.
+func copyPages(mem []byte, dirty *Bitmap, n uint64) []byte {
+	data := make([]byte, n*PageSize)
+	idx := make([]uint64, 0, n)
+	dirty.Each(func(i uint64) { idx = append(idx, i) })
+	copyRange := func(lo, hi int) {
+		for j := lo; j < hi; j++ {
+			i := idx[j]
+			copy(data[j*PageSize:(j+1)*PageSize], mem[i*PageSize:(i+1)*PageSize])
+		}
+	}
+	workers := runtime.GOMAXPROCS(0)
+	if len(idx) < 1024 || workers == 1 { // 4 MiB: below it a goroutine costs more than it saves
+		copyRange(0, len(idx))
+		return data
+	}
+	per := (len(idx) + workers - 1) / workers
+	var wg sync.WaitGroup
+	for lo := 0; lo < len(idx); lo += per {
+		wg.Add(1)
+		go func(lo, hi int) { defer wg.Done(); copyRange(lo, hi) }(lo, min(lo+per, len(idx)))
+	}
+	wg.Wait()
+	return data
 }
 
 type sliceWriter struct{ b []byte }
@@ -788,6 +872,7 @@ func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, dev
 	ep.dirty.Each(func(i uint64) { indices = append(indices, i) })
 	batch := make([]Page, 0, MaxBatchPages)
 	half := len(indices) / 2
+	var pageWire uint64
 	for off := 0; off < len(indices); off += MaxBatchPages {
 		batch = batch[:0]
 		for j := off; j < min(off+MaxBatchPages, len(indices)); j++ {
@@ -801,6 +886,7 @@ func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, dev
 		if err := WriteFrame(w, Frame{Type: FramePages, Fence: fence, Epoch: ep.epoch, Payload: *buf}); err != nil {
 			return err
 		}
+		pageWire += uint64(len(*buf))
 		end.Batches++
 		if ep.full || ep.base {
 			p.setState(func(s *PrimaryStatus) { s.SyncDone = uint64(min(off+MaxBatchPages, len(indices))) * PageSize })
@@ -829,7 +915,7 @@ func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, dev
 	if err := WriteFrame(w, Frame{Type: FrameEpochEnd, Fence: fence, Epoch: ep.epoch, Payload: end.Marshal()}); err != nil {
 		return err
 	}
-	p.setState(func(s *PrimaryStatus) { s.DevStateWire = int64(devWire) })
+	p.setState(func(s *PrimaryStatus) { s.DevStateWire, s.PageWireBytes = int64(devWire), s.PageWireBytes+pageWire })
 	dev.last, dev.epoch = ep.devstate, ep.epoch
 	// Page copies are no longer needed; the bitmap stays until the ack.
 	ep.data, ep.devstate = nil, nil

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"time"
 )
 
 // CaptureVM adapts a guest to the checkpoint engine (checkpoint.VM). A
@@ -25,8 +26,17 @@ type CaptureVM struct {
 	mu     sync.Mutex
 	fenced bool
 
-	saveMu sync.Mutex
-	save   *DeviceSave // begun by Stop, finished by SaveDeviceState
+	saveMu    sync.Mutex
+	save      *DeviceSave // begun by Stop, finished by SaveDeviceState
+	stoppedAt time.Time
+}
+
+// StoppedAt is the earliest moment the guest may have been stopped for the
+// last checkpoint (Stop returns a little after QEMU stopped it).
+func (v *CaptureVM) StoppedAt() time.Time {
+	v.saveMu.Lock()
+	defer v.saveMu.Unlock()
+	return v.stoppedAt
 }
 
 // Fence pauses the guest and keeps it paused across checkpoints. It
@@ -81,7 +91,7 @@ func (v *CaptureVM) Stop(ctx context.Context) error {
 		return err
 	}
 	v.saveMu.Lock()
-	v.save = sv
+	v.save, v.stoppedAt = sv, sv.StoppedAt()
 	v.saveMu.Unlock()
 	return nil
 }

@@ -68,7 +68,15 @@ type DeviceSave struct {
 	done    chan struct{} // closed once the stream ended
 	buf     bytes.Buffer
 	err     error // set before done closes
+	// stoppedBy is when QEMU had stopped the guest at the latest, as far
+	// as the agent can tell: the end of the last live section it read.
+	stoppedBy time.Time
 }
+
+// StoppedAt is the earliest moment the guest may have been stopped: the
+// arrival of the last data QEMU sent while it ran. A pause measured from
+// here is an upper bound.
+func (sv *DeviceSave) StoppedAt() time.Time { return sv.stoppedBy }
 
 // Begin starts migrating the guest's device state (x-ignore-shared must be
 // on) and returns once QEMU has stopped the guest for it: QEMU copies the
@@ -145,6 +153,7 @@ func (sv *DeviceSave) read() {
 		sv.err = err
 		return
 	}
+	sv.stoppedBy = f.lastLive
 	close(sv.stopped)
 	if _, err := io.Copy(io.Discard, f.r); err != nil {
 		sv.err = fmt.Errorf("read device state: %w", err)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 )
 
 // The parts of QEMU's migration stream format (QEMU 7.2, migration/savevm.c
@@ -64,6 +65,10 @@ type streamFollower struct {
 	haveRAM      bool
 	ramBlocks    map[string]uint64 // RAM block id -> length
 	lastBlock    string
+	// lastLive is when the data of the last live section (START or PART)
+	// arrived: QEMU stops the guest after it, so the pause began no
+	// earlier.
+	lastLive time.Time
 }
 
 func (f *streamFollower) read(n int) ([]byte, error) {
@@ -251,6 +256,7 @@ func (f *streamFollower) untilStopped() error {
 			if err := f.ram(); err != nil {
 				return err
 			}
+			f.lastLive = time.Now()
 			if err := f.footer(id); err != nil {
 				return err
 			}
@@ -266,6 +272,9 @@ func (f *streamFollower) untilStopped() error {
 			if err := f.ram(); err != nil {
 				return err
 			}
+			// QEMU flushes a live section's data up to its EOS before it
+			// decides to stop the guest; the footer waits in its buffer.
+			f.lastLive = time.Now()
 			if err := f.footer(id); err != nil {
 				return err
 			}

@@ -38,6 +38,11 @@ else
 	echo "remora-init: no remora.ip= on the kernel command line; eth0 left down"
 fi
 
+# A standard server for load generators (make bench): busybox httpd.
+mkdir -p /www
+echo "remora lab guest" >/www/index.html
+httpd -p 80 -h /www && echo "remora-init: httpd on port 80"
+
 echo "remora-init: starting workload $(cut -d' ' -f1 /proc/uptime)s after boot"
 while :; do
 	/bin/remora-guest

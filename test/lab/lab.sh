@@ -42,7 +42,7 @@ NS_IFACE=eth0
 GUEST_MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 	failover net_failover virtio_net virtio_blk)
 APT_PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
-	busybox-static iproute2 cpio xz-utils gzip systemd debootstrap)
+	busybox-static iproute2 cpio xz-utils gzip systemd debootstrap wrk)
 # The metadata element that marks a domain as a lab domain (see test/labkit).
 LAB_METADATA_URI=https://github.com/remora-ha/remora/lab
 

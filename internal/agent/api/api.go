@@ -47,6 +47,7 @@ type VMStatus struct {
 	Incremental  uint64        `json:"incremental,omitempty"`
 	Bytes        uint64        `json:"bytes"` // sent (primary) or received (standby)
 	RawBytes     uint64        `json:"raw_bytes,omitempty"`
+	PageWire     uint64        `json:"page_wire_bytes,omitempty"` // of Bytes, page batches (lz4, zero pages elided)
 	// The last epoch's device state, whole and as sent (a delta, lz4).
 	DevStateBytes int64 `json:"devstate_bytes,omitempty"`
 	DevStateWire  int64 `json:"devstate_wire_bytes,omitempty"`
@@ -55,6 +56,7 @@ type VMStatus struct {
 	Lag             time.Duration              `json:"lag_ns"`
 	Tracker         string                     `json:"tracker,omitempty"`
 	LastPause       *checkpoint.PauseBreakdown `json:"last_pause,omitempty"`
+	PauseMedian     *checkpoint.PauseBreakdown `json:"pause_breakdown_p50,omitempty"`
 	SyncPages       uint64                     `json:"sync_pages,omitempty"` // pages the last (re)sync sent
 	SyncDone        uint64                     `json:"sync_done_bytes,omitempty"`
 	SyncTotal       uint64                     `json:"sync_total_bytes,omitempty"`
