@@ -4,7 +4,7 @@ BIN      := bin
 PKGS     := ./...
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: install deb deb-test docs all build test test-unit test-e2e test-kernel bench lab demo lint fuzz fuzz-ci campaign campaign-short clean help
+.PHONY: install deb deb-test docs all build test test-unit test-e2e test-kernel bench bench-kernel lab demo lint fuzz fuzz-ci campaign campaign-short clean help
 
 all: build
 
@@ -14,7 +14,8 @@ help:
 	@echo "test       unit tests, then end-to-end tests against real libvirt/QEMU guests (root)"
 	@echo "test-unit  unit tests only (no root, no lab)"
 	@echo "test-kernel  Plug (sch_plug) and soft-dirty tests in Debian's kernel under QEMU (TCG); fetches the kernel once"
-	@echo "bench      Go benchmarks and the checkpoint table on a lab guest (root)"
+	@echo "bench      Go benchmarks and the checkpoint tables on lab guests, then bench-kernel (root)"
+	@echo "bench-kernel  the dirty trackers' cost over a QEMU guest's RAM in Debian's kernel under QEMU (soft-dirty vs scan)"
 	@echo "demo       protect a guest, crash its host, fail over (root)"
 	@echo "fuzz       run every fuzz target of every package for FUZZTIME each (default 30s)"
 	@echo "fuzz-ci    every fuzz target for 5s (part of test)"
@@ -99,6 +100,10 @@ bench: lab build
 	$(GO) run ./test/bench
 	REMORA_LAB=1 REMORA_BENCH=1 $(GO) test -count=1 -v -run 'TestLab/WriteCost' ./checkpoint/disk/
 	$(GO) run ./test/failbench -n 5
+	$(MAKE) bench-kernel
+
+bench-kernel:
+	GO=$(GO) REMORA_KERNELVM_BENCH=TrackTinyGuest test/kernelvm/run.sh
 
 demo: lab build
 	test/demo.sh

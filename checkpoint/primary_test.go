@@ -322,11 +322,17 @@ type testStandby struct {
 }
 
 func startStandby(t *testing.T, pages int, setup func(*testStandby)) *testStandby {
+	return startStandbyOn(t, make([]byte, pages*PageSize), setup)
+}
+
+// startStandbyOn is startStandby with the replica's RAM in ram (a shell's
+// RAM file, mapped).
+func startStandbyOn(t *testing.T, ram []byte, setup func(*testStandby)) *testStandby {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &testStandby{t: t, ln: ln, ram: make([]byte, pages*PageSize), store: newAgentStore(t), done: make(chan struct{})}
+	s := &testStandby{t: t, ln: ln, ram: ram, store: newAgentStore(t), done: make(chan struct{})}
 	s.r, err = OpenReplica(filepath.Join(t.TempDir(), "replica"), s.ram, ReplicaState{}, s.store.persist)
 	if err != nil {
 		t.Fatal(err)

@@ -19,11 +19,17 @@ type Guest struct {
 	Name string
 	Mon  qmp.Monitor
 	RAM  RAMBackend
+	// Process is QEMU's pid when the caller started QEMU itself; zero
+	// for a libvirt domain, whose pid file tells.
+	Process int
 }
 
 // PID returns the QEMU process id of the guest (the process that maps its
 // RAM file), from the pid file libvirt keeps.
 func (g *Guest) PID() (int, error) {
+	if g.Process != 0 {
+		return g.Process, nil
+	}
 	for _, p := range []string{"/run/libvirt/qemu/" + g.Name + ".pid", "/var/run/libvirt/qemu/" + g.Name + ".pid"} {
 		if b, err := os.ReadFile(p); err == nil {
 			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs the tests that need kernel features this host may lack (sch_plug,
 # ifb, act_mirred, soft-dirty) inside Debian's own kernel, booted under
-# QEMU (TCG) with the test binaries in a busybox initramfs.
+# QEMU (TCG) with the test binaries in a busybox initramfs. The initramfs
+# also carries this host's qemu-system-x86_64 (with its libraries and
+# firmware), so that soft-dirty tracking is tested on a real QEMU guest
+# inside the VM (nested TCG).
 #
 #   test/kernelvm/run.sh            # or: make test-kernel
 #
@@ -10,6 +13,8 @@
 #                            the kernel package is fetched once per version
 #   REMORA_KERNELVM_TIMEOUT  seconds before the VM is killed (default 600)
 #   REMORA_KERNELVM_RUN      extra -test.run pattern for both binaries
+#   REMORA_KERNELVM_BENCH    a -test.bench pattern for checkpoint.test
+#                            (make bench-kernel): benchmarks instead of tests
 #
 # Installs qemu-system-x86, busybox-static, cpio and xz-utils with
 # apt-get when missing (needs root then). Exits 0 only when
@@ -132,11 +137,32 @@ build_tests() {
 		die "go test -c ./checkpoint/outcommit failed"
 }
 
+# add_qemu copies qemu-system-x86_64, its TCG module, the libraries they
+# load and the firmware a pc machine boots with into root $1.
+add_qemu() {
+	local r=$1 bin f lib
+	bin=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 missing"
+	mkdir -p "$r/usr/bin" "$r/usr/share/qemu" "$r/usr/share/seabios" "$r/usr/lib/x86_64-linux-gnu/qemu"
+	cp "$bin" "$r/usr/bin/"
+	cp /usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so "$r/usr/lib/x86_64-linux-gnu/qemu/"
+	for f in "$bin" /usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so; do
+		for lib in $(ldd "$f" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+			mkdir -p "$r$(dirname "$lib")"
+			cp -L "$lib" "$r$lib"
+		done
+	done
+	for f in kvmvapic.bin linuxboot_dma.bin multiboot_dma.bin; do
+		cp -L "/usr/share/qemu/$f" "$r/usr/share/qemu/"
+	done
+	cp -L /usr/share/seabios/bios-256k.bin "$r/usr/share/seabios/"
+}
+
 build_initramfs() {
 	local work=$1 img=$2 r=$1/root
 	rm -rf "$r"
 	mkdir -p "$r"/{bin,dev,proc,sys,tmp,lib/modules}
 	cp /bin/busybox "$r/bin/busybox"
+	add_qemu "$r"
 	cp "$work/checkpoint.test" "$work/outcommit.test" "$r/bin/"
 	cp "$KERNEL_DIR"/modules/*.ko "$r/lib/modules/"
 	cp "$KERNEL_DIR/modules.order" "$r/modules.order"
@@ -149,15 +175,16 @@ mount -t devtmpfs dev /dev
 mkdir -p /dev/shm
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /tmp
+ip link set lo up
 for m in \$(cat /modules.order); do
 	insmod /lib/modules/\$m.ko || echo "kernelvm: insmod \$m failed"
 done
-export REMORA_REQUIRE_KERNEL_FEATURES=1 TMPDIR=/tmp HOME=/tmp
+export REMORA_REQUIRE_KERNEL_FEATURES=1 TMPDIR=/tmp HOME=/tmp PATH=/bin:/usr/bin REMORA_TEST_LOG=${REMORA_TEST_LOG:-}
 echo "kernelvm: kernel \$(uname -r), \$(nproc) CPUs"
 rc=0
 cd /tmp
 /bin/outcommit.test -test.v -test.count=1 -test.timeout=8m -test.run '${RUN_PLUG}' || rc=1
-/bin/checkpoint.test -test.v -test.count=1 -test.timeout=5m -test.run '${RUN_SOFTDIRTY}' || rc=1
+/bin/checkpoint.test -test.v -test.count=1 -test.timeout=8m -test.run '${RUN_SOFTDIRTY}' ${BENCH_ARGS} || rc=1
 if [ \$rc = 0 ]; then echo "${PASS_MARK}"; else echo "${FAIL_MARK}"; fi
 poweroff -f
 EOF
@@ -173,10 +200,16 @@ main() {
 	read -r name ver <<<"$kpkg"
 	ensure_kernel "$name" "$ver"
 	RUN_PLUG='Plug'
-	RUN_SOFTDIRTY='SoftDirty'
+	RUN_SOFTDIRTY='SoftDirty|TinyGuest'
+	BENCH_ARGS=
 	if [ -n "${REMORA_KERNELVM_RUN:-}" ]; then
 		RUN_PLUG=$REMORA_KERNELVM_RUN
 		RUN_SOFTDIRTY=$REMORA_KERNELVM_RUN
+	fi
+	if [ -n "${REMORA_KERNELVM_BENCH:-}" ]; then
+		RUN_PLUG='^$'
+		RUN_SOFTDIRTY='^$'
+		BENCH_ARGS="-test.bench '${REMORA_KERNELVM_BENCH}' -test.benchtime 20x"
 	fi
 	work=$(mktemp -d "${TMPDIR:-/tmp}/remora-kernelvm.XXXXXX")
 	trap 'rm -rf "$work"' EXIT
@@ -186,7 +219,7 @@ main() {
 	log="$work/console.log"
 	say "booting $name under QEMU (TCG), timeout ${TIMEOUT}s"
 	rc=0
-	timeout --foreground -k 5 "$TIMEOUT" qemu-system-x86_64 -accel tcg -m 1G -smp 2 -nographic -no-reboot -nic none \
+	timeout --foreground -k 5 "$TIMEOUT" qemu-system-x86_64 -accel tcg -m 2G -smp 2 -nographic -no-reboot -nic none \
 		-kernel "$KERNEL_DIR/vmlinuz" -initrd "$img" \
 		-append 'console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init' </dev/null 2>&1 |
 		tr -d '\r' | tee "$log" || rc=$?
