@@ -204,3 +204,31 @@ func TestShippedAgentConfig(t *testing.T) {
 		t.Fatalf("host-d: %v", err)
 	}
 }
+
+// tracker colo is refused with the reason, not as an unknown word.
+func TestAgentConfigTracker(t *testing.T) {
+	for tracker, want := range map[string]string{
+		"auto": "", "scan": "", "softdirty": "",
+		"colo":  "deadlocks under TCG",
+		"dirty": `tracker "dirty" unknown`,
+	} {
+		cmd := newAgentCmd()
+		cmd.Flags().String("config", "", "")
+		cmd.Flags().String("socket", "", "")
+		p := filepath.Join(t.TempDir(), "agent.yaml")
+		if err := os.WriteFile(p, []byte("agent_id: a\ninsecure_plaintext: true\ntracker: "+tracker+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Flags().Parse([]string{"--config", p}); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := loadAgentConfig(cmd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = cfg.Validate()
+		if (want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), want)) {
+			t.Errorf("tracker %s: %v, want %q", tracker, err, want)
+		}
+	}
+}

@@ -256,9 +256,11 @@ func (a *Agent) newTracker(g *qemu.Guest) (checkpoint.Tracker, error) {
 	kind := a.cfg.Tracker
 	if kind == checkpoint.TrackerAuto {
 		kind = checkpoint.TrackerScan
+		why := "this kernel does not track soft-dirty bits (CONFIG_MEM_SOFT_DIRTY): each checkpoint hashes all of the guest's RAM"
 		if checkpoint.SoftDirtySupported() {
-			kind = checkpoint.TrackerSoftDirty
+			kind, why = checkpoint.TrackerSoftDirty, "the kernel tracks soft-dirty bits: each checkpoint reads them, not the guest's RAM"
 		}
+		a.log.Info("dirty page tracker chosen", "guest", g.Name, "tracker", kind, "why", why)
 	}
 	if kind == checkpoint.TrackerScan {
 		return checkpoint.NewScanTracker(int(g.RAM.Size)), nil

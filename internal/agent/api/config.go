@@ -1,6 +1,7 @@
 package api
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"path"
@@ -174,6 +175,8 @@ func (c *Config) Validate() error {
 	}
 	switch c.Tracker {
 	case checkpoint.TrackerAuto, checkpoint.TrackerScan, checkpoint.TrackerSoftDirty:
+	case "colo":
+		return errors.New("tracker colo is not offered: QEMU 7.2's COLO checkpointing deadlocks under TCG (its checkpoint syncs the dirty log without QEMU's global lock) and remora does not drive it yet; use auto (softdirty where the kernel has CONFIG_MEM_SOFT_DIRTY, else scan)")
 	default:
 		return fmt.Errorf("tracker %q unknown: use auto, scan or softdirty", c.Tracker)
 	}
