@@ -240,6 +240,26 @@ func (c *Client) Release(ctx context.Context, guest, agentID string, epoch uint6
 	return err
 }
 
+// Handover makes the in-sync standby the primary at a new epoch, on the
+// primary's request (planned switchover): the caller must have stopped
+// its guest and taken the final checkpoint the standby acknowledged. The
+// Grant is for the standby (its lease, its new epoch); the caller hands
+// it over, and its own copy is stale from now on. Retrying after a lost
+// answer returns the same grant.
+func (c *Client) Handover(ctx context.Context, guest, agentID string, epoch uint64, standbyID string) (Grant, error) {
+	sent := time.Now()
+	resp, err := c.call(ctx, &request{Op: opHandover, Agent: agentID, Guest: guest, Epoch: epoch, Standby: standbyID})
+	if err != nil {
+		return Grant{}, err
+	}
+	if resp.Grant == nil {
+		return Grant{}, &Error{Code: CodeBadRequest, Message: "handover reply without grant"}
+	}
+	g := *resp.Grant
+	g.Lease = localLease(g.Lease, sent)
+	return g, nil
+}
+
 // RequestPromotion asks for the standby to become primary. On success the
 // caller is primary at Grant.Epoch and holds Grant.Lease.
 func (c *Client) RequestPromotion(ctx context.Context, guest, agentID string, epoch uint64) (Grant, error) {

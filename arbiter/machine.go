@@ -440,6 +440,46 @@ func (m *machine) promote(now time.Time, guest, agent string, epoch uint64, obs 
 	return Grant{Guest: guest, Epoch: next.Epoch, PreviousEpoch: r.Epoch, PreviousPrimary: r.Primary, Lease: m.lease(&next)}, nil
 }
 
+// handover makes the standby the primary at the primary's request: no
+// lease expiry and no service probe are waited for, since the primary
+// vouches its copy is stopped, and its epoch is stale once this commits.
+// The standby must be the one registered at this epoch and in sync.
+func (m *machine) handover(now time.Time, guest, agent string, epoch uint64, to string) (Grant, error) {
+	r, err := m.get(now, guest)
+	if err != nil {
+		return Grant{}, err
+	}
+	if l := r.Last; l != nil && l.Kind == TransitionHandover && l.Previous == agent && l.Agent == to && l.From == epoch && r.Epoch == epoch+1 && r.Primary == to {
+		// Committed, the answer lost: the same grant again.
+		return Grant{Guest: guest, Epoch: r.Epoch, PreviousEpoch: l.From, PreviousPrimary: agent, Lease: m.lease(r)}, nil
+	}
+	if err := checkEpoch(r, agent, epoch); err != nil {
+		return Grant{}, err
+	}
+	if agent != r.Primary {
+		return Grant{}, errorf(CodeNotPrimary, "guest %s: %s is not the primary (primary is %s)", guest, agent, r.Primary)
+	}
+	if roleOf(r, to) != RoleStandby {
+		return Grant{}, errorf(CodeNotStandby, "guest %s: %s is not its standby at epoch %d (the standby is %q)", guest, to, r.Epoch, r.Standby)
+	}
+	if !r.InSync {
+		return Grant{}, errorf(CodeNotInSync, "guest %s: standby %s is not in sync", guest, to)
+	}
+	next := *r
+	next.Epoch = r.Epoch + 1
+	next.Primary, next.PrimaryAddr = to, r.StandbyAddr
+	next.Standby, next.StandbyAddr, next.StandbyEpoch = "", "", 0
+	next.InSync = false
+	next.UnprotectedSince = now.Round(0).UTC()
+	next.Last = &Transition{Kind: TransitionHandover, From: r.Epoch, To: next.Epoch, Agent: to, Previous: agent, At: now.Round(0).UTC()}
+	next.LeaseHolder, next.SuspendedFor = "", 0
+	m.grantLease(&next, now)
+	if err := m.commit(&next); err != nil {
+		return Grant{}, err
+	}
+	return Grant{Guest: guest, Epoch: next.Epoch, PreviousEpoch: r.Epoch, PreviousPrimary: agent, Lease: m.lease(&next)}, nil
+}
+
 // standbyLost decides whether the primary may continue without its
 // standby. Granting starts a new epoch, which fences the standby's copy:
 // its promotion requests now carry a stale epoch. So for any epoch at most
@@ -564,7 +604,7 @@ func (m *machine) assignments(agent string, epochs map[string]uint64) []Assignme
 		}
 		a := Assignment{Guest: name, Epoch: r.Epoch, Role: roleOf(r, agent), Primary: r.Primary, InSync: r.InSync}
 		if r.StandbyEpoch == r.Epoch {
-			a.Standby = r.Standby
+			a.Standby, a.StandbyAddr = r.Standby, r.StandbyAddr
 		}
 		a.Stale = asked && e < r.Epoch
 		out = append(out, a)

@@ -632,3 +632,59 @@ func TestFreshEnrollment(t *testing.T) {
 	_, err = m.promote(clk.Now(), "g", "b", 1, noObs, false)
 	mustCode(t, err, ErrStaleEpoch)
 }
+
+// A planned switchover: only the primary hands over, only to its in-sync
+// standby at the current epoch; the old primary is stale after it, and a
+// replay answers with the same grant.
+func TestHandover(t *testing.T) {
+	clk := newFakeClock()
+	m := openMachine(t, t.TempDir(), testLease, clk.Now())
+	_, err := m.register(clk.Now(), GuestSpec{Guest: "g", AgentID: "a", Role: RolePrimary}, ProbeSpec{})
+	ok(t, err)
+	_, err = m.register(clk.Now(), GuestSpec{Guest: "g", AgentID: "b", Role: RoleStandby}, ProbeSpec{})
+	ok(t, err)
+	_, err = m.handover(clk.Now(), "g", "a", 1, "b")
+	mustCode(t, err, ErrNotInSync) // registered, never synced
+	ok(t, m.synced(clk.Now(), "g", "a", 1, "b"))
+	for _, c := range []struct {
+		agent, to string
+		epoch     uint64
+		want      *Error
+	}{
+		{"b", "a", 1, ErrNotPrimary}, // the standby cannot hand over
+		{"a", "c", 1, ErrNotStandby}, // nor the primary to another agent
+		{"a", "a", 1, ErrNotStandby},
+		{"a", "b", 0, ErrStaleEpoch},
+		{"a", "b", 2, ErrEpochAhead},
+	} {
+		_, err := m.handover(clk.Now(), "g", c.agent, c.epoch, c.to)
+		mustCode(t, err, c.want)
+	}
+	// The primary's lease is valid: a handover does not wait for it.
+	g, err := m.handover(clk.Now(), "g", "a", 1, "b")
+	ok(t, err)
+	if g.Epoch != 2 || g.Lease.Holder != "b" || g.PreviousPrimary != "a" {
+		t.Fatalf("grant %+v", g)
+	}
+	again, err := m.handover(clk.Now(), "g", "a", 1, "b")
+	ok(t, err)
+	if again.Epoch != 2 || again.Lease.Holder != "b" {
+		t.Fatalf("replayed grant %+v", again)
+	}
+	if r := m.guests["g"]; r.Primary != "b" || r.Standby != "" || r.InSync || r.Last.Kind != TransitionHandover {
+		t.Fatalf("record after handover %+v", r)
+	}
+	// The old primary is fenced: its renewals are stale.
+	_, err = m.renew(clk.Now(), "g", "a", 1)
+	e := mustCode(t, err, ErrStaleEpoch)
+	if e.Role != RoleNone || e.Primary != "b" {
+		t.Fatalf("stale details %+v", e)
+	}
+	// It may come back as the new primary's standby.
+	_, err = m.register(clk.Now(), GuestSpec{Guest: "g", AgentID: "a", Role: RoleStandby, Epoch: 2}, ProbeSpec{})
+	ok(t, err)
+	ok(t, m.synced(clk.Now(), "g", "b", 2, "a"))
+	if _, err := m.handover(clk.Now(), "g", "b", 2, "a"); err != nil {
+		t.Fatalf("hand back: %v", err)
+	}
+}

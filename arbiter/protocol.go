@@ -24,6 +24,7 @@ const (
 	opRelease     = "release"
 	opPromote     = "promote"
 	opStandbyLost = "standby_lost"
+	opHandover    = "handover"
 	opSynced      = "synced"
 	opRetire      = "retire"
 	opHeartbeat   = "heartbeat"

@@ -381,7 +381,7 @@ type RequestKey struct{ Op, Result string }
 
 func (s *Server) count(op string, err *Error) {
 	switch op {
-	case opRegister, opRenew, opSuspend, opRelease, opPromote, opStandbyLost, opSynced, opRetire, opHeartbeat, opStatus:
+	case opRegister, opRenew, opSuspend, opRelease, opPromote, opStandbyLost, opHandover, opSynced, opRetire, opHeartbeat, opStatus:
 	default:
 		op = "unknown" // a peer's made-up operation is not a new series
 	}
@@ -477,6 +477,20 @@ func (s *Server) dispatch(req *request, resp *response) error {
 			resp.Grant = &g
 		}
 		return err
+	case opHandover:
+		if err := validName("agent", req.Standby); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		g, err := s.m.handover(s.clock.Now(), req.Guest, req.Agent, req.Epoch, req.Standby)
+		s.mu.Unlock()
+		if err != nil {
+			s.log.Info("arbiter: handover refused", "guest", req.Guest, "primary", req.Agent, "to", req.Standby, "fence", req.Epoch, "reason", err)
+			return err
+		}
+		s.log.Info("arbiter: guest handed over (planned switchover)", "guest", req.Guest, "from", req.Agent, "to", req.Standby, "fence", g.Epoch)
+		resp.Grant = &g
+		return nil
 	case opStandbyLost:
 		l, err := s.standbyLost(req)
 		if err == nil {

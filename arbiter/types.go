@@ -210,14 +210,17 @@ type Assignment struct {
 	Role    Role   `json:"role"` // the heartbeating agent's role
 	Primary string `json:"primary"`
 	Standby string `json:"standby,omitempty"`
-	InSync  bool   `json:"in_sync"`
+	// StandbyAddr is where the standby's agent takes replication (its
+	// registration's address), for a primary that has none yet.
+	StandbyAddr string `json:"standby_addr,omitempty"`
+	InSync      bool   `json:"in_sync"`
 	// Stale is set when the agent reported an older epoch for this guest.
 	Stale bool `json:"stale,omitempty"`
 }
 
 // Transition records the latest epoch-changing grant for a guest.
 type Transition struct {
-	Kind     string    `json:"kind"` // TransitionCreated, TransitionPromotion, TransitionStandbyLost, TransitionRetired, TransitionRecovered
+	Kind     string    `json:"kind"` // TransitionCreated, TransitionPromotion, TransitionStandbyLost, TransitionHandover, TransitionRetired, TransitionRecovered
 	From     uint64    `json:"from"`
 	To       uint64    `json:"to"`
 	Agent    string    `json:"agent"`              // who received the grant
@@ -230,6 +233,7 @@ const (
 	TransitionCreated     = "created"
 	TransitionPromotion   = "promotion"
 	TransitionStandbyLost = "standby_lost"
+	TransitionHandover    = "handover"
 	TransitionRetired     = "retired"
 	// TransitionRecovered: the guest was recreated from the agents' claims
 	// after the arbiter lost its record; From is the highest claimed epoch.
