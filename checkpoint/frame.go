@@ -49,6 +49,9 @@ const (
 	// FrameRestarting opens a connection with JSON Restarting: the
 	// primary's agent stops on purpose and comes back within a grace.
 	FrameRestarting FrameType = 15
+	// FrameMove opens a connection with JSON Move: a planned role move the
+	// peer carries out before it answers (switchover, failback).
+	FrameMove FrameType = 16
 )
 
 func (t FrameType) String() string {
@@ -83,6 +86,8 @@ func (t FrameType) String() string {
 		return "page-hashes"
 	case FrameRestarting:
 		return "restarting"
+	case FrameMove:
+		return "move"
 	}
 	return fmt.Sprintf("frame-type-%d", uint8(t))
 }

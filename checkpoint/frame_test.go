@@ -60,7 +60,7 @@ func TestFrameTypeString(t *testing.T) {
 		FrameHello: "hello", FrameWelcome: "welcome", FrameError: "error",
 		FrameEpochBegin: "epoch-begin", FramePages: "pages", FrameDevState: "devstate",
 		FrameEpochEnd: "epoch-end", FrameAck: "ack", FramePing: "ping", FrameUnenroll: "unenroll", FrameDiskNBD: "disk-nbd", FrameDiskControl: "disk-control",
-		FrameDevStateLZ4: "devstate-lz4", FramePageHashes: "page-hashes", FrameRestarting: "restarting", 0: "frame-type-0", 16: "frame-type-16", 255: "frame-type-255",
+		FrameDevStateLZ4: "devstate-lz4", FramePageHashes: "page-hashes", FrameRestarting: "restarting", FrameMove: "move", 0: "frame-type-0", 17: "frame-type-17", 255: "frame-type-255",
 	}
 	for ft, s := range want {
 		if got := ft.String(); got != s {

@@ -33,6 +33,7 @@ type PrimaryConfig struct {
 	Guest     string        // the guest's name
 	DomainXML string        // migratable XML the standby derives its shell from
 	ShellBase string        // the standby names its shell after this (default Guest)
+	Home      string        // the agent the guest was first enrolled from
 	Interval  time.Duration // time between checkpoints
 	// MinInterval, when set and Output is an OutputWaiter, starts a
 	// checkpoint as soon as the guest has output held, no sooner than
@@ -185,6 +186,13 @@ func (w *breakdownWindow) median() PauseBreakdown {
 	return m
 }
 
+// HeldStill is a VM that can say its guest has been held paused since a
+// checkpoint captured it: nothing changed to capture, and QEMU could not
+// be stopped for another (the engine keeps the session, with pings).
+type HeldStill interface {
+	HeldStill() bool
+}
+
 // StopClock is a VM whose Stop returns some time after the guest stopped
 // (QEMU stops it during the device-state migration); StoppedAt is the
 // earliest moment it may have, so that the pause is measured from there.
@@ -293,6 +301,7 @@ type Progress struct {
 	LastAck        time.Time
 	ConnectedSince time.Time
 	Started        uint64 // newest epoch whose capture began
+	Captured       uint64 // newest epoch captured
 	Acked          uint64 // newest epoch the standby acknowledged
 	Standby        string // the standby agent's id, from its welcome
 }
@@ -302,7 +311,7 @@ func (p *Primary) Progress() Progress {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return Progress{State: p.st.State, LastAck: p.st.LastAck, ConnectedSince: p.st.ConnectedSince,
-		Started: p.st.Started, Acked: p.ackedEpoch, Standby: p.st.Standby}
+		Started: p.st.Started, Captured: p.st.Epoch, Acked: p.ackedEpoch, Standby: p.st.Standby}
 }
 
 // Status returns current figures.
@@ -415,7 +424,7 @@ func (p *Primary) session(ctx context.Context) error {
 	go func() { <-ctx.Done(); conn.Close() }()
 
 	hello := Hello{Agent: p.cfg.Agent, Guest: p.cfg.Guest, Generation: p.gen,
-		RAMBytes: int64(len(p.mem)), PageSize: PageSize, DomainXML: p.cfg.DomainXML, ShellBase: p.cfg.ShellBase, Disks: p.cfg.DiskSpecs}
+		RAMBytes: int64(len(p.mem)), PageSize: PageSize, DomainXML: p.cfg.DomainXML, ShellBase: p.cfg.ShellBase, Disks: p.cfg.DiskSpecs, Home: p.cfg.Home}
 	// Every frame of the session carries the fence of its hello: SetFence
 	// ends the session, and the next one says hello at the new fence.
 	fence := p.fence.Load()
@@ -585,6 +594,9 @@ func (p *Primary) captureLoop(ctx context.Context, queue chan<- *capturedEpoch, 
 			}
 		}
 		ep, err := p.capture(ctx, plan)
+		if errors.Is(err, errHeldStill) {
+			continue // held paused since its last checkpoint: nothing new
+		}
 		if err != nil {
 			return err
 		}
@@ -606,6 +618,9 @@ func (p *Primary) inFlight() int {
 // capture takes one checkpoint: the guest is paused only while its dirty
 // pages are copied and its device state is saved.
 func (p *Primary) capture(ctx context.Context, plan sessionPlan) (*capturedEpoch, error) {
+	if h, ok := p.vm.(HeldStill); ok && h.HeldStill() {
+		return nil, errHeldStill
+	}
 	p.captured++
 	full, extra := plan.full, plan.resend
 	ep := &capturedEpoch{epoch: p.captured, full: full, base: plan.base != nil}
@@ -788,6 +803,9 @@ func copyPages(mem []byte, dirty *Bitmap, n uint64) []byte {
 	wg.Wait()
 	return data
 }
+
+// errHeldStill: the guest is held paused and was captured since.
+var errHeldStill = errors.New("guest held paused since its last checkpoint")
 
 type sliceWriter struct{ b []byte }
 

@@ -26,6 +26,9 @@ type Hello struct {
 	// Disks are the guest disks mirrored to the standby, which keeps a
 	// replica image of each and gives it to the shell.
 	Disks []DiskSpec `json:"disks,omitempty"`
+	// Home is the agent the guest was first enrolled from: failback
+	// returns it there, whichever host runs it meanwhile.
+	Home string `json:"home,omitempty"`
 }
 
 // MaxDisks bounds the disks of one guest a standby replicates.
@@ -37,6 +40,9 @@ func (h *Hello) validate() error {
 	errs := []error{names.Agent("agent", h.Agent), names.Guest("guest", h.Guest)}
 	if h.ShellBase != "" {
 		errs = append(errs, names.Guest("shell name", h.ShellBase))
+	}
+	if h.Home != "" {
+		errs = append(errs, names.Agent("home", h.Home))
 	}
 	if len(h.Disks) > MaxDisks {
 		errs = append(errs, fmt.Errorf("%d disks: a standby replicates at most %d per guest", len(h.Disks), MaxDisks))
@@ -64,6 +70,38 @@ func (d *DiskHello) validate() error {
 
 func (r *Restarting) validate() error {
 	return errors.Join(names.Agent("agent", r.Agent), names.Guest("guest", r.Guest))
+}
+
+// Move asks the peer agent for a planned role move of one guest
+// (FrameMove), answered with a welcome once it is done, or an error.
+type Move struct {
+	Agent string `json:"agent"` // the asking agent
+	Guest string `json:"guest"`
+	// Kind MoveTakeOver: the primary (Agent) stopped the guest, its final
+	// checkpoint Epoch is acknowledged and the arbiter made the standby
+	// primary at Fence: the standby restores the guest and runs it.
+	// Kind MoveFailback: the standby (Agent), the guest's home, asks its
+	// primary to switch the guest over to it.
+	Kind  string `json:"kind"`
+	Epoch uint64 `json:"epoch,omitempty"`
+	Fence uint64 `json:"fence,omitempty"`
+}
+
+// Move kinds.
+const (
+	MoveTakeOver = "take-over"
+	MoveFailback = "failback"
+)
+
+func (m *Move) validate() error {
+	errs := []error{names.Agent("agent", m.Agent), names.Guest("guest", m.Guest)}
+	switch {
+	case m.Kind == MoveTakeOver && (m.Epoch == 0 || m.Fence == 0):
+		errs = append(errs, fmt.Errorf("take-over without its checkpoint epoch and fencing epoch"))
+	case m.Kind != MoveTakeOver && m.Kind != MoveFailback:
+		errs = append(errs, fmt.Errorf("unknown move %q", m.Kind))
+	}
+	return errors.Join(errs...)
 }
 
 // DiskSpec is one replicated guest disk.

@@ -56,6 +56,10 @@ func (r *helloRecorder) Unenroll(_ context.Context, _ net.Conn, h Hello, _ uint6
 	return Welcome{}, errRecorded
 }
 
+func (r *helloRecorder) Move(context.Context, net.Conn, Move, uint64) error {
+	return errors.New("no moves here")
+}
+
 func (r *helloRecorder) Restarting(context.Context, net.Conn, Restarting, uint64) error {
 	return errRecorded
 }

@@ -50,6 +50,9 @@ type StandbyHandler interface {
 	Unenroll(ctx context.Context, conn net.Conn, h Hello, fence uint64) (Welcome, error)
 	// Restarting takes note that the guest's primary agent is restarting.
 	Restarting(ctx context.Context, conn net.Conn, r Restarting, fence uint64) error
+	// Move carries out a planned role move the peer asks for, and returns
+	// once it is done.
+	Move(ctx context.Context, conn net.Conn, m Move, fence uint64) error
 	// Disk serves a disk connection (FrameDiskNBD or FrameDiskControl)
 	// until it ends; it writes the welcome itself.
 	Disk(ctx context.Context, conn net.Conn, kind FrameType, fence uint64, h DiskHello) error
@@ -218,6 +221,26 @@ func (s *Standby) serveConn(ctx context.Context, conn net.Conn) {
 		}
 		if err := s.Handler.Restarting(ctx, conn, r, f.Fence); err != nil {
 			s.log().Warn("restart notice refused", "guest", r.Guest, "from", r.Agent, "err", err)
+			sendError(conn, 0, err, true)
+			return
+		}
+		_ = WriteJSON(conn, FrameWelcome, f.Fence, 0, Welcome{})
+		return
+	case FrameMove:
+		var m Move
+		if err := json.Unmarshal(f.Payload, &m); err != nil {
+			sendError(conn, 0, fmt.Errorf("bad %s frame: %v", f.Type, err), true)
+			return
+		}
+		if err := m.validate(); err != nil {
+			s.log().Warn("move refused", "peer", peer, "err", err)
+			sendError(conn, 0, fmt.Errorf("bad %s frame: %w", f.Type, err), true)
+			return
+		}
+		endHandshake()
+		_ = conn.SetDeadline(time.Now().Add(5 * time.Minute)) // the move itself
+		if err := s.Handler.Move(ctx, conn, m, f.Fence); err != nil {
+			s.log().Warn("move refused or failed", "guest", m.Guest, "from", m.Agent, "kind", m.Kind, "err", err)
 			sendError(conn, 0, err, true)
 			return
 		}

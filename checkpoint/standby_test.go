@@ -72,6 +72,10 @@ func (h *handlerRig) Unenroll(ctx context.Context, conn net.Conn, hello Hello, f
 	return Welcome{}, errors.New("not here")
 }
 
+func (h *handlerRig) Move(context.Context, net.Conn, Move, uint64) error {
+	return errors.New("no moves here")
+}
+
 func (h *handlerRig) Restarting(context.Context, net.Conn, Restarting, uint64) error {
 	return errors.New("not here")
 }

@@ -23,6 +23,7 @@ var agentFlagUsage = map[string]string{
 	"max_in_flight":       "captured epochs not yet acknowledged before capture waits",
 	"tracker":             "dirty page tracker: auto, scan or softdirty",
 	"shell_suffix":        "suffix of standby shell domain names (set when both hosts share one libvirt)",
+	"reprotect":           "after a failover to this host: auto protects the guest onto the standby the arbiter names (its old primary, once back), manual waits for `remora vm reprotect`",
 	"log_level":           "debug, info, warn or error",
 	"log_format":          "text or json (one object per line)",
 	"metrics_listen":      "serve Prometheus metrics at /metrics on host:port (plain HTTP); empty: none",

@@ -15,7 +15,7 @@ func newRootCmd() *cobra.Command {
 	}
 	root.PersistentFlags().String("config", "", "agent config file (YAML); default /etc/remora/agent.yaml if it exists")
 	root.PersistentFlags().String("socket", "", "the agent's API socket (overrides api_socket)")
-	root.AddCommand(newAgentCmd(), newVMCmd(), arbiterCmd(), certsCmd(), newTxlogCmd(), versionCmd(), docsCmd(), libvirtHookCmd())
+	root.AddCommand(newAgentCmd(), newVMCmd(), newHostCmd(), arbiterCmd(), certsCmd(), newTxlogCmd(), versionCmd(), docsCmd(), libvirtHookCmd())
 	root.SetFlagErrorFunc(usageError)
 	strictUsage(root)
 	return root

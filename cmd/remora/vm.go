@@ -19,29 +19,33 @@ import (
 	"github.com/remora-ha/remora/internal/pki"
 )
 
-func newVMCmd() *cobra.Command {
-	vm := &cobra.Command{Use: "vm", Short: "Enroll, inspect and fail over protected guests"}
-	client := func(cmd *cobra.Command) (*api.Client, error) {
-		cfg, err := loadAgentConfig(cmd)
+// agentClient is the admin API client of the agent the command line
+// names: this host's (its api_socket) or --agent's over mutual TLS.
+func agentClient(cmd *cobra.Command) (*api.Client, error) {
+	cfg, err := loadAgentConfig(cmd)
+	if err != nil {
+		return nil, err
+	}
+	if addr, _ := cmd.Flags().GetString("agent"); addr != "" {
+		// A remote agent: mutual TLS with this host's certificate.
+		if cfg.TLSCert == "" {
+			return nil, fmt.Errorf("--agent %s needs tls_cert, tls_key and tls_ca in the config (the agent's API over TCP is mutual TLS only)", addr)
+		}
+		tlsCfg, err := pki.ClientConfigFiles(cfg.TLSCert, cfg.TLSKey, cfg.TLSCA)
 		if err != nil {
 			return nil, err
 		}
-		if addr, _ := cmd.Flags().GetString("agent"); addr != "" {
-			// A remote agent: mutual TLS with this host's certificate.
-			if cfg.TLSCert == "" {
-				return nil, fmt.Errorf("--agent %s needs tls_cert, tls_key and tls_ca in the config (the agent's API over TCP is mutual TLS only)", addr)
-			}
-			tlsCfg, err := pki.ClientConfigFiles(cfg.TLSCert, cfg.TLSKey, cfg.TLSCA)
-			if err != nil {
-				return nil, err
-			}
-			if host, _, err := net.SplitHostPort(addr); err == nil {
-				tlsCfg.ServerName = host
-			}
-			return api.NewTLSClient(addr, tlsCfg), nil
+		if host, _, err := net.SplitHostPort(addr); err == nil {
+			tlsCfg.ServerName = host
 		}
-		return api.NewClient(cfg.APISocket), nil
+		return api.NewTLSClient(addr, tlsCfg), nil
 	}
+	return api.NewClient(cfg.APISocket), nil
+}
+
+func newVMCmd() *cobra.Command {
+	vm := &cobra.Command{Use: "vm", Short: "Enroll, inspect, switch and fail over protected guests"}
+	client := agentClient
 	vm.PersistentFlags().String("agent", "", "a remote agent's admin API (host:port of its api_listen), over mutual TLS")
 
 	enroll := &cobra.Command{
@@ -155,6 +159,70 @@ func newVMCmd() *cobra.Command {
 	}
 	failover.Flags().Bool("force", false, "fail over even though the primary still replicates (it must be dead or fenced)")
 
+	reprotect := &cobra.Command{
+		Use:   "reprotect GUEST [--standby HOST:PORT]",
+		Short: "On the host a guest failed over to: protect it again, onto its old primary's host (offered through the arbiter) or another standby",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := client(cmd)
+			if err != nil {
+				return err
+			}
+			standby, _ := cmd.Flags().GetString("standby")
+			if err := c.Reprotect(cmd.Context(), args[0], standby); err != nil {
+				return err
+			}
+			onto := standby
+			if onto == "" {
+				onto = "the standby the arbiter names"
+			}
+			fmt.Printf("%s re-protected onto %s\n", args[0], onto)
+			if wait, _ := cmd.Flags().GetBool("wait"); !wait {
+				return nil
+			}
+			timeout, _ := cmd.Flags().GetDuration("timeout")
+			return waitProtected(cmd.Context(), c, args[0], timeout)
+		},
+	}
+	reprotect.Flags().String("standby", "", "the new standby agent's replication address (host:port); default: the one the arbiter names")
+	reprotect.Flags().Bool("wait", true, "wait for the sync, showing progress")
+	reprotect.Flags().Duration("timeout", 10*time.Minute, "how long to wait for the sync")
+
+	switchover := &cobra.Command{
+		Use:   "switchover GUEST",
+		Short: "On the primary host: move the guest to its standby with no loss (planned); this host becomes its standby",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := client(cmd)
+			if err != nil {
+				return err
+			}
+			res, err := c.Switchover(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			printMove(res)
+			return nil
+		},
+	}
+	failback := &cobra.Command{
+		Use:   "failback GUEST",
+		Short: "On the host a guest runs on: switch it over to its home host (the host it was enrolled from, its standby now)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := client(cmd)
+			if err != nil {
+				return err
+			}
+			res, err := c.Failback(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			printMove(res)
+			return nil
+		},
+	}
+
 	unenroll := &cobra.Command{
 		Use:   "unenroll GUEST",
 		Short: "Stop protecting a guest (it keeps running); the standby drops its replica",
@@ -191,12 +259,77 @@ func newVMCmd() *cobra.Command {
 		}
 	}
 	failover.ValidArgsFunction = guests(api.RoleStandby)
+	reprotect.ValidArgsFunction = guests(api.RolePromoted)
+	switchover.ValidArgsFunction = guests(api.RolePrimary)
+	failback.ValidArgsFunction = guests(api.RolePrimary)
 	unenroll.ValidArgsFunction = guests("")
 	status.ValidArgsFunction = guests("")
 	events.ValidArgsFunction = guests("")
 	enroll.ValidArgsFunction = cobra.NoFileCompletions
-	vm.AddCommand(enroll, status, events, failover, unenroll)
+	vm.AddCommand(enroll, status, events, failover, reprotect, switchover, failback, unenroll)
 	return vm
+}
+
+func printMove(res api.SwitchoverResult) {
+	fmt.Printf("%s switched over from %s to %s: runs there from epoch %d (fencing epoch %d); downtime %s\n",
+		res.Guest, res.From, res.To, res.Epoch, res.Fence, res.Downtime.Round(time.Millisecond))
+}
+
+func newHostCmd() *cobra.Command {
+	host := &cobra.Command{Use: "host", Short: "Maintenance of this host: switch its guests to their standbys and back"}
+	host.PersistentFlags().String("agent", "", "a remote agent's admin API (host:port of its api_listen), over mutual TLS")
+	report := func(out []api.MoveOutcome, what string) error {
+		failed := 0
+		for _, o := range out {
+			if o.Error != "" {
+				failed++
+				fmt.Printf("%s: %s\n", o.Guest, o.Error)
+				continue
+			}
+			printMove(o.Result)
+		}
+		if len(out) == 0 {
+			fmt.Printf("no guest to %s\n", what)
+		}
+		if failed > 0 {
+			return fmt.Errorf("%d of %d guests not moved", failed, len(out))
+		}
+		return nil
+	}
+	drain := &cobra.Command{
+		Use:   "drain",
+		Short: "Switch every guest this host runs as primary over to its standby, one at a time",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := agentClient(cmd)
+			if err != nil {
+				return err
+			}
+			out, err := c.Drain(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return report(out, "drain")
+		},
+	}
+	undrain := &cobra.Command{
+		Use:   "undrain",
+		Short: "Switch back every guest whose home is this host and which it keeps a replica of",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := agentClient(cmd)
+			if err != nil {
+				return err
+			}
+			out, err := c.Undrain(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return report(out, "bring back")
+		},
+	}
+	host.AddCommand(drain, undrain)
+	return host
 }
 
 // guestNames are the guests in st with role (any, if empty) whose name

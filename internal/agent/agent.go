@@ -46,6 +46,8 @@ type Hypervisor interface {
 	DomainState(ctx context.Context, name string) (string, error)
 	DomainExists(ctx context.Context, name string) (bool, error)
 	Destroy(ctx context.Context, name string) error
+	Undefine(ctx context.Context, name string) error
+	NoAutostart(ctx context.Context, name string) error
 	CreatePaused(ctx context.Context, xml string) error
 	FindDisk(ctx context.Context, g *qemu.Guest, dev string) (qemu.DiskNode, error)
 }
@@ -56,6 +58,8 @@ type Coordinator interface {
 	Register(ctx context.Context, spec arbiter.GuestSpec) (arbiter.Registration, error)
 	Renew(ctx context.Context, guest, agentID string, epoch uint64) (arbiter.Lease, error)
 	RequestPromotion(ctx context.Context, guest, agentID string, epoch uint64) (arbiter.Grant, error)
+	// Handover makes the in-sync standby the primary (planned switchover).
+	Handover(ctx context.Context, guest, agentID string, epoch uint64, standbyID string) (arbiter.Grant, error)
 	ReportStandbyLost(ctx context.Context, guest, agentID string, epoch uint64) (arbiter.Lease, error)
 	ReportSynced(ctx context.Context, guest, agentID string, epoch uint64, standbyID string) error
 	Retire(ctx context.Context, guest, agentID string, epoch uint64) error
@@ -83,12 +87,15 @@ type Agent struct {
 
 	mu     sync.Mutex
 	guests map[string]*guest
+	// reprotectTry is when each guest's last automatic re-protect began.
+	reprotectTry map[string]time.Time
 
 	// detector suspects the primary of a replica whose frames stopped.
 	detector *heartbeat.Detector
 
-	failover   sync.Mutex // one failover at a time
-	standbyNew sync.Mutex // one replica record created at a time
+	failover    sync.Mutex // one failover at a time
+	standbyNew  sync.Mutex // one replica record created at a time
+	reprotectMu sync.Mutex // one re-protect (or switchover) at a time
 
 	// faultHook lets end-to-end tests crash the agent at a named point.
 	faultHook func(point string, epoch uint64)
@@ -337,6 +344,12 @@ func (a *Agent) notResumed(ctx context.Context, r *Record, err error) {
 		a.mu.Lock()
 		a.guests[r.Name] = g
 		a.mu.Unlock()
+		_ = a.virt.NoAutostart(cctx, r.domain())
+		// Offer this host as the guest's new standby: the agent that runs
+		// it re-protects it here (reprotect: auto there).
+		if _, err := a.arb.Register(cctx, arbiter.GuestSpec{Guest: r.Name, AgentID: a.cfg.AgentID, Role: arbiter.RoleStandby, Epoch: r.Fence, AgentAddr: a.cfg.Advertise}); err != nil {
+			log.Warn("could not offer this host as the guest's new standby", "err", err)
+		}
 	case rerr == nil:
 		log.Error("the guest is not running here and the arbiter still has this host as its primary: start it (virsh start) to resume protection", "err", err)
 	default:
@@ -404,6 +417,9 @@ func (a *Agent) arbiterHeartbeat(ctx context.Context) {
 			g := guests[as.Guest]
 			if g == nil {
 				continue
+			}
+			if as.Epoch == epochs[as.Guest] {
+				a.autoReprotect(ctx, g, as)
 			}
 			if as.Role == arbiter.RolePrimary && as.Epoch == epochs[as.Guest] && !as.InSync {
 				if st := g.state(); st.Role == Primary && st.InSync {

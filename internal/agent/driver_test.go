@@ -36,6 +36,10 @@ func (f *fakeArbiter) RequestPromotion(_ context.Context, g, a string, e uint64)
 	f.calls = append(f.calls, "promotion")
 	return arbiter.Grant{Epoch: e + 1}, f.err
 }
+func (f *fakeArbiter) Handover(_ context.Context, g, a string, e uint64, s string) (arbiter.Grant, error) {
+	f.calls = append(f.calls, "handover")
+	return arbiter.Grant{}, f.err
+}
 func (f *fakeArbiter) ReportStandbyLost(_ context.Context, g, a string, e uint64) (arbiter.Lease, error) {
 	f.calls = append(f.calls, "standby lost")
 	return arbiter.Lease{Epoch: e + 1}, f.err

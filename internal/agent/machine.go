@@ -415,6 +415,10 @@ func (m *Machine) Step(ev Event) []Action {
 	case PromotionGranted:
 		return m.granted(e.Now, e.Grant.Epoch, e.Grant.Lease)
 	case FailoverStarted:
+		if m.FailingOver && e.Fence == m.Fence && e.Lease.Duration > 0 {
+			m.Lease, m.LeaseDur = e.Lease, e.Lease.Duration // confirmed after the start
+			return nil
+		}
 		m.granted(e.Now, e.Fence, e.Lease)
 		return nil
 	case FailoverDone:

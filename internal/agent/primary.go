@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -56,7 +57,7 @@ func (a *Agent) Enroll(ctx context.Context, name, peer string, probe arbiter.Pro
 		}
 		return fmt.Errorf("guest %q is a replica on this agent (this host is its standby): enroll it on its primary host", name)
 	}
-	rec := &Record{Name: name, Role: api.RolePrimary, Peer: peer, Probe: probe, Enrolled: time.Now().UTC()}
+	rec := &Record{Name: name, Role: api.RolePrimary, Peer: peer, Probe: probe, Enrolled: time.Now().UTC(), Home: a.cfg.AgentID}
 	if err := a.startPrimary(ctx, rec); err != nil {
 		return err
 	}
@@ -78,7 +79,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		a.mu.Unlock()
 		return nil
 	}
-	qg, err := a.virt.OpenGuest(ctx, rec.Name)
+	qg, err := a.virt.OpenGuest(ctx, rec.domain())
 	if err != nil {
 		return err
 	}
@@ -101,7 +102,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	if err := qemu.SetUnlimitedBandwidth(ctx, qg.Mon); err != nil {
 		return err
 	}
-	xml, err := a.virt.DomainXML(ctx, rec.Name)
+	xml, err := a.virt.DomainXML(ctx, rec.domain())
 	if err != nil {
 		return err
 	}
@@ -151,7 +152,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	}
 	peer := rec.Peer
 	cfg := checkpoint.PrimaryConfig{
-		Agent: a.cfg.AgentID, Guest: rec.Name, DomainXML: xml, ShellBase: a.shellBase(rec.Name),
+		Agent: a.cfg.AgentID, Guest: rec.Name, DomainXML: xml, ShellBase: a.shellBase(rec.Name), Home: cmp.Or(rec.Home, a.cfg.AgentID),
 		Interval: a.cfg.EpochInterval, MinInterval: a.cfg.EpochMinInterval, MaxInFlight: a.cfg.MaxInFlight, Fence: rec.Fence, PeerTimeout: a.cfg.HeartbeatTimeout(),
 		Dial:       func(ctx context.Context) (net.Conn, error) { return a.dialAgent(ctx, peer) },
 		VerifyPeer: func(conn net.Conn, claimed string) error { return a.verifyStandby(g, conn, claimed) },
@@ -231,8 +232,11 @@ func (p *primaryRun) do(ctx context.Context, g *guest, act Action) {
 			// Output of epochs the standby never acknowledged must never leave.
 			p.out.DiscardAfter(act.AckedEpoch)
 		}
-		if err := a.virt.Destroy(dctx, g.name); err != nil {
+		if err := a.virt.Destroy(dctx, g.domainName()); err != nil {
 			g.log.Error("cannot destroy the stale copy", "err", err)
+		}
+		if err := a.virt.NoAutostart(dctx, g.domainName()); err != nil {
+			g.log.Warn("cannot turn autostart off for the stale copy (libvirt's hook still refuses to start it)", "err", err)
 		}
 		go func() { // not from the driver's own loop: the engine may wait on it
 			p.stopEngine()

@@ -38,6 +38,25 @@ type Record struct {
 	Replica      checkpoint.ReplicaState `json:"replica"`
 	Probe        arbiter.ProbeSpec       `json:"probe,omitzero"`  // how clients reach the guest, for the arbiter
 	Disks        []checkpoint.DiskSpec   `json:"disks,omitempty"` // standby: the replicated disks
+	// Domain (primary) is the libvirt domain that runs the guest here when
+	// it is not Name: a guest failed over to this host runs in the shell
+	// it was restored into, and is protected from there.
+	Domain string `json:"domain,omitempty"`
+	// Superseded (standby) is this host's old copy of the guest, replaced
+	// when the guest failed or was switched over elsewhere: libvirt's hook
+	// refuses to start it.
+	Superseded string `json:"superseded,omitempty"`
+	// Home is the agent the guest was first enrolled from: failback
+	// returns it there.
+	Home string `json:"home,omitempty"`
+}
+
+// domain is the libvirt domain that runs the guest on this host.
+func (r *Record) domain() string {
+	if r.Domain != "" {
+		return r.Domain
+	}
+	return r.Name
 }
 
 type recordStore struct{ dir string }

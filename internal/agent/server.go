@@ -188,6 +188,39 @@ func (a *Agent) serveAPI(ctx context.Context, ln net.Listener, gid int) error {
 		}
 		writeJSON(w, http.StatusOK, res)
 	})
+	mux.HandleFunc("POST /v1/reprotect", func(w http.ResponseWriter, r *http.Request) {
+		var req api.EnrollRequest
+		if !readJSON(w, r, &req) {
+			return
+		}
+		if err := a.Reprotect(r.Context(), req.Guest, req.Standby); err != nil {
+			writeJSON(w, http.StatusConflict, api.Error{Error: err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, struct{}{})
+	})
+	move := func(fn func(context.Context, string) (api.SwitchoverResult, error)) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			var req api.GuestRequest
+			if !readJSON(w, r, &req) {
+				return
+			}
+			res, err := fn(r.Context(), req.Guest)
+			if err != nil {
+				writeJSON(w, http.StatusConflict, api.Error{Error: err.Error()})
+				return
+			}
+			writeJSON(w, http.StatusOK, res)
+		}
+	}
+	mux.HandleFunc("POST /v1/switchover", move(a.Switchover))
+	mux.HandleFunc("POST /v1/failback", move(a.Failback))
+	mux.HandleFunc("POST /v1/drain", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, a.Drain(r.Context()))
+	})
+	mux.HandleFunc("POST /v1/undrain", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, a.Undrain(r.Context()))
+	})
 	mux.HandleFunc("POST /v1/unenroll", func(w http.ResponseWriter, r *http.Request) {
 		var req api.GuestRequest
 		if !readJSON(w, r, &req) {

@@ -186,6 +186,13 @@ func (g *guest) shellName() string {
 	return g.rec.Shell
 }
 
+// domainName is the libvirt domain of a guest this host runs as primary.
+func (g *guest) domainName() string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.rec.domain()
+}
+
 // attachShell finds or creates the shell domain and opens the replica over
 // its RAM. With xml empty it only attaches to an existing shell (s.mu held).
 func (a *Agent) attachShell(ctx context.Context, g *guest, xml string, ramBytes int64) (err error) {
@@ -225,6 +232,17 @@ func (a *Agent) attachShell(ctx context.Context, g *guest, xml string, ramBytes 
 	exists, err := a.virt.DomainExists(ctx, rec.Shell)
 	if err != nil {
 		return err
+	}
+	if exists && rec.Shell == rec.Superseded {
+		// The shell takes the name of this host's superseded copy (no
+		// shell_suffix): the copy's stale definition goes.
+		if st, err := a.virt.DomainState(ctx, rec.Shell); err == nil && st == "shutoff" {
+			if err := a.virt.Undefine(ctx, rec.Shell); err != nil {
+				return fmt.Errorf("remove the superseded copy %q to make room for the guest's standby shell: %w", rec.Shell, err)
+			}
+			g.log.Info("the superseded copy's definition is removed: the standby shell takes its name", "domain", rec.Shell)
+			exists = false
+		}
 	}
 	if exists {
 		st, err := qemu.Status(ctx, a.virt.Guest(rec.Shell).Mon)
@@ -390,6 +408,9 @@ func (h standbyHandler) accept(ctx context.Context, conn net.Conn, hello checkpo
 	if rec.Shell == "" && hello.ShellBase != "" {
 		rec.Shell = hello.ShellBase + a.cfg.ShellSuffix
 	}
+	if hello.Home != "" {
+		rec.Home = hello.Home
+	}
 	disksChanged := !slices.Equal(rec.Disks, hello.Disks)
 	if disksChanged && (s.replica != nil || rec.Replica.Committed != 0) {
 		g.mu.Unlock()
@@ -431,6 +452,10 @@ func (a *Agent) standbyGuestFor(ctx context.Context, hello checkpoint.Hello, fen
 	a.standbyNew.Lock()
 	defer a.standbyNew.Unlock()
 	if g := a.guest(hello.Guest); g != nil {
+		if g.primary != nil && g.state().Fenced {
+			g, err := a.supersededToStandby(ctx, g, hello, fence)
+			return g, false, err
+		}
 		if g.primary != nil {
 			return nil, false, checkpoint.Fatal(fmt.Errorf("guest %q is protected by this agent as its primary; a host cannot be its own standby", hello.Guest))
 		}
@@ -458,7 +483,7 @@ func (a *Agent) standbyGuestFor(ctx context.Context, hello checkpoint.Hello, fen
 		}
 	}
 	a.journal.note(hello.Guest, "enrolled", "standby on this host of primary "+hello.Agent, fence)
-	return a.newStandbyGuest(&Record{Name: hello.Guest, Role: api.RoleStandby, Primary: hello.Agent, Fence: fence, Enrolled: time.Now().UTC()}), true, nil
+	return a.newStandbyGuest(&Record{Name: hello.Guest, Role: api.RoleStandby, Primary: hello.Agent, Fence: fence, Enrolled: time.Now().UTC(), Home: hello.Home}), true, nil
 }
 
 // discardNewReplica undoes standbyGuestFor's creation of g after its first

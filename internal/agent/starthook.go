@@ -27,19 +27,22 @@ func CheckStart(ctx context.Context, cfg api.Config, name, domainXML string) err
 	if !names.ValidGuest(name) || virt.WaitsForIncoming(domainXML) {
 		return nil // not a name remora enrolls, or a shell
 	}
-	r, err := (recordStore{dir: cfg.StateDir}).load(name)
-	if errors.Is(err, fs.ErrNotExist) {
+	r, err := recordOfDomain(recordStore{dir: cfg.StateDir}, name)
+	if err != nil {
+		return fmt.Errorf("remora: cannot read its guest records (%v): refusing to start a guest remora may have failed over", err)
+	}
+	if r == nil {
 		return nil // not protected here
 	}
-	if err != nil {
-		return fmt.Errorf("remora: cannot read its record of guest %q (%v): refusing to start a guest remora may have failed over", name, err)
-	}
+	unenroll := fmt.Sprintf("to run this copy anyway, unprotected, first `remora vm unenroll %s` on this host", r.Name)
 	if r.Role != api.RolePrimary {
+		if r.Superseded == name {
+			return fmt.Errorf("remora: guest %q runs on %s since fencing epoch %d; this host keeps its standby (shell %q): this old copy %q is stale and must not start; %s", r.Name, r.Primary, r.Fence, r.Shell, name, unenroll)
+		}
 		return nil // a standby's shell: the agent starts it itself
 	}
-	unenroll := fmt.Sprintf("to run this copy anyway, unprotected, first `remora vm unenroll %s` on this host", name)
 	if r.State == StateFenced {
-		return fmt.Errorf("remora: guest %q was failed over to another host (fencing epoch %d): this copy is stale and must not start; %s", name, r.Fence, unenroll)
+		return fmt.Errorf("remora: guest %q was failed over to another host (fencing epoch %d): this copy is stale and must not start; %s", r.Name, r.Fence, unenroll)
 	}
 	if cfg.Arbiter == "" {
 		return nil // nobody to ask: failover is by hand
@@ -60,11 +63,34 @@ func CheckStart(ctx context.Context, cfg api.Config, name, domainXML string) err
 		return fmt.Errorf("remora: the arbiter %s does not answer (%v), so nothing confirms guest %q is not running on its standby: start it once `remora arbiter status` shows %s as its primary; %s",
 			cfg.Arbiter, err, name, cfg.AgentID, unenroll)
 	}
-	if gs, ok := activeGuest(st, name); ok {
+	if gs, ok := activeGuest(st, r.Name); ok {
 		if gs.Primary == cfg.AgentID {
 			return nil
 		}
-		return fmt.Errorf("remora: guest %q runs on %s since fencing epoch %d (the arbiter says): this copy is stale and must not start; %s", name, gs.Primary, gs.Epoch, unenroll)
+		return fmt.Errorf("remora: guest %q runs on %s since fencing epoch %d (the arbiter says): this copy is stale and must not start; %s", r.Name, gs.Primary, gs.Epoch, unenroll)
 	}
-	return fmt.Errorf("remora: the arbiter %s does not know guest %q, so nothing confirms it is not running elsewhere: start it once the arbiter shows %s as its primary; %s", cfg.Arbiter, name, cfg.AgentID, unenroll)
+	return fmt.Errorf("remora: the arbiter %s does not know guest %q, so nothing confirms it is not running elsewhere: start it once the arbiter shows %s as its primary; %s", cfg.Arbiter, r.Name, cfg.AgentID, unenroll)
+}
+
+// recordOfDomain finds the record of the guest libvirt domain runs: a
+// primary's whose domain it is, or a standby's whose superseded copy it
+// is; nil when remora keeps none.
+func recordOfDomain(s recordStore, domain string) (*Record, error) {
+	r, err := s.load(domain)
+	switch {
+	case err == nil && (r.Role != api.RolePrimary || r.domain() == domain):
+		return r, nil
+	case err != nil && !errors.Is(err, fs.ErrNotExist):
+		return nil, err
+	}
+	all, err := s.loadAll()
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range all {
+		if r.Role == api.RolePrimary && r.domain() == domain || r.Role != api.RolePrimary && r.Superseded == domain {
+			return r, nil
+		}
+	}
+	return nil, nil
 }

@@ -74,6 +74,18 @@ func TestCheckStart(t *testing.T) {
 	}
 	allowed(a, "../../etc") // no such record can exist
 
+	// After a failover or switchover this host keeps the guest's standby:
+	// its old copy must not start, its shell may.
+	save(a, &Record{Name: "db", Role: api.RoleStandby, Primary: "host-b", Fence: 4, Shell: "db-a", Superseded: "db"})
+	refused(a, "db", `runs on host-b since fencing epoch 4; this host keeps its standby (shell "db-a")`)
+	allowed(a, "db-a")
+	// A guest failed over here runs in its shell and may be protected
+	// from it: the record is found by its domain.
+	save(a, &Record{Name: "mail", Role: api.RolePrimary, Fence: 5, Domain: "mail-a", State: StateFenced})
+	if err := CheckStart(ctx, a, "mail-a", ""); err == nil || !strings.Contains(err.Error(), `guest "mail" was failed over to another host (fencing epoch 5)`) {
+		t.Fatalf("a fenced copy found by its domain: %v", err)
+	}
+
 	// With the arbiter: it says where the guest runs.
 	tc, err := pki.ServerConfig(pkiDir, "arbiter")
 	if err != nil {

@@ -25,6 +25,9 @@ type CaptureVM struct {
 
 	mu     sync.Mutex
 	fenced bool
+	// still: a checkpoint captured the guest while fenced; QEMU is in
+	// postmigrate, where no further migration starts until a cont.
+	still bool
 
 	saveMu    sync.Mutex
 	save      *DeviceSave // begun by Stop, finished by SaveDeviceState
@@ -58,8 +61,16 @@ func (v *CaptureVM) Unfence(ctx context.Context) error {
 	if err := Cont(ctx, v.G.Mon); err != nil {
 		return err
 	}
-	v.fenced = false
+	v.fenced, v.still = false, false
 	return nil
+}
+
+// HeldStill reports whether the guest has been held fenced since a
+// checkpoint captured it: there is nothing new to capture.
+func (v *CaptureVM) HeldStill() bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.fenced && v.still
 }
 
 // SetFenced marks a guest that is already paused (or must stay so) as
@@ -114,6 +125,8 @@ func (v *CaptureVM) Cont(ctx context.Context) error {
 		if err := Cont(ctx, v.G.Mon); err != nil {
 			return err
 		}
+	} else {
+		v.still = true
 	}
 	return os.Remove(v.Marker)
 }

@@ -207,3 +207,60 @@ func (c *Conn) CreatePaused(ctx context.Context, xml string) error {
 	}
 	return dom.Free()
 }
+
+// Undefine removes a shut-off domain's persistent definition (its managed
+// save image and snapshot and checkpoint metadata with it). A domain that
+// does not exist is not an error.
+func (c *Conn) Undefine(ctx context.Context, name string) error {
+	err := c.withDomain(ctx, name, func(_ *libvirt.Connect, d *libvirt.Domain) error {
+		return d.UndefineFlags(libvirt.DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+	})
+	if errors.Is(err, ErrNoDomain) {
+		return nil
+	}
+	return err
+}
+
+// MakePersistent defines a running (transient) domain from its own XML,
+// without QEMU arguments that only mattered at its start (the shell's
+// -incoming defer), with autostart off: a guest failed over to this host
+// becomes a normal libvirt domain of it.
+func (c *Conn) MakePersistent(ctx context.Context, name string) error {
+	var x string
+	err := c.withDomain(ctx, name, func(_ *libvirt.Connect, d *libvirt.Domain) error {
+		var err error
+		x, err = d.GetXMLDesc(libvirt.DOMAIN_XML_INACTIVE | libvirt.DOMAIN_XML_SECURE)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if x, err = WithoutIncoming(x); err != nil {
+		return err
+	}
+	conn, err := c.get(ctx)
+	if err != nil {
+		return err
+	}
+	dom, err := conn.DomainDefineXML(x)
+	if err != nil {
+		return fmt.Errorf("define domain %s: %w", name, err)
+	}
+	defer dom.Free()
+	return dom.SetAutostart(false)
+}
+
+// NoAutostart turns autostart off for a domain, if it is persistent.
+func (c *Conn) NoAutostart(ctx context.Context, name string) error {
+	err := c.withDomain(ctx, name, func(_ *libvirt.Connect, d *libvirt.Domain) error {
+		persistent, err := d.IsPersistent()
+		if err != nil || !persistent {
+			return err
+		}
+		return d.SetAutostart(false)
+	})
+	if errors.Is(err, ErrNoDomain) {
+		return nil
+	}
+	return err
+}

@@ -236,6 +236,30 @@ func WaitsForIncoming(domainXML string) bool {
 	return false
 }
 
+// WithoutIncoming drops the -incoming defer a shell was started with, for
+// the definition of the guest it became.
+func WithoutIncoming(domainXML string) (string, error) {
+	d, err := parseDomain(domainXML)
+	if err != nil {
+		return "", err
+	}
+	if cl := d.QEMUCommandline; cl != nil {
+		var args []libvirtxml.DomainQEMUCommandlineArg
+		for i := 0; i < len(cl.Args); i++ {
+			if cl.Args[i].Value == "-incoming" && i+1 < len(cl.Args) {
+				i++ // and its value
+				continue
+			}
+			args = append(args, cl.Args[i])
+		}
+		cl.Args = args
+		if len(cl.Args) == 0 && len(cl.Envs) == 0 {
+			d.QEMUCommandline = nil
+		}
+	}
+	return d.Marshal()
+}
+
 // shellDisks points the shell's disks at the standby's replica images.
 func shellDisks(d *libvirtxml.Domain, images map[string]string) error {
 	done := map[string]bool{}

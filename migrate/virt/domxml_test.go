@@ -173,3 +173,28 @@ func TestCheckSharedMemoryXML(t *testing.T) {
 		t.Fatalf("memfd: %v", err)
 	}
 }
+
+// A shell that became the guest is defined without its -incoming defer,
+// keeping any other QEMU argument.
+func TestWithoutIncoming(t *testing.T) {
+	x := `<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>web-b</name>` +
+		`<qemu:commandline><qemu:arg value='-incoming'/><qemu:arg value='defer'/></qemu:commandline></domain>`
+	if !WaitsForIncoming(x) {
+		t.Fatal("the shell does not wait for incoming")
+	}
+	got, err := WithoutIncoming(x)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if WaitsForIncoming(got) || strings.Contains(got, "commandline") || !strings.Contains(got, "<name>web-b</name>") {
+		t.Fatalf("without incoming:\n%s", got)
+	}
+	other := strings.Replace(x, "<qemu:arg value='defer'/>", "<qemu:arg value='defer'/><qemu:arg value='-msg'/><qemu:arg value='timestamp=on'/>", 1)
+	got, err = WithoutIncoming(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if WaitsForIncoming(got) || !strings.Contains(got, "timestamp=on") {
+		t.Fatalf("other arguments lost:\n%s", got)
+	}
+}

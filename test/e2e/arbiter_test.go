@@ -40,6 +40,12 @@ type arbLab struct {
 
 func newArbLab(t *testing.T) *arbLab {
 	t.Helper()
+	return newArbLabWith(t, "")
+}
+
+// newArbLabWith is newArbLab with more agent.yaml lines for both agents.
+func newArbLabWith(t *testing.T, agentExtra string) *arbLab {
+	t.Helper()
 	l := &arbLab{t: t, pki: t.TempDir(), arbDir: t.TempDir(), arbAddr: labkit.IPArbiter + ":7410"}
 	run := func(args ...string) {
 		if out, err := exec.Command(remoraBin, args...).CombinedOutput(); err != nil {
@@ -74,8 +80,8 @@ log_level: debug
 		return fmt.Sprintf("arbiter: %s\ntls_cert: %s\ntls_key: %s\ntls_ca: %s\nheartbeat_interval: 250ms\nheartbeat_missed: 4\n",
 			l.arbAddr, pki.CertPath(l.pki, name), pki.KeyPath(l.pki, name), filepath.Join(l.pki, "ca.crt"))
 	}
-	l.a = newHost(t, "host-a", labkit.NetnsA, labkit.IPA, hostOpts{extra: tlsLines("host-a")})
-	l.b = newHost(t, "host-b", labkit.NetnsB, labkit.IPB, hostOpts{extra: tlsLines("host-b") + "api_listen: " + labkit.IPB + ":7401\n"})
+	l.a = newHost(t, "host-a", labkit.NetnsA, labkit.IPA, hostOpts{extra: tlsLines("host-a") + agentExtra})
+	l.b = newHost(t, "host-b", labkit.NetnsB, labkit.IPB, hostOpts{extra: tlsLines("host-b") + "api_listen: " + labkit.IPB + ":7401\n" + agentExtra})
 	t.Cleanup(func() {
 		l.stopArbiter()
 		if t.Failed() {

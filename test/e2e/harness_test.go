@@ -143,6 +143,10 @@ func newHost(t *testing.T, name, netns, ip string, o hostOpts) *host {
 	if !strings.Contains(o.extra, "tls_cert:") && !strings.Contains(o.extra, "insecure_plaintext:") {
 		o.extra += tlsConfigLines(labPKI, name)
 	}
+	if !strings.Contains(o.extra, "reprotect:") {
+		// Tests re-protect by hand unless they test the automatic one.
+		o.extra += "reprotect: manual\n"
+	}
 	cfg := fmt.Sprintf(`agent_id: %s
 listen: %s
 api_socket: %s

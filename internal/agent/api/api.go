@@ -124,6 +124,25 @@ type FailoverResult struct {
 	Duration time.Duration `json:"duration_ns"`
 }
 
+// SwitchoverResult says what a switchover (or failback) did.
+type SwitchoverResult struct {
+	Guest string `json:"guest"`
+	From  string `json:"from"`
+	To    string `json:"to"`
+	Epoch uint64 `json:"epoch"` // the final checkpoint the guest runs on from
+	Fence uint64 `json:"fence"`
+	// Downtime is from the guest's pause here to its standby's report
+	// that it runs there.
+	Downtime time.Duration `json:"downtime_ns"`
+}
+
+// MoveOutcome is one guest's switchover in a drain or undrain.
+type MoveOutcome struct {
+	Guest  string           `json:"guest"`
+	Result SwitchoverResult `json:"result"`
+	Error  string           `json:"error,omitempty"`
+}
+
 // EnrollRequest is the body of POST /v1/enroll.
 type EnrollRequest struct {
 	Guest   string            `json:"guest"`

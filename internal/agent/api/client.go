@@ -120,6 +120,40 @@ func (c *Client) Failover(ctx context.Context, guest string, force bool) (Failov
 	return out, err
 }
 
+// Reprotect protects a guest failed over to the agent's host onto standby
+// (host:port), or onto the standby the arbiter names when it is empty.
+func (c *Client) Reprotect(ctx context.Context, guest, standby string) error {
+	return c.do(ctx, http.MethodPost, "/v1/reprotect", EnrollRequest{Guest: guest, Standby: standby}, nil)
+}
+
+// Switchover moves a guest protected from the agent's host to its standby
+// with no loss; Failback moves it to its home host (its standby).
+func (c *Client) Switchover(ctx context.Context, guest string) (SwitchoverResult, error) {
+	var out SwitchoverResult
+	err := c.do(ctx, http.MethodPost, "/v1/switchover", GuestRequest{Guest: guest}, &out)
+	return out, err
+}
+
+func (c *Client) Failback(ctx context.Context, guest string) (SwitchoverResult, error) {
+	var out SwitchoverResult
+	err := c.do(ctx, http.MethodPost, "/v1/failback", GuestRequest{Guest: guest}, &out)
+	return out, err
+}
+
+// Drain switches every guest the agent's host runs as primary over to its
+// standby; Undrain has the guests whose home it is switched back.
+func (c *Client) Drain(ctx context.Context) ([]MoveOutcome, error) {
+	var out []MoveOutcome
+	err := c.do(ctx, http.MethodPost, "/v1/drain", struct{}{}, &out)
+	return out, err
+}
+
+func (c *Client) Undrain(ctx context.Context) ([]MoveOutcome, error) {
+	var out []MoveOutcome
+	err := c.do(ctx, http.MethodPost, "/v1/undrain", struct{}{}, &out)
+	return out, err
+}
+
 func (c *Client) Unenroll(ctx context.Context, guest string) error {
 	return c.do(ctx, http.MethodPost, "/v1/unenroll", GuestRequest{Guest: guest}, nil)
 }

@@ -30,8 +30,12 @@ type Config struct {
 	MaxInFlight      int           `mapstructure:"max_in_flight"`
 	Tracker          string        `mapstructure:"tracker"`
 	ShellSuffix      string        `mapstructure:"shell_suffix"`
-	LogLevel         string        `mapstructure:"log_level"`
-	LogFormat        string        `mapstructure:"log_format"` // text or json
+	// Reprotect: auto protects a guest failed over to this host onto the
+	// standby the arbiter names (its old primary's agent, once back);
+	// manual waits for `remora vm reprotect`.
+	Reprotect string `mapstructure:"reprotect"`
+	LogLevel  string `mapstructure:"log_level"`
+	LogFormat string `mapstructure:"log_format"` // text or json
 	// MetricsListen serves Prometheus metrics at /metrics on host:port
 	// (plain HTTP, read only); empty: none.
 	MetricsListen string `mapstructure:"metrics_listen"`
@@ -99,6 +103,12 @@ const (
 // Log levels accepted in configuration.
 var LogLevels = []string{"debug", "info", "warn", "error"}
 
+// Re-protection policies (reprotect:).
+const (
+	ReprotectAuto   = "auto"
+	ReprotectManual = "manual"
+)
+
 // Defaults returns the configuration used where a key is not set.
 func Defaults() Config {
 	return Config{
@@ -111,6 +121,7 @@ func Defaults() Config {
 		EpochMinInterval: 20 * time.Millisecond,
 		MaxInFlight:      3,
 		Tracker:          checkpoint.TrackerAuto,
+		Reprotect:        ReprotectAuto,
 		LogLevel:         "info",
 		LogFormat:        "text",
 
@@ -179,6 +190,11 @@ func (c *Config) Validate() error {
 		return errors.New("tracker colo is not offered: QEMU 7.2's COLO checkpointing deadlocks under TCG (its checkpoint syncs the dirty log without QEMU's global lock) and remora does not drive it yet; use auto (softdirty where the kernel has CONFIG_MEM_SOFT_DIRTY, else scan)")
 	default:
 		return fmt.Errorf("tracker %q unknown: use auto, scan or softdirty", c.Tracker)
+	}
+	switch c.Reprotect {
+	case ReprotectAuto, ReprotectManual:
+	default:
+		return fmt.Errorf("reprotect %q unknown: use auto or manual", c.Reprotect)
 	}
 	switch c.OutputCommit {
 	case OutputAuto, OutputQEMU, OutputPlug, OutputOff:

@@ -1,0 +1,162 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/remora-ha/remora/checkpoint"
+	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/test/labkit"
+)
+
+// The life after a failover and planned moves, with the arbiter, mutual
+// TLS and reprotect: auto on both agents.
+
+// waitReprotected waits until guest runs on prim, protected onto stby
+// and counted in sync by the arbiter.
+func (l *arbLab) waitReprotected(t *testing.T, guest string, prim, stby *host) {
+	t.Helper()
+	waitFor(t, fmt.Sprintf("%s to be re-protected from %s onto %s", guest, prim.name, stby.name), 4*time.Minute, func() bool {
+		p, ok := prim.status(guest)
+		s, ok2 := stby.status(guest)
+		_, inSync, err := l.arbiterGuest(guest)
+		return ok && ok2 && p.Role == api.RolePrimary && p.State == checkpoint.StateProtected &&
+			s.Role == api.RoleStandby && s.State == checkpoint.StateProtected && err == nil && inSync
+	})
+}
+
+var downtimeRE = regexp.MustCompile(`downtime ([0-9.]+)(ms|s)`)
+
+// switchover runs `vm switchover` on from and returns the downtime it
+// reports.
+func switchover(t *testing.T, from *host, verb, guest string) time.Duration {
+	t.Helper()
+	out, err := from.cli("vm", verb, guest)
+	if err != nil || !strings.Contains(out, "switched over") {
+		t.Fatalf("vm %s %s on %s: %v\n%s", verb, guest, from.name, err, out)
+	}
+	m := downtimeRE.FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("no downtime in %q", out)
+	}
+	v, _ := strconv.ParseFloat(m[1], 64)
+	d := time.Duration(v * float64(time.Millisecond))
+	if m[2] == "s" {
+		d = time.Duration(v * float64(time.Second))
+	}
+	t.Logf("%s", strings.TrimSpace(out))
+	return d
+}
+
+// checkGuest asks the guest's workload for its memory and disk checks.
+func checkGuest(t *testing.T, g *labkit.Guest) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c, err := g.DialFrom(ctx, labkit.NetnsClient)
+	if err != nil {
+		t.Fatalf("dial the guest: %v", err)
+	}
+	defer c.Close()
+	if res, err := c.Check(ctx); err != nil || !res.OK {
+		t.Errorf("memory integrity: %v %s", err, res.Reply)
+	}
+	if reply, err := c.Do(ctx, "diskcheck"); err != nil || !strings.HasPrefix(reply, "ok ") {
+		t.Errorf("disk integrity: %v %s", err, reply)
+	}
+}
+
+// TestSwitchoverBothWays: a planned switchover from A to B and back,
+// then a failback, with a client incrementing the guest's counter all
+// along: no reply lost or out of order, at most one copy serving, memory
+// and disk intact; after each move the new primary re-protects the guest
+// onto the old one by itself, and the old one's superseded copy cannot
+// be started.
+func TestSwitchoverBothWays(t *testing.T) {
+	needLab(t)
+	l := newArbLabWith(t, "reprotect: auto\n")
+	name := "e2e-switch"
+	img := filepath.Join(labkit.QEMUTempDir(t), "data.img")
+	if err := labkit.CreateDataDisk(img, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	g := bootGuestWith(t, labkit.GuestOptions{Name: name, IP: labkit.GuestIP(33), Rate: 2000, DataDisk: img})
+	l.startArbiter()
+	l.a.start()
+	l.b.start()
+	l.enroll(t, g)
+	shellB, shellA := name+"-host-b", name+"-host-a"
+	copies := watchCopies(t, g, name, shellB, shellA)
+	hist := startIncHistory(t, g)
+	waitFor(t, "the client to get replies", 30*time.Second, func() bool { return hist.count() > 10 })
+	if _, err := g.Dial(context.Background()); err == nil { // start the disk writer too
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		if c, err := g.DialFrom(ctx, labkit.NetnsClient); err == nil {
+			_, _ = c.Do(ctx, "disk 200")
+			c.Close()
+		}
+		cancel()
+	}
+
+	// Not while the standby is out of sync: refused with the reason.
+	var downtimes []time.Duration
+
+	// A -> B.
+	downtimes = append(downtimes, switchover(t, l.a, "switchover", name))
+	if st := domState(name); st == "running" || st == "paused" {
+		t.Fatalf("the old primary's copy is %s after the switchover", st)
+	}
+	if st := domState(shellB); st != "running" {
+		t.Fatalf("the guest does not run on host-b (%s is %s)", shellB, st)
+	}
+	n := hist.count()
+	waitFor(t, "replies from host-b", time.Minute, func() bool { return hist.count() > n+10 })
+	l.waitReprotected(t, name, l.b, l.a)
+	// The superseded copy on A must not start, whoever asks.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	out, err := labkit.Virsh(ctx, "start", "--paused", name)
+	cancel()
+	if err == nil {
+		_, _ = labkit.Virsh(context.Background(), "destroy", name)
+		t.Fatalf("virsh start of the superseded copy succeeded: %s", out)
+	}
+	if !strings.Contains(err.Error(), "runs on host-b") {
+		t.Fatalf("virsh start of the superseded copy: %v, want the hook's refusal naming host-b", err)
+	}
+	checkGuest(t, g)
+
+	// B -> A: the guest runs in A's shell for it.
+	downtimes = append(downtimes, switchover(t, l.b, "switchover", name))
+	if st := domState(shellA); st != "running" {
+		t.Fatalf("the guest does not run on host-a (%s is %s)", shellA, st)
+	}
+	n = hist.count()
+	waitFor(t, "replies from host-a", time.Minute, func() bool { return hist.count() > n+10 })
+	l.waitReprotected(t, name, l.a, l.b)
+	// A is the guest's home: nothing to fail back.
+	if out, err := l.a.cli("vm", "failback", name); err == nil || !strings.Contains(out, "at home") {
+		t.Fatalf("failback at home: %v %s", err, out)
+	}
+	checkGuest(t, g)
+
+	// Away again, then failback from B returns it home.
+	downtimes = append(downtimes, switchover(t, l.a, "switchover", name))
+	l.waitReprotected(t, name, l.b, l.a)
+	downtimes = append(downtimes, switchover(t, l.b, "failback", name))
+	l.waitReprotected(t, name, l.a, l.b)
+	n = hist.count()
+	waitFor(t, "replies after the failback", time.Minute, func() bool { return hist.count() > n+10 })
+	checkGuest(t, g)
+	hist.check()
+	checkOneCopy(t, copies)
+	t.Logf("switchover downtimes (pause to the standby running the guest): %v", downtimes)
+	if ev, err := l.a.cli("vm", "events", name); err == nil {
+		t.Logf("events on host-a:\n%s", ev)
+	}
+}
