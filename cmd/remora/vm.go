@@ -271,6 +271,10 @@ func newVMCmd() *cobra.Command {
 }
 
 func printMove(res api.SwitchoverResult) {
+	if res.Epoch == 0 { // asked of its primary (undrain): it knows the figures
+		fmt.Printf("%s switched over from %s to %s; took %s\n", res.Guest, res.From, res.To, res.Downtime.Round(time.Millisecond))
+		return
+	}
 	fmt.Printf("%s switched over from %s to %s: runs there from epoch %d (fencing epoch %d); downtime %s\n",
 		res.Guest, res.From, res.To, res.Epoch, res.Fence, res.Downtime.Round(time.Millisecond))
 }

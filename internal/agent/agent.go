@@ -326,6 +326,28 @@ func (a *Agent) notResumed(ctx context.Context, r *Record, err error) {
 		log.Error("the guest is not running here; if it was failed over to its standby, do not start this copy: unenroll it here", "err", err)
 		return
 	}
+	// A host back from a crash may not reach the arbiter at once (its
+	// network comes up): ask until it answers.
+	go func() {
+		for wait := time.Second; ctx.Err() == nil; wait = min(2*wait, 10*time.Second) {
+			if a.askWhereItRuns(ctx, r, err, wait == time.Second) {
+				return
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(wait):
+			}
+		}
+	}()
+}
+
+// askWhereItRuns asks the arbiter about a guest this agent protected but
+// found not running; it reports whether the arbiter answered.
+func (a *Agent) askWhereItRuns(ctx context.Context, r *Record, err error, first bool) bool {
+	log := a.log.With("guest", r.Name)
+	if _, lerr := a.store.load(r.Name); lerr != nil || a.guest(r.Name) != nil {
+		return true // unenrolled, or enrolled again, meanwhile
+	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	_, rerr := a.arb.Register(cctx, arbiter.GuestSpec{Guest: r.Name, AgentID: a.cfg.AgentID, Role: arbiter.RolePrimary, Epoch: r.Fence, AgentAddr: a.cfg.Advertise})
@@ -353,8 +375,12 @@ func (a *Agent) notResumed(ctx context.Context, r *Record, err error) {
 	case rerr == nil:
 		log.Error("the guest is not running here and the arbiter still has this host as its primary: start it (virsh start) to resume protection", "err", err)
 	default:
-		log.Error("the guest is not running here and the arbiter cannot say whether it runs elsewhere: do not start it before `remora arbiter status` shows this host as its primary", "err", err, "arbiter_err", rerr)
+		if first {
+			log.Error("the guest is not running here and the arbiter cannot say whether it runs elsewhere (asking again): do not start it before `remora arbiter status` shows this host as its primary", "err", err, "arbiter_err", rerr)
+		}
+		return false
 	}
+	return true
 }
 
 // guest returns the guest named name, or nil.

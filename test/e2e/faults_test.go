@@ -24,7 +24,22 @@ type incHistory struct {
 
 	mu      sync.Mutex
 	replies []uint64
+	at      []time.Time // when each reply came
 	bad     []string
+}
+
+// outage is the client's longest gap between two replies from moment t
+// on (a reply already in flight at t may come just after it).
+func (h *incHistory) outage(t time.Time) time.Duration {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var gap time.Duration
+	for i := 1; i < len(h.at); i++ {
+		if h.at[i].After(t) {
+			gap = max(gap, h.at[i].Sub(max(h.at[i-1], t)))
+		}
+	}
+	return gap
 }
 
 func startIncHistory(t *testing.T, g *labkit.Guest) *incHistory {
@@ -65,6 +80,7 @@ func startIncHistory(t *testing.T, g *labkit.Guest) *incHistory {
 				h.bad = append(h.bad, fmt.Sprintf("%s: reply %d after %d", time.Now().Format("15:04:05.000"), v, h.replies[n-1]))
 			}
 			h.replies = append(h.replies, v)
+			h.at = append(h.at, time.Now())
 			h.mu.Unlock()
 			time.Sleep(20 * time.Millisecond)
 		}
