@@ -36,7 +36,11 @@ func (h *incHistory) outage(t time.Time) time.Duration {
 	var gap time.Duration
 	for i := 1; i < len(h.at); i++ {
 		if h.at[i].After(t) {
-			gap = max(gap, h.at[i].Sub(max(h.at[i-1], t)))
+			from := h.at[i-1]
+			if from.Before(t) {
+				from = t
+			}
+			gap = max(gap, h.at[i].Sub(from))
 		}
 	}
 	return gap
