@@ -18,6 +18,8 @@ func TestWrongCommandLineShowsUsage(t *testing.T) {
 		{[]string{"txlog", "verfiy", "/x"}, `unknown command "verfiy" for "remora txlog"`, "remora txlog [command]"},
 		{[]string{"vm", "status", "a", "b"}, "accepts at most 1 arg(s), received 2", "remora vm status [GUEST]"},
 		{[]string{"vm", "status", "--nope"}, "unknown flag: --nope", "remora vm status [GUEST]"},
+		{[]string{"host", "drian"}, `unknown command "drian" for "remora host"`, "remora host [command]"},
+		{[]string{"vm", "switchover"}, "accepts 1 arg(s), received 0", "remora vm switchover GUEST"},
 	} {
 		root := newRootCmd()
 		var stderr bytes.Buffer

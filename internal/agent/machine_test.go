@@ -768,3 +768,28 @@ func TestOutOfSyncAtArbiterIsReportedAgain(t *testing.T) {
 		t.Fatalf("reported again after the arbiter agreed: %s", got)
 	}
 }
+
+// A take-over (planned switchover) marks the replica failing over before
+// the old primary's session ends, so its end is not taken for a death: no
+// promotion is asked for. The lease confirmed after the start is kept.
+func TestTakeOverAsksNoPromotion(t *testing.T) {
+	m := standbyIn(PhaseReplica)
+	if got := steps(m, FailoverStarted{Now: t0, Fence: 4}); got != "-" {
+		t.Fatalf("take-over start: %s", got)
+	}
+	if got := steps(m, tick(m, time.Second, func(o *Observation) { o.Silent = true })); got != "-" {
+		t.Fatalf("the old primary's session ended during the take-over: %s", got)
+	}
+	l := lease(4, t0.Add(time.Minute))
+	if got := steps(m, FailoverStarted{Now: t0, Fence: 4, Lease: l}); got != "-" || m.Fence != 4 || m.LeaseDur != l.Duration {
+		t.Fatalf("confirmed lease: %s, fence %d, lease %v", got, m.Fence, m.LeaseDur)
+	}
+	if got := steps(m, FailoverDone{Now: t0.Add(time.Second)}); got != "Persist" || m.Phase() != PhasePromoted {
+		t.Fatalf("done: %s %s", got, m.Phase())
+	}
+	// Control: without the take-over, the same silence asks for promotion.
+	c := standbyIn(PhaseReplica)
+	if got := steps(c, tick(c, time.Second, func(o *Observation) { o.Silent = true })); got != "RequestPromotion" {
+		t.Fatalf("control: %s", got)
+	}
+}

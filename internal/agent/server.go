@@ -65,7 +65,10 @@ func (g *guest) status() api.VMStatus {
 // fill adds the machine's view (g.mu held).
 func (g *guest) fill(v *api.VMStatus) {
 	st := &g.m.State
-	v.Guest, v.Fence, v.State = g.name, st.Fence, string(st.Phase())
+	v.Guest, v.Fence, v.State, v.Home = g.name, st.Fence, string(st.Phase()), g.rec.Home
+	if g.rec.Role == api.RolePrimary && g.rec.Domain != "" {
+		v.Domain = g.rec.Domain
+	}
 	if st.Role == Standby {
 		if st.Promoted {
 			v.Role = api.RolePromoted

@@ -61,13 +61,17 @@ type VMStatus struct {
 	SyncDone        uint64                     `json:"sync_done_bytes,omitempty"`
 	SyncTotal       uint64                     `json:"sync_total_bytes,omitempty"`
 	Shell           string                     `json:"shell,omitempty"`
-	Applied         uint64                     `json:"applied_epoch,omitempty"`
-	LastError       string                     `json:"last_error,omitempty"`
-	LeaseHolder     string                     `json:"lease_holder,omitempty"`
-	LeaseValid      time.Duration              `json:"lease_valid_ns,omitempty"` // remaining, on this agent's clock
-	Heartbeat       string                     `json:"heartbeat,omitempty"`      // ok, or how long the peer has been silent
-	Probe           string                     `json:"probe,omitempty"`          // the arbiter's last check of the guest's service
-	Arbiter         string                     `json:"arbiter,omitempty"`        // the arbiter's latest answer worth showing
+	// Domain (primary) is the libvirt domain the guest runs in here when
+	// it is not the guest's name (a guest failed over here runs in its shell).
+	Domain      string        `json:"domain,omitempty"`
+	Home        string        `json:"home,omitempty"` // the agent it was enrolled from; failback returns it there
+	Applied     uint64        `json:"applied_epoch,omitempty"`
+	LastError   string        `json:"last_error,omitempty"`
+	LeaseHolder string        `json:"lease_holder,omitempty"`
+	LeaseValid  time.Duration `json:"lease_valid_ns,omitempty"` // remaining, on this agent's clock
+	Heartbeat   string        `json:"heartbeat,omitempty"`      // ok, or how long the peer has been silent
+	Probe       string        `json:"probe,omitempty"`          // the arbiter's last check of the guest's service
+	Arbiter     string        `json:"arbiter,omitempty"`        // the arbiter's latest answer worth showing
 	// The last automatic failover: when the primary was first suspected,
 	// when the arbiter granted promotion, when the guest ran again.
 	SuspectedAt time.Time `json:"suspected_at,omitzero"`
