@@ -18,7 +18,7 @@ cleanup() {
 	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
 	wait 2>/dev/null || true
 	"$LABCTL" destroy "$GUEST" >/dev/null 2>&1 || true
-	virsh -q destroy "$GUEST-b" >/dev/null 2>&1 || true
+	"$LABCTL" destroy "$GUEST-b" >/dev/null 2>&1 || true # a promoted shell is defined
 	rm -rf "$WORK"
 }
 trap cleanup EXIT

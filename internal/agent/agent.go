@@ -47,6 +47,7 @@ type Hypervisor interface {
 	DomainExists(ctx context.Context, name string) (bool, error)
 	Destroy(ctx context.Context, name string) error
 	Undefine(ctx context.Context, name string) error
+	MakePersistent(ctx context.Context, name string) error
 	NoAutostart(ctx context.Context, name string) error
 	CreatePaused(ctx context.Context, xml string) error
 	FindDisk(ctx context.Context, g *qemu.Guest, dev string) (qemu.DiskNode, error)

@@ -205,6 +205,12 @@ func (a *Agent) failoverGuest(ctx context.Context, g *guest, fence uint64) (api.
 	s.lastError = ""
 	a.detachShell(g)
 	_ = os.RemoveAll(a.replicaDir(g.name))
+	// The shell is the guest on this host now: a normal libvirt domain,
+	// defined (with its replica images, autostart off) so that it outlives
+	// a libvirtd restart and an admin finds it with virsh.
+	if err := a.virt.MakePersistent(ctx, rec.Shell); err != nil {
+		g.log.Warn("the guest runs here but stays a transient libvirt domain; define it with `virsh dumpxml` and `virsh define` to keep its definition", "domain", rec.Shell, "err", err)
+	}
 	res := api.FailoverResult{Guest: g.name, Epoch: epoch, Fence: fence, Duration: time.Since(start)}
 	g.log.Info("failover complete: guest running on this host", "shell", rec.Shell, "epoch", epoch, "fence", fence, "took", res.Duration)
 	return res, nil

@@ -235,7 +235,14 @@ func (p *primaryRun) do(ctx context.Context, g *guest, act Action) {
 		if err := a.virt.Destroy(dctx, g.domainName()); err != nil {
 			g.log.Error("cannot destroy the stale copy", "err", err)
 		}
-		if err := a.virt.NoAutostart(dctx, g.domainName()); err != nil {
+		g.mu.Lock()
+		shell := g.rec.Domain != "" // a shell remora made, promoted: not the admin's own definition
+		g.mu.Unlock()
+		if shell {
+			if err := a.virt.Undefine(dctx, g.domainName()); err != nil {
+				g.log.Warn("cannot undefine the stale copy (libvirt's hook still refuses to start it)", "err", err)
+			}
+		} else if err := a.virt.NoAutostart(dctx, g.domainName()); err != nil {
 			g.log.Warn("cannot turn autostart off for the stale copy (libvirt's hook still refuses to start it)", "err", err)
 		}
 		go func() { // not from the driver's own loop: the engine may wait on it

@@ -176,6 +176,9 @@ func (s *standbyRun) do(ctx context.Context, g *guest, act Action) {
 		if err := a.virt.Destroy(dctx, g.shellName()); err != nil {
 			g.log.Error("cannot destroy the stale copy", "err", err)
 		}
+		if err := a.virt.Undefine(dctx, g.shellName()); err != nil { // a shell remora made
+			g.log.Warn("cannot undefine the stale copy (libvirt's hook still refuses to start it)", "err", err)
+		}
 		cancel()
 	}
 }

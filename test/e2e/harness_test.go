@@ -195,6 +195,14 @@ func destroyShells(name string) {
 			_, _ = labkit.Virsh(ctx, "destroy", d)
 		}
 	}
+	// A shell promoted by a failover was defined persistently.
+	if out, err := labkit.Virsh(ctx, "list", "--all", "--name"); err == nil {
+		for _, d := range strings.Fields(out) {
+			if strings.HasSuffix(d, "-"+name) {
+				_, _ = labkit.Virsh(ctx, "undefine", d)
+			}
+		}
+	}
 }
 
 func (h *host) start() {
@@ -376,9 +384,7 @@ func bootGuestWith(t *testing.T, o labkit.GuestOptions) *labkit.Guest {
 	t.Cleanup(func() {
 		_ = labkit.Destroy(name)
 		for _, sfx := range []string{"-host-a", "-host-b"} {
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			_, _ = labkit.Virsh(ctx, "destroy", name+sfx)
-			cancel()
+			_ = labkit.Destroy(name + sfx) // and undefine: a promoted shell is defined
 		}
 	})
 	return g

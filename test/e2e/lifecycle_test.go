@@ -119,9 +119,16 @@ func TestSwitchoverBothWays(t *testing.T) {
 	}
 	n := hist.count()
 	waitFor(t, "replies from host-b", time.Minute, func() bool { return hist.count() > n+10 })
+	// The promoted guest is a normal libvirt domain of host-b now.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	info, err := labkit.Virsh(ctx, "dominfo", shellB)
+	cancel()
+	if err != nil || !regexp.MustCompile(`Persistent:\s+yes`).MatchString(info) || !regexp.MustCompile(`Autostart:\s+disable`).MatchString(info) {
+		t.Fatalf("the promoted guest %s is not defined persistently with autostart off: %v\n%s", shellB, err, info)
+	}
 	l.waitReprotected(t, name, l.b, l.a)
 	// The superseded copy on A must not start, whoever asks.
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel = context.WithTimeout(context.Background(), time.Minute)
 	out, err := labkit.Virsh(ctx, "start", "--paused", name)
 	cancel()
 	if err == nil {
