@@ -104,12 +104,12 @@ func (a *Agent) switchover(ctx context.Context, name string) (api.SwitchoverResu
 	// primary there.
 	g.log.Info("switchover: the arbiter made the standby primary; it restores the final checkpoint", "standby", pr.Standby, "epoch", final, "fence", grant.Epoch)
 	conn, err := a.dialPeer(ctx, peer, checkpoint.FrameMove, st.Fence, checkpoint.Move{Agent: a.cfg.AgentID, Guest: name, Kind: checkpoint.MoveTakeOver, Epoch: final, Fence: grant.Epoch})
+	res := api.SwitchoverResult{Guest: name, From: a.cfg.AgentID, To: pr.Standby, Epoch: final, Fence: grant.Epoch, Downtime: time.Since(start)}
 	if err == nil {
 		conn.Close()
 	}
-	p.stopEngine()
 	g.post(Superseded{Fence: grant.Epoch, Primary: pr.Standby})
-	res := api.SwitchoverResult{Guest: name, From: a.cfg.AgentID, To: pr.Standby, Epoch: final, Fence: grant.Epoch, Downtime: time.Since(start)}
+	p.stopEngine()
 	if err != nil {
 		a.journal.note(name, "switchover", fmt.Sprintf("handed over at fencing epoch %d; %s did not confirm the restore: %v", grant.Epoch, pr.Standby, err), grant.Epoch)
 		return res, fmt.Errorf("guest %q was handed over to %s (fencing epoch %d) but it did not confirm running it: %w; see `remora vm status %s` there (`remora vm failover %s` there finishes it)", name, pr.Standby, grant.Epoch, err, name, name)

@@ -1,8 +1,13 @@
-// Command failbench crashes a protected lab guest's primary host N times
-// and prints how long automatic failover took: detection (crash until the
-// standby suspects the primary), decision (until the arbiter grants
-// promotion), restore (until the guest runs again on the standby) and total
-// (until the guest's service answers a client), p50 and p99.
+// Command failbench crashes a protected lab guest's primary host N times,
+// alternating a kill (the agent SIGKILLed and the guest destroyed) and a
+// power cut (the host's link down first: no FIN, no RST), and prints how
+// long automatic failover took: detection (crash until the standby
+// suspects the primary), decision (until the arbiter grants promotion),
+// restore (until the guest runs again on the standby) and total (until
+// the guest's service answers a client), p50 and p99 per kind. Then, on a
+// guest with a 1 GiB disk, planned switchovers back and forth: the
+// downtime each reports and the client's longest gap, and the automatic
+// re-protect that follows each: its time and bytes (memory and disk).
 // Needs root and the lab (test/lab/lab.sh up).
 package main
 
@@ -13,6 +18,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/remora-ha/remora/checkpoint"
@@ -22,7 +29,9 @@ import (
 )
 
 var (
-	runs     = flag.Int("n", 5, "crashes")
+	runs     = flag.Int("n", 6, "crashes (kills and power cuts alternating)")
+	switches = flag.Int("switchovers", 6, "planned switchovers (back and forth)")
+	diskMiB  = flag.Int("disk", 1024, "data disk of the switchover guest, MiB")
 	lease    = flag.Duration("lease", 3*time.Second, "arbiter lease duration")
 	hbEvery  = flag.Duration("heartbeat", 250*time.Millisecond, "heartbeat interval")
 	hbMissed = flag.Int("missed", 4, "heartbeats missed before suspicion")
@@ -73,7 +82,9 @@ func run() error {
 	if err := os.Chmod(work, 0o711); err != nil { // QEMU (libvirt-qemu) reaches the sockets and images in it
 		return err
 	}
-	defer os.RemoveAll(work)
+	if os.Getenv("FAILBENCH_KEEP") == "" {
+		defer os.RemoveAll(work)
+	}
 	bin, err := labkit.BuildRemora(work)
 	if err != nil {
 		return err
@@ -95,12 +106,14 @@ func run() error {
 		return err
 	}
 	defer arb.kill()
+	reprotect := "manual" // each crash has its own guest, unenrolled after
+	logLevel := "warn"
 	agentCfg := func(name, ip string) string {
 		dir := filepath.Join(work, name)
 		os.MkdirAll(dir, 0o755)
 		p := filepath.Join(dir, "agent.yaml")
-		os.WriteFile(p, []byte(fmt.Sprintf("agent_id: %s\nlisten: %s:7400\napi_socket: %s/agent.sock\nstate_dir: %s/state\nruntime_dir: %s/run\nshell_suffix: \"-%s\"\narbiter: %s\ntls_cert: %s/%s.crt\ntls_key: %s/%s.key\ntls_ca: %s/ca.crt\nheartbeat_interval: %s\nheartbeat_missed: %d\nlog_level: warn\nboot_dirs: [%s]\n",
-			name, ip, dir, dir, dir, name, arbAddr, pkiDir, name, pkiDir, name, pkiDir, *hbEvery, *hbMissed, labkit.LabDir())), 0o644)
+		os.WriteFile(p, []byte(fmt.Sprintf("agent_id: %s\nlisten: %s:7400\napi_socket: %s/agent.sock\nstate_dir: %s/state\nruntime_dir: %s/run\nshell_suffix: \"-%s\"\narbiter: %s\ntls_cert: %s/%s.crt\ntls_key: %s/%s.key\ntls_ca: %s/ca.crt\nheartbeat_interval: %s\nheartbeat_missed: %d\nlog_level: %s\nboot_dirs: [%s]\nreprotect: %s\n",
+			name, ip, dir, dir, dir, name, arbAddr, pkiDir, name, pkiDir, name, pkiDir, *hbEvery, *hbMissed, logLevel, labkit.LabDir(), reprotect)), 0o644)
 		return p
 	}
 	cfgA, cfgB := agentCfg("host-a", labkit.IPA), agentCfg("host-b", labkit.IPB)
@@ -112,8 +125,14 @@ func run() error {
 	clientA := api.NewClient(filepath.Join(work, "host-a", "agent.sock"))
 	clientB := api.NewClient(filepath.Join(work, "host-b", "agent.sock"))
 
-	var detect, decide, restore, total []time.Duration
+	type figures struct{ detect, decide, restore, total []time.Duration }
+	byKind := map[string]*figures{"kill": {}, "power cut": {}}
 	for i := 0; i < *runs; i++ {
+		kind := "kill"
+		if i%2 == 1 {
+			kind = "power cut"
+		}
+		f := byKind[kind]
 		name := fmt.Sprintf("failbench-%d", i)
 		g, err := labkit.Boot(ctx, labkit.GuestOptions{Name: name, IP: labkit.GuestIP(40 + i%10)})
 		if err != nil {
@@ -141,10 +160,15 @@ func run() error {
 		time.Sleep(3 * time.Second)
 
 		crash := time.Now()
+		if kind == "power cut" {
+			exec.Command("ip", "link", "set", "rmv-a", "down").Run() // no FIN, no RST
+			time.Sleep(100 * time.Millisecond)
+		}
 		a.kill()
 		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		labkit.Virsh(dctx, "destroy", name)
 		cancel()
+		exec.Command("ip", "link", "set", "rmv-a", "up").Run()
 		var answered time.Time
 		if err := waitFor(2*time.Minute, func() bool {
 			c, err := labkit.DialContext(ctx, g.Addr())
@@ -169,28 +193,33 @@ func run() error {
 		}); err != nil {
 			return err
 		}
-		detect = append(detect, st.SuspectedAt.Sub(crash))
-		decide = append(decide, st.GrantedAt.Sub(st.SuspectedAt))
-		restore = append(restore, st.RestoredAt.Sub(st.GrantedAt))
-		total = append(total, answered.Sub(crash))
-		fmt.Fprintf(os.Stderr, "crash %d: detect %s decide %s restore %s total %s\n", i, detect[i], decide[i], restore[i], total[i])
+		f.detect = append(f.detect, st.SuspectedAt.Sub(crash))
+		f.decide = append(f.decide, st.GrantedAt.Sub(st.SuspectedAt))
+		f.restore = append(f.restore, st.RestoredAt.Sub(st.GrantedAt))
+		f.total = append(f.total, answered.Sub(crash))
+		fmt.Fprintf(os.Stderr, "%s %d: detect %s decide %s restore %s total %s\n", kind, i, st.SuspectedAt.Sub(crash), st.GrantedAt.Sub(st.SuspectedAt), st.RestoredAt.Sub(st.GrantedAt), answered.Sub(crash))
 		dctx, cancel = context.WithTimeout(ctx, 30*time.Second)
-		labkit.Virsh(dctx, "destroy", name+"-host-b")
 		cancel()
+		labkit.Destroy(name + "-host-b")
 		labkit.Destroy(name)
 		clientB.Unenroll(ctx, name)
 	}
-	fmt.Printf("automatic failover, %d crashes of the primary host (agent SIGKILLed, guest destroyed)\n", *runs)
+	fmt.Printf("automatic failover, %d crashes of the primary host: kill (agent SIGKILLed, guest destroyed) and power cut (link down first)\n", *runs)
 	fmt.Printf("heartbeat %s x %d missed (suspicion after %s), lease %s, arbiter probes every 250ms\n\n", *hbEvery, *hbMissed, *hbEvery*time.Duration(*hbMissed), *lease)
-	fmt.Printf("%-10s %10s %10s\n", "phase", "p50", "p99")
-	for _, r := range []struct {
-		name string
-		d    []time.Duration
-	}{{"detection", detect}, {"decision", decide}, {"restore", restore}, {"total", total}} {
-		fmt.Printf("%-10s %10s %10s\n", r.name, stats.Percentile(r.d, 50).Round(time.Millisecond), stats.Percentile(r.d, 99).Round(time.Millisecond))
+	fmt.Printf("%-10s %-10s %10s %10s\n", "crash", "phase", "p50", "p99")
+	for _, kind := range []string{"kill", "power cut"} {
+		f := byKind[kind]
+		for _, r := range []struct {
+			name string
+			d    []time.Duration
+		}{{"detection", f.detect}, {"decision", f.decide}, {"restore", f.restore}, {"total", f.total}} {
+			fmt.Printf("%-10s %-10s %10s %10s\n", kind, r.name, stats.Percentile(r.d, 50).Round(time.Millisecond), stats.Percentile(r.d, 99).Round(time.Millisecond))
+		}
 	}
 	fmt.Println("\ndecision waits for the primary's lease to run out: the lease bounds failover time.")
-	return nil
+	b.kill()
+	logLevel = "info" // the switchovers' steps, timed in the agents' logs
+	return switchBench(ctx, bin, work, agentCfg, &reprotect)
 }
 
 func waitFor(d time.Duration, cond func() bool) error {
@@ -202,4 +231,153 @@ func waitFor(d time.Duration, cond func() bool) error {
 		time.Sleep(50 * time.Millisecond)
 	}
 	return nil
+}
+
+// switchBench switches one guest back and forth between the hosts and
+// measures each switchover and the automatic re-protect that follows it.
+func switchBench(ctx context.Context, bin, work string, agentCfg func(name, ip string) string, reprotect *string) error {
+	*reprotect = "auto"
+	for _, h := range []string{"host-a", "host-b"} {
+		os.RemoveAll(filepath.Join(work, h, "state"))
+	}
+	cfgs := map[string]string{"host-a": agentCfg("host-a", labkit.IPA), "host-b": agentCfg("host-b", labkit.IPB)}
+	clients := map[string]*api.Client{}
+	for h, ns := range map[string]string{"host-a": labkit.NetnsA, "host-b": labkit.NetnsB} {
+		p, err := start(ns, filepath.Join(work, h+"-switch.log"), bin, "agent", "--config", cfgs[h])
+		if err != nil {
+			return err
+		}
+		defer p.kill()
+		clients[h] = api.NewClient(filepath.Join(work, h, "agent.sock"))
+		c := clients[h]
+		if err := waitFor(60*time.Second, func() bool { _, err := c.Status(ctx); return err == nil }); err != nil {
+			return fmt.Errorf("agent %s: %w", h, err)
+		}
+	}
+	const name = "switchbench"
+	img := filepath.Join(work, "switch.img")
+	if err := labkit.CreateDataDisk(img, int64(*diskMiB)<<20); err != nil {
+		return err
+	}
+	g, err := labkit.Boot(ctx, labkit.GuestOptions{Name: name, IP: labkit.GuestIP(49), DataDisk: img})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		for _, d := range []string{name, name + "-host-a", name + "-host-b"} {
+			labkit.Destroy(d)
+		}
+	}()
+	out, err := exec.Command("ip", "netns", "exec", labkit.NetnsA, bin, "--config", cfgs["host-a"], "vm", "enroll", name,
+		"--standby", labkit.IPB+":7400", "--timeout", "10m", "--probe", fmt.Sprintf("line:%s:%d:get:", g.IP, labkit.GuestPort)).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("enroll: %v\n%s", err, out)
+	}
+	// A client asking the guest back to back: its longest gap per move.
+	var mu sync.Mutex
+	var replies []time.Time
+	stop := make(chan struct{})
+	go func() {
+		var c *labkit.Client
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if c == nil {
+				if c, err = labkit.DialContext(ctx, g.Addr()); err != nil {
+					c = nil
+					time.Sleep(20 * time.Millisecond)
+					continue
+				}
+			}
+			cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			_, err := c.Get(cctx)
+			cancel()
+			if err != nil {
+				c.Close()
+				c = nil
+				continue
+			}
+			mu.Lock()
+			replies = append(replies, time.Now())
+			mu.Unlock()
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
+	defer close(stop)
+	gapSince := func(t time.Time) time.Duration {
+		mu.Lock()
+		defer mu.Unlock()
+		var gap time.Duration
+		for i := 1; i < len(replies); i++ {
+			if replies[i].After(t) {
+				from := replies[i-1]
+				if from.Before(t) {
+					from = t
+				}
+				gap = max(gap, replies[i].Sub(from))
+			}
+		}
+		return gap
+	}
+	var downtime, gaps, reprotectTime []time.Duration
+	var memBytes, diskBytes []float64
+	from, to := "host-a", "host-b"
+	for i := 0; i < *switches; i++ {
+		var res api.SwitchoverResult
+		t0 := time.Now()
+		// Refused until the arbiter counts the standby in sync.
+		if err := waitFor(5*time.Minute, func() bool {
+			res, err = clients[from].Switchover(ctx, name)
+			if err != nil {
+				time.Sleep(500 * time.Millisecond)
+			}
+			return err == nil
+		}); err != nil {
+			return fmt.Errorf("switchover %d from %s: %v (%w)", i, from, err, err)
+		}
+		moved := time.Now()
+		time.Sleep(time.Second) // replies from the new primary
+		gap := gapSince(t0)
+		var st api.VMStatus
+		if err := waitFor(10*time.Minute, func() bool {
+			st, _ = clients[to].VM(ctx, name)
+			return st.Role == api.RolePrimary && st.State == checkpoint.StateProtected && st.Disk != nil && st.Disk.State == "mirrored"
+		}); err != nil {
+			return fmt.Errorf("re-protect after switchover %d: %w (%+v)", i, err, st)
+		}
+		downtime = append(downtime, res.Downtime)
+		gaps = append(gaps, gap)
+		reprotectTime = append(reprotectTime, time.Since(moved))
+		memBytes = append(memBytes, float64(st.Bytes))
+		if st.Disk != nil {
+			diskBytes = append(diskBytes, float64(st.Disk.SyncTotal))
+		}
+		fmt.Fprintf(os.Stderr, "switchover %d %s -> %s: downtime %s, client gap %s, re-protected in %s (%.0f MiB sent, disk copy %.0f MiB)\n",
+			i, from, to, res.Downtime.Round(time.Millisecond), gap.Round(time.Millisecond), time.Since(moved).Round(100*time.Millisecond),
+			float64(st.Bytes)/(1<<20), float64(st.Disk.SyncTotal)/(1<<20))
+		from, to = to, from
+	}
+	fmt.Printf("\nplanned switchovers of a 256 MiB guest with a %d MiB disk, back and forth, %d times (reprotect: auto):\n", *diskMiB, *switches)
+	fmt.Printf("%-34s %10s %10s\n", "", "p50", "p99")
+	for _, r := range []struct {
+		name string
+		d    []time.Duration
+	}{{"downtime (pause to running there)", downtime}, {"client's longest gap", gaps}, {"re-protect (to protected, mirrored)", reprotectTime}} {
+		fmt.Printf("%-34s %10s %10s\n", r.name, stats.Percentile(r.d, 50).Round(time.Millisecond), stats.Percentile(r.d, 99).Round(time.Millisecond))
+	}
+	fmt.Printf("re-protect sends the guest in full: %.0f MiB of memory on the wire (zero pages elided, lz4) and a %.0f MiB disk copy each time\n",
+		median(memBytes)/(1<<20), median(diskBytes)/(1<<20))
+	return nil
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
