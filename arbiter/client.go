@@ -247,13 +247,19 @@ func (c *Client) Release(ctx context.Context, guest, agentID string, epoch uint6
 // it over, and its own copy is stale from now on. Retrying after a lost
 // answer returns the same grant.
 func (c *Client) Handover(ctx context.Context, guest, agentID string, epoch uint64, standbyID string) (Grant, error) {
+	return c.grantCall(ctx, &request{Op: opHandover, Agent: agentID, Guest: guest, Epoch: epoch, Standby: standbyID})
+}
+
+// grantCall makes a call answered with a Grant, its lease valid until a
+// time on the local clock.
+func (c *Client) grantCall(ctx context.Context, req *request) (Grant, error) {
 	sent := time.Now()
-	resp, err := c.call(ctx, &request{Op: opHandover, Agent: agentID, Guest: guest, Epoch: epoch, Standby: standbyID})
+	resp, err := c.call(ctx, req)
 	if err != nil {
 		return Grant{}, err
 	}
 	if resp.Grant == nil {
-		return Grant{}, &Error{Code: CodeBadRequest, Message: "handover reply without grant"}
+		return Grant{}, &Error{Code: CodeBadRequest, Message: req.Op + " reply without grant"}
 	}
 	g := *resp.Grant
 	g.Lease = localLease(g.Lease, sent)
@@ -263,17 +269,7 @@ func (c *Client) Handover(ctx context.Context, guest, agentID string, epoch uint
 // RequestPromotion asks for the standby to become primary. On success the
 // caller is primary at Grant.Epoch and holds Grant.Lease.
 func (c *Client) RequestPromotion(ctx context.Context, guest, agentID string, epoch uint64) (Grant, error) {
-	sent := time.Now()
-	resp, err := c.call(ctx, &request{Op: opPromote, Agent: agentID, Guest: guest, Epoch: epoch})
-	if err != nil {
-		return Grant{}, err
-	}
-	if resp.Grant == nil {
-		return Grant{}, &Error{Code: CodeBadRequest, Message: "promote reply without grant"}
-	}
-	g := *resp.Grant
-	g.Lease = localLease(g.Lease, sent)
-	return g, nil
+	return c.grantCall(ctx, &request{Op: opPromote, Agent: agentID, Guest: guest, Epoch: epoch})
 }
 
 // ReportStandbyLost asks that the primary may continue without its

@@ -425,19 +425,7 @@ func (m *machine) promote(now time.Time, guest, agent string, epoch uint64, obs 
 		// a second copy now is exactly what the arbiter exists to prevent.
 		return Grant{}, errorf(CodeServiceAlive, "guest %s: primary lease expired but the guest service still answers from the arbiter (%s); refusing a second copy", guest, obs.serviceDetail)
 	}
-	next := *r
-	next.Epoch = r.Epoch + 1
-	next.Primary, next.PrimaryAddr = agent, r.StandbyAddr
-	next.Standby, next.StandbyAddr, next.StandbyEpoch = "", "", 0
-	next.InSync = false
-	next.UnprotectedSince = now.Round(0).UTC()
-	next.Last = &Transition{Kind: TransitionPromotion, From: r.Epoch, To: next.Epoch, Agent: agent, Previous: r.Primary, At: now.Round(0).UTC()}
-	next.LeaseHolder = "" // force a fresh grant to the new primary
-	m.grantLease(&next, now)
-	if err := m.commit(&next); err != nil {
-		return Grant{}, err
-	}
-	return Grant{Guest: guest, Epoch: next.Epoch, PreviousEpoch: r.Epoch, PreviousPrimary: r.Primary, Lease: m.lease(&next)}, nil
+	return m.standbyBecomesPrimary(now, r, TransitionPromotion)
 }
 
 // handover makes the standby the primary at the primary's request: no
@@ -465,19 +453,25 @@ func (m *machine) handover(now time.Time, guest, agent string, epoch uint64, to 
 	if !r.InSync {
 		return Grant{}, errorf(CodeNotInSync, "guest %s: standby %s is not in sync", guest, to)
 	}
+	return m.standbyBecomesPrimary(now, r, TransitionHandover)
+}
+
+// standbyBecomesPrimary commits r's next epoch with its standby as the
+// primary, holding a fresh lease, and no standby yet.
+func (m *machine) standbyBecomesPrimary(now time.Time, r *guestRecord, kind string) (Grant, error) {
 	next := *r
 	next.Epoch = r.Epoch + 1
-	next.Primary, next.PrimaryAddr = to, r.StandbyAddr
+	next.Primary, next.PrimaryAddr = r.Standby, r.StandbyAddr
 	next.Standby, next.StandbyAddr, next.StandbyEpoch = "", "", 0
 	next.InSync = false
 	next.UnprotectedSince = now.Round(0).UTC()
-	next.Last = &Transition{Kind: TransitionHandover, From: r.Epoch, To: next.Epoch, Agent: to, Previous: agent, At: now.Round(0).UTC()}
-	next.LeaseHolder, next.SuspendedFor = "", 0
+	next.Last = &Transition{Kind: kind, From: r.Epoch, To: next.Epoch, Agent: r.Standby, Previous: r.Primary, At: now.Round(0).UTC()}
+	next.LeaseHolder = "" // force a fresh grant to the new primary
 	m.grantLease(&next, now)
 	if err := m.commit(&next); err != nil {
 		return Grant{}, err
 	}
-	return Grant{Guest: guest, Epoch: next.Epoch, PreviousEpoch: r.Epoch, PreviousPrimary: agent, Lease: m.lease(&next)}, nil
+	return Grant{Guest: r.Guest, Epoch: next.Epoch, PreviousEpoch: r.Epoch, PreviousPrimary: r.Primary, Lease: m.lease(&next)}, nil
 }
 
 // standbyLost decides whether the primary may continue without its

@@ -79,12 +79,14 @@ func TestParseProbe(t *testing.T) {
 	}
 }
 
-func TestAgentConfigBadLogLevel(t *testing.T) {
+// configFrom loads the agent configuration yaml, unvalidated.
+func configFrom(t *testing.T, yaml string) api.Config {
+	t.Helper()
 	cmd := newAgentCmd()
 	cmd.Flags().String("config", "", "")
 	cmd.Flags().String("socket", "", "")
 	p := filepath.Join(t.TempDir(), "agent.yaml")
-	if err := os.WriteFile(p, []byte("agent_id: a\nlog_level: loud\n"), 0o644); err != nil {
+	if err := os.WriteFile(p, []byte(yaml), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if err := cmd.Flags().Parse([]string{"--config", p}); err != nil {
@@ -94,6 +96,11 @@ func TestAgentConfigBadLogLevel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return cfg
+}
+
+func TestAgentConfigBadLogLevel(t *testing.T) {
+	cfg := configFrom(t, "agent_id: a\nlog_level: loud\n")
 	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), `log_level "loud"`) {
 		t.Fatalf("bad log level: %v", err)
 	}
@@ -212,21 +219,8 @@ func TestAgentConfigTracker(t *testing.T) {
 		"colo":  "deadlocks under TCG",
 		"dirty": `tracker "dirty" unknown`,
 	} {
-		cmd := newAgentCmd()
-		cmd.Flags().String("config", "", "")
-		cmd.Flags().String("socket", "", "")
-		p := filepath.Join(t.TempDir(), "agent.yaml")
-		if err := os.WriteFile(p, []byte("agent_id: a\ninsecure_plaintext: true\ntracker: "+tracker+"\n"), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Flags().Parse([]string{"--config", p}); err != nil {
-			t.Fatal(err)
-		}
-		cfg, err := loadAgentConfig(cmd)
-		if err != nil {
-			t.Fatal(err)
-		}
-		err = cfg.Validate()
+		cfg := configFrom(t, "agent_id: a\ninsecure_plaintext: true\ntracker: "+tracker+"\n")
+		err := cfg.Validate()
 		if (want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), want)) {
 			t.Errorf("tracker %s: %v, want %q", tracker, err, want)
 		}

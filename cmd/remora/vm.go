@@ -188,40 +188,26 @@ func newVMCmd() *cobra.Command {
 	reprotect.Flags().Bool("wait", true, "wait for the sync, showing progress")
 	reprotect.Flags().Duration("timeout", 10*time.Minute, "how long to wait for the sync")
 
-	switchover := &cobra.Command{
-		Use:   "switchover GUEST",
-		Short: "On the primary host: move the guest to its standby with no loss (planned); this host becomes its standby",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := client(cmd)
-			if err != nil {
-				return err
-			}
-			res, err := c.Switchover(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			printMove(res)
-			return nil
-		},
+	// A planned move of one guest, printed as it went.
+	moveCmd := func(use, short string, move func(*api.Client, context.Context, string) (api.SwitchoverResult, error)) *cobra.Command {
+		return &cobra.Command{
+			Use: use, Short: short, Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				c, err := client(cmd)
+				if err != nil {
+					return err
+				}
+				res, err := move(c, cmd.Context(), args[0])
+				if err != nil {
+					return err
+				}
+				printMove(res)
+				return nil
+			},
+		}
 	}
-	failback := &cobra.Command{
-		Use:   "failback GUEST",
-		Short: "On the host a guest runs on: switch it over to its home host (the host it was enrolled from, its standby now)",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := client(cmd)
-			if err != nil {
-				return err
-			}
-			res, err := c.Failback(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			printMove(res)
-			return nil
-		},
-	}
+	switchover := moveCmd("switchover GUEST", "On the primary host: move the guest to its standby with no loss (planned); this host becomes its standby", (*api.Client).Switchover)
+	failback := moveCmd("failback GUEST", "On the host a guest runs on: switch it over to its home host (the host it was enrolled from, its standby now)", (*api.Client).Failback)
 
 	unenroll := &cobra.Command{
 		Use:   "unenroll GUEST",

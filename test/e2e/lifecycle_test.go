@@ -80,19 +80,27 @@ func checkGuest(t *testing.T, g *labkit.Guest) {
 // and disk intact; after each move the new primary re-protects the guest
 // onto the old one by itself, and the old one's superseded copy cannot
 // be started.
-func TestSwitchoverBothWays(t *testing.T) {
+// protectedWithDisk boots guest name with a data disk, protected from
+// host-a onto host-b, both with reprotect: auto.
+func protectedWithDisk(t *testing.T, name string, ip int) (*arbLab, *labkit.Guest) {
+	t.Helper()
 	needLab(t)
 	l := newArbLabWith(t, "reprotect: auto\n")
-	name := "e2e-switch"
 	img := filepath.Join(labkit.QEMUTempDir(t), "data.img")
 	if err := labkit.CreateDataDisk(img, 64<<20); err != nil {
 		t.Fatal(err)
 	}
-	g := bootGuestWith(t, labkit.GuestOptions{Name: name, IP: labkit.GuestIP(33), Rate: 2000, DataDisk: img})
+	g := bootGuestWith(t, labkit.GuestOptions{Name: name, IP: labkit.GuestIP(ip), Rate: 2000, DataDisk: img})
 	l.startArbiter()
 	l.a.start()
 	l.b.start()
 	l.enroll(t, g)
+	return l, g
+}
+
+func TestSwitchoverBothWays(t *testing.T) {
+	name := "e2e-switch"
+	l, g := protectedWithDisk(t, name, 33)
 	shellB, shellA := name+"-host-b", name+"-host-a"
 	copies := watchCopies(t, g, name, shellB, shellA)
 	hist := startIncHistory(t, g)
@@ -176,19 +184,9 @@ func TestSwitchoverBothWays(t *testing.T) {
 // it by itself; then the other side crashes. Every round: the client's
 // history never goes back, one copy serves, memory and disk are intact.
 func TestReprotectRounds(t *testing.T) {
-	needLab(t)
 	rounds := crashCount(10)
-	l := newArbLabWith(t, "reprotect: auto\n")
 	name := "e2e-rounds"
-	img := filepath.Join(labkit.QEMUTempDir(t), "data.img")
-	if err := labkit.CreateDataDisk(img, 64<<20); err != nil {
-		t.Fatal(err)
-	}
-	g := bootGuestWith(t, labkit.GuestOptions{Name: name, IP: labkit.GuestIP(34), Rate: 2000, DataDisk: img})
-	l.startArbiter()
-	l.a.start()
-	l.b.start()
-	l.enroll(t, g)
+	l, g := protectedWithDisk(t, name, 34)
 	copies := watchCopies(t, g, name, name+"-host-a", name+"-host-b")
 	hist := startIncHistory(t, g)
 	waitFor(t, "the client to get replies", 30*time.Second, func() bool { return hist.count() > 10 })
