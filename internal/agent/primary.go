@@ -16,6 +16,7 @@ import (
 	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/internal/names"
 	"github.com/remora-ha/remora/migrate/qemu"
+	"github.com/remora-ha/remora/migrate/virt"
 )
 
 // primaryRun is the capture side of a guest this agent protects.
@@ -235,10 +236,10 @@ func (p *primaryRun) do(ctx context.Context, g *guest, act Action) {
 		if err := a.virt.Destroy(dctx, g.domainName()); err != nil {
 			g.log.Error("cannot destroy the stale copy", "err", err)
 		}
-		g.mu.Lock()
-		shell := g.rec.Domain != "" // a shell remora made, promoted: not the admin's own definition
-		g.mu.Unlock()
-		if shell {
+		// A shell remora made and promoted is undefined; the admin's own
+		// definition stays, with autostart off.
+		x, _ := a.virt.DomainXML(dctx, g.domainName())
+		if virt.IsShell(x) {
 			if err := a.virt.Undefine(dctx, g.domainName()); err != nil {
 				g.log.Warn("cannot undefine the stale copy (libvirt's hook still refuses to start it)", "err", err)
 			}

@@ -236,15 +236,19 @@ func (a *Agent) attachShell(ctx context.Context, g *guest, xml string, ramBytes 
 	if err != nil {
 		return err
 	}
-	if exists && rec.Shell == rec.Superseded {
-		// The shell takes the name of this host's superseded copy (no
-		// shell_suffix): the copy's stale definition goes.
+	if exists {
+		// A shut-off domain of the shell's name is this host's superseded
+		// copy (no shell_suffix) or one remora made (a shell promoted by
+		// an earlier failover, superseded since): its stale definition goes.
 		if st, err := a.virt.DomainState(ctx, rec.Shell); err == nil && st == "shutoff" {
-			if err := a.virt.Undefine(ctx, rec.Shell); err != nil {
-				return fmt.Errorf("remove the superseded copy %q to make room for the guest's standby shell: %w", rec.Shell, err)
+			x, err := a.virt.DomainXML(ctx, rec.Shell)
+			if err == nil && (rec.Shell == rec.Superseded || virt.IsShell(x)) {
+				if err := a.virt.Undefine(ctx, rec.Shell); err != nil {
+					return fmt.Errorf("remove the stale copy %q to make room for the guest's standby shell: %w", rec.Shell, err)
+				}
+				g.log.Info("a stale copy's definition is removed: the standby shell takes its name", "domain", rec.Shell)
+				exists = false
 			}
-			g.log.Info("the superseded copy's definition is removed: the standby shell takes its name", "domain", rec.Shell)
-			exists = false
 		}
 	}
 	if exists {

@@ -3,6 +3,7 @@ package virt
 import (
 	"fmt"
 	"path/filepath"
+	"regexp"
 	"strings"
 
 	"libvirt.org/go/libvirtxml"
@@ -217,6 +218,7 @@ func shellXML(primaryXML string, o ShellOptions, check func(*libvirtxml.Domain, 
 	}
 	d.QEMUCommandline.Args = append(d.QEMUCommandline.Args,
 		libvirtxml.DomainQEMUCommandlineArg{Value: "-incoming"}, libvirtxml.DomainQEMUCommandlineArg{Value: "defer"})
+	markShell(d)
 	return d.Marshal()
 }
 
@@ -234,6 +236,28 @@ func WaitsForIncoming(domainXML string) bool {
 		}
 	}
 	return false
+}
+
+// ShellMetadataURI marks, in a domain's metadata, a domain remora made: a
+// standby shell, or the guest such a shell became after a failover.
+const ShellMetadataURI = "https://github.com/remora-ha/remora/shell"
+
+var shellMark = regexp.MustCompile(`<remora-shell:shell\b[^>]*?(/>|>[^<]*</remora-shell:shell>)`)
+
+// markShell puts remora's mark in d's metadata (once).
+func markShell(d *libvirtxml.Domain) {
+	var old string
+	if d.Metadata != nil {
+		old = shellMark.ReplaceAllString(d.Metadata.XML, "")
+	}
+	d.Metadata = &libvirtxml.DomainMetadata{XML: `<remora-shell:shell xmlns:remora-shell="` + ShellMetadataURI + `"/>` + old}
+}
+
+// IsShell reports whether domainXML is of a domain remora made (a shell,
+// or the guest one became), by its metadata mark.
+func IsShell(domainXML string) bool {
+	d, err := parseDomain(domainXML)
+	return err == nil && d.Metadata != nil && strings.Contains(d.Metadata.XML, ShellMetadataURI)
 }
 
 // WithoutIncoming drops the -incoming defer a shell was started with, for

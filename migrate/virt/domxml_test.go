@@ -198,3 +198,31 @@ func TestWithoutIncoming(t *testing.T) {
 		t.Fatalf("other arguments lost:\n%s", got)
 	}
 }
+
+// Shells carry remora's mark, once, also when built from a shell that
+// became the guest (a promoted one, protected again).
+func TestShellMark(t *testing.T) {
+	plain := `<domain type='qemu'><name>web</name><memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>` +
+		`<metadata><lab:x xmlns:lab="https://example.com/lab"/></metadata></domain>`
+	if IsShell(plain) {
+		t.Fatal("a plain domain taken for a shell")
+	}
+	shell, err := ShellXML(plain, ShellOptions{Name: "web-b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !IsShell(shell) || !strings.Contains(shell, "https://example.com/lab") {
+		t.Fatalf("shell without remora's mark, or without the source's metadata:\n%s", shell)
+	}
+	promoted, err := WithoutIncoming(shell)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := ShellXML(promoted, ShellOptions{Name: "web-c"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(again, ShellMetadataURI); n != 1 {
+		t.Fatalf("%d marks in a shell of a promoted shell:\n%s", n, again)
+	}
+}
