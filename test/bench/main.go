@@ -75,7 +75,6 @@ type result struct {
 // what measureOne measures besides the agents' figures.
 type extras struct {
 	rtt, disk bool
-	http      bool
 }
 
 type bench struct {

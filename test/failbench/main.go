@@ -198,8 +198,6 @@ func run() error {
 		f.restore = append(f.restore, st.RestoredAt.Sub(st.GrantedAt))
 		f.total = append(f.total, answered.Sub(crash))
 		fmt.Fprintf(os.Stderr, "%s %d: detect %s decide %s restore %s total %s\n", kind, i, st.SuspectedAt.Sub(crash), st.GrantedAt.Sub(st.SuspectedAt), st.RestoredAt.Sub(st.GrantedAt), answered.Sub(crash))
-		dctx, cancel = context.WithTimeout(ctx, 30*time.Second)
-		cancel()
 		labkit.Destroy(name + "-host-b")
 		labkit.Destroy(name)
 		clientB.Unenroll(ctx, name)
