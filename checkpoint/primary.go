@@ -454,8 +454,10 @@ func (p *Primary) session(ctx context.Context) error {
 			return err
 		}
 		if resync {
-			// The standby's replica was reset: nothing to resync against.
-			w.Generation, w.Committed, hashes = "", 0, nil
+			// The standby's replica was reset: its epochs are gone, its
+			// RAM (whose hashes it offered) is still there to resync
+			// against; it refuses that if the RAM held no checkpoint.
+			w.Generation, w.Committed = "", 0
 		}
 	}
 	plan := p.resumePlan(w, hashes)

@@ -21,6 +21,9 @@ type ReplicaState struct {
 	Committed  uint64 `json:"committed"` // newest epoch whose contents are complete and verified
 	Applied    uint64 `json:"applied"`   // newest epoch written into the shell's RAM
 	Synced     bool   `json:"synced"`    // the RAM holds a whole checkpoint of the guest
+	// Prefilled: the RAM was filled from a copy of the guest (this host's
+	// own, superseded): a resync against its page hashes completes it.
+	Prefilled bool `json:"prefilled,omitempty"`
 }
 
 // ErrNotConsistent means the replica holds no complete checkpoint yet.
@@ -133,7 +136,7 @@ func (r *Replica) Begin(gen string, epoch uint64, b EpochBegin) error {
 		return fmt.Errorf("epoch %d is not newer than committed epoch %d", epoch, r.state.Committed)
 	}
 	switch {
-	case b.Base && (!r.state.Synced || r.state.Applied != r.state.Committed):
+	case b.Base && (!r.state.Synced && !r.state.Prefilled || r.state.Applied != r.state.Committed):
 		return fmt.Errorf("epoch %d resyncs against the replica's RAM, but the replica holds no complete checkpoint: %w", epoch, ErrNotConsistent)
 	case !b.Full && !b.Base && (!r.state.Synced || gen != r.state.Generation):
 		return fmt.Errorf("epoch %d is incremental but the replica holds no full copy of generation %s: %w", epoch, gen, ErrNotConsistent)
@@ -281,8 +284,10 @@ func (r *Replica) End(epoch uint64, end EpochEnd) error {
 	next := r.state
 	next.Committed = epoch
 	next.Generation = r.gen
-	if r.begin.Full {
-		next.Synced = true
+	if r.begin.Full || r.begin.Base {
+		// A base epoch brought every page that differed from the RAM's
+		// hashes: the RAM is the guest's at this cut.
+		next.Synced, next.Prefilled = true, false
 	}
 	if err := r.persist(next); err != nil {
 		return fmt.Errorf("record commit of epoch %d: %w", epoch, err)
@@ -407,15 +412,29 @@ func (r *Replica) Abort() {
 	}
 }
 
-// Reset forgets everything: the next epoch must be a full one.
+// Reset forgets every epoch: the next one must bring the whole guest, all
+// of its pages or, when the RAM held a checkpoint (or a copy of the guest)
+// with nothing half applied, every page that differs from its hashes.
 func (r *Replica) Reset(generation string) error {
 	r.Abort()
-	next := ReplicaState{Generation: generation}
+	next := ReplicaState{Generation: generation, Prefilled: (r.state.Synced || r.state.Prefilled) && r.state.Applied == r.state.Committed}
 	if err := r.persist(next); err != nil {
 		return err
 	}
 	r.state = next
 	r.devBase, r.devBaseEpoch, r.devBaseGen = nil, 0, ""
+	return nil
+}
+
+// MarkPrefilled records that the RAM was filled from a copy of the guest
+// (its pages mostly right): the next primary resyncs against its hashes.
+func (r *Replica) MarkPrefilled() error {
+	next := r.state
+	next.Prefilled = true
+	if err := r.persist(next); err != nil {
+		return err
+	}
+	r.state = next
 	return nil
 }
 

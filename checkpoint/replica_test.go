@@ -890,7 +890,8 @@ func TestReplicaReset(t *testing.T) {
 	if err := f.r.Reset("gen-z"); err != nil {
 		t.Fatal(err)
 	}
-	want := ReplicaState{Generation: "gen-z"}
+	// Its RAM held a checkpoint: a primary may resync against its hashes.
+	want := ReplicaState{Generation: "gen-z", Prefilled: true}
 	if f.r.State() != want || f.store.load(t) != want {
 		t.Fatalf("after Reset: %+v / persisted %+v", f.r.State(), f.store.load(t))
 	}
@@ -1049,5 +1050,41 @@ func TestReplicaDevStateDelta(t *testing.T) {
 	e.begin.DevStateBase = f.epoch
 	if err := feed(f.r, f.gen, f.epoch+1, e); err == nil {
 		t.Fatal("a delta after Reset was accepted")
+	}
+}
+
+// A shell whose RAM was filled from a copy of the guest resyncs against
+// its page hashes: the base epoch brings the pages that differ and makes
+// the replica synced. Without the prefill (or a checkpoint) it is refused.
+func TestReplicaPrefilledBaseResync(t *testing.T) {
+	f := newReplicaFixture(t)
+	e := buildEpoch(t, f.g.mem, []uint64{2, 5}, false, devstateFor(1, 3000), 10)
+	e.begin.Base = true
+	if err := feed(f.r, f.gen, 1, e); !errors.Is(err, ErrNotConsistent) {
+		t.Fatalf("base epoch on garbage RAM: %v, want ErrNotConsistent", err)
+	}
+	// The RAM is the guest's but for pages 2 and 5 (what changed since
+	// the copy was taken).
+	copy(f.ram, f.g.mem)
+	f.g.mem[2*PageSize], f.g.mem[5*PageSize+9] = 0xee, 0xee
+	if err := f.r.MarkPrefilled(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.r.Consistent(); !errors.Is(err, ErrNotConsistent) {
+		t.Fatalf("a prefilled replica is consistent before its resync: %v", err)
+	}
+	e = buildEpoch(t, f.g.mem, []uint64{2, 5}, false, devstateFor(1, 3000), 10)
+	e.begin.Base = true
+	if err := feed(f.r, f.gen, 1, e); err != nil {
+		t.Fatal(err)
+	}
+	if st := f.r.State(); !st.Synced || st.Prefilled || st.Committed != 1 {
+		t.Fatalf("after the base epoch: %+v", st)
+	}
+	if err := f.r.Consistent(); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(f.ram, f.g.mem) {
+		t.Fatal("RAM differs from the guest after the base resync")
 	}
 }

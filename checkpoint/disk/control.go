@@ -17,27 +17,33 @@ import (
 // resume reach the NBD server on their own connection, independently of
 // the epoch's memory frames.
 //
-// Request (16 bytes, big endian): "RDC1", u8 op (1 cut), 3 zero bytes,
-// u64 epoch. Reply: "RDR1", u8 status, 3 zero bytes, u64 epoch, u64
-// writes, u64 bytes, u32 message length, message.
+// Request (16 bytes, big endian): "RDC1", u8 op (1 cut, 2 block hashes),
+// 3 zero bytes, u64 epoch (the block size, for hashes). Reply: "RDR1", u8
+// status, 3 zero bytes, u64 epoch, u64 writes (the number of hashes), u64
+// bytes, u32 message length, message, then the hashes (be64 each).
 const (
 	ctlReqMagic   = "RDC1"
 	ctlReplyMagic = "RDR1"
 	ctlReqLen     = 16
 	ctlReplyLen   = 40
 	ctlOpCut      = 1
+	ctlOpHashes   = 2
 	ctlMaxMessage = 4096
+	// ctlMaxHashes bounds a hashes reply (a 64 TiB disk in 64 KiB blocks).
+	ctlMaxHashes = MaxHashedSize / HashBlock
 
 	statusOK        = 0
 	statusOutOfSync = 1
 	statusError     = 2
 )
 
-func encodeCutRequest(epoch uint64) []byte {
+func encodeCutRequest(epoch uint64) []byte { return encodeRequest(ctlOpCut, epoch) }
+
+func encodeRequest(op byte, arg uint64) []byte {
 	b := make([]byte, ctlReqLen)
 	copy(b, ctlReqMagic)
-	b[4] = ctlOpCut
-	binary.BigEndian.PutUint64(b[8:], epoch)
+	b[4] = op
+	binary.BigEndian.PutUint64(b[8:], arg)
 	return b
 }
 
@@ -67,9 +73,19 @@ func ServeControl(rw io.ReadWriter, t *Target) error {
 		}
 		status, msg := byte(statusOK), ""
 		var st EpochStats
-		if op != ctlOpCut {
+		var hashes []uint64
+		switch {
+		case op == ctlOpHashes:
+			if hashes, err = t.BlockHashes(int64(epoch)); err != nil {
+				status, msg = statusError, err.Error()
+			}
+			st.Writes = len(hashes)
+		case op != ctlOpCut:
 			status, msg = statusError, fmt.Sprintf("unknown operation %d", op)
-		} else if st, err = t.Cut(epoch); err != nil {
+		default:
+			st, err = t.Cut(epoch)
+		}
+		if op == ctlOpCut && err != nil {
 			status, msg = statusError, err.Error()
 			if errors.Is(err, ErrOutOfSync) {
 				status = statusOutOfSync
@@ -86,6 +102,9 @@ func ServeControl(rw io.ReadWriter, t *Target) error {
 		binary.BigEndian.PutUint64(b[24:], uint64(st.Bytes))
 		binary.BigEndian.PutUint32(b[32:], uint32(len(msg)))
 		b = append(b, msg...)
+		for _, h := range hashes {
+			b = binary.BigEndian.AppendUint64(b, h)
+		}
 		if _, err := rw.Write(b); err != nil {
 			return err
 		}
@@ -199,6 +218,64 @@ func (c *CutClient) exchange(epoch uint64) (EpochStats, error) {
 	default:
 		return EpochStats{}, &CutError{Epoch: epoch, Msg: string(msg)}
 	}
+}
+
+// BlockHashes asks the standby for its replica image's hashes per block
+// (before the replica is cut into epochs: a new mirror's start).
+func (c *CutClient) BlockHashes(ctx context.Context, block int64) ([]uint64, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.broken != nil {
+		return nil, fmt.Errorf("disk control client broken by an earlier error: %w", c.broken)
+	}
+	if d, ok := c.rw.(deadliner); ok {
+		dl, _ := ctx.Deadline()
+		d.SetDeadline(dl)
+		stop := context.AfterFunc(ctx, func() { d.SetDeadline(time.Unix(1, 0)) })
+		defer stop()
+		defer d.SetDeadline(time.Time{})
+	}
+	hashes, err := c.hashes(block)
+	if err != nil {
+		var ce *CutError
+		if !errors.As(err, &ce) {
+			c.broken = err
+		}
+	}
+	return hashes, err
+}
+
+func (c *CutClient) hashes(block int64) ([]uint64, error) {
+	if _, err := c.rw.Write(encodeRequest(ctlOpHashes, uint64(block))); err != nil {
+		return nil, err
+	}
+	h := make([]byte, ctlReplyLen)
+	if _, err := io.ReadFull(c.br, h); err != nil {
+		return nil, err
+	}
+	if string(h[:4]) != ctlReplyMagic {
+		return nil, errors.New("disk control: bad reply magic")
+	}
+	n, count := binary.BigEndian.Uint32(h[32:]), binary.BigEndian.Uint64(h[16:])
+	if n > ctlMaxMessage || count > ctlMaxHashes || binary.BigEndian.Uint64(h[8:]) != uint64(block) {
+		return nil, fmt.Errorf("disk control: bad hashes reply (message %d bytes, %d hashes)", n, count)
+	}
+	msg := make([]byte, n)
+	if _, err := io.ReadFull(c.br, msg); err != nil {
+		return nil, err
+	}
+	if h[4] != statusOK {
+		return nil, &CutError{Msg: "block hashes: " + string(msg)}
+	}
+	raw := make([]byte, count*8)
+	if _, err := io.ReadFull(c.br, raw); err != nil {
+		return nil, err
+	}
+	out := make([]uint64, count)
+	for i := range out {
+		out[i] = binary.BigEndian.Uint64(raw[i*8:])
+	}
+	return out, nil
 }
 
 // Last returns what the standby sealed in the last successful cut.

@@ -62,6 +62,9 @@ type primaryDisk struct {
 	// stoodIn is the relay's StoodIn count when the mirror started: once
 	// it grows, the relay answered writes the standby never got.
 	stoodIn uint64
+	// copied is what the last resync copied of this disk ourselves (the
+	// blocks that differed; the bitmap's backup comes on top).
+	copied int64
 }
 
 // standbyLost reports whether the relay stood in for the standby since
@@ -84,6 +87,7 @@ type diskSet struct {
 	syncDone, syncTotal int64
 	state               string // mirroring state for status
 	resyncs             int
+	lastResync          int64 // bytes the last resync copied, of all disks
 	// broken: a cut failed, so the standby's replica may miss writes
 	// even if QEMU still counts its mirror in sync (the standby saw the
 	// mirror's connection drop): the next session resyncs.
@@ -164,7 +168,7 @@ func (ds *diskSet) status() *api.DiskStatus {
 	}
 	ds.mu.Lock()
 	defer ds.mu.Unlock()
-	st := &api.DiskStatus{State: ds.state, SyncDone: ds.syncDone, SyncTotal: ds.syncTotal, Resyncs: ds.resyncs}
+	st := &api.DiskStatus{State: ds.state, SyncDone: ds.syncDone, SyncTotal: ds.syncTotal, Resyncs: ds.resyncs, LastResyncBytes: ds.lastResync}
 	for _, d := range ds.disks {
 		st.Devs = append(st.Devs, d.dev)
 	}
@@ -203,7 +207,7 @@ func (ds *diskSet) resync(ctx context.Context) error {
 	ds.stopMirrors()
 	ds.mu.Lock()
 	ds.resyncs++
-	ds.syncDone, ds.syncTotal = 0, 0
+	ds.syncDone, ds.syncTotal, ds.lastResync = 0, 0, 0
 	for _, d := range ds.disks {
 		ds.syncTotal += d.node.Size
 	}
@@ -224,10 +228,18 @@ func (ds *diskSet) resync(ctx context.Context) error {
 		d.stoodIn = d.relay.Stats().StoodIn
 		var mr *qemu.Mirror
 		var err error
+		inc, err := ds.copyDifferences(ctx, d)
+		if err != nil {
+			ds.a.log.Warn("incremental disk resync not possible; copying the whole disk", "guest", ds.rec.Name, "dev", d.dev, "err", err)
+		}
+		opts := qemu.MirrorOptions{Server: qemu.NBDServer{Path: d.sock, Export: d.dev}}
+		if inc {
+			opts.Incremental, opts.Bitmap = true, resyncBitmap
+		}
 		start := func() (err error) {
 			sctx, cancel := context.WithTimeout(ctx, ds.a.cfg.HeartbeatTimeout())
 			defer cancel()
-			mr, err = qemu.StartMirror(sctx, ds.g.Mon, d.node, qemu.MirrorOptions{Server: qemu.NBDServer{Path: d.sock, Export: d.dev}})
+			mr, err = qemu.StartMirror(sctx, ds.g.Mon, d.node, opts)
 			return err
 		}
 		// Paused, as around a cancel: QEMU 7.2 was seen to corrupt its
@@ -238,6 +250,9 @@ func (ds *diskSet) resync(ctx context.Context) error {
 			err = ds.vm.Quiesced(ctx, start)
 		} else {
 			err = start()
+		}
+		if inc {
+			_ = qemu.RemoveDirtyBitmap(ctx, ds.g.Mon, d.node.Node, resyncBitmap)
 		}
 		if err != nil {
 			ds.setState("resync needed")
@@ -253,8 +268,20 @@ func (ds *diskSet) resync(ctx context.Context) error {
 			ds.setState("resync needed")
 			return fmt.Errorf("disk %s: initial copy to the standby: %w", d.dev, err)
 		}
-		base += d.node.Size
-		ds.a.log.Info("disk mirrored to the standby", "guest", ds.rec.Name, "dev", d.dev, "bytes", d.node.Size)
+		if inc {
+			base += d.copied
+		} else {
+			base += d.node.Size
+		}
+		if inc {
+			ds.a.log.Info("disk mirrored to the standby (incremental: the blocks that differed)", "guest", ds.rec.Name, "dev", d.dev, "copied_bytes", d.copied, "disk_bytes", d.node.Size)
+		} else {
+			d.copied = d.node.Size
+			ds.a.log.Info("disk mirrored to the standby", "guest", ds.rec.Name, "dev", d.dev, "bytes", d.node.Size)
+		}
+		ds.mu.Lock()
+		ds.lastResync += d.copied
+		ds.mu.Unlock()
 	}
 	ds.mu.Lock()
 	ds.syncDone = ds.syncTotal
@@ -262,6 +289,78 @@ func (ds *diskSet) resync(ctx context.Context) error {
 	ds.mu.Unlock()
 	ds.setState("mirrored")
 	return nil
+}
+
+// resyncBitmap tracks a disk's writes while an incremental resync copies
+// the blocks that differed.
+const resyncBitmap = "remora-resync"
+
+// copyDifferences copies to the standby's replica image the blocks of disk
+// d that differ from it, compared by a hash per block, while the guest
+// runs; a dirty bitmap tracks the guest's writes meanwhile, for the
+// mirror's start to copy (paused). It reports false, and the mirror
+// copies the whole disk, when the standby's image cannot be compared.
+func (ds *diskSet) copyDifferences(ctx context.Context, d *primaryDisk) (bool, error) {
+	if d.node.Format != "raw" || d.node.File == "" {
+		return false, fmt.Errorf("the image is %s (%q): only a raw file is compared block by block", d.node.Format, d.node.File)
+	}
+	src, err := os.Open(d.node.File)
+	if err != nil {
+		return false, err
+	}
+	defer src.Close()
+	if err := qemu.AddDirtyBitmap(ctx, ds.g.Mon, d.node.Node, resyncBitmap); err != nil {
+		return false, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			_ = qemu.RemoveDirtyBitmap(context.WithoutCancel(ctx), ds.g.Mon, d.node.Node, resyncBitmap)
+		}
+	}()
+	ds.setState("comparing " + d.dev + " with the standby's image")
+	hctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	remote, err := d.cut.BlockHashes(hctx, disk.HashBlock)
+	if err != nil {
+		return false, fmt.Errorf("the standby's image hashes: %w", err)
+	}
+	local, err := disk.BlockHashes(src, d.node.Size, disk.HashBlock)
+	if err != nil {
+		return false, err
+	}
+	ranges := disk.DifferingBlocks(local, remote, d.node.Size, disk.HashBlock)
+	var total int64
+	for _, r := range ranges {
+		total += r.Len
+	}
+	ds.setState(fmt.Sprintf("copying %d MiB of %s that differ", total>>20, d.dev))
+	conn, err := ds.a.dialPeer(ctx, ds.rec.Peer, checkpoint.FrameDiskNBD, ds.fence(),
+		checkpoint.DiskHello{Agent: ds.a.cfg.AgentID, Guest: ds.rec.Name, Dev: d.dev})
+	if err != nil {
+		return false, err
+	}
+	w, err := disk.NewWriter(conn, d.dev)
+	if err != nil {
+		conn.Close()
+		return false, err
+	}
+	if w.Size() != d.node.Size {
+		w.Close()
+		return false, fmt.Errorf("the standby's image is %d bytes, the disk %d", w.Size(), d.node.Size)
+	}
+	n, err := disk.CopyRanges(w, src, ranges)
+	if cerr := w.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return false, fmt.Errorf("copy the blocks that differ: %w", err)
+	}
+	d.copied, ok = n, true
+	ds.mu.Lock()
+	ds.syncTotal += n - d.node.Size // the full size was counted
+	ds.mu.Unlock()
+	return true, nil
 }
 
 // cutFailed records that the replica may miss writes: resync next time.

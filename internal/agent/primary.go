@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -312,6 +313,9 @@ func (a *Agent) unenrollPrimary(ctx context.Context, g *guest) error {
 	// After the standby: a retired epoch makes its replica stale.
 	warn = errors.Join(warn, a.retire(ctx, g.name, st))
 	a.forget(g)
+	if held := g.rec.HeldRAM; held != "" {
+		_ = os.Remove(held)
+	}
 	if err := a.store.remove(g.name); err != nil {
 		return err
 	}

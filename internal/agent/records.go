@@ -49,6 +49,16 @@ type Record struct {
 	// Home is the agent the guest was first enrolled from: failback
 	// returns it there.
 	Home string `json:"home,omitempty"`
+	// Images are replica images kept elsewhere than the default: the
+	// disks of this host's superseded copy, which hold the guest's disks
+	// but for what changed since, so that its resync copies only the
+	// blocks that differ. A primary running in its promoted shell keeps
+	// them: they are its disks.
+	Images map[string]string `json:"images,omitempty"`
+	// HeldRAM is a copy of the guest's RAM this host took as it handed
+	// the guest over (a switchover): the standby shell it gets next
+	// starts from it, so that its resync sends only the pages that differ.
+	HeldRAM string `json:"held_ram,omitempty"`
 }
 
 // domain is the libvirt domain that runs the guest on this host.

@@ -10,6 +10,7 @@ import (
 	"github.com/remora-ha/remora/arbiter"
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/migrate/virt"
 )
 
 // The life after a failover: a guest failed over to this host runs in the
@@ -51,7 +52,7 @@ func (a *Agent) Reprotect(ctx context.Context, name, peer string) error {
 	old := *g.rec
 	g.mu.Unlock()
 	rec := &Record{Name: old.Name, Role: api.RolePrimary, Peer: peer, Fence: st.Fence, Enrolled: old.Enrolled,
-		Domain: old.Shell, Home: old.Home, Probe: old.Probe}
+		Domain: old.Shell, Home: old.Home, Probe: old.Probe, Images: old.Images}
 	if rec.Domain == rec.Name {
 		rec.Domain = ""
 	}
@@ -152,7 +153,21 @@ func (a *Agent) supersededToStandby(ctx context.Context, g *guest, hello checkpo
 	g.stop()
 	a.forget(g)
 	rec := &Record{Name: old.Name, Role: api.RoleStandby, Primary: hello.Agent, Fence: fence, Enrolled: time.Now().UTC(),
-		Superseded: old.domain(), Home: old.Home}
+		Superseded: old.domain(), Home: old.Home, HeldRAM: old.HeldRAM}
+	// The old copy's raw disks become the replica's images: they hold the
+	// guest's disks as of its last epoch here, so the resync compares
+	// them and copies only what differs. A copy remora made ran on replica
+	// images, which its record names (none: the default ones).
+	switch {
+	case old.Domain != "":
+		rec.Images = old.Images
+	default:
+		if x, err := a.virt.DomainXML(ctx, old.domain()); err == nil && !virt.IsShell(x) {
+			if files, err := virt.RawDiskFiles(x); err == nil && len(files) > 0 {
+				rec.Images = files
+			}
+		}
+	}
 	if err := a.store.save(rec); err != nil {
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
@@ -227,7 +228,7 @@ func (a *Agent) attachShell(ctx context.Context, g *guest, xml string, ramBytes 
 		rec.Shell = rec.Name + a.cfg.ShellSuffix
 	}
 	// The replica images exist before the shell that opens them.
-	disks, err := a.openReplicaDisksOnce(g, rec)
+	disks, err := a.openReplicaDisksOnce(g, &rec)
 	if err != nil {
 		return err
 	}
@@ -265,7 +266,7 @@ func (a *Agent) attachShell(ctx context.Context, g *guest, xml string, ramBytes 
 		}
 		images := map[string]string{}
 		for _, d := range rec.Disks {
-			images[d.Dev] = a.diskImage(rec.Name, d.Dev)
+			images[d.Dev] = a.replicaImage(&rec, d.Dev)
 		}
 		shellXML, err := virt.ShellXML(xml, virt.ShellOptions{Name: rec.Shell, Images: images, BootDirs: a.cfg.BootDirs, LogDir: consoleDir(a.cfg)})
 		if err != nil {
@@ -321,7 +322,12 @@ func (a *Agent) attachShell(ctx context.Context, g *guest, xml string, ramBytes 
 		qemu.UnmapRAM(mem)
 		return err
 	}
+	if fresh && rec.HeldRAM != "" {
+		a.prefill(g, rep, mem, rec.HeldRAM)
+		rec.HeldRAM = ""
+	}
 	g.mu.Lock()
+	g.rec.HeldRAM = rec.HeldRAM
 	g.rec.Shell, g.rec.Replica = rec.Shell, rep.State()
 	err = a.store.save(g.rec)
 	g.mu.Unlock()
@@ -334,15 +340,45 @@ func (a *Agent) attachShell(ctx context.Context, g *guest, xml string, ramBytes 
 	return nil
 }
 
+// prefill fills a new shell's RAM with the copy this host kept when it
+// handed the guest over: the primary then resyncs against its page hashes
+// instead of sending every page. The copy is consumed either way.
+func (a *Agent) prefill(g *guest, rep *checkpoint.Replica, mem []byte, held string) {
+	defer os.Remove(held)
+	f, err := os.Open(held)
+	if err == nil {
+		defer f.Close()
+		var fi os.FileInfo
+		if fi, err = f.Stat(); err == nil && fi.Size() != int64(len(mem)) {
+			err = fmt.Errorf("the copy is %d bytes, the shell's RAM %d", fi.Size(), len(mem))
+		}
+	}
+	if err == nil {
+		_, err = f.ReadAt(mem, 0)
+	}
+	if err == nil {
+		err = rep.MarkPrefilled()
+	}
+	if err != nil {
+		clear(mem)
+		g.log.Warn("the shell starts without the guest's RAM copy: a full resync follows", "err", err)
+		return
+	}
+	g.log.Info("the standby shell starts from the RAM this host handed over: the resync sends only the pages that differ")
+}
+
 // openReplicaDisksOnce opens the guest's replica disks unless open.
-func (a *Agent) openReplicaDisksOnce(g *guest, rec Record) ([]checkpoint.DiskEpochs, error) {
+func (a *Agent) openReplicaDisksOnce(g *guest, rec *Record) ([]checkpoint.DiskEpochs, error) {
 	s := g.standby
 	if s.disks == nil && len(rec.Disks) > 0 {
-		ds, err := a.openReplicaDisks(rec.Name, rec.Disks)
+		ds, err := a.openReplicaDisks(rec, rec.Disks)
 		if err != nil {
 			return nil, err
 		}
 		s.disks = ds
+		g.mu.Lock()
+		g.rec.Images = rec.Images // less the own images it could not use
+		g.mu.Unlock()
 	}
 	var out []checkpoint.DiskEpochs
 	for _, d := range s.disks {
@@ -445,7 +481,7 @@ func (h standbyHandler) accept(ctx context.Context, conn net.Conn, hello checkpo
 	a.detector.Heartbeat(g.name)
 	rst := s.replica.State()
 	var hashes []uint64
-	if rst.Generation != hello.Generation && s.replica.Consistent() == nil {
+	if rst.Generation != hello.Generation && (s.replica.Consistent() == nil || rst.Prefilled) {
 		// A primary of a new generation (its agent restarted): it resyncs
 		// against what this replica holds instead of copying all of RAM.
 		hashes = s.replica.PageHashes()
@@ -678,6 +714,11 @@ func (a *Agent) dropReplica(ctx context.Context, name string, fence uint64, prim
 	}
 	_ = os.RemoveAll(a.replicaDir(name))
 	_ = os.RemoveAll(filepath.Dir(a.diskImage(name, "x")))
+	g.mu.Lock()
+	if held := g.rec.HeldRAM; held != "" {
+		_ = os.Remove(held)
+	}
+	g.mu.Unlock()
 	if err := a.journalDrop(ctx, name); err != nil {
 		return err
 	}
@@ -769,9 +810,18 @@ func (a *Agent) diskImage(guest, dev string) string {
 	return filepath.Join(a.cfg.StateDir, "images", guest, dev+".img")
 }
 
+// replicaImage is the replica image of a guest's disk dev: the default, or
+// this host's superseded copy's own image (rec.Images).
+func (a *Agent) replicaImage(rec *Record, dev string) string {
+	if p := rec.Images[dev]; p != "" {
+		return p
+	}
+	return a.diskImage(rec.Name, dev)
+}
+
 // openReplicaDisks opens (creating where missing) the replica images of a
 // guest's disks.
-func (a *Agent) openReplicaDisks(guest string, specs []checkpoint.DiskSpec) ([]*replicaDisk, error) {
+func (a *Agent) openReplicaDisks(rec *Record, specs []checkpoint.DiskSpec) ([]*replicaDisk, error) {
 	var out []*replicaDisk
 	fail := func(err error) ([]*replicaDisk, error) {
 		closeReplicaDisks(out)
@@ -781,16 +831,34 @@ func (a *Agent) openReplicaDisks(guest string, specs []checkpoint.DiskSpec) ([]*
 		if !names.ValidDev(s.Dev) || s.Size <= 0 {
 			return fail(fmt.Errorf("bad disk %q of %d bytes in the primary's hello", s.Dev, s.Size))
 		}
-		path := a.diskImage(guest, s.Dev)
-		// Names from the wire, validated; opened beneath state_dir
-		// without following links a local process may have planted.
-		// Searchable: QEMU runs the shell as its own user; libvirt gives
-		// it the images themselves.
-		rel, _ := filepath.Rel(a.cfg.StateDir, path)
-		if err := safepath.MkdirAll(a.cfg.StateDir, filepath.Dir(rel), 0o711); err != nil {
-			return fail(err)
+		var f *os.File
+		var err error
+		path := a.replicaImage(rec, s.Dev)
+		if own := rec.Images[s.Dev]; own != "" {
+			// This host's own image of the guest, from its own libvirt
+			// definition: its path is not from the wire.
+			f, err = os.OpenFile(own, os.O_RDWR, 0)
+			if fi, serr := os.Stat(own); err != nil || serr != nil || fi.Size() != s.Size {
+				a.log.Warn("the superseded copy's image cannot be the replica's; a new one is copied", "guest", rec.Name, "dev", s.Dev, "image", own, "disk_bytes", s.Size, "err", errors.Join(err, serr))
+				if f != nil {
+					f.Close()
+				}
+				rec.Images = maps.Clone(rec.Images)
+				delete(rec.Images, s.Dev)
+				path = a.replicaImage(rec, s.Dev)
+			}
 		}
-		f, err := safepath.Open(a.cfg.StateDir, rel, os.O_RDWR|os.O_CREATE, 0o600)
+		if rec.Images[s.Dev] == "" {
+			// Names from the wire, validated; opened beneath state_dir
+			// without following links a local process may have planted.
+			// Searchable: QEMU runs the shell as its own user; libvirt
+			// gives it the images themselves.
+			rel, _ := filepath.Rel(a.cfg.StateDir, path)
+			if err := safepath.MkdirAll(a.cfg.StateDir, filepath.Dir(rel), 0o711); err != nil {
+				return fail(err)
+			}
+			f, err = safepath.Open(a.cfg.StateDir, rel, os.O_RDWR|os.O_CREATE, 0o600)
+		}
 		if err != nil {
 			return fail(err)
 		}

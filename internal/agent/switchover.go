@@ -4,11 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent/api"
+	"github.com/remora-ha/remora/migrate/qemu"
 )
 
 // A planned switchover moves a protected guest to its standby with no
@@ -107,6 +111,7 @@ func (a *Agent) switchover(ctx context.Context, name string) (api.SwitchoverResu
 	res := api.SwitchoverResult{Guest: name, From: a.cfg.AgentID, To: pr.Standby, Epoch: final, Fence: grant.Epoch, Downtime: time.Since(start)}
 	if err == nil {
 		conn.Close()
+		a.holdRAM(g, p.g.RAM)
 	}
 	g.post(Superseded{Fence: grant.Epoch, Primary: pr.Standby})
 	p.stopEngine()
@@ -117,6 +122,44 @@ func (a *Agent) switchover(ctx context.Context, name string) (api.SwitchoverResu
 	a.journal.note(name, "switchover", fmt.Sprintf("done: runs on %s from epoch %d, downtime %s", pr.Standby, final, res.Downtime.Round(time.Millisecond)), grant.Epoch)
 	g.log.Info("switchover done", "to", pr.Standby, "epoch", final, "fence", grant.Epoch, "downtime", res.Downtime)
 	return res, nil
+}
+
+// holdRAM keeps a copy of a guest's RAM as this host hands it over: the
+// standby shell this host gets for it next starts from it (the pages
+// still the same need not be sent). A failed copy costs a full resync.
+func (a *Agent) holdRAM(g *guest, ram qemu.RAMBackend) {
+	dir := filepath.Join(a.cfg.RuntimeDir, "held")
+	path := filepath.Join(dir, g.name+".ram")
+	err := os.MkdirAll(dir, 0o700)
+	if err == nil {
+		err = copyFile(ram.Path, path)
+	}
+	if err != nil {
+		g.log.Warn("cannot keep a copy of the guest's RAM: protecting it back here copies all of it", "err", err)
+		_ = os.Remove(path)
+		return
+	}
+	g.mu.Lock()
+	g.rec.HeldRAM = path
+	err = a.store.save(g.rec)
+	g.mu.Unlock()
+	if err != nil {
+		g.log.Warn("cannot record the copy of the guest's RAM", "err", err)
+	}
+}
+
+func copyFile(from, to string) error {
+	src, err := os.Open(from)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	dst, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(dst, src)
+	return errors.Join(err, dst.Close())
 }
 
 // Failback switches guest name over to its home (the agent it was first

@@ -111,6 +111,13 @@ type MirrorOptions struct {
 	// Names of the job, the NBD node and the mirror's filter node;
 	// default remora-mirror-<dev>, remora-nbd-<dev>, remora-mirror-top-<dev>.
 	JobID, TargetNode, FilterNode string
+	// Incremental: the standby already holds the disk but for what the
+	// caller copies itself (with the guest paused, before the mirror
+	// starts): mirror new writes only (sync none), ready at once. The
+	// dirty bitmap Bitmap of the disk, when set, is copied first with an
+	// incremental backup into the same NBD node.
+	Incremental bool
+	Bitmap      string
 }
 
 // Mirror is a running blockdev-mirror of one guest disk to a standby.
@@ -169,11 +176,21 @@ func StartMirror(ctx context.Context, m qmp.Monitor, disk DiskNode, opts MirrorO
 	}, nil); err != nil {
 		return nil, fmt.Errorf("connect to the standby's NBD export %q: %w", opts.Server.Export, err)
 	}
+	sync := "full"
+	if opts.Incremental {
+		sync = "none"
+		if opts.Bitmap != "" {
+			if err := backupBitmap(ctx, m, mr.JobID+"-backup", disk.Node, mr.TargetNode, opts.Bitmap); err != nil {
+				_ = Exec(ctx, m, "blockdev-del", map[string]any{"node-name": mr.TargetNode}, nil)
+				return nil, err
+			}
+		}
+	}
 	if err := Exec(ctx, m, "blockdev-mirror", map[string]any{
 		"job-id":           mr.JobID,
 		"device":           disk.Node,
 		"target":           mr.TargetNode,
-		"sync":             "full",
+		"sync":             sync,
 		"copy-mode":        "write-blocking",
 		"on-source-error":  "report",
 		"on-target-error":  "report",
@@ -184,6 +201,62 @@ func StartMirror(ctx context.Context, m qmp.Monitor, disk DiskNode, opts MirrorO
 		return nil, fmt.Errorf("start mirror of %s: %w", name, err)
 	}
 	return mr, nil
+}
+
+// AddDirtyBitmap starts tracking the writes to a disk node in a new
+// (non-persistent) dirty bitmap.
+func AddDirtyBitmap(ctx context.Context, m qmp.Monitor, node, name string) error {
+	_ = Exec(ctx, m, "block-dirty-bitmap-remove", map[string]any{"node": node, "name": name}, nil) // a leftover
+	return Exec(ctx, m, "block-dirty-bitmap-add", map[string]any{"node": node, "name": name, "persistent": false}, nil)
+}
+
+// RemoveDirtyBitmap drops a dirty bitmap; one that is gone is not an error.
+func RemoveDirtyBitmap(ctx context.Context, m qmp.Monitor, node, name string) error {
+	err := Exec(ctx, m, "block-dirty-bitmap-remove", map[string]any{"node": node, "name": name}, nil)
+	var qe *QMPError
+	if errors.As(err, &qe) && strings.Contains(qe.Desc, "not found") {
+		return nil
+	}
+	return err
+}
+
+// backupBitmap copies the blocks set in bitmap from node to target (an
+// incremental backup) and waits for the copy to end.
+func backupBitmap(ctx context.Context, m qmp.Monitor, job, node, target, bitmap string) error {
+	if err := Exec(ctx, m, "blockdev-backup", map[string]any{
+		"job-id": job, "device": node, "target": target, "sync": "incremental", "bitmap": bitmap,
+		"auto-finalize": true, "auto-dismiss": false,
+	}, nil); err != nil {
+		return fmt.Errorf("copy the blocks written since %s: %w", bitmap, err)
+	}
+	defer Exec(context.WithoutCancel(ctx), m, "job-dismiss", map[string]any{"id": job}, nil)
+	for {
+		var jobs []struct {
+			ID     string `json:"id"`
+			Status string `json:"status"`
+			Error  string `json:"error"`
+		}
+		if err := Exec(ctx, m, "query-jobs", nil, &jobs); err != nil {
+			return err
+		}
+		for _, j := range jobs {
+			if j.ID != job {
+				continue
+			}
+			if j.Status == "concluded" || j.Status == "null" {
+				if j.Error != "" {
+					return fmt.Errorf("copy the blocks written since %s: %s", bitmap, j.Error)
+				}
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			_ = Exec(context.WithoutCancel(ctx), m, "job-cancel", map[string]any{"id": job}, nil)
+			return fmt.Errorf("copy the blocks written since %s: %w", bitmap, ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
 }
 
 // MirrorProgress is the mirror job's state from query-block-jobs.

@@ -78,6 +78,23 @@ func WritableDisks(domainXML string) ([]string, error) {
 	return devs, nil
 }
 
+// RawDiskFiles maps the target devs of a domain's writable raw file disks
+// to their image files.
+func RawDiskFiles(domainXML string) (map[string]string, error) {
+	d, err := parseDomain(domainXML)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]string{}
+	for _, k := range disks(d) {
+		if (k.Device == "" || k.Device == "disk") && k.ReadOnly == nil && k.Shareable == nil && diskDev(k) != "" &&
+			k.Driver != nil && k.Driver.Type == "raw" && k.Source != nil && k.Source.File != nil && k.Source.File.File != "" {
+			out[diskDev(k)] = k.Source.File.File
+		}
+	}
+	return out, nil
+}
+
 // DiskAlias returns the device alias libvirt gave the disk with target
 // dev in a running domain's XML.
 func DiskAlias(domainXML, dev string) (string, error) {

@@ -21,16 +21,30 @@ import (
 // TLS and reprotect: auto on both agents.
 
 // waitReprotected waits until guest runs on prim, protected onto stby
-// and counted in sync by the arbiter.
-func (l *arbLab) waitReprotected(t *testing.T, guest string, prim, stby *host) {
+// and counted in sync by the arbiter; it returns the primary's status.
+func (l *arbLab) waitReprotected(t *testing.T, guest string, prim, stby *host) api.VMStatus {
 	t.Helper()
+	var p api.VMStatus
 	waitFor(t, fmt.Sprintf("%s to be re-protected from %s onto %s", guest, prim.name, stby.name), 4*time.Minute, func() bool {
-		p, ok := prim.status(guest)
+		var ok bool
+		p, ok = prim.status(guest)
 		s, ok2 := stby.status(guest)
 		_, inSync, err := l.arbiterGuest(guest)
 		return ok && ok2 && p.Role == api.RolePrimary && p.State == checkpoint.StateProtected &&
 			s.Role == api.RoleStandby && s.State == checkpoint.StateProtected && err == nil && inSync
 	})
+	return p
+}
+
+// checkIncremental fails unless the re-protect that led to st copied at
+// most a tenth of the guest's disk (only the blocks that differed).
+func checkIncremental(t *testing.T, st api.VMStatus, diskBytes int64) {
+	t.Helper()
+	if st.Disk == nil || st.Disk.LastResyncBytes > diskBytes/10 {
+		t.Errorf("re-protect copied %+v of a %d-byte disk, want at most a tenth (only the blocks that differ)", st.Disk, diskBytes)
+		return
+	}
+	t.Logf("re-protect copied %d KiB of the %d MiB disk", st.Disk.LastResyncBytes>>10, diskBytes>>20)
 }
 
 var downtimeRE = regexp.MustCompile(`downtime ([0-9.]+)(ms|s)`)
@@ -134,7 +148,7 @@ func TestSwitchoverBothWays(t *testing.T) {
 	if err != nil || !regexp.MustCompile(`Persistent:\s+yes`).MatchString(info) || !regexp.MustCompile(`Autostart:\s+disable`).MatchString(info) {
 		t.Fatalf("the promoted guest %s is not defined persistently with autostart off: %v\n%s", shellB, err, info)
 	}
-	l.waitReprotected(t, name, l.b, l.a)
+	checkIncremental(t, l.waitReprotected(t, name, l.b, l.a), 64<<20)
 	// The superseded copy on A must not start, whoever asks.
 	ctx, cancel = context.WithTimeout(context.Background(), time.Minute)
 	out, err := labkit.Virsh(ctx, "start", "--paused", name)
@@ -155,7 +169,7 @@ func TestSwitchoverBothWays(t *testing.T) {
 	}
 	n = hist.count()
 	waitFor(t, "replies from host-a", time.Minute, func() bool { return hist.count() > n+10 })
-	l.waitReprotected(t, name, l.a, l.b)
+	checkIncremental(t, l.waitReprotected(t, name, l.a, l.b), 64<<20)
 	// A is the guest's home: nothing to fail back.
 	if out, err := l.a.cli("vm", "failback", name); err == nil || !strings.Contains(out, "at home") {
 		t.Fatalf("failback at home: %v %s", err, out)
@@ -224,7 +238,8 @@ func TestReprotectRounds(t *testing.T) {
 		outage := hist.outage(crashed)
 		outages = append(outages, outage)
 		prim.start() // the crashed host is back
-		l.waitReprotected(t, name, stby, prim)
+		st := l.waitReprotected(t, name, stby, prim)
+		checkIncremental(t, st, 64<<20)
 		checkGuest(t, g)
 		t.Logf("round %d (%s of %s): promoted on %s (%s), client outage %s, re-protected onto %s %s after the crash", round, how, prim.name, stby.name, s.Shell, outage.Round(10*time.Millisecond), prim.name, time.Since(crashed).Round(100*time.Millisecond))
 		prim, stby, dom = stby, prim, s.Shell

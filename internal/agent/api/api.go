@@ -117,7 +117,10 @@ type DiskStatus struct {
 	State     string `json:"state"` // syncing, mirrored, resync needed
 	SyncDone  int64  `json:"sync_done_bytes,omitempty"`
 	SyncTotal int64  `json:"sync_total_bytes,omitempty"`
-	Resyncs   int    `json:"resyncs"` // full disk copies since the agent started
+	Resyncs   int    `json:"resyncs"` // disk resyncs since the agent started
+	// LastResyncBytes is what the last resync copied (only the blocks
+	// that differed, when the standby's image could be compared).
+	LastResyncBytes int64 `json:"last_resync_bytes"`
 }
 
 // FailoverResult says what a failover restored.
