@@ -30,8 +30,8 @@ type CopyWatch struct {
 	wg      sync.WaitGroup
 
 	mu    sync.Mutex
-	sends map[int64]map[string]bool // window -> copies that sent in it
-	last  map[string]time.Time      // a copy's last frame
+	sends map[int64]map[string]string // window -> copies that sent in it -> their first frame
+	last  map[string]time.Time        // a copy's last frame
 }
 
 // CopyWindow is the sampling window of a CopyWatch.
@@ -44,7 +44,7 @@ func WatchCopies(mac string, domains ...string) (*CopyWatch, error) {
 	if err != nil {
 		return nil, err
 	}
-	w := &CopyWatch{mac: hw, domains: domains, stop: make(chan struct{}), sends: map[int64]map[string]bool{}, last: map[string]time.Time{}}
+	w := &CopyWatch{mac: hw, domains: domains, stop: make(chan struct{}), sends: map[int64]map[string]string{}, last: map[string]time.Time{}}
 	for _, d := range domains {
 		w.wg.Add(1)
 		go w.watch(d)
@@ -133,9 +133,11 @@ func (w *CopyWatch) read(domain, tap string) {
 		win := now.UnixNano() / int64(CopyWindow)
 		w.mu.Lock()
 		if w.sends[win] == nil {
-			w.sends[win] = map[string]bool{}
+			w.sends[win] = map[string]string{}
 		}
-		w.sends[win][domain] = true
+		if _, seen := w.sends[win][domain]; !seen {
+			w.sends[win][domain] = describeFrame(tap, sll.Pkttype, buf[:n])
+		}
 		w.last[domain] = now
 		w.mu.Unlock()
 	}
@@ -143,14 +145,37 @@ func (w *CopyWatch) read(domain, tap string) {
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
+// describeFrame names a frame for a violation report: where it was seen
+// and what it carried.
+func describeFrame(tap string, pkttype uint8, f []byte) string {
+	d := fmt.Sprintf("%s type %d, %d bytes to %s", tap, pkttype, len(f), net.HardwareAddr(f[:6]))
+	if len(f) < 14 {
+		return d
+	}
+	et := uint16(f[12])<<8 | uint16(f[13])
+	switch {
+	case et == 0x0800 && len(f) >= 34:
+		ip := f[14:]
+		d += fmt.Sprintf(", IPv4 proto %d %s -> %s", ip[9], net.IP(ip[12:16]), net.IP(ip[16:20]))
+	case et == 0x0806:
+		d += ", ARP"
+	case et == 0x8035:
+		d += ", RARP (a QEMU self-announcement)"
+	default:
+		d += fmt.Sprintf(", ethertype %#04x", et)
+	}
+	return d
+}
+
 // Violation is a window in which more than one copy served.
 type Violation struct {
 	At     time.Time
 	Copies []string
+	Frames []string // each copy's first frame in the window
 }
 
 func (v Violation) String() string {
-	return fmt.Sprintf("%s: %s served at once", v.At.Format("15:04:05.000"), strings.Join(v.Copies, " and "))
+	return fmt.Sprintf("%s: %s served at once (%s)", v.At.Format("15:04:05.000"), strings.Join(v.Copies, " and "), strings.Join(v.Frames, "; "))
 }
 
 // Violations returns the windows so far in which two or more copies served.
@@ -167,6 +192,9 @@ func (w *CopyWatch) Violations() []Violation {
 			v.Copies = append(v.Copies, d)
 		}
 		sort.Strings(v.Copies)
+		for _, d := range v.Copies {
+			v.Frames = append(v.Frames, d+": "+m[d])
+		}
 		out = append(out, v)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].At.Before(out[j].At) })
