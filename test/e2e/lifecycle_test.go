@@ -38,11 +38,33 @@ func (l *arbLab) waitReprotected(t *testing.T, guest string, prim, stby *host) a
 
 // checkIncremental fails unless the re-protect that led to st copied at
 // most a tenth of the guest's disk (only the blocks that differed).
-func checkIncremental(t *testing.T, st api.VMStatus, diskBytes int64) {
+// startDiskWriter has the guest write rate records a second to its data
+// disk from now on.
+func startDiskWriter(t *testing.T, g *labkit.Guest, rate int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := g.DialFrom(ctx, labkit.NetnsClient)
+	if err != nil {
+		t.Fatalf("dial the guest: %v", err)
+	}
+	defer c.Close()
+	if reply, err := c.Do(ctx, fmt.Sprintf("disk %d", rate)); err != nil || !strings.HasPrefix(reply, "ok") {
+		t.Fatalf("start the guest's disk writer: %v %s", err, reply)
+	}
+}
+
+// checkIncremental fails unless the last disk resync copied at most a
+// tenth of the disk and, when the guest wrote since the copies parted,
+// something.
+func checkIncremental(t *testing.T, st api.VMStatus, diskBytes int64, wrote bool) {
 	t.Helper()
 	if st.Disk == nil || st.Disk.LastResyncBytes > diskBytes/10 {
 		t.Errorf("re-protect copied %+v of a %d-byte disk, want at most a tenth (only the blocks that differ)", st.Disk, diskBytes)
 		return
+	}
+	if wrote && st.Disk.LastResyncBytes == 0 {
+		t.Errorf("re-protect copied nothing though the guest wrote to its disk since the copies parted")
 	}
 	t.Logf("re-protect copied %d KiB of the %d MiB disk", st.Disk.LastResyncBytes>>10, diskBytes>>20)
 }
@@ -119,14 +141,7 @@ func TestSwitchoverBothWays(t *testing.T) {
 	copies := watchCopies(t, g, name, shellB, shellA)
 	hist := startIncHistory(t, g)
 	waitFor(t, "the client to get replies", 30*time.Second, func() bool { return hist.count() > 10 })
-	if _, err := g.Dial(context.Background()); err == nil { // start the disk writer too
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		if c, err := g.DialFrom(ctx, labkit.NetnsClient); err == nil {
-			_, _ = c.Do(ctx, "disk 200")
-			c.Close()
-		}
-		cancel()
-	}
+	startDiskWriter(t, g, 200)
 
 	// Not while the standby is out of sync: refused with the reason.
 	var downtimes []time.Duration
@@ -148,7 +163,7 @@ func TestSwitchoverBothWays(t *testing.T) {
 	if err != nil || !regexp.MustCompile(`Persistent:\s+yes`).MatchString(info) || !regexp.MustCompile(`Autostart:\s+disable`).MatchString(info) {
 		t.Fatalf("the promoted guest %s is not defined persistently with autostart off: %v\n%s", shellB, err, info)
 	}
-	checkIncremental(t, l.waitReprotected(t, name, l.b, l.a), 64<<20)
+	checkIncremental(t, l.waitReprotected(t, name, l.b, l.a), 64<<20, false)
 	// The superseded copy on A must not start, whoever asks.
 	ctx, cancel = context.WithTimeout(context.Background(), time.Minute)
 	out, err := labkit.Virsh(ctx, "start", "--paused", name)
@@ -169,7 +184,7 @@ func TestSwitchoverBothWays(t *testing.T) {
 	}
 	n = hist.count()
 	waitFor(t, "replies from host-a", time.Minute, func() bool { return hist.count() > n+10 })
-	checkIncremental(t, l.waitReprotected(t, name, l.a, l.b), 64<<20)
+	checkIncremental(t, l.waitReprotected(t, name, l.a, l.b), 64<<20, false)
 	// A is the guest's home: nothing to fail back.
 	if out, err := l.a.cli("vm", "failback", name); err == nil || !strings.Contains(out, "at home") {
 		t.Fatalf("failback at home: %v %s", err, out)
@@ -204,6 +219,7 @@ func TestReprotectRounds(t *testing.T) {
 	copies := watchCopies(t, g, name, name+"-host-a", name+"-host-b")
 	hist := startIncHistory(t, g)
 	waitFor(t, "the client to get replies", 30*time.Second, func() bool { return hist.count() > 10 })
+	startDiskWriter(t, g, 50) // the copies' disks differ after every crash
 	prim, stby, dom := l.a, l.b, name
 	var outages []time.Duration
 	for round := 1; round <= rounds; round++ {
@@ -239,7 +255,7 @@ func TestReprotectRounds(t *testing.T) {
 		outages = append(outages, outage)
 		prim.start() // the crashed host is back
 		st := l.waitReprotected(t, name, stby, prim)
-		checkIncremental(t, st, 64<<20)
+		checkIncremental(t, st, 64<<20, true)
 		checkGuest(t, g)
 		t.Logf("round %d (%s of %s): promoted on %s (%s), client outage %s, re-protected onto %s %s after the crash", round, how, prim.name, stby.name, s.Shell, outage.Round(10*time.Millisecond), prim.name, time.Since(crashed).Round(100*time.Millisecond))
 		prim, stby, dom = stby, prim, s.Shell
