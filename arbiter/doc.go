@@ -31,8 +31,13 @@
 // The primary may serve (release guest output) only while it holds a lease.
 // Leases last Config.LeaseDuration (default 3 s) and are renewed with Renew.
 // A promotion is granted only after the primary's lease has expired on the
-// arbiter's clock, only if the standby is in sync, and only if the guest's
-// service no longer answers the arbiter's probe. The client library
+// arbiter's clock, or earlier once the primary's agent, heard since the
+// arbiter started and not suspended, has missed its heartbeats; only if
+// the standby is in sync, and only if the guest's service no longer
+// answers the arbiter's probe. The early grant relies on the agents'
+// contract below: a primary with a standby in sync releases only output
+// the standby acknowledged, and a standby stops acknowledging before it
+// asks to be promoted. The client library
 // computes Lease.ValidUntil from the moment the request was sent, minus
 // DriftMargin, so the primary's own view of its lease always ends before
 // the arbiter's. After a restart the arbiter assumes any lease it had

@@ -44,6 +44,13 @@ type observation struct {
 	serviceDetail    string
 	standbyLost      bool
 	standbyDetail    string
+	// primaryLost: the primary's agent, heard since the arbiter started,
+	// has missed its heartbeats.
+	primaryLost   bool
+	primaryDetail string
+	// primaryLostIn: how soon the primary's agent counts as lost if it
+	// stays silent (0: not known), so a refused standby asks again then.
+	primaryLostIn time.Duration
 }
 
 func newMachine(st *store, recs map[string]*guestRecord, cfg machineConfig, now time.Time) *machine {
@@ -406,7 +413,15 @@ func (m *machine) promote(now time.Time, guest, agent string, epoch uint64, obs 
 	if !r.InSync {
 		return Grant{}, errorf(CodeNotInSync, "guest %s: standby %s is not in sync (unprotected since %s)", guest, agent, r.UnprotectedSince.Format(time.RFC3339))
 	}
-	if m.leaseValid(r, now) {
+	// A primary's lease bounds how long it may serve, but while its standby
+	// is in sync it releases no output the standby has not acknowledged,
+	// and the standby acknowledges nothing once it asks to be promoted; nor
+	// can it continue alone at this epoch once the promotion commits. So
+	// when the arbiter has lost the primary's agent too, the rest of its
+	// lease protects nothing and the promotion need not wait for it. A
+	// suspended lease (an agent restarting on purpose) is waited for.
+	early := obs.primaryLost && r.SuspendedFor == 0
+	if m.leaseValid(r, now) && !early {
 		left := r.leaseExpiry.Sub(now)
 		msg := fmt.Sprintf("guest %s: primary %s holds a valid lease for another %v", guest, r.LeaseHolder, left.Round(time.Millisecond))
 		if r.SuspendedFor != 0 {
@@ -415,7 +430,11 @@ func (m *machine) promote(now time.Time, guest, agent string, epoch uint64, obs 
 		if obs.serviceAnswering {
 			msg += " and the guest service still answers from the arbiter (" + obs.serviceDetail + "); no failover"
 		}
-		return Grant{}, &Error{Code: CodeLeaseValid, Message: msg, RetryAfter: left}
+		retry := left
+		if r.SuspendedFor == 0 && obs.primaryLostIn > 0 {
+			retry = min(retry, obs.primaryLostIn)
+		}
+		return Grant{}, &Error{Code: CodeLeaseValid, Message: msg, RetryAfter: retry}
 	}
 	if dryRun {
 		return Grant{}, nil
@@ -423,9 +442,13 @@ func (m *machine) promote(now time.Time, guest, agent string, epoch uint64, obs 
 	if obs.serviceAnswering {
 		// The lease ran out yet someone still serves the guest: starting
 		// a second copy now is exactly what the arbiter exists to prevent.
-		return Grant{}, errorf(CodeServiceAlive, "guest %s: primary lease expired but the guest service still answers from the arbiter (%s); refusing a second copy", guest, obs.serviceDetail)
+		return Grant{}, errorf(CodeServiceAlive, "guest %s: primary lease expired or its agent lost, but the guest service still answers from the arbiter (%s); refusing a second copy", guest, obs.serviceDetail)
 	}
-	return m.standbyBecomesPrimary(now, r, TransitionPromotion)
+	detail := ""
+	if m.leaseValid(r, now) {
+		detail = fmt.Sprintf("primary's agent lost (%s) with %v of its lease left", obs.primaryDetail, r.leaseExpiry.Sub(now).Round(time.Millisecond))
+	}
+	return m.standbyBecomesPrimary(now, r, TransitionPromotion, detail)
 }
 
 // handover makes the standby the primary at the primary's request: no
@@ -453,19 +476,19 @@ func (m *machine) handover(now time.Time, guest, agent string, epoch uint64, to 
 	if !r.InSync {
 		return Grant{}, errorf(CodeNotInSync, "guest %s: standby %s is not in sync", guest, to)
 	}
-	return m.standbyBecomesPrimary(now, r, TransitionHandover)
+	return m.standbyBecomesPrimary(now, r, TransitionHandover, "")
 }
 
 // standbyBecomesPrimary commits r's next epoch with its standby as the
 // primary, holding a fresh lease, and no standby yet.
-func (m *machine) standbyBecomesPrimary(now time.Time, r *guestRecord, kind string) (Grant, error) {
+func (m *machine) standbyBecomesPrimary(now time.Time, r *guestRecord, kind, detail string) (Grant, error) {
 	next := *r
 	next.Epoch = r.Epoch + 1
 	next.Primary, next.PrimaryAddr = r.Standby, r.StandbyAddr
 	next.Standby, next.StandbyAddr, next.StandbyEpoch = "", "", 0
 	next.InSync = false
 	next.UnprotectedSince = now.Round(0).UTC()
-	next.Last = &Transition{Kind: kind, From: r.Epoch, To: next.Epoch, Agent: r.Standby, Previous: r.Primary, At: now.Round(0).UTC()}
+	next.Last = &Transition{Kind: kind, From: r.Epoch, To: next.Epoch, Agent: r.Standby, Previous: r.Primary, At: now.Round(0).UTC(), Detail: detail}
 	next.LeaseHolder = "" // force a fresh grant to the new primary
 	m.grantLease(&next, now)
 	if err := m.commit(&next); err != nil {

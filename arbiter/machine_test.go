@@ -93,6 +93,7 @@ var (
 	serviceUp    = observation{serviceAnswering: true, serviceDetail: "tcp x ok"}
 	standbyGone  = observation{standbyLost: true, standbyDetail: "gone"}
 	standbyThere = observation{standbyDetail: "reachable"}
+	primaryGone  = observation{primaryLost: true, primaryDetail: "heartbeat 1.2s ago (missed 4)"}
 )
 
 // TestPromotionOnlyAfterExpiry walks the clock across the lease boundary.
@@ -168,6 +169,48 @@ func TestPromotionOnlyAfterExpiry(t *testing.T) {
 	if reg.Role != RoleStandby || reg.Primary != "b" || reg.InSync {
 		t.Fatalf("re-registration: %+v", reg)
 	}
+}
+
+// TestEarlyPromotionWhenPrimaryLost: a standby in sync is promoted before
+// the lease runs out once the arbiter has lost the primary's agent too,
+// but not while the primary suspended its lease on purpose, nor while the
+// guest's service answers, nor on the standby's word alone.
+func TestEarlyPromotionWhenPrimaryLost(t *testing.T) {
+	clk := newFakeClock()
+	m := openMachine(t, t.TempDir(), testLease, clk.Now())
+	protectedGuest(t, m, clk.Now())
+	clk.Advance(time.Second)
+
+	_, err := m.promote(clk.Now(), "g", "b", 1, noObs, false) // the negative control
+	mustCode(t, err, ErrLeaseValid)
+	lostButServing := primaryGone
+	lostButServing.serviceAnswering, lostButServing.serviceDetail = true, "tcp x ok"
+	_, err = m.promote(clk.Now(), "g", "b", 1, lostButServing, false)
+	mustCode(t, err, ErrServiceAlive)
+
+	// Suspended (an upgrade): its agent is silent on purpose.
+	_, err = m.suspend(clk.Now(), "g", "a", 1, 10*time.Second)
+	ok(t, err)
+	clk.Advance(5 * time.Second)
+	_, err = m.promote(clk.Now(), "g", "b", 1, primaryGone, false)
+	mustCode(t, err, ErrLeaseValid)
+	_, err = m.renew(clk.Now(), "g", "a", 1) // back: the suspension ends
+	ok(t, err)
+
+	clk.Advance(time.Second)
+	g, err := m.promote(clk.Now(), "g", "b", 1, primaryGone, false)
+	ok(t, err)
+	if g.Epoch != 2 || g.PreviousPrimary != "a" || g.Lease.Holder != "b" {
+		t.Fatalf("grant %+v", g)
+	}
+	if d := m.guests["g"].Last.Detail; !strings.Contains(d, "agent lost") || !strings.Contains(d, "2s of its lease left") {
+		t.Fatalf("the transition does not say why it came early: %q", d)
+	}
+	// The old primary can neither renew nor continue alone at its epoch.
+	_, err = m.renew(clk.Now(), "g", "a", 1)
+	mustCode(t, err, ErrStaleEpoch)
+	_, err = m.standbyLost(clk.Now(), "g", "a", 1, standbyGone, false)
+	mustCode(t, err, ErrStaleEpoch)
 }
 
 func TestLeaseValidMessageMentionsService(t *testing.T) {
@@ -323,7 +366,7 @@ func TestNeverBoth(t *testing.T) {
 func TestRandomInterleavings(t *testing.T) {
 	rng := rand.New(rand.NewSource(1))
 	agents := []string{"a", "b", "c"}
-	obsChoices := []observation{noObs, serviceUp, standbyGone, standbyThere}
+	obsChoices := []observation{noObs, serviceUp, standbyGone, standbyThere, primaryGone}
 	grants := 0
 	for run := 0; run < 8; run++ {
 		clk := newFakeClock()

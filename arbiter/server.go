@@ -584,7 +584,7 @@ func (s *Server) promote(req *request) (Grant, error) {
 	}
 	s.reconcileProbesLocked()
 	s.log.Info("arbiter: promotion granted", "guest", req.Guest, "new_primary", req.Agent,
-		"old_primary", g.PreviousPrimary, "fence", g.Epoch, "previous_fence", g.PreviousEpoch)
+		"old_primary", g.PreviousPrimary, "fence", g.Epoch, "previous_fence", g.PreviousEpoch, "detail", s.m.guests[req.Guest].Last.Detail)
 	return g, nil
 }
 
@@ -643,6 +643,17 @@ func (s *Server) observeLocked(guest string, freshRes map[string]ProbeStatus) ob
 		o.serviceDetail = "no service probe configured"
 	}
 	r, ok := s.m.guests[guest]
+	if ok && r.Primary != "" {
+		ps := s.hb.State(r.Primary)
+		o.primaryLost = ps.Suspected && !ps.LastSeen.IsZero()
+		if !ps.LastSeen.IsZero() {
+			since := s.clock.Now().Sub(ps.LastSeen)
+			o.primaryDetail = fmt.Sprintf("heartbeat %v ago (missed %d)", since.Round(time.Millisecond), ps.Missed)
+			if !o.primaryLost {
+				o.primaryLostIn = max(s.hb.Config().Timeout()-since, time.Millisecond)
+			}
+		}
+	}
 	if !ok || r.Standby == "" {
 		return o
 	}

@@ -346,6 +346,49 @@ func TestFailoverRealClock(t *testing.T) {
 	}
 }
 
+// TestEarlyPromotionOverTheWire: the arbiter promotes a standby in sync
+// before the primary's lease runs out once the primary's own heartbeats
+// stopped, and not while they arrive or before it ever heard them.
+func TestEarlyPromotionOverTheWire(t *testing.T) {
+	clk := newFakeClock()
+	e := newEnv(t, clk, 10*time.Second)
+	a := e.client("host-a")
+	b := e.client("host-b")
+	_, err := a.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-a", Role: RolePrimary})
+	ok(t, err)
+	_, err = b.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-b", Role: RoleStandby})
+	ok(t, err)
+	ok(t, a.ReportSynced(ctx(t), "g", "host-a", 1, "host-b"))
+
+	// Never heard: the arbiter may have just restarted; the lease rules.
+	clk.Advance(time.Second)
+	_, err = b.RequestPromotion(ctx(t), "g", "host-b", 1)
+	mustCode(t, err, ErrLeaseValid)
+	// Heard and heartbeating: the standby's suspicion alone is not enough.
+	for i := 0; i < 5; i++ {
+		_, err = a.Heartbeat(ctx(t), "host-a", map[string]uint64{"g": 1})
+		ok(t, err)
+		clk.Advance(100 * time.Millisecond)
+	}
+	_, err = b.RequestPromotion(ctx(t), "g", "host-b", 1)
+	// Asked again when the primary would count as lost, not at lease end.
+	if ae := mustCode(t, err, ErrLeaseValid); ae.RetryAfter != 200*time.Millisecond {
+		t.Fatalf("retry after %v, want the 200ms until the primary counts as lost", ae.RetryAfter)
+	}
+	// Silent for the detector's missed intervals: promoted at once.
+	clk.Advance(300 * time.Millisecond)
+	g, err := b.RequestPromotion(ctx(t), "g", "host-b", 1)
+	ok(t, err)
+	if g.Epoch != 2 || g.PreviousPrimary != "host-a" {
+		t.Fatalf("grant %+v", g)
+	}
+	if st := guestStatus(t, b, "g"); st.Last == nil || !strings.Contains(st.Last.Detail, "agent lost") {
+		t.Fatalf("the transition does not say it came early: %+v", st.Last)
+	}
+	_, err = a.Renew(ctx(t), "g", "host-a", 1)
+	mustCode(t, err, ErrStaleEpoch)
+}
+
 func TestStandbyLostFlow(t *testing.T) {
 	setup := func(t *testing.T) (*env, *fakeClock, *Client, *Client, net.Listener) {
 		clk := newFakeClock()

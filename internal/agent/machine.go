@@ -65,6 +65,10 @@ type State struct {
 	ArbiterBusy bool      // a call is under way (calls are serialised per guest)
 	RetryAt     time.Time // no call before this after a failure
 	InSync      bool      // the arbiter counts the standby as in sync
+	// SyncReported: a ReportSynced went out and may have committed even
+	// if its answer was lost, so the arbiter may count the standby in
+	// sync: until it says otherwise the primary acts as if it does.
+	SyncReported bool
 	Note        string    // the latest arbiter answer worth showing
 
 	// Primary.
@@ -390,7 +394,7 @@ func (m *Machine) Step(ev Event) []Action {
 		// Only news about this copy's own fence counts: a heartbeat
 		// answered before a report at a newer fence is stale.
 		if m.Role == Primary && e.Fence == m.Fence {
-			m.InSync = false
+			m.InSync, m.SyncReported = false, false
 		}
 		return nil
 	case StandbyLostGranted:
@@ -514,12 +518,15 @@ func (m *Machine) primaryTick() []Action {
 			call = DoRenew{}
 		case m.Obs.Engine == checkpoint.StateProtected && acking && !m.OutputFree && !m.InSync:
 			call = DoReportSynced{}
-		case m.InSync && !alive && now.Sub(m.DownSince) > m.timeout():
+		case m.mayBeInSync() && !alive && now.Sub(m.DownSince) > m.timeout():
 			call = DoReportStandbyLost{}
 		}
 		if c := m.call(call); c != nil {
-			if _, renew := call.(DoRenew); renew {
+			switch call.(type) {
+			case DoRenew:
 				m.NextRenew = now.Add(max(m.LeaseDur/3, 50*time.Millisecond))
+			case DoReportSynced:
+				m.SyncReported = true
 			}
 			acts = append(acts, c...)
 		}
@@ -532,7 +539,7 @@ func (m *Machine) primaryTick() []Action {
 		last = m.Obs.ConnectedSince
 	}
 	stalled := now.Sub(last) > m.timeout()
-	if !m.OutputFree && stalled && (!m.settings.Arbiter || !m.InSync) {
+	if !m.OutputFree && stalled && (!m.settings.Arbiter || !m.mayBeInSync()) {
 		why := "the standby is not in sync at the arbiter and stopped acknowledging"
 		if !m.settings.Arbiter {
 			why = "the standby stopped acknowledging and no arbiter is configured"
@@ -541,6 +548,11 @@ func (m *Machine) primaryTick() []Action {
 	}
 	return acts
 }
+
+// mayBeInSync: the arbiter counts, or may count, the standby as in sync,
+// so it may promote it once it loses this primary: output goes free only
+// after the arbiter agreed to the standby's loss.
+func (m *Machine) mayBeInSync() bool { return m.InSync || m.SyncReported }
 
 func (m *Machine) releaseAll(why string) []Action {
 	m.OutputFree, m.ResyncAfter = true, m.Obs.Started
@@ -556,7 +568,7 @@ func (m *Machine) registered(e Registered) []Action {
 	case m.Role == Standby:
 		m.InSync = r.InSync
 	case r.Lease != nil:
-		m.InSync = r.InSync
+		m.InSync, m.SyncReported = r.InSync, false
 		acts = append(acts, m.renewed(e.Now, *r.Lease)...)
 		m.NextRenew = e.Now.Add(max(m.LeaseDur/3, 50*time.Millisecond))
 	}
@@ -625,7 +637,7 @@ func (m *Machine) fenceMoved(f uint64) []Action {
 }
 
 func (m *Machine) standbyLost(e StandbyLostGranted) []Action {
-	m.InSync = false
+	m.InSync, m.SyncReported = false, false
 	m.Note = ""
 	acts := append(m.adopt(e.Lease.Epoch), m.renewed(e.Now, e.Lease)...)
 	return append(acts, m.releaseAll("the arbiter agreed the primary continues without its standby")...)

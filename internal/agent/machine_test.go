@@ -793,3 +793,40 @@ func TestTakeOverAsksNoPromotion(t *testing.T) {
 		t.Fatalf("control: %s", got)
 	}
 }
+
+// A ReportSynced whose answer was lost may still have committed: the
+// arbiter may count the standby in sync and promote it once it loses this
+// primary (without waiting out the lease). So when that standby goes
+// silent the primary asks the arbiter before its output goes free.
+func TestLostSyncReportKeepsOutputHeld(t *testing.T) {
+	run := func(lostAnswer bool) string {
+		m := primaryIn(PhaseConnecting)
+		m.NextRenew = t0.Add(time.Hour)
+		m.Lease = lease(3, t0.Add(time.Hour))
+		protected := func(o *Observation) {
+			o.Engine, o.LastAck, o.ConnectedSince = checkpoint.StateProtected, o.Now.Add(-10*time.Millisecond), t0
+		}
+		if got := steps(m, tick(m, 10*time.Millisecond, protected)); got != "ReportSynced" {
+			t.Fatalf("protected: %s, want ReportSynced", got)
+		}
+		if lostAnswer {
+			steps(m, ArbiterFailed{Now: t0.Add(20 * time.Millisecond), Call: "report synced", Err: errors.New("connection reset")})
+		} else {
+			m.SyncReported = false // the negative control: never sent
+			steps(m, CallDone{})
+		}
+		var got []string
+		for d := 100 * time.Millisecond; d < 4*time.Second; d += 250 * time.Millisecond {
+			got = append(got, steps(m, tick(m, d, func(o *Observation) {
+				o.Engine, o.LastAck, o.ConnectedSince = checkpoint.StateDegraded, t0.Add(20*time.Millisecond), t0
+			})))
+		}
+		return strings.Join(got, " ")
+	}
+	if s := run(true); strings.Contains(s, "ReleaseAll") || !strings.Contains(s, "ReportStandbyLost") {
+		t.Fatalf("after a lost ReportSynced answer: %s, want ReportStandbyLost and no ReleaseAll", s)
+	}
+	if s := run(false); !strings.Contains(s, "ReleaseAll") {
+		t.Fatalf("negative control: a standby never reported in sync lets output go (got %s)", s)
+	}
+}

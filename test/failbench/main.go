@@ -171,13 +171,16 @@ func run() error {
 		exec.Command("ip", "link", "set", "rmv-a", "up").Run()
 		var answered time.Time
 		if err := waitFor(2*time.Minute, func() bool {
-			c, err := labkit.DialContext(ctx, g.Addr())
+			// Short attempts: a SYN lost while no copy serves would
+			// otherwise wait out TCP's one-second retry, whatever the
+			// failover took.
+			cctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+			defer cancel()
+			c, err := labkit.DialContext(cctx, g.Addr())
 			if err != nil {
 				return false
 			}
 			defer c.Close()
-			cctx, cancel := context.WithTimeout(ctx, time.Second)
-			defer cancel()
 			if _, err := c.Get(cctx); err != nil {
 				return false
 			}
@@ -214,7 +217,8 @@ func run() error {
 			fmt.Printf("%-10s %-10s %10s %10s\n", kind, r.name, stats.Percentile(r.d, 50).Round(time.Millisecond), stats.Percentile(r.d, 99).Round(time.Millisecond))
 		}
 	}
-	fmt.Println("\ndecision waits for the primary's lease to run out: the lease bounds failover time.")
+	fmt.Println("\ndetection: a kill resets the replication connection, a power cut is found by missed heartbeats.")
+	fmt.Println("decision: the arbiter grants once it has lost the primary's agent too (its heartbeats), else when the lease runs out.")
 	b.kill()
 	logLevel = "info" // the switchovers' steps, timed in the agents' logs
 	return switchBench(ctx, bin, work, agentCfg, &reprotect)
