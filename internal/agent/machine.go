@@ -69,7 +69,7 @@ type State struct {
 	// if its answer was lost, so the arbiter may count the standby in
 	// sync: until it says otherwise the primary acts as if it does.
 	SyncReported bool
-	Note        string    // the latest arbiter answer worth showing
+	Note         string // the latest arbiter answer worth showing
 
 	// Primary.
 	PausedAtStart bool // a dead agent left the guest paused: resume once registered
