@@ -571,8 +571,10 @@ func (s *Server) promote(req *request) (Grant, error) {
 		return Grant{}, err
 	}
 	freshRes := map[string]ProbeStatus{}
-	if st, ok := s.probes.probeNow(s.ctx, serviceKey(req.Guest)); ok {
-		freshRes[serviceKey(req.Guest)] = st
+	if !s.serviceDownSincePrimaryLost(req.Guest) {
+		if st, ok := s.probes.probeNow(s.ctx, serviceKey(req.Guest)); ok {
+			freshRes[serviceKey(req.Guest)] = st
+		}
 	}
 
 	s.mu.Lock()
@@ -586,6 +588,25 @@ func (s *Server) promote(req *request) (Grant, error) {
 	s.log.Info("arbiter: promotion granted", "guest", req.Guest, "new_primary", req.Agent,
 		"old_primary", g.PreviousPrimary, "fence", g.Epoch, "previous_fence", g.PreviousEpoch, "detail", s.m.guests[req.Guest].Last.Detail)
 	return g, nil
+}
+
+// serviceDownSincePrimaryLost: the guest's service probe last failed, in a
+// probe begun after the arbiter last heard the primary's agent and still
+// fresh. A promotion then needs no fresh probe, which against a dead host
+// waits out the probe's whole timeout.
+func (s *Server) serviceDownSincePrimaryLost(guest string) bool {
+	st, spec, ok := s.probes.status(serviceKey(guest))
+	if !ok || st.OK || !fresh(st, spec) {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r, ok := s.m.guests[guest]
+	if !ok || r.Primary == "" {
+		return false
+	}
+	last := s.hb.State(r.Primary).LastSeen
+	return !last.IsZero() && st.At.Add(-st.Latency).After(last)
 }
 
 func (s *Server) standbyLost(req *request) (Lease, error) {

@@ -389,6 +389,40 @@ func TestEarlyPromotionOverTheWire(t *testing.T) {
 	mustCode(t, err, ErrStaleEpoch)
 }
 
+// TestNoFreshProbeAfterPrimaryLost: a service probe that failed after the
+// arbiter last heard the primary spares the promotion a fresh probe (which
+// against a dead host waits out its timeout); one older than the last
+// heartbeat does not.
+func TestNoFreshProbeAfterPrimaryLost(t *testing.T) {
+	e := newEnv(t, nil, 10*time.Second)
+	a := e.client("host-a")
+	b := e.client("host-b")
+	down := agentListener(t)
+	addr := down.Addr().String()
+	down.Close() // nothing listens: connection refused
+	_, err := a.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-a", Role: RolePrimary, Service: ProbeSpec{Kind: ProbeTCP, Address: addr}})
+	ok(t, err)
+	_, err = b.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-b", Role: RoleStandby})
+	ok(t, err)
+	beat := func() time.Time {
+		_, err := a.Heartbeat(ctx(t), "host-a", map[string]uint64{"g": 1})
+		ok(t, err)
+		return time.Now()
+	}
+	last := beat()
+	eventually(t, "a failed probe begun after the heartbeat", func() bool {
+		st, _, found := e.srv.probes.status(serviceKey("g"))
+		return found && !st.OK && st.At.Add(-st.Latency).After(last)
+	})
+	if !e.srv.serviceDownSincePrimaryLost("g") {
+		t.Fatal("a failure seen after the primary went silent still asks for a fresh probe")
+	}
+	beat() // the negative control: heard again since the failure
+	if e.srv.serviceDownSincePrimaryLost("g") {
+		t.Fatal("a failure older than the primary's last heartbeat spared the fresh probe")
+	}
+}
+
 func TestStandbyLostFlow(t *testing.T) {
 	setup := func(t *testing.T) (*env, *fakeClock, *Client, *Client, net.Listener) {
 		clk := newFakeClock()

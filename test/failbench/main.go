@@ -159,7 +159,30 @@ func run() error {
 		}
 		time.Sleep(3 * time.Second)
 
+		// The client probes from the crash on, in short attempts: a SYN lost
+		// while no copy serves would otherwise wait out TCP's one-second
+		// retry, whatever the failover took. Only an attempt begun after
+		// the crash counts (the crashed copy holds its output).
 		crash := time.Now()
+		answeredc := make(chan time.Time, 1)
+		pctx, stopProbe := context.WithTimeout(ctx, 2*time.Minute)
+		go func() {
+			defer close(answeredc)
+			for pctx.Err() == nil {
+				cctx, cancel := context.WithTimeout(pctx, 300*time.Millisecond)
+				c, err := labkit.DialContext(cctx, g.Addr())
+				if err == nil {
+					_, err = c.Get(cctx)
+					c.Close()
+				}
+				cancel()
+				if err == nil {
+					answeredc <- time.Now()
+					return
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		}()
 		if kind == "power cut" {
 			exec.Command("ip", "link", "set", "rmv-a", "down").Run() // no FIN, no RST
 			time.Sleep(100 * time.Millisecond)
@@ -169,25 +192,10 @@ func run() error {
 		labkit.Virsh(dctx, "destroy", name)
 		cancel()
 		exec.Command("ip", "link", "set", "rmv-a", "up").Run()
-		var answered time.Time
-		if err := waitFor(2*time.Minute, func() bool {
-			// Short attempts: a SYN lost while no copy serves would
-			// otherwise wait out TCP's one-second retry, whatever the
-			// failover took.
-			cctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-			defer cancel()
-			c, err := labkit.DialContext(cctx, g.Addr())
-			if err != nil {
-				return false
-			}
-			defer c.Close()
-			if _, err := c.Get(cctx); err != nil {
-				return false
-			}
-			answered = time.Now()
-			return true
-		}); err != nil {
-			return fmt.Errorf("guest never answered after crash %d: %w", i, err)
+		answered, ok := <-answeredc
+		stopProbe()
+		if !ok {
+			return fmt.Errorf("guest never answered within 2 minutes after crash %d", i)
 		}
 		var st api.VMStatus
 		if err := waitFor(30*time.Second, func() bool {
