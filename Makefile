@@ -4,7 +4,7 @@ BIN      := bin
 PKGS     := ./...
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: install deb deb-test docs all build test test-unit test-e2e test-kernel bench bench-kernel lab demo lint fuzz fuzz-ci campaign campaign-short clean help
+.PHONY: install deb deb-test docs all build test test-unit test-e2e test-kernel bench bench-kernel lab demo lint fuzz fuzz-ci campaign campaign-short soak clean help
 
 all: build
 
@@ -21,6 +21,7 @@ help:
 	@echo "fuzz-ci    every fuzz target for 5s (part of test)"
 	@echo "campaign   the long randomized fault campaign (FAULTS=300, SEED=...), report in out/campaign.txt (root)"
 	@echo "campaign-short  the same with 32 faults"
+	@echo "soak       no false failover: the default detectors for SOAK (10m) under 50±25 ms and 2% loss on every link, and a negative control (root)"
 	@echo "lint       gofmt, go vet, staticcheck, and the build without cgo"
 	@echo "install    install the binary, systemd units, example configs, man pages and completions (DESTDIR, PREFIX)"
 	@echo "deb        build out/remora_VERSION_ARCH.deb"
@@ -55,6 +56,12 @@ campaign: lab
 	mkdir -p out
 	REMORA_E2E=1 REMORA_LAB=1 REMORA_CAMPAIGN_FAULTS=$(FAULTS) REMORA_CAMPAIGN_SEED=$(SEED) REMORA_CAMPAIGN_REPORT=$(CURDIR)/out/campaign.txt \
 		$(GO) test -count=1 -v -timeout 4h -run '^TestCampaign$$' ./test/e2e/
+
+# The false-suspicion soak: SOAK of impaired links with the default
+# detectors must fail nothing over; a too-quick detector must (the control).
+SOAK ?= 10m
+soak: lab
+	REMORA_E2E=1 REMORA_LAB=1 REMORA_SOAK=$(SOAK) $(GO) test -p 1 -count=1 -v -timeout 60m -run '^(TestNoFalseFailover|TestFalseFailoverControl)$$' ./test/e2e/
 
 test: lab lint test-unit fuzz-ci test-kernel test-e2e deb-test
 

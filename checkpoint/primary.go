@@ -132,7 +132,8 @@ type PrimaryStatus struct {
 	LastPause       PauseBreakdown `json:"last_pause"`
 	PauseMedian     PauseBreakdown `json:"pause_breakdown_p50"` // each step's median over the recent incremental epochs
 	Standby         string         `json:"standby,omitempty"`   // the standby agent's id, from its welcome
-	LastAck         time.Time      `json:"last_ack,omitzero"`   // when the standby last acknowledged an epoch
+	LastAck         time.Time      `json:"last_ack,omitzero"`   // when the standby last acknowledged an epoch in time to release its output
+	StaleAcks       uint64         `json:"stale_acks"`          // acknowledgements that came too late to release output (Welcome.AckWindowMs)
 	LastError       string         `json:"last_error,omitempty"`
 	OutputError     string         `json:"output_error,omitempty"` // the last output release failed
 	NextRetry       time.Time      `json:"next_retry,omitempty"`
@@ -235,6 +236,8 @@ type Primary struct {
 	epochRate    stats.Rate
 	retained     []*capturedEpoch // captured, not yet acked: their bitmaps allow resume
 	ackedEpoch   uint64
+	releasable   uint64        // the newest acked epoch whose output may go out
+	ackWindow    time.Duration // the standby's Welcome.AckWindowMs (0: none)
 	ackCh        chan struct{}
 	wasProtected bool
 
@@ -428,6 +431,7 @@ func (p *Primary) session(ctx context.Context) error {
 	// Every frame of the session carries the fence of its hello: SetFence
 	// ends the session, and the next one says hello at the new fence.
 	fence := p.fence.Load()
+	helloAt := time.Now()
 	if err := WriteJSON(conn, FrameHello, fence, 0, hello); err != nil {
 		return fmt.Errorf("send hello: %w", err)
 	}
@@ -460,7 +464,7 @@ func (p *Primary) session(ctx context.Context) error {
 			w.Generation, w.Committed = "", 0
 		}
 	}
-	plan := p.resumePlan(w, hashes)
+	plan := p.resumePlan(w, hashes, helloAt)
 	p.log.Info("replication session open", "standby", w.Agent, "full_sync", plan.full, "resync_against_replica", plan.base != nil, "standby_committed", w.Committed)
 	p.setState(func(s *PrimaryStatus) {
 		s.ConnectedSince, s.LastError, s.NextRetry, s.Standby = time.Now(), "", time.Time{}, w.Agent
@@ -525,9 +529,10 @@ type sessionPlan struct {
 
 // resumePlan decides what the first epoch of a session must carry. hashes
 // are the standby's replica page hashes, when it offered them.
-func (p *Primary) resumePlan(w Welcome, hashes []uint64) sessionPlan {
+func (p *Primary) resumePlan(w Welcome, hashes []uint64, helloAt time.Time) sessionPlan {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.ackWindow = time.Duration(w.AckWindowMs) * time.Millisecond
 	if w.Generation != p.gen || !p.everSent || w.Committed < p.ackedEpoch {
 		p.retained = nil
 		// Epoch numbers only grow on the standby, across our restarts too.
@@ -553,7 +558,10 @@ func (p *Primary) resumePlan(w Welcome, hashes []uint64) sessionPlan {
 	if w.Committed > p.ackedEpoch {
 		// The standby committed epochs whose acks we never read.
 		p.ackedEpoch = w.Committed
-		p.wakeReleaser()
+		if p.inAckWindow(helloAt) {
+			p.releasable = max(p.releasable, w.Committed)
+			p.wakeReleaser()
+		}
 	}
 	return sessionPlan{resend: resend}
 }
@@ -968,13 +976,26 @@ func (p *Primary) acked(epoch uint64) {
 	if epoch > p.ackedEpoch {
 		p.ackedEpoch = epoch
 	}
+	var cut time.Time
 	i := 0
 	for i < len(p.retained) && p.retained[i].epoch <= epoch {
+		if p.retained[i].epoch == epoch {
+			cut = p.retained[i].at
+		}
 		i++
 	}
 	p.retained = p.retained[i:]
 	p.st.State = StateProtected
-	p.st.LastAck = time.Now()
+	if p.inAckWindow(cut) {
+		p.releasable = max(p.releasable, epoch)
+		p.st.LastAck = time.Now()
+	} else {
+		// Too late: the standby may be running the guest by now. The
+		// output stays held until an acknowledgement in time, or until
+		// the arbiter agrees the standby is lost (then it all goes out).
+		p.st.StaleAcks++
+		p.log.Debug("acknowledgement too late to release output", "epoch", epoch, "window", p.ackWindow)
+	}
 	p.wasProtected = true
 	p.mu.Unlock()
 	p.wakeReleaser()
@@ -985,6 +1006,12 @@ func (p *Primary) acked(epoch uint64) {
 	if p.cfg.Hook != nil {
 		p.cfg.Hook("acked", epoch)
 	}
+}
+
+// inAckWindow: an acknowledgement now of what the primary did at t (an
+// epoch's cut, a hello; zero if unknown) may release output (p.mu held).
+func (p *Primary) inAckWindow(t time.Time) bool {
+	return p.ackWindow == 0 || !t.IsZero() && time.Since(t) <= p.ackWindow
 }
 
 func (p *Primary) wakeReleaser() {
@@ -1015,7 +1042,7 @@ func (p *Primary) releaseLoop(ctx context.Context) {
 // *released.
 func (p *Primary) releaseAcked(released *uint64) {
 	p.mu.Lock()
-	acked := p.ackedEpoch
+	acked := p.releasable
 	p.mu.Unlock()
 	if acked <= *released {
 		return

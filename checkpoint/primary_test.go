@@ -1193,7 +1193,7 @@ func TestPrimaryResumePlan(t *testing.T) {
 		p := newP()
 		p.everSent, p.captured, p.ackedEpoch = true, 7, 5
 		p.retained = []*capturedEpoch{ep(6, 1), ep(7, 2)}
-		plan := p.resumePlan(Welcome{Generation: "someone-else", Committed: 40}, nil)
+		plan := p.resumePlan(Welcome{Generation: "someone-else", Committed: 40}, nil, time.Now())
 		if !plan.full || plan.resend != nil || p.retained != nil {
 			t.Fatalf("plan %+v retained=%d", plan, len(p.retained))
 		}
@@ -1204,7 +1204,7 @@ func TestPrimaryResumePlan(t *testing.T) {
 	t.Run("other generation with the replica's hashes", func(t *testing.T) {
 		p := newP()
 		hashes := make([]uint64, 128)
-		plan := p.resumePlan(Welcome{Generation: "someone-else", Committed: 40, Hashes: 128}, hashes)
+		plan := p.resumePlan(Welcome{Generation: "someone-else", Committed: 40, Hashes: 128}, hashes, time.Now())
 		if plan.full || plan.base == nil || p.captured != 40 {
 			t.Fatalf("plan %+v captured %d: want a resync against the replica", plan, p.captured)
 		}
@@ -1212,7 +1212,7 @@ func TestPrimaryResumePlan(t *testing.T) {
 	t.Run("never sent", func(t *testing.T) {
 		p := newP()
 		p.captured = 3
-		plan := p.resumePlan(Welcome{Generation: p.gen, Committed: 0}, nil)
+		plan := p.resumePlan(Welcome{Generation: p.gen, Committed: 0}, nil, time.Now())
 		if !plan.full || p.captured != 3 {
 			t.Fatalf("plan %+v captured=%d", plan, p.captured)
 		}
@@ -1221,7 +1221,7 @@ func TestPrimaryResumePlan(t *testing.T) {
 		p := newP()
 		p.everSent, p.captured, p.ackedEpoch = true, 9, 8
 		p.retained = []*capturedEpoch{ep(9, 1)}
-		plan := p.resumePlan(Welcome{Generation: p.gen, Committed: 5}, nil)
+		plan := p.resumePlan(Welcome{Generation: p.gen, Committed: 5}, nil, time.Now())
 		if !plan.full || p.retained != nil {
 			t.Fatalf("plan %+v retained=%d", plan, len(p.retained))
 		}
@@ -1230,7 +1230,7 @@ func TestPrimaryResumePlan(t *testing.T) {
 		p := newP()
 		p.everSent, p.captured, p.ackedEpoch = true, 9, 5
 		p.retained = []*capturedEpoch{ep(6, 1, 2), ep(7, 3), ep(8, 4, 100), ep(9, 127)}
-		if plan := p.resumePlan(Welcome{Generation: p.gen, Committed: 7}, nil); plan.full || plan.base != nil {
+		if plan := p.resumePlan(Welcome{Generation: p.gen, Committed: 7}, nil, time.Now()); plan.full || plan.base != nil {
 			t.Fatal("resumed with a resync")
 		}
 		// Kept in the carry, which only a successful capture clears.
@@ -1277,6 +1277,69 @@ func TestPrimaryAcked(t *testing.T) {
 	if s := p.Status(); s.AckedEpoch != 5 || p.inFlight() != 0 || s.Lag != 0 {
 		t.Fatalf("after ack 5: acked %d in flight %d lag %v", s.AckedEpoch, p.inFlight(), s.Lag)
 	}
+}
+
+// recordingOutput records what the primary releases.
+type recordingOutput struct {
+	mu       sync.Mutex
+	released uint64
+}
+
+func (o *recordingOutput) Cut(uint64) error { return nil }
+func (o *recordingOutput) Release(epoch uint64) error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.released = max(o.released, epoch)
+	return nil
+}
+func (o *recordingOutput) get() uint64 {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.released
+}
+
+// An acknowledgement that comes later than the standby's ack window after
+// its epoch's cut releases nothing (the standby may be running the guest
+// by then) and does not count as a sign of life; one in time releases its
+// epoch and every one before it. Without a window every ack releases.
+func TestAckWindow(t *testing.T) {
+	out := &recordingOutput{}
+	p := NewPrimary(PrimaryConfig{Interval: time.Second, Log: testLogger(t), Output: out}, nil, make([]byte, 8*PageSize), NewScanTracker(8*PageSize))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { p.releaseLoop(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	released := func(want uint64) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for out.get() != want && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
+		if got := out.get(); got != want {
+			t.Fatalf("released up to %d, want %d", got, want)
+		}
+	}
+	p.ackWindow = time.Second
+	now := time.Now()
+	p.retained = []*capturedEpoch{{epoch: 1, at: now.Add(-3 * time.Second)}, {epoch: 2, at: now.Add(-2 * time.Second)}, {epoch: 3, at: now}}
+	p.acked(1)
+	p.acked(2)
+	time.Sleep(20 * time.Millisecond)
+	if s := p.Status(); out.get() != 0 || s.StaleAcks != 2 || !s.LastAck.IsZero() || s.AckedEpoch != 2 {
+		t.Fatalf("late acks: released %d, status %+v", out.get(), s)
+	}
+	p.acked(3)
+	released(3)
+	if s := p.Status(); s.StaleAcks != 2 || s.LastAck.IsZero() {
+		t.Fatalf("an ack in time: %+v", s)
+	}
+	// The negative control: a standby that promised nothing.
+	p.mu.Lock()
+	p.ackWindow = 0
+	p.retained = []*capturedEpoch{{epoch: 4, at: now.Add(-time.Hour)}}
+	p.mu.Unlock()
+	p.acked(4)
+	released(4)
 }
 
 // silentCutter is a standby that stops answering disk cuts.

@@ -142,6 +142,14 @@ type Welcome struct {
 	// another primary generation (the primary's agent restarted), and the
 	// first epoch need only carry the pages that differ (EpochBegin.Base).
 	Hashes uint64 `json:"hashes,omitempty"`
+	// AckWindowMs is this standby's promise: it resumes the guest (fails
+	// over) no sooner than this long after it committed the last epoch it
+	// acknowledged or sent this welcome. So an acknowledgement releases
+	// output only if it came within this long of its epoch's cut (of the
+	// hello, for the epochs this welcome reports committed); a later one
+	// may come from a standby already running the guest, and the output
+	// stays held. 0: no promise (every acknowledgement releases).
+	AckWindowMs int64 `json:"ack_window_ms,omitempty"`
 }
 
 // MaxHashesPerFrame bounds the page hashes in one FramePageHashes frame.

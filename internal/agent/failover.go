@@ -70,7 +70,7 @@ func (a *Agent) Failover(ctx context.Context, name string, force bool) (api.Fail
 	} else {
 		g.post(FailoverStarted{Now: time.Now(), Fence: st.Fence + 1})
 	}
-	res, err := a.failoverGuest(ctx, g, fence)
+	res, err := a.failoverGuest(ctx, g, fence, false)
 	g.post(failoverOutcome(err))
 	return res, err
 }
@@ -86,7 +86,9 @@ func failoverOutcome(err error) Event {
 
 // failoverGuest runs (or resumes) the failover move of guest g; a non-zero
 // fence is the epoch the arbiter granted. One failover runs at a time.
-func (a *Agent) failoverGuest(ctx context.Context, g *guest, fence uint64) (api.FailoverResult, error) {
+// Unless its primary handed it over (handedOver), the guest resumes only
+// after the ack window (see ackWindow).
+func (a *Agent) failoverGuest(ctx context.Context, g *guest, fence uint64, handedOver bool) (api.FailoverResult, error) {
 	a.failover.Lock()
 	defer a.failover.Unlock()
 	start := time.Now()
@@ -106,6 +108,11 @@ func (a *Agent) failoverGuest(ctx context.Context, g *guest, fence uint64) (api.
 	}
 	s.busy = true
 	defer func() { s.busy = false }()
+	if !handedOver {
+		if err := a.waitAckWindow(ctx, g); err != nil {
+			return api.FailoverResult{}, &retryableError{err}
+		}
+	}
 
 	tx, resuming := a.resume[g.name]
 	var epoch uint64

@@ -35,6 +35,7 @@ type standbyRun struct {
 	sessionFrom string
 	lastFrame   time.Time
 	lastCommit  time.Time
+	lastWelcome time.Time // with lastCommit: a failover waits out the ack window after both
 	commits     []time.Time
 	bytesIn     uint64
 	lastError   string
@@ -42,6 +43,38 @@ type standbyRun struct {
 
 	shellAlive  bool // as last checked
 	shellSeenAt time.Time
+}
+
+// ackWindow is how long after its last acknowledgement (or welcome) a
+// standby waits before it resumes the guest; the primary releases output
+// only on acknowledgements that come sooner (checkpoint.Welcome). The
+// failure detector's timeout costs a crash nothing: the standby suspects
+// its primary only after that long without a frame, hence without
+// acknowledging anything.
+func (a *Agent) ackWindow() time.Duration { return a.cfg.HeartbeatTimeout() }
+
+// waitAckWindow waits until an acknowledgement (or welcome) this standby
+// sent can no longer release output on the old primary (s.mu held, the
+// session closed).
+func (a *Agent) waitAckWindow(ctx context.Context, g *guest) error {
+	s := g.standby
+	last := s.lastCommit
+	if s.lastWelcome.After(last) {
+		last = s.lastWelcome
+	}
+	wait := time.Until(last.Add(a.ackWindow()))
+	if last.IsZero() || wait <= 0 {
+		return nil
+	}
+	g.log.Info("failover waits out the ack window: the old primary may still release output this standby acknowledged", "wait", wait.Round(time.Millisecond))
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
 }
 
 func (s *standbyRun) closeSession() {
@@ -133,7 +166,7 @@ func (s *standbyRun) do(ctx context.Context, g *guest, act Action) {
 	switch act := act.(type) {
 	case DoFailover:
 		go func() {
-			_, err := a.failoverGuest(a.runCtx, g, act.Fence)
+			_, err := a.failoverGuest(a.runCtx, g, act.Fence, false)
 			if err != nil && !errors.Is(err, errFailedOver) {
 				g.log.Error("automatic failover failed", "err", err)
 			}
@@ -478,6 +511,7 @@ func (h standbyHandler) accept(ctx context.Context, conn net.Conn, hello checkpo
 		s.session.Close() // the primary reconnected; the old session is dead
 	}
 	s.session, s.sessionFrom, s.lastFrame, s.lastError = conn, hello.Agent, time.Now(), ""
+	s.lastWelcome = s.lastFrame
 	a.detector.Heartbeat(g.name)
 	rst := s.replica.State()
 	var hashes []uint64
@@ -486,7 +520,8 @@ func (h standbyHandler) accept(ctx context.Context, conn net.Conn, hello checkpo
 		// against what this replica holds instead of copying all of RAM.
 		hashes = s.replica.PageHashes()
 	}
-	return &sessionGuest{g: g, conn: conn}, checkpoint.Welcome{Agent: a.cfg.AgentID, Generation: rst.Generation, Committed: rst.Committed}, hashes, nil
+	w := checkpoint.Welcome{Agent: a.cfg.AgentID, Generation: rst.Generation, Committed: rst.Committed, AckWindowMs: a.ackWindow().Milliseconds()}
+	return &sessionGuest{g: g, conn: conn}, w, hashes, nil
 }
 
 // standbyGuestFor returns the guest a hello is for, creating its replica

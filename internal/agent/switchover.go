@@ -254,7 +254,7 @@ func (a *Agent) takeOver(ctx context.Context, m checkpoint.Move, fence uint64) e
 		g.post(FailoverStarted{Now: time.Now(), Fence: m.Fence, Lease: l}) // the lease it keeps once promoted
 	}
 	g.log.Info("switchover: taking the guest over from its primary", "primary", m.Agent, "epoch", m.Epoch, "fence", m.Fence)
-	_, err := a.failoverGuest(ctx, g, m.Fence)
+	_, err := a.failoverGuest(ctx, g, m.Fence, true)
 	g.post(failoverOutcome(err))
 	if errors.Is(err, errFailedOver) {
 		return nil

@@ -46,6 +46,25 @@ func newArbLab(t *testing.T) *arbLab {
 // newArbLabWith is newArbLab with more agent.yaml lines for both agents.
 func newArbLabWith(t *testing.T, agentExtra string) *arbLab {
 	t.Helper()
+	return newArbLabDetector(t, detectors{labDetector, labDetector, labDetector}, agentExtra)
+}
+
+// detector is the failure detectors' timing of a lab: the agents' (of
+// each other and of the arbiter) and the arbiter's (of the agents).
+type detector struct {
+	interval time.Duration
+	missed   int
+}
+
+// labDetector is the timing most lab tests run with.
+var labDetector = detector{250 * time.Millisecond, 4}
+
+// detectors is the detector timing of the arbiter and of each agent.
+type detectors struct{ arbiter, a, b detector }
+
+// newArbLabDetector is newArbLabWith with the detectors' timing d.
+func newArbLabDetector(t *testing.T, d detectors, agentExtra string) *arbLab {
+	t.Helper()
 	l := &arbLab{t: t, pki: t.TempDir(), arbDir: t.TempDir(), arbAddr: labkit.IPArbiter + ":7410"}
 	run := func(args ...string) {
 		if out, err := exec.Command(remoraBin, args...).CombinedOutput(); err != nil {
@@ -66,22 +85,22 @@ tls:
   ca: %s
 lease_duration: 3s
 heartbeat:
-  interval: 250ms
-  missed: 4
+  interval: %s
+  missed: %d
 probe:
   interval: 500ms
   timeout: 400ms
 log_level: debug
-`, l.arbAddr, filepath.Join(l.arbDir, "state"), pki.CertPath(l.pki, "arbiter"), pki.KeyPath(l.pki, "arbiter"), filepath.Join(l.pki, "ca.crt"))
+`, l.arbAddr, filepath.Join(l.arbDir, "state"), pki.CertPath(l.pki, "arbiter"), pki.KeyPath(l.pki, "arbiter"), filepath.Join(l.pki, "ca.crt"), d.arbiter.interval, d.arbiter.missed)
 	if err := os.WriteFile(l.arbCfg, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	tlsLines := func(name string) string {
-		return fmt.Sprintf("arbiter: %s\ntls_cert: %s\ntls_key: %s\ntls_ca: %s\nheartbeat_interval: 250ms\nheartbeat_missed: 4\n",
-			l.arbAddr, pki.CertPath(l.pki, name), pki.KeyPath(l.pki, name), filepath.Join(l.pki, "ca.crt"))
+	tlsLines := func(name string, d detector) string {
+		return fmt.Sprintf("arbiter: %s\ntls_cert: %s\ntls_key: %s\ntls_ca: %s\nheartbeat_interval: %s\nheartbeat_missed: %d\n",
+			l.arbAddr, pki.CertPath(l.pki, name), pki.KeyPath(l.pki, name), filepath.Join(l.pki, "ca.crt"), d.interval, d.missed)
 	}
-	l.a = newHost(t, "host-a", labkit.NetnsA, labkit.IPA, hostOpts{extra: tlsLines("host-a") + agentExtra})
-	l.b = newHost(t, "host-b", labkit.NetnsB, labkit.IPB, hostOpts{extra: tlsLines("host-b") + "api_listen: " + labkit.IPB + ":7401\n" + agentExtra})
+	l.a = newHost(t, "host-a", labkit.NetnsA, labkit.IPA, hostOpts{extra: tlsLines("host-a", d.a) + agentExtra})
+	l.b = newHost(t, "host-b", labkit.NetnsB, labkit.IPB, hostOpts{extra: tlsLines("host-b", d.b) + "api_listen: " + labkit.IPB + ":7401\n" + agentExtra})
 	t.Cleanup(func() {
 		l.stopArbiter()
 		if t.Failed() {
@@ -621,4 +640,11 @@ func TestAuthenticationRefused(t *testing.T) {
 			t.Fatalf("a certificate from a foreign CA was let into the admin API:\n%s", out2)
 		}
 	})
+}
+
+// arbiterLog is the arbiter's output so far.
+func (l *arbLab) arbiterLog() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.arbLog.String()
 }

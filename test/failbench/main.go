@@ -363,11 +363,11 @@ func switchBench(ctx context.Context, bin, work string, agentCfg func(name, ip s
 		reprotectTime = append(reprotectTime, time.Since(moved))
 		memBytes = append(memBytes, float64(st.Bytes))
 		if st.Disk != nil {
-			diskBytes = append(diskBytes, float64(st.Disk.SyncTotal))
+			diskBytes = append(diskBytes, float64(st.Disk.LastResyncBytes))
 		}
 		fmt.Fprintf(os.Stderr, "switchover %d %s -> %s: downtime %s, client gap %s, re-protected in %s (%.0f MiB sent, disk copy %.0f MiB)\n",
 			i, from, to, res.Downtime.Round(time.Millisecond), gap.Round(time.Millisecond), time.Since(moved).Round(100*time.Millisecond),
-			float64(st.Bytes)/(1<<20), float64(st.Disk.SyncTotal)/(1<<20))
+			float64(st.Bytes)/(1<<20), float64(st.Disk.LastResyncBytes)/(1<<20))
 		from, to = to, from
 	}
 	fmt.Printf("\nplanned switchovers of a 256 MiB guest with a %d MiB disk, back and forth, %d times (reprotect: auto):\n", *diskMiB, *switches)
@@ -378,8 +378,8 @@ func switchBench(ctx context.Context, bin, work string, agentCfg func(name, ip s
 	}{{"downtime (pause to running there)", downtime}, {"client's longest gap", gaps}, {"re-protect (to protected, mirrored)", reprotectTime}} {
 		fmt.Printf("%-34s %10s %10s\n", r.name, stats.Percentile(r.d, 50).Round(time.Millisecond), stats.Percentile(r.d, 99).Round(time.Millisecond))
 	}
-	fmt.Printf("re-protect sends the guest in full: %.0f MiB of memory on the wire (zero pages elided, lz4) and a %.0f MiB disk copy each time\n",
-		median(memBytes)/(1<<20), median(diskBytes)/(1<<20))
+	fmt.Printf("re-protect sends (median): %.0f MiB of memory on the wire (pages that differ from the old copy's, lz4) and %.0f MiB of disk (blocks that differ); a full resync is %d MiB of RAM and %d MiB of disk\n",
+		median(memBytes)/(1<<20), median(diskBytes)/(1<<20), 256, *diskMiB)
 	return nil
 }
 
