@@ -294,15 +294,24 @@ func (c *Client) Retire(ctx context.Context, guest, agentID string, epoch uint64
 	return err
 }
 
+// HeartbeatReply is the arbiter's answer to a heartbeat.
+type HeartbeatReply struct {
+	Assignments []Assignment
+	// SuspectAfter is the arbiter's detector timeout: silent this long,
+	// the agent's primaries may be failed over (zero from an arbiter that
+	// does not say).
+	SuspectAfter time.Duration
+}
+
 // Heartbeat tells the arbiter the agent is alive and returns its current
 // assignments. epochs (optional) maps guests to the epoch the agent holds;
 // assignments for guests whose epoch moved on are marked Stale.
-func (c *Client) Heartbeat(ctx context.Context, agentID string, epochs map[string]uint64) ([]Assignment, error) {
+func (c *Client) Heartbeat(ctx context.Context, agentID string, epochs map[string]uint64) (HeartbeatReply, error) {
 	resp, err := c.call(ctx, &request{Op: opHeartbeat, Agent: agentID, Epochs: epochs})
 	if err != nil {
-		return nil, err
+		return HeartbeatReply{}, err
 	}
-	return resp.Assignments, nil
+	return HeartbeatReply{Assignments: resp.Assignments, SuspectAfter: time.Duration(resp.SuspectAfterMs) * time.Millisecond}, nil
 }
 
 // Status returns the arbiter's view of all guests and agents. Any

@@ -55,7 +55,11 @@ type response struct {
 	Grant        *Grant        `json:"grant,omitempty"`
 	Registration *Registration `json:"registration,omitempty"`
 	Assignments  []Assignment  `json:"assignments,omitempty"`
-	Status       *Status       `json:"status,omitempty"`
+	// SuspectAfterMs (heartbeat answers): how long the arbiter waits
+	// without an agent's heartbeat before it may promote that agent's
+	// standbys, so a primary can pause its guest first.
+	SuspectAfterMs int64   `json:"suspect_after_ms,omitempty"`
+	Status         *Status `json:"status,omitempty"`
 }
 
 // writeFrame sends a 4-byte big-endian length followed by the JSON body,

@@ -432,6 +432,7 @@ func (s *Server) dispatch(req *request, resp *response) error {
 		s.mu.Lock()
 		resp.Assignments = s.m.heartbeat(s.clock.Now(), req.Agent, req.Epochs)
 		s.mu.Unlock()
+		resp.SuspectAfterMs = s.hb.Config().Timeout().Milliseconds()
 		return nil
 	case opRegister:
 		reg, err := s.register(req)

@@ -213,8 +213,12 @@ func TestRegisterRenewHeartbeatStatus(t *testing.T) {
 	ok(t, err)
 	ok(t, a.ReportSynced(ctx(t), "web", "host-a", 1, "host-b"))
 
-	as, err := b.Heartbeat(ctx(t), "host-b", map[string]uint64{"web": 1})
+	hb, err := b.Heartbeat(ctx(t), "host-b", map[string]uint64{"web": 1})
 	ok(t, err)
+	if hb.SuspectAfter <= 0 {
+		t.Fatalf("heartbeat answer does not say when the arbiter suspects: %+v", hb)
+	}
+	as := hb.Assignments
 	if len(as) != 1 || as[0].Role != RoleStandby || !as[0].InSync || as[0].Stale {
 		t.Fatalf("assignments %+v", as)
 	}

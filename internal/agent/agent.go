@@ -23,6 +23,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -64,7 +65,7 @@ type Coordinator interface {
 	ReportStandbyLost(ctx context.Context, guest, agentID string, epoch uint64) (arbiter.Lease, error)
 	ReportSynced(ctx context.Context, guest, agentID string, epoch uint64, standbyID string) error
 	Retire(ctx context.Context, guest, agentID string, epoch uint64) error
-	Heartbeat(ctx context.Context, agentID string, epochs map[string]uint64) ([]arbiter.Assignment, error)
+	Heartbeat(ctx context.Context, agentID string, epochs map[string]uint64) (arbiter.HeartbeatReply, error)
 	Status(ctx context.Context) (arbiter.Status, error)
 	// Suspend holds a restarting primary's lease for d (no promotion).
 	Suspend(ctx context.Context, guest, agentID string, epoch uint64, d time.Duration) (arbiter.Lease, error)
@@ -93,6 +94,11 @@ type Agent struct {
 
 	// detector suspects the primary of a replica whose frames stopped.
 	detector *heartbeat.Detector
+	// arbiterHeard is when the latest heartbeat the arbiter answered was
+	// sent (unix ns), arbiterSuspects its detector's timeout: a primary
+	// silent at the arbiter that long may be failed over.
+	arbiterHeard    atomic.Int64
+	arbiterSuspects atomic.Int64
 
 	failover    sync.Mutex // one failover at a time
 	standbyNew  sync.Mutex // one replica record created at a time
@@ -436,11 +442,14 @@ func (a *Agent) arbiterHeartbeat(ctx context.Context) {
 				guests[g.name] = g
 			}
 		}
-		as, err := a.arb.Heartbeat(ctx, a.cfg.AgentID, epochs)
+		sent := time.Now()
+		reply, err := a.arb.Heartbeat(ctx, a.cfg.AgentID, epochs)
 		if err != nil {
 			continue
 		}
-		for _, as := range as {
+		a.arbiterHeard.Store(sent.UnixNano())
+		a.arbiterSuspects.Store(int64(reply.SuspectAfter))
+		for _, as := range reply.Assignments {
 			g := guests[as.Guest]
 			if g == nil {
 				continue
@@ -465,6 +474,21 @@ func (a *Agent) arbiterHeartbeat(ctx context.Context) {
 			a.refreshProbes(ctx, guests)
 		}
 	}
+}
+
+// arbiterContact is when the arbiter last answered a heartbeat (its send
+// time: the arbiter heard it no sooner) and after how long of silence it
+// suspects this agent: its own detector's timeout if the arbiter does not
+// say (an older arbiter uses the same default).
+func (a *Agent) arbiterContact() (heard time.Time, suspects time.Duration) {
+	if ns := a.arbiterHeard.Load(); ns != 0 {
+		heard = time.Unix(0, ns)
+	}
+	suspects = time.Duration(a.arbiterSuspects.Load())
+	if suspects <= 0 {
+		suspects = a.cfg.HeartbeatTimeout()
+	}
+	return heard, suspects
 }
 
 // refreshProbes copies the arbiter's client-side probe results for status.

@@ -52,8 +52,8 @@ func (f *fakeArbiter) Retire(_ context.Context, g, a string, e uint64) error {
 	f.calls = append(f.calls, fmt.Sprintf("retire %s %s %d", g, a, e))
 	return f.err
 }
-func (f *fakeArbiter) Heartbeat(context.Context, string, map[string]uint64) ([]arbiter.Assignment, error) {
-	return nil, f.err
+func (f *fakeArbiter) Heartbeat(context.Context, string, map[string]uint64) (arbiter.HeartbeatReply, error) {
+	return arbiter.HeartbeatReply{}, f.err
 }
 func (f *fakeArbiter) Status(context.Context) (arbiter.Status, error) { return arbiter.Status{}, f.err }
 func (f *fakeArbiter) Suspend(_ context.Context, g, a string, e uint64, d time.Duration) (arbiter.Lease, error) {

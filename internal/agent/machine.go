@@ -25,7 +25,7 @@ const (
 	PhaseProtected   Phase = "protected"   // the standby acknowledges epochs
 	PhaseDegraded    Phase = "degraded"    // the standby stopped acknowledging: output held
 	PhaseUnprotected Phase = "unprotected" // running alone by agreement (or without an arbiter): output flows
-	PhaseSelfFenced  Phase = "self-fenced" // the lease ran out while the standby was silent: guest paused
+	PhaseSelfFenced  Phase = "self-fenced" // the lease ran out, or the arbiter may promote, while the standby was silent: guest paused
 	PhaseFenced      Phase = "fenced"      // superseded at a higher fence: the copy here is destroyed
 
 	// Standby side.
@@ -75,7 +75,7 @@ type State struct {
 	PausedAtStart bool // a dead agent left the guest paused: resume once registered
 	OutputFree    bool // output flows unheld until an epoch after ResyncAfter is acknowledged
 	ResyncAfter   uint64
-	SelfFenced    bool // paused by us because the lease ran out
+	SelfFenced    bool // paused by us: the lease ran out or the arbiter may promote the standby
 	Fenced        bool // superseded: the copy here was destroyed
 	DownSince     time.Time
 
@@ -107,6 +107,11 @@ type Observation struct {
 	ConnectedSince time.Time
 	Started        uint64 // newest epoch whose capture began
 	Acked          uint64
+	// ArbiterHeard is when the arbiter last answered this agent's
+	// heartbeat (zero: not since the start); after ArbiterSuspects of
+	// silence it may promote the standby without waiting out the lease.
+	ArbiterHeard    time.Time
+	ArbiterSuspects time.Duration
 	// Standby.
 	Silent     bool // the failure detector suspects the primary
 	Consistent bool
@@ -509,12 +514,22 @@ func (m *Machine) primaryTick() []Action {
 		// drift margin later than ours), unless the standby acknowledged
 		// within half the detector's timeout: a standby that hears from us
 		// does not suspect us, so it cannot be promoting.
-		if !m.Lease.ValidAt(now) && !m.SelfFenced && now.Sub(m.Obs.LastAck) >= m.timeout()/2 {
+		standbySilent := now.Sub(m.Obs.LastAck) >= m.timeout()/2
+		switch {
+		case m.SelfFenced || !standbySilent:
+		case !m.Lease.ValidAt(now):
 			acts = append(acts, DoPause{Why: "lease expired and the standby is silent"})
+		case m.arbiterMayPromote(now):
+			// The arbiter promotes a standby in sync once it has missed
+			// our heartbeats for its timeout, lease or not: pause at half
+			// of it (counted from a send, so early) so that the copies
+			// never both run.
+			acts = append(acts, DoPause{Why: fmt.Sprintf("no answer from the arbiter for %v and the standby is silent: the arbiter may promote it", now.Sub(m.Obs.ArbiterHeard).Round(time.Millisecond))})
 		}
 		var call Action
 		switch {
-		case !now.Before(m.NextRenew):
+		case !now.Before(m.NextRenew), m.SelfFenced:
+			// Self-fenced: a renewal is what resumes the guest.
 			call = DoRenew{}
 		case m.Obs.Engine == checkpoint.StateProtected && acking && !m.OutputFree && !m.InSync:
 			call = DoReportSynced{}
@@ -547,6 +562,13 @@ func (m *Machine) primaryTick() []Action {
 		acts = append(acts, m.releaseAll(why)...)
 	}
 	return acts
+}
+
+// arbiterMayPromote: the arbiter may count the standby as in sync and may
+// soon have missed this agent's heartbeats for its detector's timeout.
+func (m *Machine) arbiterMayPromote(now time.Time) bool {
+	heard := m.Obs.ArbiterHeard
+	return m.mayBeInSync() && !heard.IsZero() && now.Sub(heard) >= m.Obs.ArbiterSuspects/2
 }
 
 // mayBeInSync: the arbiter counts, or may count, the standby as in sync,

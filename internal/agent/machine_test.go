@@ -25,7 +25,7 @@ func lease(fence uint64, until time.Time) arbiter.Lease {
 func primaryIn(p Phase) *Machine {
 	m := NewPrimary(testSettings(), 3, false, false)
 	m.Registered, m.Lease, m.LeaseDur, m.NextRenew = true, lease(3, t0.Add(2*time.Second)), 3*time.Second, t0.Add(time.Second)
-	m.Obs = Observation{Now: t0, Engine: checkpoint.StateConnecting, Started: 10, Acked: 9}
+	m.Obs = Observation{Now: t0, Engine: checkpoint.StateConnecting, Started: 10, Acked: 9, ArbiterHeard: t0.Add(-50 * time.Millisecond), ArbiterSuspects: time.Second}
 	switch p {
 	case PhaseStarting:
 		m.Registered, m.Lease = false, arbiter.Lease{}
@@ -103,7 +103,9 @@ type event struct {
 
 var primaryEvents = []event{
 	{"tick", func(m *Machine) Event { return tick(m, 10*time.Millisecond, nil) }},
-	{"tick renew due", func(m *Machine) Event { return tick(m, time.Second, nil) }},
+	{"tick renew due", func(m *Machine) Event {
+		return tick(m, time.Second, func(o *Observation) { o.ArbiterHeard = o.Now.Add(-50 * time.Millisecond) })
+	}},
 	{"tick acked", func(m *Machine) Event {
 		return tick(m, 10*time.Millisecond, func(o *Observation) {
 			o.Engine, o.LastAck, o.Acked, o.Started = checkpoint.StateProtected, o.Now, 12, 12
@@ -111,6 +113,14 @@ var primaryEvents = []event{
 	}},
 	{"tick standby silent", func(m *Machine) Event {
 		return tick(m, 10*time.Millisecond, func(o *Observation) { o.LastAck = o.Now.Add(-1500 * time.Millisecond) })
+	}},
+	{"tick arbiter and standby silent", func(m *Machine) Event {
+		return tick(m, 10*time.Millisecond, func(o *Observation) {
+			o.LastAck, o.ArbiterHeard = o.Now.Add(-1500*time.Millisecond), o.Now.Add(-600*time.Millisecond)
+		})
+	}},
+	{"tick arbiter silent", func(m *Machine) Event {
+		return tick(m, 10*time.Millisecond, func(o *Observation) { o.ArbiterHeard = o.Now.Add(-600 * time.Millisecond) })
 	}},
 	{"tick lease expired", func(m *Machine) Event {
 		return tick(m, 2500*time.Millisecond, func(o *Observation) {
@@ -211,6 +221,8 @@ var primaryTable = []transition{
 	{PhaseStarting, "tick renew due", PhaseStarting, "Register"},
 	{PhaseStarting, "tick acked", PhaseStarting, "Register"},
 	{PhaseStarting, "tick standby silent", PhaseStarting, "Register"},
+	{PhaseStarting, "tick arbiter and standby silent", PhaseStarting, "Register"},
+	{PhaseStarting, "tick arbiter silent", PhaseStarting, "Register"},
 	{PhaseStarting, "tick lease expired", PhaseStarting, "Register"},
 	{PhaseStarting, "registered in sync", PhaseConnecting, "-"},
 	{PhaseStarting, "registered not in sync", PhaseConnecting, "SetFence"},
@@ -230,6 +242,8 @@ var primaryTable = []transition{
 	{PhaseConnecting, "tick renew due", PhaseUnprotected, "Renew,ReleaseAll"},
 	{PhaseConnecting, "tick acked", PhaseProtected, "ReportSynced"},
 	{PhaseConnecting, "tick standby silent", PhaseUnprotected, "ReleaseAll"},
+	{PhaseConnecting, "tick arbiter and standby silent", PhaseUnprotected, "ReleaseAll"},
+	{PhaseConnecting, "tick arbiter silent", PhaseUnprotected, "ReleaseAll"},
 	{PhaseConnecting, "tick lease expired", PhaseUnprotected, "Pause,Renew,ReleaseAll"},
 	{PhaseConnecting, "registered in sync", PhaseConnecting, "-"},
 	{PhaseConnecting, "registered not in sync", PhaseConnecting, "SetFence"},
@@ -251,6 +265,8 @@ var primaryTable = []transition{
 	{PhaseSyncing, "tick renew due", PhaseUnprotected, "Renew,ReleaseAll"},
 	{PhaseSyncing, "tick acked", PhaseProtected, "ReportSynced"},
 	{PhaseSyncing, "tick standby silent", PhaseSyncing, "-"},
+	{PhaseSyncing, "tick arbiter and standby silent", PhaseSyncing, "-"},
+	{PhaseSyncing, "tick arbiter silent", PhaseSyncing, "-"},
 	{PhaseSyncing, "tick lease expired", PhaseUnprotected, "Pause,Renew,ReleaseAll"},
 	{PhaseSyncing, "registered in sync", PhaseSyncing, "-"},
 	{PhaseSyncing, "registered not in sync", PhaseSyncing, "SetFence"},
@@ -270,6 +286,8 @@ var primaryTable = []transition{
 	{PhaseProtected, "tick renew due", PhaseDegraded, "Renew"},
 	{PhaseProtected, "tick acked", PhaseProtected, "-"},
 	{PhaseProtected, "tick standby silent", PhaseDegraded, "-"},
+	{PhaseProtected, "tick arbiter and standby silent", PhaseDegraded, "Pause"},
+	{PhaseProtected, "tick arbiter silent", PhaseProtected, "-"},
 	{PhaseProtected, "tick lease expired", PhaseDegraded, "Pause,Renew"},
 	{PhaseProtected, "registered in sync", PhaseProtected, "-"},
 	{PhaseProtected, "registered not in sync", PhaseProtected, "SetFence"},
@@ -290,6 +308,8 @@ var primaryTable = []transition{
 	{PhaseDegraded, "tick renew due", PhaseDegraded, "Renew"},
 	{PhaseDegraded, "tick acked", PhaseProtected, "-"},
 	{PhaseDegraded, "tick standby silent", PhaseDegraded, "ReportStandbyLost"},
+	{PhaseDegraded, "tick arbiter and standby silent", PhaseDegraded, "Pause,ReportStandbyLost"},
+	{PhaseDegraded, "tick arbiter silent", PhaseDegraded, "Pause,ReportStandbyLost"},
 	{PhaseDegraded, "tick lease expired", PhaseDegraded, "Pause,Renew"},
 	{PhaseDegraded, "registered in sync", PhaseDegraded, "-"},
 	{PhaseDegraded, "registered not in sync", PhaseDegraded, "SetFence"},
@@ -310,6 +330,8 @@ var primaryTable = []transition{
 	{PhaseUnprotected, "tick renew due", PhaseUnprotected, "Renew"},
 	{PhaseUnprotected, "tick acked", PhaseProtected, "ReportSynced"},
 	{PhaseUnprotected, "tick standby silent", PhaseUnprotected, "-"},
+	{PhaseUnprotected, "tick arbiter and standby silent", PhaseUnprotected, "-"},
+	{PhaseUnprotected, "tick arbiter silent", PhaseUnprotected, "-"},
 	{PhaseUnprotected, "tick lease expired", PhaseUnprotected, "Pause,Renew"},
 	{PhaseUnprotected, "registered in sync", PhaseUnprotected, "-"},
 	{PhaseUnprotected, "registered not in sync", PhaseUnprotected, "SetFence"},
@@ -326,10 +348,12 @@ var primaryTable = []transition{
 	{PhaseUnprotected, "resumed", PhaseUnprotected, "-"},
 
 	// Self-fenced: only a lease valid now resumes the guest.
-	{PhaseSelfFenced, "tick", PhaseSelfFenced, "-"},
+	{PhaseSelfFenced, "tick", PhaseSelfFenced, "Renew"},
 	{PhaseSelfFenced, "tick renew due", PhaseSelfFenced, "Renew"},
-	{PhaseSelfFenced, "tick acked", PhaseSelfFenced, "-"},
-	{PhaseSelfFenced, "tick standby silent", PhaseSelfFenced, "-"},
+	{PhaseSelfFenced, "tick acked", PhaseSelfFenced, "Renew"},
+	{PhaseSelfFenced, "tick standby silent", PhaseSelfFenced, "Renew"},
+	{PhaseSelfFenced, "tick arbiter and standby silent", PhaseSelfFenced, "Renew"},
+	{PhaseSelfFenced, "tick arbiter silent", PhaseSelfFenced, "Renew"},
 	{PhaseSelfFenced, "tick lease expired", PhaseSelfFenced, "Renew"},
 	{PhaseSelfFenced, "registered in sync", PhaseSelfFenced, "Resume"},
 	{PhaseSelfFenced, "registered not in sync", PhaseSelfFenced, "SetFence,Resume"},
@@ -350,6 +374,8 @@ var primaryTable = []transition{
 	{PhaseFenced, "tick renew due", PhaseFenced, "-"},
 	{PhaseFenced, "tick acked", PhaseFenced, "-"},
 	{PhaseFenced, "tick standby silent", PhaseFenced, "-"},
+	{PhaseFenced, "tick arbiter and standby silent", PhaseFenced, "-"},
+	{PhaseFenced, "tick arbiter silent", PhaseFenced, "-"},
 	{PhaseFenced, "tick lease expired", PhaseFenced, "-"},
 	{PhaseFenced, "registered in sync", PhaseFenced, "-"},
 	{PhaseFenced, "registered not in sync", PhaseFenced, "SetFence"},

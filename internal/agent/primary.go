@@ -179,7 +179,11 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 		tracker.Close()
 		qemu.UnmapRAM(mem)
 	}()
-	g.start(p.observe, 25*time.Millisecond)
+	g.start(func(now time.Time) Observation {
+		o := p.observe(now)
+		o.ArbiterHeard, o.ArbiterSuspects = a.arbiterContact()
+		return o
+	}, 25*time.Millisecond)
 	a.mu.Lock()
 	a.guests[rec.Name] = g
 	a.mu.Unlock()

@@ -329,8 +329,10 @@ func TestArbiterStandbyCrashThenPrimaryCrash(t *testing.T) {
 
 // TestArbiterPartitions: arbiter restarts keep epochs and never cause a
 // failover; a cut primary-standby link causes none either; a primary cut
-// off from everyone is replaced, pauses its guest when its lease runs out
-// and destroys it once it learns the new epoch. Never two running copies.
+// off from everyone is replaced, pauses its guest once the arbiter may have
+// lost it (before the standby can resume: the arbiter promotes early, not
+// at the lease's end) and destroys it once it learns the new epoch. Never
+// two running copies.
 func TestArbiterPartitions(t *testing.T) {
 	needLab(t)
 	l := newArbLab(t)
