@@ -209,6 +209,9 @@ type capturedEpoch struct {
 	data     []byte // dirty pages in bitmap order
 	devstate []byte
 	at       time.Time
+	// endSent is when the epoch's last frame began to go out (p.mu): the
+	// standby acknowledges no sooner, so the ack window counts from here.
+	endSent time.Time
 }
 
 // Primary checkpoints one guest and streams its epochs to the standby.
@@ -940,6 +943,9 @@ func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, dev
 	}
 	end.Pages, end.DevStateLen, end.CRC = npages, uint64(len(ep.devstate)), crc
 	end.DevStateCRC = crc32.Checksum(ep.devstate, castagnoli)
+	p.mu.Lock()
+	ep.endSent = time.Now()
+	p.mu.Unlock()
 	if err := WriteFrame(w, Frame{Type: FrameEpochEnd, Fence: fence, Epoch: ep.epoch, Payload: end.Marshal()}); err != nil {
 		return err
 	}
@@ -976,17 +982,20 @@ func (p *Primary) acked(epoch uint64) {
 	if epoch > p.ackedEpoch {
 		p.ackedEpoch = epoch
 	}
-	var cut time.Time
+	// The window counts from when the epoch's end went out (the
+	// standby's acknowledgement is later), not from its cut: an epoch
+	// queued behind others on a slow link is not late for that.
+	var endSent time.Time
 	i := 0
 	for i < len(p.retained) && p.retained[i].epoch <= epoch {
 		if p.retained[i].epoch == epoch {
-			cut = p.retained[i].at
+			endSent = p.retained[i].endSent
 		}
 		i++
 	}
 	p.retained = p.retained[i:]
 	p.st.State = StateProtected
-	if p.inAckWindow(cut) {
+	if p.inAckWindow(endSent) {
 		p.releasable = max(p.releasable, epoch)
 		p.st.LastAck = time.Now()
 	} else {
@@ -1009,7 +1018,8 @@ func (p *Primary) acked(epoch uint64) {
 }
 
 // inAckWindow: an acknowledgement now of what the primary did at t (an
-// epoch's cut, a hello; zero if unknown) may release output (p.mu held).
+// epoch's end sent, a hello; zero if unknown) may release output (p.mu
+// held).
 func (p *Primary) inAckWindow(t time.Time) bool {
 	return p.ackWindow == 0 || !t.IsZero() && time.Since(t) <= p.ackWindow
 }

@@ -1299,9 +1299,11 @@ func (o *recordingOutput) get() uint64 {
 }
 
 // An acknowledgement that comes later than the standby's ack window after
-// its epoch's cut releases nothing (the standby may be running the guest
-// by then) and does not count as a sign of life; one in time releases its
-// epoch and every one before it. Without a window every ack releases.
+// its epoch's end went out releases nothing (the standby may be running
+// the guest by then) and does not count as a sign of life, nor does one of
+// an epoch never sent; one in time releases its epoch and every one before
+// it, however long ago the epoch was cut (queued behind others on a slow
+// link). Without a window every ack releases.
 func TestAckWindow(t *testing.T) {
 	out := &recordingOutput{}
 	p := NewPrimary(PrimaryConfig{Interval: time.Second, Log: testLogger(t), Output: out}, nil, make([]byte, 8*PageSize), NewScanTracker(8*PageSize))
@@ -1321,7 +1323,11 @@ func TestAckWindow(t *testing.T) {
 	}
 	p.ackWindow = time.Second
 	now := time.Now()
-	p.retained = []*capturedEpoch{{epoch: 1, at: now.Add(-3 * time.Second)}, {epoch: 2, at: now.Add(-2 * time.Second)}, {epoch: 3, at: now}}
+	p.retained = []*capturedEpoch{
+		{epoch: 1, at: now.Add(-4 * time.Second), endSent: now.Add(-3 * time.Second)},
+		{epoch: 2, at: now.Add(-2 * time.Second)}, // its end never went out
+		{epoch: 3, at: now.Add(-5 * time.Second), endSent: now},
+	}
 	p.acked(1)
 	p.acked(2)
 	time.Sleep(20 * time.Millisecond)

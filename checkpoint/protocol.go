@@ -145,8 +145,9 @@ type Welcome struct {
 	// AckWindowMs is this standby's promise: it resumes the guest (fails
 	// over) no sooner than this long after it committed the last epoch it
 	// acknowledged or sent this welcome. So an acknowledgement releases
-	// output only if it came within this long of its epoch's cut (of the
-	// hello, for the epochs this welcome reports committed); a later one
+	// output only if it came within this long of its epoch's last frame
+	// going out (of the hello, for the epochs this welcome reports
+	// committed); a later one
 	// may come from a standby already running the guest, and the output
 	// stays held. 0: no promise (every acknowledgement releases).
 	AckWindowMs int64 `json:"ack_window_ms,omitempty"`

@@ -295,11 +295,15 @@ type (
 
 // Local actions.
 type (
-	DoPause       struct{ Why string }
-	DoResume      struct{ Why string }
-	DoSetFence    struct{ Fence uint64 } // frames carry it from now on; recorded
-	DoReleaseAll  struct{ Why string }   // output flows unheld until the next cut
-	DoDestroyCopy struct {
+	DoPause      struct{ Why string }
+	DoResume     struct{ Why string }
+	DoSetFence   struct{ Fence uint64 } // frames carry it from now on; recorded
+	DoReleaseAll struct{ Why string }   // output flows unheld until the next cut
+	// DoKeepOutputFree lets go what the output buffer held since its last
+	// cut: while the output is free the engine may still cut epochs (a
+	// slow resync), and each cut holds again.
+	DoKeepOutputFree struct{}
+	DoDestroyCopy    struct {
 		Why        string
 		AckedEpoch uint64 // held output of later epochs is discarded first
 	}
@@ -318,6 +322,7 @@ func (DoPause) action()             {}
 func (DoResume) action()            {}
 func (DoSetFence) action()          {}
 func (DoReleaseAll) action()        {}
+func (DoKeepOutputFree) action()    {}
 func (DoDestroyCopy) action()       {}
 func (DoFailover) action()          {}
 func (DoDropShell) action()         {}
@@ -560,6 +565,8 @@ func (m *Machine) primaryTick() []Action {
 			why = "the standby stopped acknowledging and no arbiter is configured"
 		}
 		acts = append(acts, m.releaseAll(why)...)
+	} else if m.OutputFree {
+		acts = append(acts, DoKeepOutputFree{})
 	}
 	return acts
 }

@@ -325,14 +325,15 @@ var primaryTable = []transition{
 	{PhaseDegraded, "pause failed", PhaseDegraded, "-"},
 	{PhaseDegraded, "resumed", PhaseDegraded, "-"},
 
-	// Unprotected: holding resumes once an epoch cut after the release is acknowledged.
-	{PhaseUnprotected, "tick", PhaseUnprotected, "-"},
-	{PhaseUnprotected, "tick renew due", PhaseUnprotected, "Renew"},
+	// Unprotected: holding resumes once an epoch cut after the release is
+	// acknowledged; until then what each cut holds is let go at the tick.
+	{PhaseUnprotected, "tick", PhaseUnprotected, "KeepOutputFree"},
+	{PhaseUnprotected, "tick renew due", PhaseUnprotected, "Renew,KeepOutputFree"},
 	{PhaseUnprotected, "tick acked", PhaseProtected, "ReportSynced"},
-	{PhaseUnprotected, "tick standby silent", PhaseUnprotected, "-"},
-	{PhaseUnprotected, "tick arbiter and standby silent", PhaseUnprotected, "-"},
-	{PhaseUnprotected, "tick arbiter silent", PhaseUnprotected, "-"},
-	{PhaseUnprotected, "tick lease expired", PhaseUnprotected, "Pause,Renew"},
+	{PhaseUnprotected, "tick standby silent", PhaseUnprotected, "KeepOutputFree"},
+	{PhaseUnprotected, "tick arbiter and standby silent", PhaseUnprotected, "KeepOutputFree"},
+	{PhaseUnprotected, "tick arbiter silent", PhaseUnprotected, "KeepOutputFree"},
+	{PhaseUnprotected, "tick lease expired", PhaseUnprotected, "Pause,Renew,KeepOutputFree"},
 	{PhaseUnprotected, "registered in sync", PhaseUnprotected, "-"},
 	{PhaseUnprotected, "registered not in sync", PhaseUnprotected, "SetFence"},
 	{PhaseUnprotected, "renewed", PhaseUnprotected, "-"},

@@ -229,6 +229,13 @@ func (p *primaryRun) do(ctx context.Context, g *guest, act Action) {
 			return
 		}
 		g.log.Warn("output commit: releasing the guest's held output; it runs unprotected", "why", act.Why)
+	case DoKeepOutputFree:
+		if p.out == nil || p.out.Stats().HeldFrames == 0 {
+			return
+		}
+		if err := p.out.ReleaseAll(); err != nil {
+			g.log.Error("output commit: cannot release the held output", "err", err)
+		}
 	case DoDestroyCopy:
 		g.log.Error("guest was promoted elsewhere: destroying this stale copy", "why", act.Why)
 		dctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

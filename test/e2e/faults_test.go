@@ -43,7 +43,18 @@ func (h *incHistory) outage(t time.Time) time.Duration {
 			gap = max(gap, h.at[i].Sub(from))
 		}
 	}
+	// Replies that stopped count until now.
+	if n := len(h.at); n > 0 {
+		gap = max(gap, time.Since(maxTime(h.at[n-1], t)))
+	}
 	return gap
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 func startIncHistory(t *testing.T, g *labkit.Guest) *incHistory {

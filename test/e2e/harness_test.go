@@ -335,6 +335,15 @@ func (h *host) saveLog() {
 	}
 }
 
+func (h *host) logCount(s string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.log == nil {
+		return 0
+	}
+	return strings.Count(h.log.String(), s)
+}
+
 func (h *host) logContains(s string) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
