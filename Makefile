@@ -58,10 +58,12 @@ campaign: lab
 		$(GO) test -count=1 -v -timeout 4h -run '^TestCampaign$$' ./test/e2e/
 
 # The false-suspicion soak: SOAK of impaired links with the default
-# detectors must fail nothing over; a too-quick detector must (the control).
+# detectors (or SOAK_DETECTOR=INTERVAL,MISSED on every side) must fail
+# nothing over; a too-quick detector must (the control).
 SOAK ?= 10m
+SOAK_DETECTOR ?=
 soak: lab
-	REMORA_E2E=1 REMORA_LAB=1 REMORA_SOAK=$(SOAK) $(GO) test -p 1 -count=1 -v -timeout 60m -run '^(TestNoFalseFailover|TestFalseFailoverControl)$$' ./test/e2e/
+	REMORA_E2E=1 REMORA_LAB=1 REMORA_SOAK=$(SOAK) REMORA_SOAK_DETECTOR=$(SOAK_DETECTOR) $(GO) test -p 1 -count=1 -v -timeout 60m -run '^(TestNoFalseFailover|TestFalseFailoverControl)$$' ./test/e2e/
 
 test: lab lint test-unit fuzz-ci test-kernel test-e2e deb-test
 

@@ -526,9 +526,10 @@ func (m *Machine) primaryTick() []Action {
 			acts = append(acts, DoPause{Why: "lease expired and the standby is silent"})
 		case m.arbiterMayPromote(now):
 			// The arbiter promotes a standby in sync once it has missed
-			// our heartbeats for its timeout, lease or not: pause at half
-			// of it (counted from a send, so early) so that the copies
-			// never both run.
+			// our heartbeats for its timeout, lease or not: pause at three
+			// quarters of it (counted from a send, so early; half would
+			// pause a healthy primary over one retransmission on a lossy
+			// link) so that the copies never both run.
 			acts = append(acts, DoPause{Why: fmt.Sprintf("no answer from the arbiter for %v and the standby is silent: the arbiter may promote it", now.Sub(m.Obs.ArbiterHeard).Round(time.Millisecond))})
 		}
 		var call Action
@@ -575,7 +576,7 @@ func (m *Machine) primaryTick() []Action {
 // soon have missed this agent's heartbeats for its detector's timeout.
 func (m *Machine) arbiterMayPromote(now time.Time) bool {
 	heard := m.Obs.ArbiterHeard
-	return m.mayBeInSync() && !heard.IsZero() && now.Sub(heard) >= m.Obs.ArbiterSuspects/2
+	return m.mayBeInSync() && !heard.IsZero() && now.Sub(heard) >= m.Obs.ArbiterSuspects*3/4
 }
 
 // mayBeInSync: the arbiter counts, or may count, the standby as in sync,

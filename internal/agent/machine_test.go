@@ -116,11 +116,11 @@ var primaryEvents = []event{
 	}},
 	{"tick arbiter and standby silent", func(m *Machine) Event {
 		return tick(m, 10*time.Millisecond, func(o *Observation) {
-			o.LastAck, o.ArbiterHeard = o.Now.Add(-1500*time.Millisecond), o.Now.Add(-600*time.Millisecond)
+			o.LastAck, o.ArbiterHeard = o.Now.Add(-1500*time.Millisecond), o.Now.Add(-800*time.Millisecond)
 		})
 	}},
 	{"tick arbiter silent", func(m *Machine) Event {
-		return tick(m, 10*time.Millisecond, func(o *Observation) { o.ArbiterHeard = o.Now.Add(-600 * time.Millisecond) })
+		return tick(m, 10*time.Millisecond, func(o *Observation) { o.ArbiterHeard = o.Now.Add(-800 * time.Millisecond) })
 	}},
 	{"tick lease expired", func(m *Machine) Event {
 		return tick(m, 2500*time.Millisecond, func(o *Observation) {
