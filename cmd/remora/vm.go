@@ -286,38 +286,26 @@ func newHostCmd() *cobra.Command {
 		}
 		return nil
 	}
-	drain := &cobra.Command{
-		Use:   "drain",
-		Short: "Switch every guest this host runs as primary over to its standby, one at a time",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := agentClient(cmd)
-			if err != nil {
-				return err
-			}
-			out, err := c.Drain(cmd.Context())
-			if err != nil {
-				return err
-			}
-			return report(out, "drain")
-		},
+	moveAll := func(use, short, verb string, call func(*api.Client, context.Context) ([]api.MoveOutcome, error)) *cobra.Command {
+		return &cobra.Command{
+			Use:   use,
+			Short: short,
+			Args:  cobra.NoArgs,
+			RunE: func(cmd *cobra.Command, args []string) error {
+				c, err := agentClient(cmd)
+				if err != nil {
+					return err
+				}
+				out, err := call(c, cmd.Context())
+				if err != nil {
+					return err
+				}
+				return report(out, verb)
+			},
+		}
 	}
-	undrain := &cobra.Command{
-		Use:   "undrain",
-		Short: "Switch back every guest whose home is this host and which it keeps a replica of",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := agentClient(cmd)
-			if err != nil {
-				return err
-			}
-			out, err := c.Undrain(cmd.Context())
-			if err != nil {
-				return err
-			}
-			return report(out, "bring back")
-		},
-	}
+	drain := moveAll("drain", "Switch every guest this host runs as primary over to its standby, one at a time", "drain", (*api.Client).Drain)
+	undrain := moveAll("undrain", "Switch back every guest whose home is this host and which it keeps a replica of", "bring back", (*api.Client).Undrain)
 	host.AddCommand(drain, undrain)
 	return host
 }

@@ -95,6 +95,17 @@ func switchover(t *testing.T, from *host, verb, guest string) time.Duration {
 // checkGuest asks the guest's workload for its memory and disk checks.
 func checkGuest(t *testing.T, g *labkit.Guest) {
 	t.Helper()
+	guestChecks(t, g, true)
+}
+
+// checkGuestMemory asks the guest's workload for its memory check.
+func checkGuestMemory(t *testing.T, g *labkit.Guest) {
+	t.Helper()
+	guestChecks(t, g, false)
+}
+
+func guestChecks(t *testing.T, g *labkit.Guest, disk bool) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	c, err := g.DialFrom(ctx, labkit.NetnsClient)
@@ -103,10 +114,13 @@ func checkGuest(t *testing.T, g *labkit.Guest) {
 	}
 	defer c.Close()
 	if res, err := c.Check(ctx); err != nil || !res.OK {
-		t.Errorf("memory integrity: %v %s", err, res.Reply)
+		t.Errorf("memory integrity of %s: %v %s", g.Name, err, res.Reply)
+	}
+	if !disk {
+		return
 	}
 	if reply, err := c.Do(ctx, "diskcheck"); err != nil || !strings.HasPrefix(reply, "ok ") {
-		t.Errorf("disk integrity: %v %s", err, reply)
+		t.Errorf("disk integrity of %s: %v %s", g.Name, err, reply)
 	}
 }
 
@@ -314,20 +328,5 @@ func TestDrainUndrain(t *testing.T) {
 		l.waitReprotected(t, n, l.a, l.b)
 		hists[i].check()
 		checkGuestMemory(t, gs[i])
-	}
-}
-
-// checkGuestMemory asks the guest's workload for its memory check.
-func checkGuestMemory(t *testing.T, g *labkit.Guest) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	c, err := g.DialFrom(ctx, labkit.NetnsClient)
-	if err != nil {
-		t.Fatalf("dial the guest: %v", err)
-	}
-	defer c.Close()
-	if res, err := c.Check(ctx); err != nil || !res.OK {
-		t.Errorf("memory integrity of %s: %v %s", g.Name, err, res.Reply)
 	}
 }
