@@ -259,6 +259,9 @@ func run() error {
 	fmt.Println("decision: the arbiter grants once it has lost the primary's agent too (its heartbeats), else when the lease runs out.")
 	b.kill()
 	logLevel = "info" // the switchovers' steps, timed in the agents' logs
+	if *switches == 0 && len(outages) == 0 {
+		return nil
+	}
 	return switchBench(ctx, bin, work, agentCfg, &reprotect)
 }
 
