@@ -515,9 +515,12 @@ func (h standbyHandler) accept(ctx context.Context, conn net.Conn, hello checkpo
 	a.detector.Heartbeat(g.name)
 	rst := s.replica.State()
 	var hashes []uint64
-	if rst.Generation != hello.Generation && (s.replica.Consistent() == nil || rst.Prefilled) {
-		// A primary of a new generation (its agent restarted): it resyncs
-		// against what this replica holds instead of copying all of RAM.
+	if s.replica.Consistent() == nil || rst.Prefilled {
+		// Whenever the primary cannot resume from this replica's epochs
+		// (its agent restarted, or the disks must be resynced, which
+		// resets the replica's epochs), it resyncs against what this
+		// replica holds instead of copying all of RAM; it ignores them
+		// otherwise. 8 bytes a page, once a session.
 		hashes = s.replica.PageHashes()
 	}
 	w := checkpoint.Welcome{Agent: a.cfg.AgentID, Generation: rst.Generation, Committed: rst.Committed, AckWindowMs: a.ackWindow().Milliseconds()}

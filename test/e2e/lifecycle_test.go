@@ -124,12 +124,6 @@ func guestChecks(t *testing.T, g *labkit.Guest, disk bool) {
 	}
 }
 
-// TestSwitchoverBothWays: a planned switchover from A to B and back,
-// then a failback, with a client incrementing the guest's counter all
-// along: no reply lost or out of order, at most one copy serving, memory
-// and disk intact; after each move the new primary re-protects the guest
-// onto the old one by itself, and the old one's superseded copy cannot
-// be started.
 // protectedWithDisk boots guest name with a data disk, protected from
 // host-a onto host-b, both with reprotect: auto.
 func protectedWithDisk(t *testing.T, name string, ip int) (*arbLab, *labkit.Guest) {
@@ -148,6 +142,12 @@ func protectedWithDisk(t *testing.T, name string, ip int) (*arbLab, *labkit.Gues
 	return l, g
 }
 
+// TestSwitchoverBothWays: a planned switchover from A to B and back,
+// then a failback, with a client incrementing the guest's counter all
+// along: no reply lost or out of order, at most one copy serving, memory
+// and disk intact; after each move the new primary re-protects the guest
+// onto the old one by itself, and the old one's superseded copy cannot
+// be started.
 func TestSwitchoverBothWays(t *testing.T) {
 	name := "e2e-switch"
 	l, g := protectedWithDisk(t, name, 33)
@@ -277,6 +277,44 @@ func TestReprotectRounds(t *testing.T) {
 	hist.check()
 	checkOneCopy(t, copies)
 	t.Logf("client-observed outages (last reply before the crash to the first after): %v", outages)
+}
+
+// TestStandbyRestartResyncsIncrementally: the standby's agent is killed
+// while the guest writes its disk and memory; the primary goes on alone
+// (its disk relay stands in for the lost mirror) and, when the agent is
+// back, resyncs the standby with only the disk blocks and memory pages
+// that differ: the replica's page hashes are offered even though the
+// primary's tracking never restarted (the disk resync resets the
+// replica's epochs, which used to mean a full copy of RAM).
+func TestStandbyRestartResyncsIncrementally(t *testing.T) {
+	name := "e2e-stby-restart"
+	l, g := protectedWithDisk(t, name, 38)
+	copies := watchCopies(t, g, name, name+"-host-b")
+	hist := startIncHistory(t, g)
+	waitFor(t, "the client to get replies", 30*time.Second, func() bool { return hist.count() > 10 })
+	startDiskWriter(t, g, 50)
+	l.b.stop(syscall.SIGKILL)
+	waitFor(t, "the primary to go on without its standby", time.Minute, func() bool {
+		s, ok := l.a.status(name)
+		return ok && s.State == "unprotected"
+	})
+	time.Sleep(5 * time.Second) // the copies part further
+	l.b.start()
+	var s api.VMStatus
+	waitFor(t, "the standby resynced", 4*time.Minute, func() bool {
+		var ok bool
+		s, ok = l.a.status(name)
+		return ok && s.State == checkpoint.StateProtected && s.Disk != nil && s.Disk.State == "mirrored"
+	})
+	ram := uint64(256 << 20 / checkpoint.PageSize)
+	if s.SyncPages == 0 || s.SyncPages >= ram/2 {
+		t.Errorf("the memory resync after the standby's restart sent %d of %d pages, want only those that differ", s.SyncPages, ram)
+	}
+	checkIncremental(t, s, 64<<20, true)
+	t.Logf("memory resync after the standby's restart: %d of %d pages", s.SyncPages, ram)
+	checkGuest(t, g)
+	hist.check()
+	checkOneCopy(t, copies)
 }
 
 // TestDrainUndrain: draining host A switches its two guests over to B
