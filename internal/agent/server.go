@@ -48,7 +48,7 @@ func (g *guest) status() api.VMStatus {
 	v.Epoch, v.Started, v.AckedEpoch, v.EpochsPerSec = s.Epoch, s.Started, s.AckedEpoch, s.EpochsPerSec
 	v.PauseP50, v.PauseP99, v.PauseMax, v.DirtyPages, v.DirtyTotal, v.Incremental = s.PauseP50, s.PauseP99, s.PauseMax, s.DirtyPages, s.DirtyTotal, s.Incremental
 	v.Bytes, v.RawBytes, v.PageWire, v.Lag, v.Tracker = s.BytesSent, s.RawBytes, s.PageWireBytes, s.Lag, s.Tracker
-	v.DevStateBytes, v.DevStateWire, v.OutputTriggered = s.DevStateBytes, s.DevStateWire, s.OutputTriggered
+	v.DevStateBytes, v.DevStateWire, v.OutputTriggered, v.StaleAcks = s.DevStateBytes, s.DevStateWire, s.OutputTriggered, s.StaleAcks
 	v.SyncPages, v.SyncDone, v.SyncTotal, v.LastError, v.NextRetry, v.LastPause, v.PauseMedian = s.SyncPages, s.SyncDone, s.SyncTotal, s.LastError, s.NextRetry, &s.LastPause, &s.PauseMedian
 	v.Output = p.outputStatus(v.State != string(PhaseUnprotected))
 	v.Disk = p.disks.status()

@@ -58,9 +58,12 @@ type VMStatus struct {
 	LastPause       *checkpoint.PauseBreakdown `json:"last_pause,omitempty"`
 	PauseMedian     *checkpoint.PauseBreakdown `json:"pause_breakdown_p50,omitempty"`
 	SyncPages       uint64                     `json:"sync_pages,omitempty"` // pages the last (re)sync sent
-	SyncDone        uint64                     `json:"sync_done_bytes,omitempty"`
-	SyncTotal       uint64                     `json:"sync_total_bytes,omitempty"`
-	Shell           string                     `json:"shell,omitempty"`
+	// StaleAcks counts acknowledgements that came too late to release
+	// output (after the standby's ack window): a link too slow.
+	StaleAcks uint64 `json:"stale_acks,omitempty"`
+	SyncDone  uint64 `json:"sync_done_bytes,omitempty"`
+	SyncTotal uint64 `json:"sync_total_bytes,omitempty"`
+	Shell     string `json:"shell,omitempty"`
 	// Domain (primary) is the libvirt domain the guest runs in here when
 	// it is not the guest's name (a guest failed over here runs in its shell).
 	Domain      string        `json:"domain,omitempty"`
