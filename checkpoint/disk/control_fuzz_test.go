@@ -48,10 +48,12 @@ func (d *duplex) Write(p []byte) (int, error) { return d.w.Write(p) }
 
 // FuzzServeControl: ServeControl answers each well-formed request in
 // order, as a model of the Target's cuts says (only later epochs cut),
-// stops at the first malformed or truncated one, and the CutClient reads
-// every answer back as what it is.
+// block hashes as the Target computes them, stops at the first malformed
+// or truncated one, and the CutClient reads every answer back as what it
+// is.
 func FuzzServeControl(f *testing.F) {
 	f.Add(slices.Concat(encodeCutRequest(1), encodeCutRequest(2), encodeCutRequest(2)))
+	f.Add(slices.Concat(encodeCutRequest(1), encodeRequest(ctlOpHashes, 512), encodeRequest(ctlOpHashes, 0), encodeCutRequest(2)))
 	f.Add(slices.Concat(encodeCutRequest(5), []byte("RDC1\x09\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x06"), encodeCutRequest(3)))
 	f.Add(slices.Concat(encodeCutRequest(1), []byte("RDC2")))
 	f.Add(slices.Concat(encodeCutRequest(1), []byte("XXXXXXXXXXXXXXXX")))
@@ -66,6 +68,10 @@ func FuzzServeControl(f *testing.F) {
 			op, epoch, perr := parseControlRequest(rest[:ctlReqLen])
 			if perr != nil {
 				break
+			}
+			if op == ctlOpHashes {
+				replies = checkHashesReply(t, replies, tg, int64(epoch))
+				continue
 			}
 			wantOK := op == ctlOpCut && epoch > last
 			if wantOK {
@@ -100,6 +106,24 @@ func checkCutReply(t *testing.T, replies []byte, epoch uint64, wantOK bool) []by
 	}
 	// The client reads through a bufio.Reader: find the end by length.
 	n := ctlReplyLen + int(binary.BigEndian.Uint32(replies[32:]))
+	return replies[n:]
+}
+
+// checkHashesReply decodes the block hashes answer at the start of
+// replies with a CutClient, checks it against tg's own hashes (or its
+// refusal), and returns the rest.
+func checkHashesReply(t *testing.T, replies []byte, tg *Target, block int64) []byte {
+	t.Helper()
+	want, werr := tg.BlockHashes(block)
+	got, err := NewCutClient(&duplex{r: bytes.NewReader(replies)}).BlockHashes(context.Background(), block)
+	var ce *CutError
+	switch {
+	case werr != nil && !errors.As(err, &ce):
+		t.Fatalf("hashes of %d-byte blocks: %v, want the refusal %v", block, err, werr)
+	case werr == nil && (err != nil || !slices.Equal(got, want)):
+		t.Fatalf("hashes of %d-byte blocks: %v %v, want %v", block, got, err, want)
+	}
+	n := ctlReplyLen + int(binary.BigEndian.Uint32(replies[32:])) + 8*len(want)
 	return replies[n:]
 }
 
