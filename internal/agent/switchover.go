@@ -265,16 +265,53 @@ func (a *Agent) takeOver(ctx context.Context, m checkpoint.Move, fence uint64) e
 // Drain switches over every guest this host protects as primary, one at
 // a time; Undrain asks for the guests whose home this host is and which
 // it keeps replicas of back (each one's primary switches it over here).
+// With reprotect: auto, each next guest waits until the one moved before
+// is protected again (this host its standby), so that one guest at a time
+// runs unprotected and the next final checkpoint does not compete with a
+// resync for the hosts' CPUs.
 func (a *Agent) Drain(ctx context.Context) []api.MoveOutcome {
 	var out []api.MoveOutcome
+	var moved string
 	for _, g := range a.guestList() {
 		if g.primary == nil || g.state().Fenced {
 			continue
 		}
+		if moved != "" {
+			a.waitReprotected(ctx, moved, drainReprotectWait)
+		}
 		res, err := a.Switchover(ctx, g.name)
 		out = append(out, outcome(g.name, res, err))
+		if err == nil && a.cfg.Reprotect == "auto" {
+			moved = g.name
+		}
 	}
 	return out
+}
+
+// drainReprotectWait bounds how long a drain waits for a moved guest's
+// re-protection before it moves the next one anyway.
+const drainReprotectWait = 3 * time.Minute
+
+// waitReprotected waits until this agent holds an in-sync replica of
+// guest, at most d.
+func (a *Agent) waitReprotected(ctx context.Context, guest string, d time.Duration) {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if g := a.guest(guest); g != nil && g.standby != nil {
+			if v := g.status(); v.Role == api.RoleStandby && v.State == checkpoint.StateProtected {
+				return
+			}
+		}
+		select {
+		case <-ctx.Done():
+			a.log.Warn("drain: moving the next guest before the last one moved is protected again", "guest", guest, "waited", d)
+			return
+		case <-tick.C:
+		}
+	}
 }
 
 // Undrain: see Drain.
