@@ -105,6 +105,19 @@ func (e *env) stop() {
 	e.srv = nil
 }
 
+// syncedPair registers guest "g" with host-a as its primary and host-b as
+// its standby, which host-a reports in sync at epoch 1.
+func syncedPair(t *testing.T, e *env) (a, b *Client) {
+	t.Helper()
+	a, b = e.client("host-a"), e.client("host-b")
+	_, err := a.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-a", Role: RolePrimary})
+	ok(t, err)
+	_, err = b.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-b", Role: RoleStandby})
+	ok(t, err)
+	ok(t, a.ReportSynced(ctx(t), "g", "host-a", 1, "host-b"))
+	return a, b
+}
+
 func (e *env) client(name string) *Client {
 	e.t.Helper()
 	cfg, err := pki.ClientConfig(e.pkiDir, name)
@@ -315,13 +328,7 @@ func TestFailover(t *testing.T) {
 func TestFailoverRealClock(t *testing.T) {
 	const lease = time.Second
 	e := newEnv(t, nil, lease)
-	a := e.client("host-a")
-	b := e.client("host-b")
-	_, err := a.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-a", Role: RolePrimary})
-	ok(t, err)
-	_, err = b.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-b", Role: RoleStandby})
-	ok(t, err)
-	ok(t, a.ReportSynced(ctx(t), "g", "host-a", 1, "host-b"))
+	a, b := syncedPair(t, e)
 	var lastRenew time.Time
 	for i := 0; i < 4; i++ {
 		_, err := a.Renew(ctx(t), "g", "host-a", 1)
@@ -356,17 +363,11 @@ func TestFailoverRealClock(t *testing.T) {
 func TestEarlyPromotionOverTheWire(t *testing.T) {
 	clk := newFakeClock()
 	e := newEnv(t, clk, 10*time.Second)
-	a := e.client("host-a")
-	b := e.client("host-b")
-	_, err := a.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-a", Role: RolePrimary})
-	ok(t, err)
-	_, err = b.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-b", Role: RoleStandby})
-	ok(t, err)
-	ok(t, a.ReportSynced(ctx(t), "g", "host-a", 1, "host-b"))
+	a, b := syncedPair(t, e)
 
 	// Never heard: the arbiter may have just restarted; the lease rules.
 	clk.Advance(time.Second)
-	_, err = b.RequestPromotion(ctx(t), "g", "host-b", 1)
+	_, err := b.RequestPromotion(ctx(t), "g", "host-b", 1)
 	mustCode(t, err, ErrLeaseValid)
 	// Heard and heartbeating: the standby's suspicion alone is not enough.
 	for i := 0; i < 5; i++ {
@@ -542,13 +543,7 @@ func TestRefusesBadPeers(t *testing.T) {
 func TestRestartKeepsEpochs(t *testing.T) {
 	clk := newFakeClock()
 	e := newEnv(t, clk, 3*time.Second)
-	a := e.client("host-a")
-	b := e.client("host-b")
-	_, err := a.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-a", Role: RolePrimary})
-	ok(t, err)
-	_, err = b.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-b", Role: RoleStandby})
-	ok(t, err)
-	ok(t, a.ReportSynced(ctx(t), "g", "host-a", 1, "host-b"))
+	a, b := syncedPair(t, e)
 	ok(t, a.Release(ctx(t), "g", "host-a", 1)) // planned switchover
 	g, err := b.RequestPromotion(ctx(t), "g", "host-b", 1)
 	ok(t, err)
@@ -708,15 +703,9 @@ func TestRecoveryAfterLostState(t *testing.T) {
 		t.Run(fmt.Sprintf("control=%v", control), func(t *testing.T) {
 			clk := newFakeClock()
 			e := newEnv(t, clk, 3*time.Second)
-			a := e.client("host-a")
-			b := e.client("host-b")
-			_, err := a.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-a", Role: RolePrimary})
-			ok(t, err)
-			_, err = b.Register(ctx(t), GuestSpec{Guest: "g", AgentID: "host-b", Role: RoleStandby})
-			ok(t, err)
-			ok(t, a.ReportSynced(ctx(t), "g", "host-a", 1, "host-b"))
+			a, b := syncedPair(t, e)
 			clk.Advance(3 * time.Second) // a is cut off; its lease runs out
-			_, err = b.RequestPromotion(ctx(t), "g", "host-b", 1)
+			_, err := b.RequestPromotion(ctx(t), "g", "host-b", 1)
 			ok(t, err)
 
 			e.stop()
