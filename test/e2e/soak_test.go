@@ -127,7 +127,7 @@ func soak(t *testing.T, name string, ip int, d detectors, dur time.Duration) soa
 		if s.State == checkpoint.StateProtected {
 			protected++
 		}
-		t.Logf("%v: host-a %s (%s), acknowledged epoch %d, %d replies", time.Since(start).Round(time.Second), s.State, s.Role, s.AckedEpoch, hist.count())
+		t.Logf("%v: host-a %s (%s), acknowledged epoch %d (%d acknowledgements too late), %d replies", time.Since(start).Round(time.Second), s.State, s.Role, s.AckedEpoch, s.StaleAcks, hist.count())
 	}
 	t.Logf("host-a protected at %d of %d samples", protected, samples)
 	// Whatever protection the link allows, the guest must keep serving.
