@@ -23,6 +23,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/remora-ha/remora/arbiter/heartbeat"
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/internal/agent/api"
 	"github.com/remora-ha/remora/internal/stats"
@@ -34,8 +35,8 @@ var (
 	switches = flag.Int("switchovers", 6, "planned switchovers (back and forth)")
 	diskMiB  = flag.Int("disk", 1024, "data disk of the switchover guest, MiB")
 	lease    = flag.Duration("lease", 3*time.Second, "arbiter lease duration")
-	hbEvery  = flag.Duration("heartbeat", 250*time.Millisecond, "heartbeat interval")
-	hbMissed = flag.Int("missed", 4, "heartbeats missed before suspicion")
+	hbEvery  = flag.Duration("heartbeat", heartbeat.DefaultInterval, "heartbeat interval (default: the agent's and the arbiter's)")
+	hbMissed = flag.Int("missed", heartbeat.DefaultMissed, "heartbeats missed before suspicion")
 	diskRate = flag.Int("disk-rate", 50, "disk records (4 KiB) the guest writes per second while its copies are apart")
 	outages  = durations{10 * time.Second, 5 * time.Minute}
 )
