@@ -943,6 +943,12 @@ func (p *Primary) sendEpoch(w *bufio.Writer, enc *BatchEncoder, buf *[]byte, dev
 	}
 	end.Pages, end.DevStateLen, end.CRC = npages, uint64(len(ep.devstate)), crc
 	end.DevStateCRC = crc32.Checksum(ep.devstate, castagnoli)
+	// Flushed first, so that the stamp is when the end itself goes out,
+	// not before an epoch's worth of buffered frames (with the agent's
+	// TCP_NOTSENT_LOWAT, little waits unsent in the kernel either).
+	if err := w.Flush(); err != nil {
+		return err
+	}
 	p.mu.Lock()
 	ep.endSent = time.Now()
 	p.mu.Unlock()

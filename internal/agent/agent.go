@@ -73,16 +73,19 @@ type Coordinator interface {
 
 // Agent is one host's remora agent.
 type Agent struct {
-	cfg     api.Config
-	log     *slog.Logger
-	virt    Hypervisor
-	arb     Coordinator // nil without an arbiter
-	store   recordStore
-	journal *journal
-	resume  map[string]failTxn // failovers the journal says were not finished
-	tlsSrv  *tls.Config
-	tlsCli  *tls.Config
-	runCtx  context.Context
+	cfg  api.Config
+	log  *slog.Logger
+	virt Hypervisor
+	arb  Coordinator // nil without an arbiter
+	// heartbeatLanes carry the arbiter heartbeats, each on its own
+	// connection (arb's when there is one lane): see arbiterHeartbeat.
+	heartbeatLanes []heartbeater
+	store          recordStore
+	journal        *journal
+	resume         map[string]failTxn // failovers the journal says were not finished
+	tlsSrv         *tls.Config
+	tlsCli         *tls.Config
+	runCtx         context.Context
 	// qemu is libvirt's QEMU user (zero: root), from qemuConfPath.
 	qemu         virt.QEMUConf
 	qemuConfPath string
@@ -152,11 +155,19 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if a.cfg.Arbiter != "" {
 		// The arbiter is dialled by address; its certificate is checked by
 		// chain and name.
-		c, err := arbiter.NewClient(a.cfg.Arbiter, arbiterTLS(a.tlsCli, a.cfg.ArbiterName))
+		tlsCfg := arbiterTLS(a.tlsCli, a.cfg.ArbiterName)
+		c, err := arbiter.NewClient(a.cfg.Arbiter, tlsCfg)
 		if err != nil {
 			return err
 		}
 		a.arb = c
+		for range heartbeatConns {
+			lane, err := arbiter.NewClient(a.cfg.Arbiter, tlsCfg)
+			if err != nil {
+				return err
+			}
+			a.heartbeatLanes = append(a.heartbeatLanes, lane)
+		}
 	}
 	if err := a.checkQEMUHost(); err != nil {
 		return err
@@ -416,62 +427,119 @@ func (a *Agent) forget(g *guest) {
 	a.mu.Unlock()
 }
 
+// heartbeatConns is how many connections carry the arbiter heartbeats.
+// One lost packet stalls a TCP connection for a retransmission timeout
+// (200 ms or more, plus a round trip), longer than a quick detector
+// tolerates; the same heartbeat sent on two connections reaches the
+// arbiter unless both lose a packet at once.
+const heartbeatConns = 2
+
+// heartbeater is the part of the arbiter a heartbeat lane uses.
+type heartbeater interface {
+	Heartbeat(ctx context.Context, agentID string, epochs map[string]uint64) (arbiter.HeartbeatReply, error)
+}
+
+// heartbeatAnswer is one lane's answer to the heartbeat of tick seq.
+type heartbeatAnswer struct {
+	lane   int
+	seq    uint64
+	sent   time.Time
+	epochs map[string]uint64
+	guests map[string]*guest
+	reply  arbiter.HeartbeatReply
+	err    error
+}
+
 // arbiterHeartbeat tells the arbiter this agent is alive and learns epoch
-// changes it missed (e.g. while it was cut off).
+// changes it missed (e.g. while it was cut off). Every tick's heartbeat
+// goes out on each lane not still waiting for an answer; the first answer
+// to a tick is acted on, later or older ones only say the arbiter heard.
 func (a *Agent) arbiterHeartbeat(ctx context.Context) {
 	if a.arb == nil {
 		return
 	}
+	lanes := a.heartbeatLanes
+	if len(lanes) == 0 {
+		lanes = []heartbeater{a.arb}
+	}
+	answers := make(chan heartbeatAnswer, len(lanes))
+	busy := make([]bool, len(lanes))
 	tick := time.NewTicker(a.cfg.HeartbeatInterval)
 	defer tick.Stop()
-	n := 0
+	var seq, actedOn uint64
+	acted := 0
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
-		}
-		epochs := map[string]uint64{}
-		guests := map[string]*guest{}
-		for _, g := range a.guestList() {
-			// Only a copy the arbiter confirmed is asked about: an
-			// enrollment still registering holds the fence an unenroll
-			// retired, and would be taken for superseded.
-			if st := g.state(); !st.Fenced && st.Registered {
-				epochs[g.name] = st.Fence
-				guests[g.name] = g
-			}
-		}
-		sent := time.Now()
-		reply, err := a.arb.Heartbeat(ctx, a.cfg.AgentID, epochs)
-		if err != nil {
-			continue
-		}
-		a.arbiterHeard.Store(sent.UnixNano())
-		a.arbiterSuspects.Store(int64(reply.SuspectAfter))
-		for _, as := range reply.Assignments {
-			g := guests[as.Guest]
-			if g == nil {
+		case ans := <-answers:
+			busy[ans.lane] = false
+			if ans.err != nil {
 				continue
 			}
-			if as.Epoch == epochs[as.Guest] {
-				a.autoReprotect(ctx, g, as)
+			if ns := ans.sent.UnixNano(); ns > a.arbiterHeard.Load() {
+				a.arbiterHeard.Store(ns)
 			}
-			if as.Role == arbiter.RolePrimary && as.Epoch == epochs[as.Guest] && !as.InSync {
-				if st := g.state(); st.Role == Primary && st.InSync {
-					g.log.Info("the arbiter counts the standby out of sync: reporting it again once it acknowledges", "fence", as.Epoch, "standby", as.Standby)
-					g.post(OutOfSyncAtArbiter{Fence: as.Epoch})
+			a.arbiterSuspects.Store(int64(ans.reply.SuspectAfter))
+			if ans.seq <= actedOn {
+				continue
+			}
+			actedOn = ans.seq
+			a.heartbeatAnswered(ctx, ans)
+			if acted++; acted%8 == 0 {
+				a.refreshProbes(ctx, ans.guests)
+			}
+		case <-tick.C:
+			epochs := map[string]uint64{}
+			guests := map[string]*guest{}
+			for _, g := range a.guestList() {
+				// Only a copy the arbiter confirmed is asked about: an
+				// enrollment still registering holds the fence an unenroll
+				// retired, and would be taken for superseded.
+				if st := g.state(); !st.Fenced && st.Registered {
+					epochs[g.name] = st.Fence
+					guests[g.name] = g
 				}
 			}
-			if as.Role != arbiter.RoleNone || as.Epoch <= epochs[as.Guest] {
-				continue
-			}
-			if st := g.state(); st.Role == Primary || st.Promoted {
-				g.post(Superseded{Fence: as.Epoch, Primary: as.Primary})
+			seq++
+			this := seq
+			for i, lane := range lanes {
+				if busy[i] {
+					continue
+				}
+				busy[i] = true
+				go func() {
+					ans := heartbeatAnswer{lane: i, seq: this, sent: time.Now(), epochs: epochs, guests: guests}
+					ans.reply, ans.err = lane.Heartbeat(ctx, a.cfg.AgentID, epochs)
+					answers <- ans
+				}()
 			}
 		}
-		if n++; n%8 == 0 {
-			a.refreshProbes(ctx, guests)
+	}
+}
+
+// heartbeatAnswered acts on the arbiter's assignments in a heartbeat's
+// answer.
+func (a *Agent) heartbeatAnswered(ctx context.Context, ans heartbeatAnswer) {
+	for _, as := range ans.reply.Assignments {
+		g := ans.guests[as.Guest]
+		if g == nil {
+			continue
+		}
+		if as.Epoch == ans.epochs[as.Guest] {
+			a.autoReprotect(ctx, g, as)
+		}
+		if as.Role == arbiter.RolePrimary && as.Epoch == ans.epochs[as.Guest] && !as.InSync {
+			if st := g.state(); st.Role == Primary && st.InSync {
+				g.log.Info("the arbiter counts the standby out of sync: reporting it again once it acknowledges", "fence", as.Epoch, "standby", as.Standby)
+				g.post(OutOfSyncAtArbiter{Fence: as.Epoch})
+			}
+		}
+		if as.Role != arbiter.RoleNone || as.Epoch <= ans.epochs[as.Guest] {
+			continue
+		}
+		if st := g.state(); st.Role == Primary || st.Promoted {
+			g.post(Superseded{Fence: as.Epoch, Primary: as.Primary})
 		}
 	}
 }

@@ -8,7 +8,10 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/remora-ha/remora/checkpoint"
 	"github.com/remora-ha/remora/checkpoint/disk"
@@ -18,10 +21,25 @@ import (
 	"github.com/remora-ha/remora/migrate/virt"
 )
 
+// notSentLowat bounds what waits unsent in the kernel for a replication
+// connection (TCP_NOTSENT_LOWAT): a write returns only once it is nearly on
+// the wire, so an epoch's end is stamped (Primary's ack window) when it is
+// about to go out, not seconds early behind a send buffer autotuned to
+// megabytes on a slow link. Bytes in flight are not limited.
+const notSentLowat = 16 << 10
+
 // dialAgent connects to another agent's replication port, over mutual
 // TLS when configured.
 func (a *Agent) dialAgent(ctx context.Context, peer string) (net.Conn, error) {
-	var d net.Dialer
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, notSentLowat)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
 	if a.tlsCli != nil {
 		td := tls.Dialer{NetDialer: &d, Config: a.tlsCli}
 		return td.DialContext(ctx, "tcp", peer)
