@@ -70,6 +70,11 @@ type PrimaryConfig struct {
 	// says it reset the standby's replica: the session starts with a full
 	// epoch. An error ends the session, which is retried with backoff.
 	PrepareSession func(ctx context.Context) (resync bool, err error)
+	// ArbiterVouches, when set, says whether the arbiter cannot be
+	// promoting the standby now (the lease holds and the arbiter answered
+	// lately): an acknowledgement after the ack window may then still
+	// release output, since no promoted copy can be serving yet.
+	ArbiterVouches func(now time.Time) bool
 }
 
 // DiskCutter seals the guest's disk writes since the last cut as epoch's,
@@ -130,10 +135,11 @@ type PrimaryStatus struct {
 	SyncDone        uint64         `json:"sync_done_bytes"`         // progress of a full sync
 	SyncTotal       uint64         `json:"sync_total_bytes"`
 	LastPause       PauseBreakdown `json:"last_pause"`
-	PauseMedian     PauseBreakdown `json:"pause_breakdown_p50"` // each step's median over the recent incremental epochs
-	Standby         string         `json:"standby,omitempty"`   // the standby agent's id, from its welcome
-	LastAck         time.Time      `json:"last_ack,omitzero"`   // when the standby last acknowledged an epoch in time to release its output
-	StaleAcks       uint64         `json:"stale_acks"`          // acknowledgements that came too late to release output (Welcome.AckWindowMs)
+	PauseMedian     PauseBreakdown `json:"pause_breakdown_p50"`      // each step's median over the recent incremental epochs
+	Standby         string         `json:"standby,omitempty"`        // the standby agent's id, from its welcome
+	LastAck         time.Time      `json:"last_ack,omitzero"`        // when an acknowledgement last released output
+	LastTimelyAck   time.Time      `json:"last_timely_ack,omitzero"` // when one last came within the ack window (Welcome.AckWindowMs)
+	StaleAcks       uint64         `json:"stale_acks"`               // acknowledgements after the ack window (they release output only while the arbiter vouches)
 	LastError       string         `json:"last_error,omitempty"`
 	OutputError     string         `json:"output_error,omitempty"` // the last output release failed
 	NextRetry       time.Time      `json:"next_retry,omitempty"`
@@ -305,6 +311,7 @@ func (p *Primary) LastAck() time.Time {
 type Progress struct {
 	State          string
 	LastAck        time.Time
+	LastTimelyAck  time.Time
 	ConnectedSince time.Time
 	Started        uint64 // newest epoch whose capture began
 	Captured       uint64 // newest epoch captured
@@ -316,7 +323,7 @@ type Progress struct {
 func (p *Primary) Progress() Progress {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return Progress{State: p.st.State, LastAck: p.st.LastAck, ConnectedSince: p.st.ConnectedSince,
+	return Progress{State: p.st.State, LastAck: p.st.LastAck, LastTimelyAck: p.st.LastTimelyAck, ConnectedSince: p.st.ConnectedSince,
 		Started: p.st.Started, Captured: p.st.Epoch, Acked: p.ackedEpoch, Standby: p.st.Standby}
 }
 
@@ -984,6 +991,8 @@ func (p *Primary) ackLoop(ctx context.Context, r *bufio.Reader) error {
 }
 
 func (p *Primary) acked(epoch uint64) {
+	// Asked before p.mu: the agent answers from its own state.
+	vouched := p.cfg.ArbiterVouches != nil && p.cfg.ArbiterVouches(time.Now())
 	p.mu.Lock()
 	if epoch > p.ackedEpoch {
 		p.ackedEpoch = epoch
@@ -1001,15 +1010,22 @@ func (p *Primary) acked(epoch uint64) {
 	}
 	p.retained = p.retained[i:]
 	p.st.State = StateProtected
-	if p.inAckWindow(endSent) {
-		p.releasable = max(p.releasable, epoch)
-		p.st.LastAck = time.Now()
+	now := time.Now()
+	timely := p.inAckWindow(endSent)
+	if timely {
+		p.st.LastTimelyAck = now
 	} else {
-		// Too late: the standby may be running the guest by now. The
-		// output stays held until an acknowledgement in time, or until
-		// the arbiter agrees the standby is lost (then it all goes out).
 		p.st.StaleAcks++
-		p.log.Debug("acknowledgement too late to release output", "epoch", epoch, "window", p.ackWindow)
+	}
+	// Too late, the standby may be running the guest by now, unless the
+	// arbiter vouches it cannot have promoted it. Otherwise the output
+	// stays held until an acknowledgement in time, or until the arbiter
+	// agrees the standby is lost (then it all goes out).
+	if timely || vouched {
+		p.releasable = max(p.releasable, epoch)
+		p.st.LastAck = now
+	} else {
+		p.log.Debug("acknowledgement too late to release output, and the arbiter does not vouch", "epoch", epoch, "window", p.ackWindow)
 	}
 	p.wasProtected = true
 	p.mu.Unlock()

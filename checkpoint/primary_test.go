@@ -1336,16 +1336,43 @@ func TestAckWindow(t *testing.T) {
 	}
 	p.acked(3)
 	released(3)
-	if s := p.Status(); s.StaleAcks != 2 || s.LastAck.IsZero() {
+	if s := p.Status(); s.StaleAcks != 2 || s.LastAck.IsZero() || s.LastTimelyAck.IsZero() {
 		t.Fatalf("an ack in time: %+v", s)
 	}
-	// The negative control: a standby that promised nothing.
+	// A late ack while the arbiter vouches no promotion can happen
+	// releases output, yet is not taken for a timely one; once it no
+	// longer vouches, a late ack releases nothing.
+	var vouches atomic.Bool
+	vouches.Store(true)
 	p.mu.Lock()
-	p.ackWindow = 0
-	p.retained = []*capturedEpoch{{epoch: 4, at: now.Add(-time.Hour)}}
+	p.cfg.ArbiterVouches = func(time.Time) bool { return vouches.Load() }
+	timely := p.st.LastTimelyAck
+	p.retained = []*capturedEpoch{
+		{epoch: 4, at: now.Add(-9 * time.Second), endSent: now.Add(-8 * time.Second)},
+		{epoch: 5, at: now.Add(-9 * time.Second), endSent: now.Add(-8 * time.Second)},
+	}
 	p.mu.Unlock()
 	p.acked(4)
 	released(4)
+	if s := p.Status(); s.StaleAcks != 3 || !s.LastTimelyAck.Equal(timely) {
+		t.Fatalf("a late ack the arbiter vouched for: %+v", s)
+	}
+	vouches.Store(false)
+	p.acked(5)
+	time.Sleep(20 * time.Millisecond)
+	if s := p.Status(); out.get() != 4 || s.StaleAcks != 4 {
+		t.Fatalf("a late ack without the arbiter's word: released %d, %+v", out.get(), s)
+	}
+	p.mu.Lock()
+	p.cfg.ArbiterVouches = nil
+	p.mu.Unlock()
+	// The negative control: a standby that promised nothing.
+	p.mu.Lock()
+	p.ackWindow = 0
+	p.retained = []*capturedEpoch{{epoch: 6, at: now.Add(-time.Hour)}}
+	p.mu.Unlock()
+	p.acked(6)
+	released(6)
 }
 
 // silentCutter is a standby that stops answering disk cuts.

@@ -559,6 +559,23 @@ func (a *Agent) arbiterContact() (heard time.Time, suspects time.Duration) {
 	return heard, suspects
 }
 
+// arbiterVouches: the arbiter cannot be promoting g's standby now, so an
+// acknowledgement after the ack window may release output. It promotes
+// only once this primary's lease ran out, or once it missed this agent's
+// heartbeats for its timeout; the lease holds and the arbiter answered a
+// heartbeat sent less than half that timeout ago, so neither can happen
+// before the released output is on the wire.
+func (a *Agent) arbiterVouches(g *guest, now time.Time) bool {
+	if a.arb == nil {
+		return false
+	}
+	if until := g.leaseUntil.Load(); until == 0 || now.UnixNano() >= until {
+		return false
+	}
+	heard, suspects := a.arbiterContact()
+	return !heard.IsZero() && now.Sub(heard) < suspects/2
+}
+
 // refreshProbes copies the arbiter's client-side probe results for status.
 func (a *Agent) refreshProbes(ctx context.Context, guests map[string]*guest) {
 	st, err := a.arb.Status(ctx)

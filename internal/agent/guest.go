@@ -25,6 +25,9 @@ type guest struct {
 	probe *arbiter.ProbeStatus
 
 	fence atomic.Uint64 // m.Fence, for readers that must not take mu
+	// leaseUntil is when this primary's lease runs out (Unix ns; 0: no
+	// lease, or fenced), for the replication engine, which must not take mu.
+	leaseUntil atomic.Int64
 
 	primary *primaryRun // exactly one of these is set
 	standby *standbyRun
@@ -89,6 +92,7 @@ func (g *guest) loop(ctx context.Context, observe func(time.Time) Observation, e
 		acts := g.m.Step(ev)
 		after := g.m.Phase()
 		g.fence.Store(g.m.Fence)
+		g.leaseUntil.Store(g.m.leaseUntil())
 		g.mu.Unlock()
 		if before != after {
 			g.log.Info("guest state changed", "from", before, "to", after, "fence", g.fence.Load())

@@ -102,8 +102,11 @@ type State struct {
 type Observation struct {
 	Now time.Time
 	// Primary: the replication engine's figures.
-	Engine         string // checkpoint.State*
-	LastAck        time.Time
+	Engine  string    // checkpoint.State*
+	LastAck time.Time // an acknowledgement last released output
+	// LastTimelyAck: the last acknowledgement within the ack window; the
+	// standby was not suspecting this primary when it sent it.
+	LastTimelyAck  time.Time
 	ConnectedSince time.Time
 	Started        uint64 // newest epoch whose capture began
 	Acked          uint64
@@ -519,7 +522,7 @@ func (m *Machine) primaryTick() []Action {
 		// drift margin later than ours), unless the standby acknowledged
 		// within half the detector's timeout: a standby that hears from us
 		// does not suspect us, so it cannot be promoting.
-		standbySilent := now.Sub(m.Obs.LastAck) >= m.timeout()/2
+		standbySilent := now.Sub(m.Obs.LastTimelyAck) >= m.timeout()/2
 		switch {
 		case m.SelfFenced || !standbySilent:
 		case !m.Lease.ValidAt(now):
@@ -570,6 +573,15 @@ func (m *Machine) primaryTick() []Action {
 		acts = append(acts, DoKeepOutputFree{})
 	}
 	return acts
+}
+
+// leaseUntil is when this primary's lease runs out, as Unix ns (0: it
+// holds none, or may not run the guest).
+func (m *Machine) leaseUntil() int64 {
+	if m.Role != Primary || m.Fenced || m.SelfFenced || m.Lease.ValidUntil.IsZero() {
+		return 0
+	}
+	return m.Lease.ValidUntil.UnixNano()
 }
 
 // arbiterMayPromote: the arbiter may count the standby as in sync and may

@@ -54,6 +54,7 @@ func primaryIn(p Phase) *Machine {
 	if got := m.Phase(); got != p {
 		panic(fmt.Sprintf("primaryIn(%s) is %s", p, got))
 	}
+	m.Obs.LastTimelyAck = m.Obs.LastAck // the table's acks come in time
 	return m
 }
 
@@ -93,6 +94,7 @@ func tick(m *Machine, d time.Duration, change func(*Observation)) Event {
 	if change != nil {
 		change(&o)
 	}
+	o.LastTimelyAck = o.LastAck // the table's acks come in time
 	return Tick{o}
 }
 
@@ -855,5 +857,30 @@ func TestLostSyncReportKeepsOutputHeld(t *testing.T) {
 	}
 	if s := run(false); !strings.Contains(s, "ReleaseAll") {
 		t.Fatalf("negative control: a standby never reported in sync lets output go (got %s)", s)
+	}
+}
+
+// An acknowledgement that came after the ack window (it released output
+// because the arbiter vouched then) says nothing of whether the standby
+// suspects this primary now: it must not hold a self-fence off. The
+// control: the same acknowledgement in time does.
+func TestLateAckDoesNotHoldOffSelfFence(t *testing.T) {
+	for _, timely := range []bool{false, true} {
+		m := primaryIn(PhaseProtected)
+		o := m.Obs
+		o.Now = t0.Add(10 * time.Millisecond)
+		o.LastAck, o.LastTimelyAck, o.ArbiterHeard = o.Now, o.Now.Add(-1500*time.Millisecond), o.Now.Add(-800*time.Millisecond)
+		if timely {
+			o.LastTimelyAck = o.LastAck
+		}
+		paused := false
+		for _, a := range m.Step(Tick{o}) {
+			if _, ok := a.(DoPause); ok {
+				paused = true
+			}
+		}
+		if paused == timely {
+			t.Errorf("arbiter silent, last acknowledgement timely=%v: paused=%v, want %v", timely, paused, !timely)
+		}
 	}
 }

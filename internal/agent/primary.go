@@ -156,11 +156,12 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	cfg := checkpoint.PrimaryConfig{
 		Agent: a.cfg.AgentID, Guest: rec.Name, DomainXML: xml, ShellBase: a.shellBase(rec.Name), Home: cmp.Or(rec.Home, a.cfg.AgentID),
 		Interval: a.cfg.EpochInterval, MinInterval: a.cfg.EpochMinInterval, MaxInFlight: a.cfg.MaxInFlight, Fence: rec.Fence, PeerTimeout: a.cfg.HeartbeatTimeout(),
-		Dial:       func(ctx context.Context) (net.Conn, error) { return a.dialAgent(ctx, peer) },
-		VerifyPeer: func(conn net.Conn, claimed string) error { return a.verifyStandby(g, conn, claimed) },
-		Log:        a.log,
-		Hook:       a.faultHook,
-		Output:     engineOut,
+		Dial:           func(ctx context.Context) (net.Conn, error) { return a.dialAgent(ctx, peer) },
+		VerifyPeer:     func(conn net.Conn, claimed string) error { return a.verifyStandby(g, conn, claimed) },
+		Log:            a.log,
+		Hook:           a.faultHook,
+		Output:         engineOut,
+		ArbiterVouches: func(now time.Time) bool { return a.arbiterVouches(g, now) },
 	}
 	if len(disks.disks) > 0 {
 		cfg.Disks, cfg.DiskSpecs, cfg.PrepareSession = disks, disks.specs(), disks.prepare
@@ -200,7 +201,7 @@ func (p *primaryRun) observe(now time.Time) Observation {
 		return o
 	}
 	pr := p.engine.Progress()
-	o.Engine, o.LastAck, o.ConnectedSince, o.Started, o.Acked = pr.State, pr.LastAck, pr.ConnectedSince, pr.Started, pr.Acked
+	o.Engine, o.LastAck, o.LastTimelyAck, o.ConnectedSince, o.Started, o.Acked = pr.State, pr.LastAck, pr.LastTimelyAck, pr.ConnectedSince, pr.Started, pr.Acked
 	return o
 }
 
