@@ -3,6 +3,7 @@
 package stats
 
 import (
+	"math"
 	"slices"
 	"sync"
 	"time"
@@ -36,15 +37,17 @@ func (w *Window) Samples() []time.Duration {
 	return slices.Clone(w.buf[:n])
 }
 
-// Percentile returns the p-th percentile (0-100) of ds, or 0 when empty.
+// Percentile returns the p-th percentile (0-100) of ds by nearest rank
+// (the smallest sample at least p% of the samples do not exceed), or 0
+// when empty: with few samples a p99 is their largest, not one below it.
 func Percentile(ds []time.Duration, p float64) time.Duration {
 	if len(ds) == 0 {
 		return 0
 	}
 	s := slices.Clone(ds)
 	slices.Sort(s)
-	i := int(p / 100 * float64(len(s)-1))
-	return s[i]
+	rank := int(math.Ceil(p / 100 * float64(len(s))))
+	return s[min(max(rank, 1), len(s))-1]
 }
 
 // Rate counts events over a sliding time span.
