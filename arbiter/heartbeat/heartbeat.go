@@ -19,9 +19,10 @@
 //
 // # Parameters
 //
-// Defaults: Interval 250 ms, Missed 4, so Timeout is 1 s, a third of the
-// default 3 s lease (500 ms fails a healthy primary over on a lossy link:
-// README). Keep Timeout at or below half the lease duration.
+// Defaults: Interval 100 ms, Missed 5, so Timeout is 500 ms, a sixth of the
+// default 3 s lease: failover within a second (README). Agents send each
+// heartbeat on two connections, or one lost packet's retransmission would
+// outlast it. Keep Timeout at or below half the lease duration.
 // Peers that have never been heard from are measured from the moment they
 // were added (Watch) or the detector was created, so a restart of the
 // observer does not instantly suspect everyone.
@@ -35,8 +36,8 @@ import (
 
 // Defaults; see the package documentation.
 const (
-	DefaultInterval = 250 * time.Millisecond
-	DefaultMissed   = 4
+	DefaultInterval = 100 * time.Millisecond
+	DefaultMissed   = 5
 )
 
 // Clock abstracts time for tests.

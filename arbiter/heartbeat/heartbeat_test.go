@@ -30,8 +30,8 @@ func TestDefaults(t *testing.T) {
 	if got := d.Config(); got.Interval != DefaultInterval || got.Missed != DefaultMissed {
 		t.Fatalf("defaults: %+v", got)
 	}
-	if got := (Config{}).Timeout(); got != time.Second {
-		t.Fatalf("default timeout %v, want 1s", got)
+	if got := (Config{}).Timeout(); got != 500*time.Millisecond {
+		t.Fatalf("default timeout %v, want 500ms", got)
 	}
 }
 

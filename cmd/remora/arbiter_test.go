@@ -63,8 +63,8 @@ func TestExampleConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Listen != "0.0.0.0:7410" || c.LeaseDuration != 3*time.Second || c.Heartbeat.Interval != 250*time.Millisecond ||
-		c.Heartbeat.Missed != 4 || c.Probe.Timeout != 500*time.Millisecond || c.TLS.CA != "/etc/remora/pki/ca.crt" ||
+	if c.Listen != "0.0.0.0:7410" || c.LeaseDuration != 3*time.Second || c.Heartbeat.Interval != 100*time.Millisecond ||
+		c.Heartbeat.Missed != 5 || c.Probe.Timeout != 500*time.Millisecond || c.TLS.CA != "/etc/remora/pki/ca.crt" ||
 		c.MaxSuspend != 30*time.Second || c.MaxGuests != 1024 {
 		t.Fatalf("example config decoded as %+v", c)
 	}

@@ -125,8 +125,8 @@ func Defaults() Config {
 		LogLevel:         "info",
 		LogFormat:        "text",
 
-		HeartbeatInterval: 250 * time.Millisecond,
-		HeartbeatMissed:   4,
+		HeartbeatInterval: 100 * time.Millisecond,
+		HeartbeatMissed:   5,
 
 		OutputCommit:      OutputAuto,
 		OutputBufferBytes: 16 << 20,
