@@ -106,12 +106,23 @@ func soak(t *testing.T, name string, ip int, d detectors, dur time.Duration) soa
 	}
 	before := l.arbiterLog()
 	fencedBefore := l.a.logCount("self-fence: pausing the guest")
+	// Each run draws its own losses and delays (a fixed seed would meet
+	// the same rare burst of losses at the same moment every run);
+	// REMORA_SOAK_SEED replays one.
+	seed := uint64(time.Now().UnixNano())
+	if v := os.Getenv("REMORA_SOAK_SEED"); v != "" {
+		var err error
+		if seed, err = strconv.ParseUint(v, 10, 64); err != nil {
+			t.Fatalf("REMORA_SOAK_SEED=%q: want an unsigned integer", v)
+		}
+	}
+	t.Logf("netem seed %d (REMORA_SOAK_SEED=%d replays it)", seed, seed)
 	for i, link := range []struct{ ns, peer string }{
 		{labkit.NetnsA, labkit.IPB},
 		{labkit.NetnsA, labkit.IPArbiter},
 		{labkit.NetnsB, labkit.IPArbiter},
 	} {
-		n, err := labkit.StartNetem(link.ns, link.peer, soakDelay, soakJitter, soakLoss, uint64(i+1))
+		n, err := labkit.StartNetem(link.ns, link.peer, soakDelay, soakJitter, soakLoss, seed+uint64(i))
 		if err != nil {
 			t.Fatal(err)
 		}
