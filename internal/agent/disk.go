@@ -21,17 +21,20 @@ import (
 	"github.com/remora-ha/remora/migrate/virt"
 )
 
-// notSentLowat bounds what waits unsent in the kernel for a replication
-// connection (TCP_NOTSENT_LOWAT): a write returns only once it is nearly on
+// notSentLowat bounds what waits unsent in the kernel for the checkpoint
+// stream (TCP_NOTSENT_LOWAT): a write returns only once it is nearly on
 // the wire, so an epoch's end is stamped (Primary's ack window) when it is
 // about to go out, not seconds early behind a send buffer autotuned to
-// megabytes on a slow link. Bytes in flight are not limited.
+// megabytes on a slow link. Bytes in flight are not limited. The disk
+// relays gain nothing from it and keep the kernel's default: with it,
+// QEMU 7.2 once crashed (heap corruption) as a full standby disk failed a
+// resync (CI campaign).
 const notSentLowat = 16 << 10
 
-// dialAgent connects to another agent's replication port, over mutual
-// TLS when configured.
-func (a *Agent) dialAgent(ctx context.Context, peer string) (net.Conn, error) {
-	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+// dialCheckpoints connects the checkpoint stream to the standby's
+// replication port (dialAgent, with notSentLowat).
+func (a *Agent) dialCheckpoints(ctx context.Context, peer string) (net.Conn, error) {
+	return a.dial(ctx, peer, func(_, _ string, c syscall.RawConn) error {
 		var serr error
 		if err := c.Control(func(fd uintptr) {
 			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, notSentLowat)
@@ -39,7 +42,17 @@ func (a *Agent) dialAgent(ctx context.Context, peer string) (net.Conn, error) {
 			return err
 		}
 		return serr
-	}}
+	})
+}
+
+// dialAgent connects to another agent's replication port, over mutual
+// TLS when configured.
+func (a *Agent) dialAgent(ctx context.Context, peer string) (net.Conn, error) {
+	return a.dial(ctx, peer, nil)
+}
+
+func (a *Agent) dial(ctx context.Context, peer string, control func(network, address string, c syscall.RawConn) error) (net.Conn, error) {
+	d := net.Dialer{Control: control}
 	if a.tlsCli != nil {
 		td := tls.Dialer{NetDialer: &d, Config: a.tlsCli}
 		return td.DialContext(ctx, "tcp", peer)

@@ -156,7 +156,7 @@ func (a *Agent) startPrimary(ctx context.Context, rec *Record) error {
 	cfg := checkpoint.PrimaryConfig{
 		Agent: a.cfg.AgentID, Guest: rec.Name, DomainXML: xml, ShellBase: a.shellBase(rec.Name), Home: cmp.Or(rec.Home, a.cfg.AgentID),
 		Interval: a.cfg.EpochInterval, MinInterval: a.cfg.EpochMinInterval, MaxInFlight: a.cfg.MaxInFlight, Fence: rec.Fence, PeerTimeout: a.cfg.HeartbeatTimeout(),
-		Dial:           func(ctx context.Context) (net.Conn, error) { return a.dialAgent(ctx, peer) },
+		Dial:           func(ctx context.Context) (net.Conn, error) { return a.dialCheckpoints(ctx, peer) },
 		VerifyPeer:     func(conn net.Conn, claimed string) error { return a.verifyStandby(g, conn, claimed) },
 		Log:            a.log,
 		Hook:           a.faultHook,
