@@ -991,8 +991,9 @@ func (p *Primary) ackLoop(ctx context.Context, r *bufio.Reader) error {
 }
 
 func (p *Primary) acked(epoch uint64) {
+	now := time.Now()
 	// Asked before p.mu: the agent answers from its own state.
-	vouched := p.cfg.ArbiterVouches != nil && p.cfg.ArbiterVouches(time.Now())
+	vouched := p.cfg.ArbiterVouches != nil && p.cfg.ArbiterVouches(now)
 	p.mu.Lock()
 	if epoch > p.ackedEpoch {
 		p.ackedEpoch = epoch
@@ -1010,7 +1011,6 @@ func (p *Primary) acked(epoch uint64) {
 	}
 	p.retained = p.retained[i:]
 	p.st.State = StateProtected
-	now := time.Now()
 	timely := p.inAckWindow(endSent)
 	if timely {
 		p.st.LastTimelyAck = now
