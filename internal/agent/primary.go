@@ -246,6 +246,12 @@ func (p *primaryRun) do(ctx context.Context, g *guest, act Action) {
 			// Output of epochs the standby never acknowledged must never leave.
 			p.out.DiscardAfter(act.AckedEpoch)
 		}
+		// The paused copy's RAM is the base the resync compares against
+		// when this host becomes the guest's standby: a partition, unlike
+		// a crash, then costs only the pages that differ.
+		if p.g != nil && p.g.RAM.Path != "" {
+			a.holdRAM(g, p.g.RAM)
+		}
 		if err := a.virt.Destroy(dctx, g.domainName()); err != nil {
 			g.log.Error("cannot destroy the stale copy", "err", err)
 		}

@@ -36,8 +36,6 @@ func (l *arbLab) waitReprotected(t *testing.T, guest string, prim, stby *host) a
 	return p
 }
 
-// checkIncremental fails unless the re-protect that led to st copied at
-// most a tenth of the guest's disk (only the blocks that differed).
 // startDiskWriter has the guest write rate records a second to its data
 // disk from now on.
 func startDiskWriter(t *testing.T, g *labkit.Guest, rate int) {
@@ -312,6 +310,66 @@ func TestStandbyRestartResyncsIncrementally(t *testing.T) {
 	}
 	checkIncremental(t, s, 64<<20, true)
 	t.Logf("memory resync after the standby's restart: %d of %d pages", s.SyncPages, ram)
+	checkGuest(t, g)
+	hist.check()
+	checkOneCopy(t, copies)
+}
+
+// TestReprotectAfterPartition: the primary's host is cut off from
+// everyone (its guest's link too) while the guest writes its disk and
+// memory. The standby is promoted; the isolated primary pauses its copy,
+// and once the link is back it learns it was superseded and destroys the
+// copy, keeping its RAM. The new primary re-protects the guest onto it by
+// itself, sending only the memory pages and disk blocks that differ from
+// that copy. (A crash loses the RAM: TestReprotectRounds re-protects after
+// crashes and sends it all.)
+func TestReprotectAfterPartition(t *testing.T) {
+	name := "e2e-part-reprotect"
+	l, g := protectedWithDisk(t, name, 39)
+	copies := watchCopies(t, g, name, name+"-host-b")
+	hist := startIncHistory(t, g)
+	waitFor(t, "the client to get replies", 30*time.Second, func() bool { return hist.count() > 10 })
+	startDiskWriter(t, g, 50)
+	waitFor(t, "the arbiter to count the standby in sync", time.Minute, func() bool {
+		_, inSync, err := l.arbiterGuest(name)
+		return err == nil && inSync
+	})
+
+	iface := guestIface(t, name)
+	link := func(dev, state string) {
+		if out, err := exec.Command("ip", "link", "set", dev, state).CombinedOutput(); err != nil {
+			t.Fatalf("link %s %s: %v %s", dev, state, err, out)
+		}
+	}
+	t.Cleanup(func() { // heal whatever a failure left cut
+		_ = exec.Command("ip", "link", "set", "rmv-a", "up").Run()
+		_ = exec.Command("ip", "link", "set", iface, "up").Run()
+	})
+	cut := time.Now()
+	link("rmv-a", "down")
+	link(iface, "down")
+	waitFor(t, "the standby to be promoted", 2*time.Minute, func() bool {
+		s, ok := l.b.status(name)
+		return ok && s.State == "failed-over"
+	})
+	waitFor(t, "the isolated primary to pause its guest", time.Minute, func() bool {
+		return domState(name) == "paused"
+	})
+	n := hist.count()
+	waitFor(t, "replies from the promoted guest", time.Minute, func() bool { return hist.count() > n+5 })
+	time.Sleep(5 * time.Second) // the copies part further
+	link("rmv-a", "up")
+	link(iface, "up")
+	healed := time.Now()
+
+	st := l.waitReprotected(t, name, l.b, l.a)
+	ram := uint64(256 << 20 / checkpoint.PageSize)
+	if st.SyncPages == 0 || st.SyncPages >= ram/2 {
+		t.Errorf("re-protect after the partition sent %d of %d memory pages, want only those that differ from the old primary's copy", st.SyncPages, ram)
+	}
+	checkIncremental(t, st, 64<<20, true)
+	t.Logf("cut %s, healed, re-protected onto host-a %s later: %d of %d memory pages sent",
+		healed.Sub(cut).Round(100*time.Millisecond), time.Since(healed).Round(100*time.Millisecond), st.SyncPages, ram)
 	checkGuest(t, g)
 	hist.check()
 	checkOneCopy(t, copies)

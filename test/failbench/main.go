@@ -436,8 +436,8 @@ func switchBench(ctx context.Context, bin, work string, agentCfg func(name, ip s
 // outageBench parts the copies of a protected guest for each of the
 // outages while the guest writes its disk and dirties memory, and measures
 // the resync that follows: a standby agent down that long and restarted,
-// and a primary host crashed, failed over, and back that long after (the
-// automatic re-protect).
+// a primary host crashed, failed over, and back that long after (the
+// automatic re-protect), and a primary host cut off that long.
 func outageBench(ctx context.Context, g *labkit.Guest, name, primary, standby string, startAgent func(string) error, procs map[string]*proc, clients map[string]*api.Client) error {
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	c, err := labkit.DialContext(cctx, g.Addr())
@@ -514,8 +514,47 @@ func outageBench(ctx context.Context, g *labkit.Guest, name, primary, standby st
 		if err != nil {
 			return fmt.Errorf("re-protect %s after a failover: %w (%+v)", apart, err, st)
 		}
-		rows = append(rows, row{"re-protect after failover", apart, took, st.SyncPages, st.Disk.LastResyncBytes})
+		rows = append(rows, row{"re-protect after a crash", apart, took, st.SyncPages, st.Disk.LastResyncBytes})
 		fmt.Fprintf(os.Stderr, "re-protect %s after a failover: in %s, %d pages, %d KiB of disk\n", apart, took.Round(100*time.Millisecond), st.SyncPages, st.Disk.LastResyncBytes>>10)
+		primary, standby = standby, primary
+
+		// The (new) primary's host cut off from everyone, its guest's
+		// link too: the standby takes over, the isolated copy pauses;
+		// apart later the links are back, the old primary learns it was
+		// superseded and keeps its copy's RAM as the resync's base.
+		time.Sleep(3 * time.Second)
+		dom = name
+		if s, err := clients[primary].VM(ctx, name); err == nil && s.Domain != "" {
+			dom = s.Domain
+		}
+		tap := labkit.DomainTap(dom)
+		veth := map[string]string{"host-a": "rmv-a", "host-b": "rmv-b"}[primary]
+		links := []string{veth, tap}
+		for _, l := range links {
+			if out, err := exec.Command("ip", "link", "set", l, "down").CombinedOutput(); err != nil {
+				return fmt.Errorf("cut %s off: link %s down: %v %s", primary, l, err, out)
+			}
+		}
+		err = waitFor(2*time.Minute, func() bool {
+			s, _ := clients[standby].VM(ctx, name)
+			return s.State == "failed-over"
+		})
+		if err == nil {
+			time.Sleep(apart)
+		}
+		back = time.Now()
+		for _, l := range links {
+			exec.Command("ip", "link", "set", l, "up").Run()
+		}
+		if err != nil {
+			return fmt.Errorf("failover after cutting %s off: %w", primary, err)
+		}
+		st, took, err = resynced(standby, back)
+		if err != nil {
+			return fmt.Errorf("re-protect %s after a partition: %w (%+v)", apart, err, st)
+		}
+		rows = append(rows, row{"re-protect after a partition", apart, took, st.SyncPages, st.Disk.LastResyncBytes})
+		fmt.Fprintf(os.Stderr, "re-protect %s after a partition: in %s, %d pages, %d KiB of disk\n", apart, took.Round(100*time.Millisecond), st.SyncPages, st.Disk.LastResyncBytes>>10)
 		primary, standby = standby, primary
 	}
 	fmt.Printf("\nresync after the copies parted, the guest writing %d disk records/s (4 KiB, over its first 16 MiB) and dirtying memory; full resync: 256 MiB of RAM, %d MiB of disk\n", *diskRate, *diskMiB)

@@ -61,7 +61,7 @@ func (w *CopyWatch) watch(domain string) {
 			return
 		default:
 		}
-		tap := domainTap(domain)
+		tap := DomainTap(domain)
 		if tap == "" {
 			time.Sleep(100 * time.Millisecond)
 			continue
@@ -70,8 +70,8 @@ func (w *CopyWatch) watch(domain string) {
 	}
 }
 
-// domainTap is the host tap of a running domain, or "".
-func domainTap(domain string) string {
+// DomainTap is the host tap of a running domain, or "".
+func DomainTap(domain string) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	out, err := Virsh(ctx, "domiflist", domain)
@@ -117,7 +117,7 @@ func (w *CopyWatch) read(domain, tap string) {
 		n, from, err := unix.Recvfrom(fd, buf, 0)
 		if err != nil {
 			if err == unix.EAGAIN || err == unix.EINTR {
-				if idle++; idle%20 == 0 && domainTap(domain) != tap {
+				if idle++; idle%20 == 0 && DomainTap(domain) != tap {
 					return // the domain stopped (or its tap changed)
 				}
 				continue
