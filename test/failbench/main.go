@@ -558,11 +558,11 @@ func outageBench(ctx context.Context, g *labkit.Guest, name, primary, standby st
 		primary, standby = standby, primary
 	}
 	fmt.Printf("\nresync after the copies parted, the guest writing %d disk records/s (4 KiB, over its first 16 MiB) and dirtying memory; full resync: 256 MiB of RAM, %d MiB of disk\n", *diskRate, *diskMiB)
-	fmt.Printf("%-26s %8s %10s %12s %12s %10s\n", "", "apart", "took", "memory MiB", "disk MiB", "of full")
+	fmt.Printf("%-28s %8s %10s %12s %12s %10s\n", "", "apart", "took", "memory MiB", "disk MiB", "of full")
 	for _, r := range rows {
 		mem := float64(r.memory*checkpoint.PageSize) / (1 << 20)
 		disk := float64(r.disk) / (1 << 20)
-		fmt.Printf("%-26s %8s %10s %12.1f %12.1f %9.1f%%\n", r.kind, r.apart, r.took.Round(100*time.Millisecond), mem, disk, 100*(mem+disk)/float64(256+*diskMiB))
+		fmt.Printf("%-28s %8s %10s %12.1f %12.1f %9.1f%%\n", r.kind, r.apart, r.took.Round(100*time.Millisecond), mem, disk, 100*(mem+disk)/float64(256+*diskMiB))
 	}
 	return nil
 }
