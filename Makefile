@@ -146,6 +146,7 @@ install: docs
 	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/lib/systemd/system configs/systemd/remora-agent.service configs/systemd/remora-arbiter.service
 	install -D -m 0640 configs/agent.yaml $(DESTDIR)/etc/remora/agent.yaml
 	install -D -m 0640 configs/arbiter.yaml $(DESTDIR)/etc/remora/arbiter.yaml
+	install -D -m 0644 configs/apparmor/remora-qemu $(DESTDIR)/etc/apparmor.d/abstractions/remora-qemu
 	install -d $(DESTDIR)/etc/libvirt/hooks/qemu.d
 	sed 's|@BINDIR@|$(PREFIX)/bin|' configs/libvirt/50-remora.in >$(DESTDIR)/etc/libvirt/hooks/qemu.d/50-remora
 	chmod 0755 $(DESTDIR)/etc/libvirt/hooks/qemu.d/50-remora

@@ -89,6 +89,7 @@ type Agent struct {
 	// qemu is libvirt's QEMU user (zero: root), from qemuConfPath.
 	qemu         virt.QEMUConf
 	qemuConfPath string
+	appArmor     virt.AppArmorFiles
 
 	mu     sync.Mutex
 	guests map[string]*guest
@@ -130,7 +131,7 @@ func New(cfg api.Config, log *slog.Logger) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: log, store: recordStore{dir: cfg.StateDir}, guests: map[string]*guest{},
 		detector:     heartbeat.New(heartbeat.Config{Interval: cfg.HeartbeatInterval, Missed: cfg.HeartbeatMissed}, nil),
-		qemuConfPath: virt.QEMUConfPath}
+		qemuConfPath: virt.QEMUConfPath, appArmor: virt.DefaultAppArmor}
 	a.faultHook = faultHookFromEnv(log)
 	return a, nil
 }

@@ -12,7 +12,8 @@ import (
 
 // checkQEMUHost refuses to start where QEMU could not use what the agent
 // hands it: guest RAM files off tmpfs, or sockets and replica images that
-// QEMU's user (Debian: libvirt-qemu) cannot reach. It learns that user.
+// QEMU's user (Debian: libvirt-qemu), or its AppArmor profile, cannot
+// reach. It learns that user.
 func (a *Agent) checkQEMUHost() error {
 	if a.cfg.LibvirtURI != "qemu:///system" {
 		return nil // another daemon's settings: not ours to read
@@ -29,6 +30,9 @@ func (a *Agent) checkQEMUHost() error {
 		return fmt.Errorf("%s: %w", a.qemuConfPath, err)
 	}
 	if err := c.CheckReachable(a.cfg.RuntimeDir, "the agent's sockets"); err != nil {
+		return fmt.Errorf("runtime_dir %w", err)
+	}
+	if err := c.CheckAppArmorReach(a.appArmor, a.cfg.RuntimeDir, "the agent's sockets"); err != nil {
 		return fmt.Errorf("runtime_dir %w", err)
 	}
 	if err := c.CheckReachable(filepath.Join(a.cfg.StateDir, "images"), "the standby's replica disk images"); err != nil {

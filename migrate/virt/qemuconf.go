@@ -27,6 +27,9 @@ type QEMUConf struct {
 	User             string // "libvirt-qemu" unless set (Debian's default)
 	UID, GID         int
 	MemoryBackingDir string
+	// SecurityDriver as set ("" unset: libvirt picks AppArmor where the
+	// kernel has it on); a list is kept as written.
+	SecurityDriver string
 }
 
 // Debian builds libvirt with these defaults.
@@ -56,7 +59,11 @@ func ReadQEMUConf(path string) (QEMUConf, error) {
 			continue // a list spanning lines; none of ours
 		}
 		key, val = strings.TrimSpace(key), strings.TrimSpace(val)
-		if key != "user" && key != "group" && key != "memory_backing_dir" {
+		if key != "user" && key != "group" && key != "memory_backing_dir" && key != "security_driver" {
+			continue
+		}
+		if key == "security_driver" && strings.HasPrefix(val, "[") {
+			c.SecurityDriver = val
 			continue
 		}
 		s, err := strconv.Unquote(val)
@@ -70,6 +77,8 @@ func ReadQEMUConf(path string) (QEMUConf, error) {
 			group = s
 		case "memory_backing_dir":
 			c.MemoryBackingDir = s
+		case "security_driver":
+			c.SecurityDriver = s
 		}
 	}
 	if err := sc.Err(); err != nil {

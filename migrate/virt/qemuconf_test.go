@@ -33,6 +33,15 @@ cgroup_device_acl = [
 	if c.User != "+4242" || c.UID != 4242 || c.GID != 4343 || c.MemoryBackingDir != "/dev/shm/remora" {
 		t.Fatalf("got %+v", c)
 	}
+	if c.SecurityDriver != "" {
+		t.Fatalf("security_driver unset, got %q", c.SecurityDriver)
+	}
+	for conf, want := range map[string]string{`security_driver = "none"`: "none", `security_driver = [ "selinux", "apparmor" ]`: `[ "selinux", "apparmor" ]`} {
+		c, err := ReadQEMUConf(writeConf(t, "user = \"+0\"\n"+conf+"\n"))
+		if err != nil || c.SecurityDriver != want {
+			t.Fatalf("%s: got %q (%v), want %q", conf, c.SecurityDriver, err, want)
+		}
+	}
 	if _, err := ReadQEMUConf(writeConf(t, "user = root\n")); err == nil || !strings.Contains(err.Error(), "quoted") {
 		t.Fatalf("unquoted user: %v", err)
 	}

@@ -29,9 +29,25 @@ Description: hot-standby replication of running libvirt/QEMU guests
 CONTROL
 # Services are neither enabled nor started: the configuration needs this
 # host's name and certificates first (see the operator's guide).
+# Where libvirt confines QEMU with AppArmor, QEMU must reach the agent's
+# sockets: libvirt's QEMU abstraction includes the site's local additions,
+# which get remora's (the line goes on removal). Running guests' profiles
+# are reloaded; new ones are built with it.
 cat >"$stage/DEBIAN/postinst" <<'SCRIPT'
 #!/bin/sh
 set -e
+aa_local=/etc/apparmor.d/local/abstractions/libvirt-qemu
+aa_line='include if exists <abstractions/remora-qemu>'
+if [ "$1" = configure ] && [ -f /etc/apparmor.d/abstractions/libvirt-qemu ] && ! grep -qxF "$aa_line" "$aa_local" 2>/dev/null; then
+	mkdir -p "$(dirname "$aa_local")"
+	echo "$aa_line" >>"$aa_local"
+	if [ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" = Y ] && command -v apparmor_parser >/dev/null; then
+		for p in /etc/apparmor.d/libvirt/libvirt-*; do
+			case "$p" in *.files) continue ;; esac
+			[ -f "$p" ] && apparmor_parser -r "$p" 2>/dev/null || true
+		done
+	fi
+fi
 if [ "$1" = configure ] && [ -d /run/systemd/system ]; then
 	systemctl daemon-reload || true
 	# An upgrade restarts what was running.
@@ -55,6 +71,10 @@ SCRIPT
 cat >"$stage/DEBIAN/postrm" <<'SCRIPT'
 #!/bin/sh
 set -e
+aa_local=/etc/apparmor.d/local/abstractions/libvirt-qemu
+if [ "$1" = remove ] || [ "$1" = purge ]; then
+	if [ -f "$aa_local" ]; then sed -i '\|^include if exists <abstractions/remora-qemu>$|d' "$aa_local"; fi
+fi
 if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
 exit 0
 SCRIPT
