@@ -37,6 +37,13 @@ cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
 cp "$deb" "$root/tmp/"
 in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive "$@"; }
 
+# libvirt's AppArmor abstraction, as libvirt-daemon-system leaves it: the
+# package adds its include to the site's local additions, once.
+mkdir -p "$root/etc/apparmor.d/abstractions" "$root/etc/apparmor.d/local/abstractions"
+echo '  #include <local/abstractions/libvirt-qemu>' >"$root/etc/apparmor.d/abstractions/libvirt-qemu"
+: >"$root/etc/apparmor.d/local/abstractions/libvirt-qemu"
+aa_line='include if exists <abstractions/remora-qemu>'
+
 say "apt-get install $(basename "$deb") (and systemd, for systemd-analyze)"
 in_root apt-get update -qq
 in_root apt-get install -y -qq --no-install-recommends "/tmp/$(basename "$deb")" systemd man-db >/dev/null
@@ -46,7 +53,8 @@ in_root remora version
 say "files"
 for f in /usr/bin/remora /usr/lib/systemd/system/remora-agent.service /usr/lib/systemd/system/remora-arbiter.service \
 	/etc/remora/agent.yaml /etc/remora/arbiter.yaml /usr/share/man/man1/remora-agent.1.gz \
-	/usr/share/bash-completion/completions/remora /usr/share/doc/remora/operator-guide.md /etc/libvirt/hooks/qemu.d/50-remora; do
+	/usr/share/bash-completion/completions/remora /usr/share/doc/remora/operator-guide.md /etc/libvirt/hooks/qemu.d/50-remora \
+	/etc/apparmor.d/abstractions/remora-qemu; do
 	[ -e "$root$f" ] || die "$f is not installed"
 done
 say "libvirt hook: a guest remora does not protect may start"
@@ -59,4 +67,14 @@ say "systemd-analyze verify (in the root)"
 out=$(in_root systemd-analyze verify remora-agent.service remora-arbiter.service 2>&1) || die "systemd-analyze verify failed: $out"
 # verify exits 0 on directives it ignores: any output is a defect.
 [ -z "$out" ] || die "systemd-analyze verify: $out"
+
+say "AppArmor: libvirt's QEMU profile includes remora's rules, once, until removal"
+[ "$(grep -cxF "$aa_line" "$root/etc/apparmor.d/local/abstractions/libvirt-qemu")" = 1 ] ||
+	die "the install did not add '$aa_line' to /etc/apparmor.d/local/abstractions/libvirt-qemu once"
+in_root dpkg-reconfigure remora >/dev/null 2>&1 || in_root /var/lib/dpkg/info/remora.postinst configure >/dev/null
+[ "$(grep -cxF "$aa_line" "$root/etc/apparmor.d/local/abstractions/libvirt-qemu")" = 1 ] ||
+	die "configuring again added '$aa_line' twice"
+in_root apt-get remove -y -qq remora >/dev/null
+! grep -qxF "$aa_line" "$root/etc/apparmor.d/local/abstractions/libvirt-qemu" ||
+	die "removing the package left '$aa_line' in /etc/apparmor.d/local/abstractions/libvirt-qemu"
 say "package ok"
