@@ -450,18 +450,7 @@ func TestArbiterPartitions(t *testing.T) {
 	}
 
 	// Primary cut off from everyone, its guest's link too.
-	iface := guestIface(t, name)
-	link := func(dev, state string) {
-		if out, err := exec.Command("ip", "link", "set", dev, state).CombinedOutput(); err != nil {
-			t.Fatalf("link %s %s: %v %s", dev, state, err, out)
-		}
-	}
-	t.Cleanup(func() { // heal whatever a failure left cut
-		_ = exec.Command("ip", "link", "set", "rmv-a", "up").Run()
-		_ = exec.Command("ip", "link", "set", iface, "up").Run()
-	})
-	link("rmv-a", "down")
-	link(iface, "down")
+	heal := cutOffHostA(t, name)
 	cut := time.Now()
 	waitFor(t, "the standby to be promoted", 2*time.Minute, func() bool {
 		s, ok := l.b.status(name)
@@ -475,7 +464,7 @@ func TestArbiterPartitions(t *testing.T) {
 	if _, err := c2.Inc(context.Background()); err != nil {
 		t.Fatalf("promoted guest does not serve: %v", err)
 	}
-	link("rmv-a", "up")
+	heal() // its paused copy sends nothing; it is destroyed next
 	waitFor(t, "the old primary to destroy its copy after learning the new epoch", time.Minute, func() bool {
 		st := domState(name)
 		return st == "shut off" || st == "absent"
@@ -508,6 +497,28 @@ func TestArbiterPartitions(t *testing.T) {
 	if _, err := labkit.Virsh(vctx, "destroy", name); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// cutOffHostA takes host A's link and its guest's tap down: A is cut off
+// from everyone, and so is its copy of the guest. The returned heal brings
+// both up; the test's cleanup does too, whatever a failure left cut.
+func cutOffHostA(t *testing.T, guest string) (heal func()) {
+	t.Helper()
+	devs := []string{"rmv-a", guestIface(t, guest)}
+	set := func(state string) {
+		for _, dev := range devs {
+			if out, err := exec.Command("ip", "link", "set", dev, state).CombinedOutput(); err != nil {
+				t.Fatalf("link %s %s: %v %s", dev, state, err, out)
+			}
+		}
+	}
+	t.Cleanup(func() {
+		for _, dev := range devs {
+			_ = exec.Command("ip", "link", "set", dev, "up").Run()
+		}
+	})
+	set("down")
+	return func() { set("up") }
 }
 
 // guestIface returns the host-side tap of a domain's NIC.

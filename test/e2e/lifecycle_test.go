@@ -335,19 +335,8 @@ func TestReprotectAfterPartition(t *testing.T) {
 		return err == nil && inSync
 	})
 
-	iface := guestIface(t, name)
-	link := func(dev, state string) {
-		if out, err := exec.Command("ip", "link", "set", dev, state).CombinedOutput(); err != nil {
-			t.Fatalf("link %s %s: %v %s", dev, state, err, out)
-		}
-	}
-	t.Cleanup(func() { // heal whatever a failure left cut
-		_ = exec.Command("ip", "link", "set", "rmv-a", "up").Run()
-		_ = exec.Command("ip", "link", "set", iface, "up").Run()
-	})
 	cut := time.Now()
-	link("rmv-a", "down")
-	link(iface, "down")
+	heal := cutOffHostA(t, name)
 	waitFor(t, "the standby to be promoted", 2*time.Minute, func() bool {
 		s, ok := l.b.status(name)
 		return ok && s.State == "failed-over"
@@ -358,8 +347,7 @@ func TestReprotectAfterPartition(t *testing.T) {
 	n := hist.count()
 	waitFor(t, "replies from the promoted guest", time.Minute, func() bool { return hist.count() > n+5 })
 	time.Sleep(5 * time.Second) // the copies part further
-	link("rmv-a", "up")
-	link(iface, "up")
+	heal()
 	healed := time.Now()
 
 	st := l.waitReprotected(t, name, l.b, l.a)

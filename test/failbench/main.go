@@ -471,6 +471,16 @@ func outageBench(ctx context.Context, g *labkit.Guest, name, primary, standby st
 		})
 		return st, time.Since(since), err
 	}
+	// measure waits for the resync onto h and records what it sent.
+	measure := func(kind, h string, apart time.Duration, since time.Time) error {
+		st, took, err := resynced(h, since)
+		if err != nil {
+			return fmt.Errorf("%s %s apart: %w (%+v)", kind, apart, err, st)
+		}
+		rows = append(rows, row{kind, apart, took, st.SyncPages, st.Disk.LastResyncBytes})
+		fmt.Fprintf(os.Stderr, "%s %s apart: resynced in %s, %d pages, %d KiB of disk\n", kind, apart, took.Round(100*time.Millisecond), st.SyncPages, st.Disk.LastResyncBytes>>10)
+		return nil
+	}
 	for _, apart := range outages {
 		// The standby's agent killed, restarted after apart.
 		procs[standby].kill()
@@ -480,12 +490,9 @@ func outageBench(ctx context.Context, g *labkit.Guest, name, primary, standby st
 		if err := startAgent(standby); err != nil {
 			return err
 		}
-		st, took, err := resynced(primary, back)
-		if err != nil {
-			return fmt.Errorf("resync after a standby restart %s apart: %w (%+v)", apart, err, st)
+		if err := measure("standby restart", primary, apart, back); err != nil {
+			return err
 		}
-		rows = append(rows, row{"standby restart", apart, took, st.SyncPages, st.Disk.LastResyncBytes})
-		fmt.Fprintf(os.Stderr, "standby restart %s apart: resynced in %s, %d pages, %d KiB of disk\n", apart, took.Round(100*time.Millisecond), st.SyncPages, st.Disk.LastResyncBytes>>10)
 
 		// The primary host crashed (agent killed, guest destroyed): the
 		// standby takes over; the old primary's agent is back apart later
@@ -510,12 +517,9 @@ func outageBench(ctx context.Context, g *labkit.Guest, name, primary, standby st
 		if err := startAgent(primary); err != nil {
 			return err
 		}
-		st, took, err = resynced(standby, back)
-		if err != nil {
-			return fmt.Errorf("re-protect %s after a failover: %w (%+v)", apart, err, st)
+		if err := measure("re-protect after a crash", standby, apart, back); err != nil {
+			return err
 		}
-		rows = append(rows, row{"re-protect after a crash", apart, took, st.SyncPages, st.Disk.LastResyncBytes})
-		fmt.Fprintf(os.Stderr, "re-protect %s after a failover: in %s, %d pages, %d KiB of disk\n", apart, took.Round(100*time.Millisecond), st.SyncPages, st.Disk.LastResyncBytes>>10)
 		primary, standby = standby, primary
 
 		// The (new) primary's host cut off from everyone, its guest's
@@ -535,7 +539,7 @@ func outageBench(ctx context.Context, g *labkit.Guest, name, primary, standby st
 				return fmt.Errorf("cut %s off: link %s down: %v %s", primary, l, err, out)
 			}
 		}
-		err = waitFor(2*time.Minute, func() bool {
+		err := waitFor(2*time.Minute, func() bool {
 			s, _ := clients[standby].VM(ctx, name)
 			return s.State == "failed-over"
 		})
@@ -549,12 +553,9 @@ func outageBench(ctx context.Context, g *labkit.Guest, name, primary, standby st
 		if err != nil {
 			return fmt.Errorf("failover after cutting %s off: %w", primary, err)
 		}
-		st, took, err = resynced(standby, back)
-		if err != nil {
-			return fmt.Errorf("re-protect %s after a partition: %w (%+v)", apart, err, st)
+		if err := measure("re-protect after a partition", standby, apart, back); err != nil {
+			return err
 		}
-		rows = append(rows, row{"re-protect after a partition", apart, took, st.SyncPages, st.Disk.LastResyncBytes})
-		fmt.Fprintf(os.Stderr, "re-protect %s after a partition: in %s, %d pages, %d KiB of disk\n", apart, took.Round(100*time.Millisecond), st.SyncPages, st.Disk.LastResyncBytes>>10)
 		primary, standby = standby, primary
 	}
 	fmt.Printf("\nresync after the copies parted, the guest writing %d disk records/s (4 KiB, over its first 16 MiB) and dirtying memory; full resync: 256 MiB of RAM, %d MiB of disk\n", *diskRate, *diskMiB)
