@@ -7,6 +7,9 @@
 #                          (keeps the image cache and the libvirt config)
 #   test/lab/lab.sh env    print the lab facts as shell variables:
 #                          eval "$(test/lab/lab.sh env)"
+#   test/lab/lab.sh node   a host of a multi-machine lab (vagrant/): packages,
+#                          qemu.conf, libvirt and the guest image; its network
+#                          (rmbr0 on the guests' link) is the host's own
 #
 # Needs root on Debian 12 (bookworm) and a Go toolchain (go in PATH, or
 # /usr/local/go/bin/go, or $GO). Guests run under TCG (domain type='qemu').
@@ -593,6 +596,19 @@ cmd_up() {
 	info "done in $((SECONDS - t0))s"
 }
 
+cmd_node() {
+	need_root node
+	local t0=$SECONDS
+	say "remora lab node (lab dir $LAB_DIR)"
+	ensure_packages
+	ensure_qemu_conf
+	ensure_kvm_node
+	ensure_daemons
+	ensure_image
+	info "image:    $LAB_DIR/vmlinuz, $LAB_DIR/initramfs.img ($(cat "$LAB_DIR/kernel.version"))"
+	info "done in $((SECONDS - t0))s"
+}
+
 cmd_down() {
 	need_root down
 	say "remora lab down"
@@ -605,8 +621,9 @@ case "${1:-}" in
 up) cmd_up ;;
 down) cmd_down ;;
 env) print_env ;;
+node) cmd_node ;;
 *)
-	echo "usage: $0 up|down|env" >&2
+	echo "usage: $0 up|down|env|node" >&2
 	exit 2
 	;;
 esac
