@@ -248,8 +248,12 @@ func (p *primaryRun) do(ctx context.Context, g *guest, act Action) {
 		}
 		// The paused copy's RAM is the base the resync compares against
 		// when this host becomes the guest's standby: a partition, unlike
-		// a crash, then costs only the pages that differ.
-		if p.g != nil && p.g.RAM.Path != "" {
+		// a crash, then costs only the pages that differ. A switchover
+		// kept it already as it handed the guest over.
+		g.mu.Lock()
+		held := g.rec.HeldRAM
+		g.mu.Unlock()
+		if held == "" && p.g != nil && p.g.RAM.Path != "" {
 			a.holdRAM(g, p.g.RAM)
 		}
 		if err := a.virt.Destroy(dctx, g.domainName()); err != nil {
